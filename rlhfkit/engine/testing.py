@@ -1,0 +1,37 @@
+"""Tiny randomly initialised models with a real tokenizer, for tests and quick smoke runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from rlhfkit.paths import shared_data_dir
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json")
+
+
+def build_tiny_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+    """Write a tiny random Qwen2-architecture model with the real Qwen tokenizer to `out_dir`."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    out_dir = Path(out_dir)
+    if (out_dir / "model.safetensors").exists():
+        return out_dir
+    src = shared_data_dir() / "tokenizers" / "qwen2"
+    config = json.loads((src / "config.json").read_text())
+    config.update(hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_window_layers=num_layers,
+                  max_position_embeddings=4096, torch_dtype="float32")
+    config.pop("_name_or_path", None)
+    config.pop("transformers_version", None)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**config))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, out_dir / name)
+    return out_dir
