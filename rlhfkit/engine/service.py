@@ -1,0 +1,71 @@
+"""The entry point of the engine: creates training and sampling clients (local, in-process backend)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from rlhfkit.engine.lora import LoraSpec, add_lora, load_adapter_tensors, read_meta
+from rlhfkit.engine.models import load_base_model, pick_precision
+from rlhfkit.engine.sampling import SamplingClient
+from rlhfkit.engine.training import TrainingClient
+from rlhfkit.paths import cache_dir
+
+
+class ServiceClient:
+    """Local stand-in for the reference's remote service. `base_url` is accepted for compatibility and must
+    be None (the local backend runs in this process). Checkpoints saved by plain name go under
+    `storage_dir` (default ~/.cache/rlhfkit/runs); absolute paths are used as given."""
+
+    def __init__(self, base_url: str | None = None, user_metadata: dict | None = None, *,
+                 device: str | None = None, dtype: str | None = None, storage_dir: str | None = None):
+        if base_url is not None:
+            raise ValueError(f"base_url={base_url!r}: only the local in-process backend exists; pass None")
+        self.precision = pick_precision(device, dtype)
+        self.storage_dir = Path(storage_dir) if storage_dir else cache_dir() / "runs"
+
+    def _training_client(self, spec: LoraSpec) -> TrainingClient:
+        model = add_lora(load_base_model(spec.base_model, self.precision), spec)
+        return TrainingClient(self, spec, model, self.precision, self.storage_dir / uuid.uuid4().hex[:12])
+
+    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
+                                    train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,
+                                    user_metadata: dict | None = None) -> TrainingClient:
+        return self._training_client(LoraSpec(base_model, rank=rank, seed=seed, train_mlp=train_mlp,
+                                              train_attn=train_attn, train_unembed=train_unembed))
+
+    def create_training_client_from_state(self, path: str, user_metadata: dict | None = None) -> TrainingClient:
+        """Adapter weights from a saved state (or sampler weights); a fresh optimizer."""
+        client = self._training_client(LoraSpec(**read_meta(path)["lora"]))
+        client.load_state(path)
+        return client
+
+    def create_training_client_from_state_with_optimizer(self, path: str, user_metadata: dict | None = None
+                                                         ) -> TrainingClient:
+        client = self._training_client(LoraSpec(**read_meta(path)["lora"]))
+        client.load_state_with_optimizer(path)
+        return client
+
+    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
+        """`model_path`: a directory from save_weights_for_sampler or save_state; else the plain base_model."""
+        if model_path is None:
+            if base_model is None:
+                raise ValueError("create_sampling_client: give model_path or base_model")
+            return SamplingClient.from_base(base_model, self.precision)
+        spec = LoraSpec(**read_meta(model_path)["lora"])
+        if base_model is not None and base_model != spec.base_model:
+            spec = LoraSpec(**{**spec.__dict__, "base_model": base_model})
+        return SamplingClient.from_adapter(spec, load_adapter_tensors(model_path), self.precision)
+
+    # Awaitable forms
+    async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:
+        return self.create_lora_training_client(*args, **kwargs)
+
+    async def create_training_client_from_state_async(self, path, user_metadata=None) -> TrainingClient:
+        return self.create_training_client_from_state(path)
+
+    async def create_training_client_from_state_with_optimizer_async(self, path, user_metadata=None):
+        return self.create_training_client_from_state_with_optimizer(path)
+
+    async def create_sampling_client_async(self, model_path=None, base_model=None) -> SamplingClient:
+        return self.create_sampling_client(model_path, base_model)

@@ -1,0 +1,248 @@
+"""The local training client: LoRA forward/backward with named losses, Adam steps, states on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rlhfkit.engine import losses
+from rlhfkit.engine.batching import pad_right, plan_microbatches, token_logprobs
+from rlhfkit.engine.futures import APIFuture
+from rlhfkit.engine.lora import (LoraSpec, adapter_state, load_adapter_state, load_adapter_tensors, read_meta,
+                                 save_adapter)
+from rlhfkit.engine.models import Precision, load_tokenizer
+from rlhfkit.engine.types import (AdamParams, Datum, ForwardBackwardOutput, OptimStepResponse, SaveWeightsResponse,
+                                  TensorData)
+from rlhfkit.utils.atomic import atomic_directory
+
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+
+
+class TrainingClient:
+    """A LoRA model being trained. Requests run in submission order; every method returns an APIFuture
+    (call `.result()`), and each has an awaitable `_async` twin."""
+
+    def __init__(self, service: Any, spec: LoraSpec, model: torch.nn.Module, precision: Precision, storage: Path):
+        self.service = service
+        self.spec = spec
+        self.model = model
+        self.precision = precision
+        self.storage = storage
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_steps = 0
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._pad_id = self.get_tokenizer().pad_token_id or 0
+
+    # ---------------------------------------------------------------------------------------------
+    # Forward and backward
+
+    def _check(self, data: Sequence[Datum], loss_fn: str) -> None:
+        for index, datum in enumerate(data):
+            n = datum.model_input.length
+            for key in losses.REQUIRED_INPUTS.get(loss_fn, ("target_tokens",)):
+                if key not in datum.loss_fn_inputs:
+                    raise ValueError(f"datum {index}: loss {loss_fn!r} needs loss_fn_inputs[{key!r}]")
+            for key, value in datum.loss_fn_inputs.items():
+                if len(value) != n:
+                    raise ValueError(f"datum {index}: loss_fn_inputs[{key!r}] has {len(value)} entries but the "
+                                     f"model input has {n} tokens")
+
+    def _run_batches(self, data: Sequence[Datum], per_microbatch: Callable[[list[int], list[torch.Tensor]], None],
+                     grad: bool) -> list[torch.Tensor]:
+        """Forward the data in length-sorted microbatches; hand each microbatch's per-datum target logprobs
+        to `per_microbatch` (which may call backward). Returns detached logprobs in data order."""
+        sequences = [d.model_input.to_ints() for d in data]
+        targets = [d.loss_fn_inputs["target_tokens"].to_numpy().astype("int64").tolist() for d in data]
+        results: list[torch.Tensor | None] = [None] * len(data)
+        self.model.train(grad)
+        for batch in plan_microbatches([len(s) for s in sequences]):
+            ids, mask = pad_right([sequences[i] for i in batch], self._pad_id, self.precision.device)
+            target_ids, _ = pad_right([targets[i] for i in batch], 0, self.precision.device)
+            with torch.set_grad_enabled(grad), self.precision.autocast:
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            with torch.set_grad_enabled(grad):
+                logprobs = token_logprobs(logits, target_ids)
+                rows = [logprobs[row, : len(sequences[i])] for row, i in enumerate(batch)]
+                per_microbatch(batch, rows)
+            for row, i in zip(rows, batch):
+                results[i] = row.detach().float().cpu()
+        return results  # type: ignore[return-value]
+
+    def _forward_backward(self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None,
+                          backward: bool) -> ForwardBackwardOutput:
+        self._check(data, loss_fn)
+        loss = losses.get_loss(loss_fn)
+        config = loss_fn_config or {}
+        device = self.precision.device
+        total = 0.0
+
+        def per_microbatch(batch: list[int], rows: list[torch.Tensor]) -> None:
+            nonlocal total
+            value = torch.zeros((), device=device)
+            for i, logprobs in zip(batch, rows):
+                inputs = {k: v.to_torch().to(device).float() for k, v in data[i].loss_fn_inputs.items()
+                          if k != "target_tokens"}
+                value = value + loss(logprobs, inputs, config)
+            if backward:
+                value.backward()
+            total += float(value.detach())
+
+        logprobs = self._run_batches(data, per_microbatch, grad=backward)
+        return ForwardBackwardOutput(
+            loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp)} for lp in logprobs],
+            metrics={"loss:sum": total},
+        )
+
+    def forward_backward(self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None = None
+                         ) -> APIFuture[ForwardBackwardOutput]:
+        return APIFuture(self._forward_backward(data, loss_fn, loss_fn_config, backward=True))
+
+    def forward(self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None = None
+                ) -> APIFuture[ForwardBackwardOutput]:
+        return APIFuture(self._forward_backward(data, loss_fn, loss_fn_config, backward=False))
+
+    def forward_backward_custom(self, data: Sequence[Datum], fn: Callable) -> APIFuture[ForwardBackwardOutput]:
+        """`fn(data, logprobs_list) -> (loss, metrics)` over the whole batch's target logprobs (with grad)."""
+        self._check(data, "custom")
+        collected: dict[int, torch.Tensor] = {}
+
+        def keep(batch: list[int], rows: list[torch.Tensor]) -> None:
+            collected.update(zip(batch, rows))
+
+        self._run_batches(data, keep, grad=True)
+        logprobs = [collected[i] for i in range(len(data))]
+        loss, metrics = fn(list(data), logprobs)
+        loss.backward()
+        metrics = {"loss:sum": float(loss.detach()), **{k: float(v) for k, v in (metrics or {}).items()}}
+        return APIFuture(ForwardBackwardOutput(
+            loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp.detach().float().cpu())} for lp in logprobs],
+            metrics=metrics))
+
+    # ---------------------------------------------------------------------------------------------
+    # Optimizer
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self._params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+
+    def optim_step(self, params: AdamParams) -> APIFuture[OptimStepResponse]:
+        if self.optimizer is None:
+            self.optimizer = self._make_optimizer()
+        for group in self.optimizer.param_groups:
+            group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2), eps=params.eps,
+                         weight_decay=params.weight_decay)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+            if grads else 0.0
+        if params.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self._params, params.grad_clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        return APIFuture(OptimStepResponse(metrics={"optim/grad_norm": grad_norm}))
+
+    # ---------------------------------------------------------------------------------------------
+    # States and sampler weights on disk
+
+    def _resolve_path(self, name: str, kind: str) -> Path:
+        path = Path(name).expanduser()
+        return path if path.is_absolute() or len(path.parts) > 1 else self.storage / kind / name
+
+    def _save(self, name: str, kind: str) -> APIFuture[SaveWeightsResponse]:
+        path = self._resolve_path(name, kind)
+        peft_config = self.model.peft_config["default"].to_dict()
+        with atomic_directory(path) as tmp:
+            save_adapter(tmp, adapter_state(self.model), self.spec, peft_config, kind,
+                         extra={"optimizer_steps": self.optimizer_steps})
+            if kind == "state":
+                optimizer = self.optimizer.state_dict() if self.optimizer is not None else None
+                torch.save(optimizer, tmp / OPTIMIZER_FILE)
+                torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
+        return APIFuture(SaveWeightsResponse(path=str(path.resolve())))
+
+    def save_state(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveWeightsResponse]:
+        """Adapter weights + optimizer state + RNG state, in a directory written atomically."""
+        return self._save(name, "state")
+
+    def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveWeightsResponse]:
+        """Adapter weights only, for create_sampling_client(model_path=...)."""
+        return self._save(name, "sampler")
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None):
+        """A sampling client on the current weights, built in memory (nothing recorded on disk)."""
+        from rlhfkit.engine.sampling import SamplingClient
+
+        return SamplingClient.from_adapter(self.spec, adapter_state(self.model), self.precision)
+
+    def create_sampling_client(self, model_path: str):
+        return self.service.create_sampling_client(model_path=model_path)
+
+    def load_state(self, path: str) -> APIFuture[None]:
+        """Load adapter weights only (the optimizer starts fresh)."""
+        load_adapter_state(self.model, load_adapter_tensors(path))
+        self.optimizer, self.optimizer_steps = None, 0
+        return APIFuture(None)
+
+    def load_state_with_optimizer(self, path: str) -> APIFuture[None]:
+        load_adapter_state(self.model, load_adapter_tensors(path))
+        optimizer_path = Path(path) / OPTIMIZER_FILE
+        if not optimizer_path.exists():
+            raise FileNotFoundError(f"{path} has no optimizer state ({OPTIMIZER_FILE}): it is a sampler checkpoint; "
+                                    f"use a path written by save_state")
+        state = torch.load(optimizer_path, weights_only=False)
+        self.optimizer = self._make_optimizer() if state is not None else None
+        if state is not None:
+            self.optimizer.load_state_dict(state)
+        rng_path = Path(path) / RNG_FILE
+        if rng_path.exists():
+            torch.set_rng_state(torch.load(rng_path, weights_only=False)["torch"])
+        self.optimizer_steps = read_meta(path).get("optimizer_steps", 0)
+        return APIFuture(None)
+
+    def get_tokenizer(self):
+        return load_tokenizer(self.spec.base_model)
+
+    def get_info(self) -> dict:
+        return {"base_model": self.spec.base_model, "lora_rank": self.spec.rank,
+                "device": str(self.precision.device), "dtype": str(self.precision.compute_dtype)}
+
+    # ---------------------------------------------------------------------------------------------
+    # Awaitable forms (the tutorial awaits them)
+
+    async def forward_backward_async(self, data, loss_fn, loss_fn_config=None):
+        return self.forward_backward(data, loss_fn, loss_fn_config)
+
+    async def forward_async(self, data, loss_fn, loss_fn_config=None):
+        return self.forward(data, loss_fn, loss_fn_config)
+
+    async def forward_backward_custom_async(self, data, fn):
+        return self.forward_backward_custom(data, fn)
+
+    async def optim_step_async(self, params):
+        return self.optim_step(params)
+
+    async def save_state_async(self, name, ttl_seconds=None):
+        return self.save_state(name, ttl_seconds)
+
+    async def save_weights_for_sampler_async(self, name, ttl_seconds=None):
+        return self.save_weights_for_sampler(name, ttl_seconds)
+
+    async def save_weights_and_get_sampling_client_async(self, name=None):
+        return self.save_weights_and_get_sampling_client(name)
+
+    async def load_state_async(self, path):
+        return self.load_state(path)
+
+    async def load_state_with_optimizer_async(self, path):
+        return self.load_state_with_optimizer(path)
+
+
+def spec_from_checkpoint(path: str) -> LoraSpec:
+    return LoraSpec(**read_meta(path)["lora"])
+
+
+def describe_checkpoint(path: str) -> str:
+    return json.dumps(read_meta(path), indent=2)

@@ -1,0 +1,1 @@
+"""Stage 2: pairwise comparisons, their rendering, the preference model and its evaluation."""

@@ -1,0 +1,121 @@
+"""Held-out evaluation of a preference model: accuracy in both A/B orders, position bias, order agreement
+and mean P(correct label), from one batched scoring pass over every comparison in both orders."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from rlhfkit.evaluators import SamplingClientEvaluator
+from rlhfkit.preference.types import VERDICT_OF_LABEL, LabeledComparison, PreferenceModelFromChatRenderer
+from rlhfkit.renderers import get_renderer
+from rlhfkit.tokenizer_utils import get_tokenizer
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (0, 1) when n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def normal_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float]:
+    """mean ± z·stderr (ddof=1), clipped to [0, 1]."""
+    n = len(values)
+    if n == 0:
+        return 0.0, 1.0
+    mean = sum(values) / n
+    if n == 1:
+        return mean, mean
+    stderr = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return max(0.0, mean - z * stderr), min(1.0, mean + z * stderr)
+
+
+@dataclass
+class PMEvalResult:
+    n: int                      # comparisons (each judged in both orders)
+    accuracy: float             # mean over comparisons of the two orders' correctness (0, 0.5 or 1 each)
+    accuracy_ci: tuple[float, float]
+    accuracy_original: float
+    accuracy_original_ci: tuple[float, float]
+    accuracy_swapped: float
+    accuracy_swapped_ci: tuple[float, float]
+    frac_A: float               # share of the 2n verdicts that are "A" (0.5 = no position bias)
+    order_agreement: float      # share of comparisons where both orders pick the same completion
+    mean_p_correct: float       # mean P(correct label | {A, B}) over the 2n judgements (A/B labels only)
+
+    def metrics(self, prefix: str = "pm") -> dict[str, float]:
+        return {f"{prefix}/accuracy": self.accuracy,
+                f"{prefix}/accuracy_ci_low": self.accuracy_ci[0], f"{prefix}/accuracy_ci_high": self.accuracy_ci[1],
+                f"{prefix}/accuracy_original": self.accuracy_original,
+                f"{prefix}/accuracy_swapped": self.accuracy_swapped,
+                f"{prefix}/frac_A": self.frac_A, f"{prefix}/order_agreement": self.order_agreement,
+                f"{prefix}/mean_p_correct": self.mean_p_correct, f"{prefix}/n": float(self.n)}
+
+
+async def evaluate_preference_model(preference_model: PreferenceModelFromChatRenderer,
+                                    comparisons: Sequence[LabeledComparison]) -> PMEvalResult:
+    """Judge every comparison as given and swapped, all in one batched pass."""
+    n = len(comparisons)
+    if n == 0:
+        raise ValueError("no comparisons to evaluate the preference model on")
+    swapped = [c.swap() for c in comparisons]
+    judgements = await preference_model.judge_many([c.comparison for c in [*comparisons, *swapped]])
+    original, flipped = judgements[:n], judgements[n:]
+
+    correct_original = [j.verdict == VERDICT_OF_LABEL[c.label] for j, c in zip(original, comparisons)]
+    correct_swapped = [j.verdict == VERDICT_OF_LABEL[c.label] for j, c in zip(flipped, swapped)]
+    per_comparison = [(a + b) / 2 for a, b in zip(correct_original, correct_swapped)]
+    agree = [a.verdict != 0 and a.verdict == -b.verdict for a, b in zip(original, flipped)]
+    p_correct = [j.p_b if c.label == "B" else 1.0 - j.p_b
+                 for j, c in zip(judgements, [*comparisons, *swapped]) if c.label != "Tie"]
+    return PMEvalResult(
+        n=n,
+        accuracy=sum(per_comparison) / n, accuracy_ci=normal_interval(per_comparison),
+        accuracy_original=sum(correct_original) / n, accuracy_original_ci=wilson_interval(sum(correct_original), n),
+        accuracy_swapped=sum(correct_swapped) / n, accuracy_swapped_ci=wilson_interval(sum(correct_swapped), n),
+        frac_A=sum(j.verdict == -1.0 for j in judgements) / (2 * n),
+        order_agreement=sum(agree) / n,
+        mean_p_correct=sum(p_correct) / len(p_correct) if p_correct else float("nan"))
+
+
+def format_pm_eval(result: PMEvalResult) -> str:
+    def pct(x: float) -> str:
+        return f"{100 * x:.1f}%"
+
+    def ci(interval: tuple[float, float]) -> str:
+        return f"[{pct(interval[0])}, {pct(interval[1])}]"
+
+    return "\n".join([
+        f"preference model on {result.n} held-out comparisons (each judged in both A/B orders):",
+        f"  accuracy           {pct(result.accuracy)}  95% CI {ci(result.accuracy_ci)}",
+        f"    original order   {pct(result.accuracy_original)}  95% CI {ci(result.accuracy_original_ci)}",
+        f"    swapped order    {pct(result.accuracy_swapped)}  95% CI {ci(result.accuracy_swapped_ci)}",
+        f"  verdicts 'A'       {pct(result.frac_A)}  (50% = no position bias)",
+        f"  order agreement    {pct(result.order_agreement)}  (same completion picked in both orders)",
+        f"  mean P(correct)    {result.mean_p_correct:.3f}",
+    ])
+
+
+def print_pm_eval(result: PMEvalResult) -> None:
+    print(format_pm_eval(result))
+
+
+class PreferenceModelEvaluator(SamplingClientEvaluator):
+    """Evaluates the sampling client's weights as a preference model on held-out labelled comparisons."""
+
+    def __init__(self, comparisons: Sequence[LabeledComparison], renderer_name: str, model_name: str):
+        self.comparisons = list(comparisons)
+        self.renderer_name = renderer_name
+        self.model_name = model_name
+
+    async def __call__(self, sampling_client: Any) -> dict[str, float]:
+        renderer = get_renderer(self.renderer_name, get_tokenizer(self.model_name))
+        preference_model = PreferenceModelFromChatRenderer(renderer, sampling_client)
+        return (await evaluate_preference_model(preference_model, self.comparisons)).metrics()

@@ -1,0 +1,212 @@
+"""Pairwise comparisons, how they are rendered for a preference model, and the preference model itself
+(spec sections 4.1, 4.3 and 4.5).
+
+A preference model (PM) reads "prompt / Completion A / Completion B / Preference" and answers with one
+token, " A" or " B". Its verdict is a float: -1 = A preferred, +1 = B preferred, 0 = tie or anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from rlhfkit.engine.types import ModelInput, NextTokenScores
+from rlhfkit.renderers import Message, Renderer, TrainOnWhat, get_renderer, get_text_content
+from rlhfkit.tokenizer_utils import get_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Label = Literal["A", "B", "Tie"]
+RewardMode = Literal["verdict", "probability"]
+VERDICT_OF_LABEL = {"A": -1.0, "B": 1.0, "Tie": 0.0}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    prompt_conversation: list[Message]
+    completion_A: list[Message]
+    completion_B: list[Message]
+
+    def swap(self) -> "Comparison":
+        return Comparison(self.prompt_conversation, self.completion_B, self.completion_A)
+
+
+@dataclass(frozen=True)
+class LabeledComparison:
+    comparison: Comparison
+    label: Label
+
+    def __post_init__(self) -> None:
+        if self.label not in VERDICT_OF_LABEL:
+            raise ValueError(f"label must be 'A', 'B' or 'Tie', got {self.label!r}")
+
+    def swap(self) -> "LabeledComparison":
+        swapped_label = {"A": "B", "B": "A", "Tie": "Tie"}[self.label]
+        return LabeledComparison(self.comparison.swap(), swapped_label)
+
+
+class ComparisonRenderer(ABC):
+    @abstractmethod
+    def build_generation_prompt(self, comparison: Comparison) -> ModelInput:
+        ...
+
+    @abstractmethod
+    def to_model_input_weights(self, labeled_comparison: LabeledComparison) -> tuple[ModelInput, np.ndarray]:
+        ...
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        ...
+
+
+class ComparisonRendererFromChatRenderer(ComparisonRenderer):
+    """Renders a comparison as one chat conversation with system markers between the parts (spec 4.3)."""
+
+    def __init__(self, convo_renderer: Renderer):
+        self.convo_renderer = convo_renderer
+
+    @staticmethod
+    def comparison_to_conversation(comparison: Comparison) -> list[Message]:
+        return [*comparison.prompt_conversation,
+                {"role": "system", "content": "==== Completion A ===="},
+                *comparison.completion_A,
+                {"role": "system", "content": "==== Completion B ===="},
+                *comparison.completion_B,
+                {"role": "system", "content": "==== Preference ===="}]
+
+    def build_generation_prompt(self, comparison: Comparison) -> ModelInput:
+        return self.convo_renderer.build_generation_prompt(self.comparison_to_conversation(comparison))
+
+    def to_model_input_weights(self, labeled_comparison: LabeledComparison) -> tuple[ModelInput, np.ndarray]:
+        """The conversation plus the label as an assistant reply, cut right after the first trained token,
+        so the only trained token is the first token of the label."""
+        conversation = self.comparison_to_conversation(labeled_comparison.comparison)
+        for message in conversation:
+            get_text_content(message)  # text-only content; raises otherwise
+        conversation.append({"role": "assistant", "content": labeled_comparison.label})
+        model_input, weights = self.convo_renderer.build_supervised_example(
+            conversation, TrainOnWhat.LAST_ASSISTANT_MESSAGE)
+        trained = np.flatnonzero(np.asarray(weights) == 1)
+        if len(trained) == 0:
+            raise ValueError("the rendered comparison has no trained token")
+        end = int(trained[0]) + 1
+        return ModelInput.from_ints(model_input.to_ints()[:end]), np.asarray(weights)[:end].copy()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.convo_renderer.tokenizer
+
+    def label_token(self, label: Label) -> int:
+        """The single token the PM is trained to emit for `label` (found by rendering a dummy comparison)."""
+        dummy = Comparison([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "a"}],
+                           [{"role": "assistant", "content": "b"}])
+        model_input, _ = self.to_model_input_weights(LabeledComparison(dummy, label))
+        return model_input.to_ints()[-1]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One PM call: the greedy verdict (-1/0/+1), the decoded greedy token, and P(B) among {A, B}."""
+
+    verdict: float
+    greedy_text: str
+    p_b: float
+
+    @property
+    def probability_reward(self) -> float:
+        return 2.0 * self.p_b - 1.0
+
+
+class PreferenceModel(ABC):
+    """-1 = A preferred, +1 = B preferred, 0 = tie/other."""
+
+    @abstractmethod
+    async def __call__(self, comparison: Comparison) -> float:
+        ...
+
+    async def judge_batch(self, comparisons: Sequence[Comparison]) -> list[float]:
+        return list(await asyncio.gather(*(self(c) for c in comparisons)))
+
+
+class PreferenceModelBuilder(ABC):
+    @abstractmethod
+    def __call__(self) -> PreferenceModel:
+        ...
+
+
+class PreferenceModelFromChatRenderer(PreferenceModel):
+    """A PM on a sampling client. reward_mode "verdict" is the reference's greedy one-token verdict;
+    "probability" is 2*P(B | {A, B}) - 1 from the logprobs of the two label tokens (same scale, smoother)."""
+
+    def __init__(self, convo_renderer: Renderer, sampling_client: Any, reward_mode: RewardMode = "verdict"):
+        if reward_mode not in ("verdict", "probability"):
+            raise ValueError(f"reward_mode must be 'verdict' or 'probability', got {reward_mode!r}")
+        self.comparison_renderer = ComparisonRendererFromChatRenderer(convo_renderer)
+        self.sampling_client = sampling_client
+        self.reward_mode = reward_mode
+        self.label_tokens = [self.comparison_renderer.label_token("A"), self.comparison_renderer.label_token("B")]
+        if self.label_tokens[0] == self.label_tokens[1]:
+            raise ValueError("labels 'A' and 'B' render to the same first token; the PM cannot tell them apart")
+
+    def _judgement(self, scores: NextTokenScores) -> Judgement:
+        text = self.comparison_renderer.tokenizer.decode([scores.argmax_token]).strip()
+        if text in VERDICT_OF_LABEL:
+            verdict = VERDICT_OF_LABEL[text]
+        else:
+            logger.warning("preference model answered %r (not A, B or Tie); scoring it as 0", text)
+            verdict = 0.0
+        logprob_a, logprob_b = scores.candidate_logprobs
+        p_b = 1.0 / (1.0 + math.exp(logprob_a - logprob_b))  # softmax over {A, B}
+        return Judgement(verdict, text, p_b)
+
+    def _reward(self, judgement: Judgement) -> float:
+        return judgement.verdict if self.reward_mode == "verdict" else judgement.probability_reward
+
+    async def judge(self, comparison: Comparison) -> Judgement:
+        prompt = self.comparison_renderer.build_generation_prompt(comparison)
+        scores = await self.sampling_client.score_next_token_async(prompt, self.label_tokens)
+        return self._judgement(scores)
+
+    async def judge_many(self, comparisons: Sequence[Comparison]) -> list[Judgement]:
+        """Judge all comparisons in one batched scoring pass."""
+        if not comparisons:
+            return []
+        prompts = [self.comparison_renderer.build_generation_prompt(c) for c in comparisons]
+        all_scores = self.sampling_client.score_next_token_batch(prompts, self.label_tokens)
+        return [self._judgement(s) for s in all_scores]
+
+    async def __call__(self, comparison: Comparison) -> float:
+        return self._reward(await self.judge(comparison))
+
+    async def judge_batch(self, comparisons: Sequence[Comparison]) -> list[float]:
+        return [self._reward(j) for j in await self.judge_many(comparisons)]
+
+    async def probability_b(self, comparisons: Sequence[Comparison]) -> list[float]:
+        return [j.p_b for j in await self.judge_many(comparisons)]
+
+
+class PreferenceModelBuilderFromChatRenderer(PreferenceModelBuilder):
+    """Builds the renderer from the base model's tokenizer and a sampling client on the PM's sampler weights."""
+
+    def __init__(self, renderer_name: str, model_name: str, rm_weights_path: str, base_url: str | None = None,
+                 reward_mode: RewardMode = "verdict"):
+        self.renderer_name = renderer_name
+        self.model_name = model_name
+        self.rm_weights_path = rm_weights_path
+        self.base_url = base_url
+        self.reward_mode = reward_mode
+
+    def __call__(self) -> PreferenceModelFromChatRenderer:
+        from rlhfkit.engine import ServiceClient
+
+        renderer = get_renderer(self.renderer_name, get_tokenizer(self.model_name))
+        sampling_client = ServiceClient(base_url=self.base_url).create_sampling_client(
+            model_path=self.rm_weights_path, base_model=self.model_name)
+        return PreferenceModelFromChatRenderer(renderer, sampling_client, self.reward_mode)

@@ -1,0 +1,1 @@
+"""Preference data sets (HH-RLHF, user JSONL comparison files)."""

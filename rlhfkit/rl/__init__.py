@@ -1,0 +1,1 @@
+"""Stage 3: reinforcement learning of a policy against a reward (here a pairwise preference model)."""

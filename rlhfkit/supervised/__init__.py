@@ -1,0 +1,1 @@
+"""Supervised fine-tuning: datasets of chat conversations, the training loop, NLL evaluation."""
