@@ -177,7 +177,7 @@ def test_stop_conditions(service, tiny_model_dir, tokenizer):
 
     # EOS: teach the model to answer this prompt with EOS, then sample greedily with stop=None
     eos = tokenizer.eos_token_id
-    datum = ce_datum(prompt.to_ints() + [eos])
+    datum = ce_datum(prompt.to_ints() + [eos], [0.0] * (prompt.length - 1) + [1.0])
     for _ in range(30):
         trainer.forward_backward([datum], "cross_entropy")
         trainer.optim_step(AdamParams(learning_rate=2e-2))

@@ -213,3 +213,135 @@ def test_comparison_builder_from_jsonl(tmp_path):
     bad.write_text(json.dumps({**good, "completion_A": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl, row 1, field 'completion_A'"):
         hh.ComparisonBuilderFromJsonl(bad).get_train_and_test_datasets()
+
+
+# --- a trained tiny preference model ---------------------------------------------------------------------
+
+POLITE = ["Thank you, happy to help.", "Sure, here is a kind answer.", "Of course, my pleasure."]
+RUDE = ["Go away.", "No. Figure it out.", "Stop asking me."]
+
+
+def polite_comparisons(tmp_path):
+    """A JSONL file of comparisons where the polite reply is always preferred (label on its side)."""
+    rows = []
+    for i, question in enumerate(["How do I boil an egg?", "What is two plus two?", "Name a fruit.",
+                                  "Where is Paris?"]):
+        for j in range(3):
+            polite, rude = POLITE[(i + j) % 3], RUDE[(i + 2 * j) % 3]
+            a, b, label = (polite, rude, "A") if (i + j) % 2 else (rude, polite, "B")
+            rows.append({"prompt_conversation": [{"role": "user", "content": question}],
+                         "completion_A": [{"role": "assistant", "content": a}],
+                         "completion_B": [{"role": "assistant", "content": b}], "label": label})
+    path = tmp_path / "comparisons.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_pm(tiny_model_dir, tmp_path_factory):
+    """A tiny LoRA preference model trained for a few steps on the ChatDatasetBuilderFromComparisons data."""
+    from rlhfkit.engine import ServiceClient, types
+    from rlhfkit.preference.preference_datasets import ChatDatasetBuilderFromComparisons
+    from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
+
+    path = polite_comparisons(tmp_path_factory.mktemp("pm_data"))
+    config = ChatDatasetBuilderCommonConfig(tiny_model_dir, "role_colon", max_length=512, batch_size=12)
+    dataset_builder = ChatDatasetBuilderFromComparisons(config, hh.ComparisonBuilderFromJsonl(path, path))
+    train, test = dataset_builder()
+    assert len(train) == 1 and len(test) == 1
+    batch = train.get_batch(0)
+    assert len(batch) == 12
+    label_tokens = {dataset_builder.comparison_renderer.label_token(x) for x in "AB"}
+    targets = [d.loss_fn_inputs["target_tokens"].to_numpy()[-1] for d in batch]
+    assert set(targets) == label_tokens  # the random swap gives both labels
+    assert all(d.loss_fn_inputs["weights"].to_numpy().sum() == 1 for d in batch)
+
+    training_client = ServiceClient().create_lora_training_client(tiny_model_dir, rank=8, seed=0)
+
+    def test_nll() -> float:
+        out = training_client.forward(test.get_batch(0), "cross_entropy").result()
+        return -float(np.mean([o["logprobs"].to_numpy()[-1] for o in out.loss_fn_outputs]))
+
+    nll_start = test_nll()
+    for _ in range(12):
+        training_client.forward_backward(batch, "cross_entropy").result()
+        training_client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    nll_end = test_nll()
+    sampling_client = training_client.save_weights_and_get_sampling_client()
+    renderer = get_renderer("role_colon", sampling_client.get_tokenizer())
+    comparisons, _ = hh.ComparisonBuilderFromJsonl(path).get_labeled_comparisons()
+    return renderer, sampling_client, comparisons, (nll_start, nll_end)
+
+
+def test_training_lowers_the_label_nll(trained_pm):
+    _, _, _, (nll_start, nll_end) = trained_pm
+    assert nll_end < nll_start - 1.0
+    assert nll_end < 0.693  # better than a coin flip between the two labels
+
+
+def test_verdicts_and_probabilities_agree_and_batching_matches_single_calls(trained_pm):
+    renderer, sampling_client, labeled, _ = trained_pm
+    pm = PreferenceModelFromChatRenderer(renderer, sampling_client)
+    comparisons = [c.comparison for c in labeled] + [c.swap().comparison for c in labeled]
+
+    batched = asyncio.run(pm.judge_many(comparisons))
+
+    async def one_at_a_time():
+        return [await pm.judge(c) for c in comparisons]
+
+    single = asyncio.run(one_at_a_time())
+    assert [j.verdict for j in batched] == [j.verdict for j in single]
+    assert [j.greedy_text for j in batched] == [j.greedy_text for j in single]
+    np.testing.assert_allclose([j.p_b for j in batched], [j.p_b for j in single], atol=1e-4)
+
+    assert all(j.greedy_text in ("A", "B") for j in batched)  # trained: the argmax is a label token
+    assert {j.verdict for j in batched} == {-1.0, 1.0}
+    for j in batched:
+        assert (j.verdict == 1.0) == (j.p_b > 0.5)
+
+    # the float interfaces: verdicts, probability rewards (2 P(B) - 1), and probability_b
+    assert asyncio.run(pm.judge_batch(comparisons)) == [j.verdict for j in batched]
+    assert asyncio.run(pm(comparisons[0])) == batched[0].verdict
+    prob_pm = PreferenceModelFromChatRenderer(renderer, sampling_client, reward_mode="probability")
+    np.testing.assert_allclose(asyncio.run(prob_pm.judge_batch(comparisons)),
+                               [2 * j.p_b - 1 for j in batched], atol=1e-6)
+    np.testing.assert_allclose(asyncio.run(pm.probability_b(comparisons)), [j.p_b for j in batched], atol=1e-6)
+
+    # concurrent single calls are gathered into one batch by the engine and give the same verdicts
+    async def concurrently():
+        return await asyncio.gather(*(pm(c) for c in comparisons))
+
+    assert list(asyncio.run(concurrently())) == [j.verdict for j in batched]
+
+
+def test_pm_evaluator_metrics(trained_pm, tiny_model_dir):
+    from rlhfkit.preference.pm_eval import PreferenceModelEvaluator, format_pm_eval, wilson_interval
+
+    renderer, sampling_client, labeled, _ = trained_pm
+    pm = PreferenceModelFromChatRenderer(renderer, sampling_client)
+    metrics = asyncio.run(PreferenceModelEvaluator(labeled, "role_colon", tiny_model_dir)(sampling_client))
+
+    async def by_hand():
+        original = [await pm.judge(c.comparison) for c in labeled]
+        swapped = [await pm.judge(c.swap().comparison) for c in labeled]
+        return original, swapped
+
+    original, swapped = asyncio.run(by_hand())
+    target = {"A": -1.0, "B": 1.0}
+    right_original = [j.verdict == target[c.label] for j, c in zip(original, labeled)]
+    right_swapped = [j.verdict == target[c.swap().label] for j, c in zip(swapped, labeled)]
+    n = len(labeled)
+    assert metrics["pm/n"] == n
+    assert metrics["pm/accuracy_original"] == pytest.approx(sum(right_original) / n)
+    assert metrics["pm/accuracy_swapped"] == pytest.approx(sum(right_swapped) / n)
+    assert metrics["pm/accuracy"] == pytest.approx((sum(right_original) + sum(right_swapped)) / (2 * n))
+    assert metrics["pm/accuracy_ci_low"] <= metrics["pm/accuracy"] <= metrics["pm/accuracy_ci_high"]
+    assert metrics["pm/frac_A"] == pytest.approx(sum(j.verdict == -1 for j in original + swapped) / (2 * n))
+    assert metrics["pm/order_agreement"] == pytest.approx(
+        sum(a.verdict == -b.verdict != 0 for a, b in zip(original, swapped)) / n)
+    p_correct = [j.p_b if c.label == "B" else 1 - j.p_b for j, c in zip(original, labeled)]
+    p_correct += [j.p_b if c.swap().label == "B" else 1 - j.p_b for j, c in zip(swapped, labeled)]
+    assert metrics["pm/mean_p_correct"] == pytest.approx(np.mean(p_correct), abs=1e-4)
+
+    low, high = wilson_interval(40, 50)
+    assert low == pytest.approx(0.6696, abs=1e-3) and high == pytest.approx(0.8876, abs=1e-3)

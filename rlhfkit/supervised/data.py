@@ -124,9 +124,10 @@ class SkippedRows:
     def __init__(self, source: str):
         self.source = source
         self.reasons: Counter[str] = Counter()
-        self.example: tuple[Any, str] | None = None
+        self.example: tuple[str, str] | None = None
 
-    def skip(self, row: Any, reason: str) -> None:
+    def skip(self, row: str, reason: str) -> None:
+        """`row` names the row, e.g. "line 12" or "row 3"."""
         if self.example is None:
             self.example = (row, reason)
         self.reasons[reason.split(":")[0]] += 1
@@ -138,11 +139,11 @@ class SkippedRows:
     def report(self, total: int) -> None:
         if self.example is not None:
             row, reason = self.example
-            logger.warning("%s: skipped %d of %d rows with bad data; e.g. row %s: %s",
+            logger.warning("%s: skipped %d of %d rows with bad data; e.g. %s: %s",
                            self.source, self.count, total, row, reason)
 
 
-def filter_trainable_conversations(conversations: Sequence[tuple[Any, list[Message]]], renderer: Renderer,
+def filter_trainable_conversations(conversations: Sequence[tuple[str, list[Message]]], renderer: Renderer,
                                    max_length: int | None, train_on_what: TrainOnWhat,
                                    skipped: SkippedRows) -> list[list[Message]]:
     """Keep the (row id, conversation) pairs that render and keep at least one trained token after

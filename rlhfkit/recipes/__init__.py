@@ -1,0 +1,1 @@
+"""Recipes: datasets and entry points for each stage."""

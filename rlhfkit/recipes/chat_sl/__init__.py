@@ -1,0 +1,1 @@
+"""Chat supervised-learning datasets (NoRobots, LIMA, JSONL chats, HH-RLHF chosen transcripts)."""

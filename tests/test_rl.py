@@ -1,0 +1,289 @@
+"""Stage 3 tests: tournament, reward/advantage math, the RL loop on a tiny model with a scripted judge,
+resume after a real SIGKILL, and the win-rate evaluator.
+
+Run as a script (`python tests/test_rl.py LOG_PATH MODEL_DIR MAX_STEPS`) it performs one RL run; the kill
+test uses that to have a child process to kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rlhfkit.completers import TokensWithLogprobs
+from rlhfkit.engine.types import ModelInput
+from rlhfkit.preference.types import Comparison, LabeledComparison, PreferenceModel, PreferenceModelBuilder
+from rlhfkit.renderers import ParseTermination, RoleColonRenderer, get_renderer
+from rlhfkit.rl import train
+from rlhfkit.rl.data_processing import assemble_training_data, compute_advantages, trajectory_to_data
+from rlhfkit.rl.preference_envs import (PairwisePreferenceDataset, PairwisePreferenceGroupBuilder, TournamentPattern,
+                                        get_pairs, get_pairs_chunked)
+from rlhfkit.rl.rollouts import score_group
+from rlhfkit.rl.types import RLDatasetBuilder, Trajectory, Transition
+from rlhfkit.tokenizer_utils import get_tokenizer
+from rlhfkit.utils.atomic import read_jsonl
+
+# --------------------------------------------------------------------------------------------------
+# Scripted judges and a tiny prompt set
+
+
+def _content(messages) -> str:
+    return messages[0]["content"]
+
+
+class RankingJudge(PreferenceModel):
+    """Prefers the reply ranked higher in a fixed ranking (best first); records every call."""
+
+    def __init__(self, ranking: list[str]):
+        self.ranking = ranking
+        self.batches: list[list[Comparison]] = []
+
+    async def __call__(self, comparison: Comparison) -> float:
+        a = self.ranking.index(_content(comparison.completion_A))
+        b = self.ranking.index(_content(comparison.completion_B))
+        return -1.0 if a < b else 1.0
+
+    async def judge_batch(self, comparisons):
+        self.batches.append(list(comparisons))
+        return await super().judge_batch(comparisons)
+
+
+class ShorterIsBetterJudge(PreferenceModel):
+    """-1 if A is shorter, +1 if B is shorter, 0 on equal length. `delay` slows it (for the kill test)."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+
+    async def __call__(self, comparison: Comparison) -> float:
+        a, b = len(_content(comparison.completion_A)), len(_content(comparison.completion_B))
+        return 0.0 if a == b else (-1.0 if a < b else 1.0)
+
+    async def judge_batch(self, comparisons):
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return await super().judge_batch(comparisons)
+
+
+class AlwaysAJudge(PreferenceModel):
+    async def __call__(self, comparison: Comparison) -> float:
+        return -1.0
+
+
+class JudgeBuilder(PreferenceModelBuilder):
+    def __init__(self, judge: PreferenceModel):
+        self.judge = judge
+
+    def __call__(self) -> PreferenceModel:
+        return self.judge
+
+
+class StopTokenRenderer(RoleColonRenderer):
+    """role_colon prompts, but a reply ends at any of a fixed eighth of the vocabulary. A random tiny model
+    never writes "\\n\\nUser:", so this gives replies of varied length that RL can shorten."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.stop_ids = list(range(3, len(tokenizer), 8))
+        self._stop_set = set(self.stop_ids)
+
+    def get_stop_sequences(self):
+        return self.stop_ids
+
+    def parse_response(self, tokens):
+        tokens = list(tokens)
+        if tokens and tokens[-1] in self._stop_set:
+            return {"role": "assistant", "content": self.tokenizer.decode(tokens[:-1])}, ParseTermination.STOP_SEQUENCE
+        return {"role": "assistant", "content": self.tokenizer.decode(tokens)}, ParseTermination.MALFORMED
+
+
+class PromptRows:
+    """A comparison builder over plain prompts (the RL dataset ignores completions and labels)."""
+
+    def __init__(self, n: int):
+        self.rows = [{"prompt": f"Question number {k}: what is {k} plus {k}?"} for k in range(n)]
+
+    def get_train_and_test_datasets(self):
+        return self.rows, None
+
+    def example_to_labeled_comparison(self, row):
+        return LabeledComparison(Comparison([{"role": "user", "content": row["prompt"]}],
+                                            [{"role": "assistant", "content": "a"}],
+                                            [{"role": "assistant", "content": "b"}]), "A")
+
+
+class ShortRepliesDatasetBuilder(RLDatasetBuilder):
+    def __init__(self, model_dir: str, batch_size: int, n_rows: int, judge_delay: float = 0.0):
+        self.model_dir = model_dir
+        self.batch_size = batch_size
+        self.n_rows = n_rows
+        self.judge_delay = judge_delay
+
+    async def __call__(self):
+        prompts = PromptRows(self.n_rows)
+        renderer = StopTokenRenderer(get_tokenizer(self.model_dir))
+        dataset = PairwisePreferenceDataset(prompts, prompts.rows, self.batch_size, renderer,
+                                            ShorterIsBetterJudge(self.judge_delay), group_size=4)
+        return dataset, None
+
+
+def rl_config(log_path: str, model_dir: str, max_steps: int, **overrides) -> train.Config:
+    settings = dict(learning_rate=1e-2, dataset_builder=ShortRepliesDatasetBuilder(model_dir, 4, 64),
+                    model_name=model_dir, recipe_name="test_rl", max_tokens=16, log_path=log_path,
+                    lora_rank=8, eval_every=0, save_every=0, seed=0, max_steps=max_steps)
+    settings.update(overrides)
+    return train.Config(**settings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tournament and reward math
+
+
+def test_tournament_pairs():
+    assert get_pairs(4, TournamentPattern.ALL_PAIRS_BOTH_WAYS) == [
+        (0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3), (2, 0), (2, 1), (2, 3), (3, 0), (3, 1), (3, 2)]
+    assert get_pairs(4, TournamentPattern.ALL_PAIRS_ONE_WAY) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    chunked = get_pairs_chunked(10, TournamentPattern.ALL_PAIRS_BOTH_WAYS, 4)
+    assert len(chunked) == 12 + 12 + 2  # chunks {0..3}, {4..7}, {8, 9}
+    assert all(i // 4 == j // 4 for i, j in chunked)
+    assert get_pairs_chunked(4, TournamentPattern.ALL_PAIRS_ONE_WAY, 4) == get_pairs(4, TournamentPattern.ALL_PAIRS_ONE_WAY)
+
+
+def _trajectory(renderer, text: str, stop: bool) -> Trajectory:
+    prompt = renderer.build_generation_prompt([{"role": "user", "content": "Pick a colour."}])
+    tokens = renderer.encode(text + ("\n\nUser:" if stop else ""))
+    ac = TokensWithLogprobs(tokens, [-0.5] * len(tokens), "stop" if stop else "length")
+    return Trajectory([Transition(prompt, ac, 0.0, True)], ModelInput.empty())
+
+
+def test_worked_example_rewards_and_advantages(tiny_model_dir):
+    """Spec 5.3: judge ranking c2 > c0 > c3 > c1, c1 truncated at max_tokens."""
+    renderer = get_renderer("role_colon", get_tokenizer(tiny_model_dir))
+    replies = ["Blue.", "Red, because red is the colour of", "Green!", "Yellow."]
+    trajectories = [_trajectory(renderer, " " + r, stop=(k != 1)) for k, r in enumerate(replies)]
+    judge = RankingJudge([replies[2], replies[0], replies[3], replies[1]])
+    builder = PairwisePreferenceGroupBuilder([{"role": "user", "content": "Pick a colour."}], renderer,
+                                            TournamentPattern.ALL_PAIRS_BOTH_WAYS, judge, num_envs=4)
+    group = asyncio.run(score_group(builder, [], trajectories))
+
+    assert len(judge.batches) == 1 and len(judge.batches[0]) == 12  # one batched call with all 12 matchups
+    assert [(_content(c.completion_A), _content(c.completion_B)) for c in judge.batches[0]] == \
+        [(replies[i], replies[j]) for i, j in get_pairs(4, TournamentPattern.ALL_PAIRS_BOTH_WAYS)]
+    assert [m["format"] for m in group.metrics_G] == [1.0, 0.0, 1.0, 1.0]
+    assert [m["win_minus_loss"] for m in group.metrics_G] == pytest.approx([1 / 3, -1, 1, -1 / 3], abs=1e-12)
+    assert group.get_total_rewards() == pytest.approx([1 / 3, -2.0, 1.0, -1 / 3], abs=1e-12)
+    advantages = compute_advantages([group])[0]
+    assert advantages == pytest.approx([7 / 12, -1.75, 1.25, -1 / 12], abs=1e-12)  # reward - mean(-0.25)
+
+    # Datums (spec 5.5): shifted by one; prompt positions get logprob 0, advantage 0, mask 0.
+    data, metadata = assemble_training_data([group], [advantages])
+    assert [m["traj_idx"] for m in metadata] == [0, 1, 2, 3]
+    datum = trajectory_to_data(trajectories[2], advantages[2])[0]
+    ob, ac = trajectories[2].transitions[0].ob.to_ints(), trajectories[2].transitions[0].ac.tokens
+    full = ob + ac
+    inputs = {k: v.tolist() for k, v in datum.loss_fn_inputs.items()}
+    assert datum.model_input.to_ints() == full[:-1] and inputs["target_tokens"] == full[1:]
+    assert inputs["mask"] == [0.0] * (len(ob) - 1) + [1.0] * len(ac)
+    assert inputs["logprobs"] == [0.0] * (len(ob) - 1) + [-0.5] * len(ac)
+    assert inputs["advantages"] == pytest.approx([0.0] * (len(ob) - 1) + [1.25] * len(ac))
+
+
+# --------------------------------------------------------------------------------------------------
+# The RL loop
+
+
+def test_rl_shortens_replies_under_a_shorter_is_better_judge(tiny_model_dir, tmp_path):
+    log_path = tmp_path / "rl"
+    evaluator_builder = lambda: _evaluator(tiny_model_dir, ShorterIsBetterJudge(), [("Say hi.", "x" * 500)])
+    train.main(rl_config(str(log_path), tiny_model_dir, max_steps=8, evaluator_builders=[evaluator_builder],
+                         eval_every=4))
+    records = read_jsonl(log_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(8))
+    lengths = [r["env/all/ac_tokens_per_turn"] for r in records]
+    assert np.mean(lengths[-2:]) < 0.6 * np.mean(lengths[:2]), lengths
+    for r in records:  # on-policy: the trainer's logprobs equal the sampler's, so the IS ratio is 1
+        assert r["optim/first_substep_max_abs_logratio"] < 1e-4
+        assert abs(r["optim/kl_sample_train_v1"]) < 1e-5
+        for key in ("env/all/frac_truncated", "kl/policy_vs_init", "time/sample", "time/judge", "time/train",
+                    "env/all/win_minus_loss", "env/all/format", "env/all/reward/total"):
+            assert key in r
+    assert records[0]["kl/policy_vs_init"] == pytest.approx(0.0, abs=1e-4)  # step 0 samples the initial weights
+    assert records[-1]["kl/policy_vs_init"] > 0.01
+    assert [r["step"] for r in records if "test/win_rate" in r] == [0, 4]
+    assert all(r["test/win_rate"] == r["win_rate"] for r in records if "win_rate" in r)
+
+    html = (log_path / "iteration_000003" / "train.html").read_text()
+    assert html.count("<h2>Group") == 4 and "doing 12 pairwise matchups" in html and "advantage" in html
+    summaries = read_jsonl(log_path / "iteration_000003" / "train_rollout_summaries.jsonl")
+    assert len(summaries) == 16 and summaries[0]["schema_version"] == 1 and summaries[0]["steps"][0]["ac_len"] > 0
+    checkpoints = read_jsonl(log_path / "checkpoints.jsonl")
+    assert checkpoints[-1]["name"] == "final" and checkpoints[-1]["batch"] == 8
+    assert (log_path / "metrics.png").exists()
+
+
+def test_killed_run_resumes_without_gap_or_duplicate(tiny_model_dir, tmp_path):
+    log_path = tmp_path / "rl"
+    command = [sys.executable, __file__, str(log_path), tiny_model_dir, "6"]
+    env = {**os.environ, "RLHFKIT_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not read_jsonl(log_path / "checkpoints.jsonl") and child.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    checkpoints = read_jsonl(log_path / "checkpoints.jsonl")
+    assert checkpoints and all(c["name"] != "final" for c in checkpoints), checkpoints
+    resume_at = checkpoints[-1]["batch"]
+    restart_time = time.time()
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Resuming at iteration {resume_at}" in second.stderr
+    records = read_jsonl(log_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(6))
+    # Iterations before the checkpoint were not re-run; the ones after it were.
+    assert (log_path / f"iteration_{resume_at - 1:06d}" / "train.html").stat().st_mtime < restart_time
+    assert (log_path / f"iteration_{resume_at:06d}" / "train.html").stat().st_mtime > restart_time
+    final = read_jsonl(log_path / "checkpoints.jsonl")[-1]
+    assert final["name"] == "final" and final["batch"] == 6
+
+
+# --------------------------------------------------------------------------------------------------
+# Win-rate evaluator
+
+
+def _evaluator(model_dir: str, judge: PreferenceModel, prompts_and_references, max_tokens: int = 4):
+    from rlhfkit.preference.comparison_policy_evaluator import ComparisonEvaluator
+
+    comparisons = [Comparison([{"role": "user", "content": p}], [{"role": "assistant", "content": ref}], [])
+                   for p, ref in prompts_and_references]
+    return ComparisonEvaluator(JudgeBuilder(judge), comparisons, "role_colon", model_dir, max_tokens=max_tokens)
+
+
+def test_comparison_evaluator_win_rate(tiny_model_dir):
+    from rlhfkit.engine import ServiceClient
+
+    sampler = ServiceClient().create_sampling_client(base_model=tiny_model_dir)
+    # Policy replies have at most 4 tokens: shorter than a long reference, longer than an empty one.
+    cases = [("Q1", "x" * 400), ("Q2", "y" * 400), ("Q3", ""), ("Q4", "")]
+    result = asyncio.run(_evaluator(tiny_model_dir, ShorterIsBetterJudge(), cases)(sampler))
+    assert result["win_rate"] == result["test/win_rate"] == pytest.approx(0.5)
+    assert result["stderr"] == result["test/stderr"] == pytest.approx(np.std([1, 1, 0, 0], ddof=1) / 2)
+    result = asyncio.run(_evaluator(tiny_model_dir, ShorterIsBetterJudge(), cases[:2])(sampler))
+    assert result["win_rate"] == 1.0 and result["stderr"] == 0.0
+    result = asyncio.run(_evaluator(tiny_model_dir, AlwaysAJudge(), cases)(sampler))
+    assert result["win_rate"] == 0.5  # a position-biased judge gives 0.5 whatever the replies
+
+
+if __name__ == "__main__":  # one RL run in a child process (for the kill test)
+    log_path, model_dir, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    train.main(rl_config(log_path, model_dir, max_steps, save_every=2,
+                         dataset_builder=ShortRepliesDatasetBuilder(model_dir, 4, 64, judge_delay=0.5)))
