@@ -129,7 +129,8 @@ def test_non_text_content_rejected(role_colon):
         role_colon.build_generation_prompt([{"role": "user", "content": [{"type": "image", "image": "x"}]}])
     prompt = role_colon.build_generation_prompt([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
     assert prompt.to_ints() == role_colon.build_generation_prompt([{"role": "user", "content": "Hi"}]).to_ints()
-    assert get_text_content({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}) == "ab"
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert get_text_content({"role": "user", "content": parts}) == "ab"
 
 
 def test_chat_template_renderer(tokenizer):

@@ -109,7 +109,7 @@ class PromptRows:
     """A comparison builder over plain prompts (the RL dataset ignores completions and labels)."""
 
     def __init__(self, n: int):
-        self.rows = [{"prompt": f"Question number {k}: what is {k} plus {k}?"} for k in range(n)]
+        self.rows = [{"prompt": f"Hi {k}"} for k in range(n)]
 
     def get_train_and_test_datasets(self):
         return self.rows, None
@@ -136,8 +136,8 @@ class ShortRepliesDatasetBuilder(RLDatasetBuilder):
 
 
 def rl_config(log_path: str, model_dir: str, max_steps: int, **overrides) -> train.Config:
-    settings = dict(learning_rate=1e-2, dataset_builder=ShortRepliesDatasetBuilder(model_dir, 4, 64),
-                    model_name=model_dir, recipe_name="test_rl", max_tokens=16, log_path=log_path,
+    settings = dict(learning_rate=1e-2, dataset_builder=ShortRepliesDatasetBuilder(model_dir, 2, 64),
+                    model_name=model_dir, recipe_name="test_rl", max_tokens=12, log_path=log_path,
                     lora_rank=8, eval_every=0, save_every=0, seed=0, max_steps=max_steps)
     settings.update(overrides)
     return train.Config(**settings)

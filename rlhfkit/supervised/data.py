@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import random
-from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -119,22 +118,18 @@ def validate_messages(messages: Any) -> list[Message]:
 
 
 class SkippedRows:
-    """Counts rows skipped for bad data and logs one example (file, row, reason) plus the totals."""
+    """Counts rows skipped for bad data and logs one example (file, row, reason) with the count."""
 
     def __init__(self, source: str):
         self.source = source
-        self.reasons: Counter[str] = Counter()
+        self.count = 0
         self.example: tuple[str, str] | None = None
 
     def skip(self, row: str, reason: str) -> None:
         """`row` names the row, e.g. "line 12" or "row 3"."""
+        self.count += 1
         if self.example is None:
             self.example = (row, reason)
-        self.reasons[reason.split(":")[0]] += 1
-
-    @property
-    def count(self) -> int:
-        return sum(self.reasons.values())
 
     def report(self, total: int) -> None:
         if self.example is not None:
@@ -161,3 +156,7 @@ def filter_trainable_conversations(conversations: Sequence[tuple[str, list[Messa
             continue
         kept.append(conversation)
     return kept
+
+
+# The reference's name: any sized, iterable row collection (a list, or a Hugging Face Dataset) works.
+SupervisedDatasetFromHFDataset = SupervisedDatasetFromList

