@@ -97,7 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a small random model (quick check)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per workload (default 3)")
-    parser.add_argument("--dtypes", default="bfloat16,float32", help="compute dtypes to compare")
+    parser.add_argument("--dtypes", default=None, help="compute dtypes, comma-separated (default: the engine's "
+                        "choice, plus float32 when that is bfloat16)")
     parser.add_argument("--batches", default="1,8,32", help="sampling batch sizes")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--train-batch", type=int, default=8, help="sequences per training step")
@@ -120,7 +121,8 @@ def main() -> None:
     workloads = set(args.workloads.split(","))
     batch_sizes = [int(b) for b in args.batches.split(",")]
     print(f"model {model}; load average {info['load_at_start']['loadavg_1m']:.2f}", flush=True)
-    limits = common.matmul_limits(args.tiny)
+    dtypes = common.benchmark_dtypes(args.dtypes)
+    limits = common.matmul_limits(dtypes, args.tiny)
     print("matmul limit: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in limits.items()), flush=True)
     prompts = common.lima_prompts(model, max(batch_sizes))
     train_batches = common.sft_batches(model, args.train_batch, args.max_length, args.reps + 1)
@@ -128,7 +130,7 @@ def main() -> None:
 
     results: dict[str, dict[str, Series]] = {}
     n_params = 0
-    for dtype in args.dtypes.split(","):
+    for dtype in dtypes:
         service = ServiceClient(dtype=dtype)
         series: dict[str, Series] = {}
         sampler = service.create_sampling_client(base_model=model)
@@ -168,7 +170,7 @@ def main() -> None:
         if len(dtypes) == 2:
             row.append(f"{results[dtypes[0]][key].median / results[dtypes[1]][key].median:.2f}x")
         for d in dtypes:
-            limit = limits.get(d, limits["float32"]) if d != "auto" else limits["bfloat16"]
+            limit = limits[d]
             row.append(f"{100 * results[d][key].median * flops_per_unit[key] / limit:.1f}%")
         rows.append(row)
     markdown = "\n\n".join([

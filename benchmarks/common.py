@@ -101,10 +101,28 @@ def matmul_flops(dtype: torch.dtype, size: int = 2048, min_seconds: float = 2.0)
     return 2 * size**3 / best
 
 
-def matmul_limits(tiny: bool) -> dict[str, float]:
+def bf16_native() -> bool:
+    """Whether the engine computes in bf16 here by default (it does when the hardware has native bf16)."""
+    from rlhfkit.engine.models import pick_precision
+
+    return pick_precision(dtype="auto").compute_dtype == torch.bfloat16
+
+
+def benchmark_dtypes(requested: str | None) -> list[str]:
+    """The engine's own choice, plus fp32 for comparison when that choice is bf16."""
+    if requested:
+        return requested.split(",")
+    return ["bfloat16", "float32"] if bf16_native() else ["float32"]
+
+
+def matmul_limits(dtypes: list[str], tiny: bool) -> dict[str, float]:
+    """The matmul limit of each benchmarked dtype, and of bf16 anyway (small and quick when it is emulated:
+    it shows why the engine does not pick it)."""
     seconds = 0.5 if tiny else 3.0
-    return {"bfloat16": matmul_flops(torch.bfloat16, min_seconds=seconds),
-            "float32": matmul_flops(torch.float32, min_seconds=seconds)}
+    limits = {d: matmul_flops(getattr(torch, d), min_seconds=seconds) for d in dtypes}
+    if "bfloat16" not in limits:
+        limits["bfloat16"] = matmul_flops(torch.bfloat16, size=512, min_seconds=0.2)
+    return limits
 
 
 def matmul_params(model: torch.nn.Module) -> int:
@@ -126,12 +144,19 @@ def workload_model(tiny: bool) -> str:
     return str(build_tiny_model(cache_dir() / "bench" / "tiny-model", hidden_size=128, num_layers=4))
 
 
-def renderer_for(base_model: str):
+def renderer_name(base_model: str) -> str:
+    """The model's recommended renderer; role_colon for the tiny model (the Qwen chat template it borrows
+    cannot render the preference model's system markers inside a conversation)."""
     from rlhfkit.model_info import get_recommended_renderer_name
+
+    return "role_colon" if base_model != EMBEDDED_MODEL else get_recommended_renderer_name(base_model)
+
+
+def renderer_for(base_model: str):
     from rlhfkit.renderers import get_renderer
     from rlhfkit.tokenizer_utils import get_tokenizer
 
-    return get_renderer(get_recommended_renderer_name(base_model), get_tokenizer(base_model))
+    return get_renderer(renderer_name(base_model), get_tokenizer(base_model))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -140,12 +165,11 @@ def renderer_for(base_model: str):
 
 def sft_batches(base_model: str, batch_size: int, max_length: int, count: int) -> list[list]:
     """`count` batches of LIMA chat datums (weights on the assistant replies), via rlhfkit's chat datasets."""
-    from rlhfkit.model_info import get_recommended_renderer_name
     from rlhfkit.recipes.chat_sl.chat_datasets import LimaBuilder
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
     common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model,
-                                            renderer_name=get_recommended_renderer_name(base_model),
+                                            renderer_name=renderer_name(base_model),
                                             max_length=max_length, batch_size=batch_size)
     train, _ = LimaBuilder(common_config=common)()
     return [train.get_batch(i) for i in range(count)]
@@ -153,13 +177,12 @@ def sft_batches(base_model: str, batch_size: int, max_length: int, count: int) -
 
 def pm_batches(base_model: str, batch_size: int, max_length: int, count: int) -> list[list]:
     """`count` batches of preference-model datums from HH-RLHF (only the label token is trained)."""
-    from rlhfkit.model_info import get_recommended_renderer_name
     from rlhfkit.preference.preference_datasets import ChatDatasetBuilderFromComparisons
     from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
     common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model,
-                                            renderer_name=get_recommended_renderer_name(base_model),
+                                            renderer_name=renderer_name(base_model),
                                             max_length=max_length, batch_size=batch_size)
     train, _ = ChatDatasetBuilderFromComparisons(common, HHHComparisonBuilder(role="preference_model"))()
     batches, i = [], 0

@@ -215,67 +215,102 @@ def test_comparison_builder_from_jsonl(tmp_path):
         hh.ComparisonBuilderFromJsonl(bad).get_train_and_test_datasets()
 
 
-# --- a trained tiny preference model ---------------------------------------------------------------------
+# --- the preference-model training data -----------------------------------------------------------------
 
-POLITE = ["Thank you, happy to help.", "Sure, here is a kind answer.", "Of course, my pleasure."]
-RUDE = ["Go away.", "No. Figure it out.", "Stop asking me."]
-
-
-def polite_comparisons(tmp_path):
-    """A JSONL file of comparisons where the polite reply is always preferred (label on its side)."""
+def polite_comparisons_file(tmp_path, n_rows=12):
+    """A JSONL file of comparisons where the polite reply is preferred (the label names its side)."""
+    polite = ["Thank you, happy to help.", "Sure, here is a kind answer.", "Of course, my pleasure."]
+    rude = ["Go away.", "No. Figure it out.", "Stop asking me."]
     rows = []
-    for i, question in enumerate(["How do I boil an egg?", "What is two plus two?", "Name a fruit.",
-                                  "Where is Paris?"]):
-        for j in range(3):
-            polite, rude = POLITE[(i + j) % 3], RUDE[(i + 2 * j) % 3]
-            a, b, label = (polite, rude, "A") if (i + j) % 2 else (rude, polite, "B")
-            rows.append({"prompt_conversation": [{"role": "user", "content": question}],
-                         "completion_A": [{"role": "assistant", "content": a}],
-                         "completion_B": [{"role": "assistant", "content": b}], "label": label})
+    for i in range(n_rows):
+        a, b, label = (polite[i % 3], rude[i % 3], "A") if i % 2 else (rude[i % 3], polite[i % 3], "B")
+        rows.append({"prompt_conversation": [{"role": "user", "content": f"Question number {i}?"}],
+                     "completion_A": [{"role": "assistant", "content": a}],
+                     "completion_B": [{"role": "assistant", "content": b}], "label": label})
     path = tmp_path / "comparisons.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-@pytest.fixture(scope="module")
-def trained_pm(tiny_model_dir, tmp_path_factory):
-    """A tiny LoRA preference model trained for a few steps on the ChatDatasetBuilderFromComparisons data."""
-    from rlhfkit.engine import ServiceClient, types
+def test_chat_dataset_builder_from_comparisons(tmp_path, renderer, caplog):
     from rlhfkit.preference.preference_datasets import ChatDatasetBuilderFromComparisons
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
-    path = polite_comparisons(tmp_path_factory.mktemp("pm_data"))
-    config = ChatDatasetBuilderCommonConfig(tiny_model_dir, "role_colon", max_length=512, batch_size=12)
-    dataset_builder = ChatDatasetBuilderFromComparisons(config, hh.ComparisonBuilderFromJsonl(path, path))
-    train, test = dataset_builder()
-    assert len(train) == 1 and len(test) == 1
-    batch = train.get_batch(0)
-    assert len(batch) == 12
-    label_tokens = {dataset_builder.comparison_renderer.label_token(x) for x in "AB"}
-    targets = [d.loss_fn_inputs["target_tokens"].to_numpy()[-1] for d in batch]
-    assert set(targets) == label_tokens  # the random swap gives both labels
-    assert all(d.loss_fn_inputs["weights"].to_numpy().sum() == 1 for d in batch)
+    path = polite_comparisons_file(tmp_path, n_rows=40)
+    config = ChatDatasetBuilderCommonConfig(str(QWEN_TOKENIZER), "role_colon", max_length=512, batch_size=16)
+    builder = ChatDatasetBuilderFromComparisons(config, hh.ComparisonBuilderFromJsonl(path, path))
+    train, test = builder()
+    assert len(train) == 2 and len(test) == 1  # 40 // 16 train batches; the whole test split in one batch
+    label_token = {renderer.tokenizer.encode(" " + x, add_special_tokens=False)[0]: x for x in "AB"}
 
+    def labels(datums):
+        for d in datums:
+            weights = d.loss_fn_inputs["weights"].to_numpy()
+            assert np.flatnonzero(weights).tolist() == [len(weights) - 1] and weights[-1] == 1.0
+        return [label_token[int(d.loss_fn_inputs["target_tokens"].to_numpy()[-1])] for d in datums]
+
+    test_labels = labels(test.get_batch(0))
+    assert len(test_labels) == 40 and 10 <= test_labels.count("B") <= 30  # ~half swapped by Random(0)
+    assert labels(train.get_batch(0)) + labels(train.get_batch(1)) != test_labels[:32]  # own draws
+
+    # deterministic: a fresh builder gives the same datums
+    again_test = ChatDatasetBuilderFromComparisons(config, hh.ComparisonBuilderFromJsonl(path, path))()[1]
+    assert [d.model_input.to_ints() for d in again_test.get_batch(0)] == \
+           [d.model_input.to_ints() for d in test.get_batch(0)]
+
+    # swap=True: both orders of every comparison, with opposite labels
+    both = ChatDatasetBuilderFromComparisons(config, hh.ComparisonBuilderFromJsonl(path, path), swap=True)()[1]
+    both_labels = labels(both.get_batch(0))
+    assert len(both_labels) == 80 and both_labels[0::2] == ["B" if i % 2 == 0 else "A" for i in range(40)]
+    assert all(a != b for a, b in zip(both_labels[0::2], both_labels[1::2]))
+
+    # comparisons whose label token would be truncated away are skipped, not trained with zero weight
+    short = ChatDatasetBuilderCommonConfig(str(QWEN_TOKENIZER), "role_colon", max_length=20, batch_size=16)
+    with caplog.at_level(logging.WARNING):
+        assert ChatDatasetBuilderFromComparisons(short, hh.ComparisonBuilderFromJsonl(path))()[0].get_batch(0) == []
+    assert "longer than max_length=20" in caplog.text
+
+
+# --- a trained tiny preference model ---------------------------------------------------------------------
+
+def filler_comparison(word: str, label: str, i: int) -> LabeledComparison:
+    """The label follows the prompt's filler word ("yes" -> B, "no" -> A): easy for a tiny model to learn."""
+    return LabeledComparison(Comparison([{"role": "user", "content": " ".join([word] * 8)}],
+                                        [{"role": "assistant", "content": f"Reply {i}."}],
+                                        [{"role": "assistant", "content": f"Answer {i}."}]), label)
+
+
+@pytest.fixture(scope="module")
+def trained_pm(tiny_model_dir):
+    """The tiny model with a LoRA adapter trained for 16 cross-entropy steps on four labelled comparisons."""
+    from rlhfkit.engine import ServiceClient, types
+    from rlhfkit.supervised.common import datum_from_model_input_weights
+
+    sampling_renderer = get_renderer("role_colon", __import__("rlhfkit.tokenizer_utils").tokenizer_utils
+                                     .get_tokenizer(tiny_model_dir))
+    comparison_renderer = ComparisonRendererFromChatRenderer(sampling_renderer)
+    labeled = [filler_comparison("yes", "B", 0), filler_comparison("no", "A", 1),
+               filler_comparison("yes", "B", 2), filler_comparison("no", "A", 3)]
+    data = [datum_from_model_input_weights(*comparison_renderer.to_model_input_weights(c), reduction="none")
+            for c in labeled]
     training_client = ServiceClient().create_lora_training_client(tiny_model_dir, rank=8, seed=0)
 
-    def test_nll() -> float:
-        out = training_client.forward(test.get_batch(0), "cross_entropy").result()
+    def label_nll() -> float:
+        out = training_client.forward(data, "cross_entropy").result()
         return -float(np.mean([o["logprobs"].to_numpy()[-1] for o in out.loss_fn_outputs]))
 
-    nll_start = test_nll()
-    for _ in range(12):
-        training_client.forward_backward(batch, "cross_entropy").result()
-        training_client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
-    nll_end = test_nll()
+    nll_start = label_nll()
+    for _ in range(16):
+        training_client.forward_backward(data, "cross_entropy").result()
+        training_client.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+    nll_end = label_nll()
     sampling_client = training_client.save_weights_and_get_sampling_client()
-    renderer = get_renderer("role_colon", sampling_client.get_tokenizer())
-    comparisons, _ = hh.ComparisonBuilderFromJsonl(path).get_labeled_comparisons()
-    return renderer, sampling_client, comparisons, (nll_start, nll_end)
+    return sampling_renderer, sampling_client, labeled, (nll_start, nll_end)
 
 
 def test_training_lowers_the_label_nll(trained_pm):
     _, _, _, (nll_start, nll_end) = trained_pm
-    assert nll_end < nll_start - 1.0
+    assert nll_start > 5  # untrained: the label token is one of ~150k
     assert nll_end < 0.693  # better than a coin flip between the two labels
 
 
@@ -295,13 +330,13 @@ def test_verdicts_and_probabilities_agree_and_batching_matches_single_calls(trai
     np.testing.assert_allclose([j.p_b for j in batched], [j.p_b for j in single], atol=1e-4)
 
     assert all(j.greedy_text in ("A", "B") for j in batched)  # trained: the argmax is a label token
-    assert {j.verdict for j in batched} == {-1.0, 1.0}
+    assert [j.verdict for j in batched[:4]] == [1.0, -1.0, 1.0, -1.0]  # it learned the filler rule
     for j in batched:
         assert (j.verdict == 1.0) == (j.p_b > 0.5)
 
     # the float interfaces: verdicts, probability rewards (2 P(B) - 1), and probability_b
     assert asyncio.run(pm.judge_batch(comparisons)) == [j.verdict for j in batched]
-    assert asyncio.run(pm(comparisons[0])) == batched[0].verdict
+    assert asyncio.run(pm(comparisons[1])) == -1.0
     prob_pm = PreferenceModelFromChatRenderer(renderer, sampling_client, reward_mode="probability")
     np.testing.assert_allclose(asyncio.run(prob_pm.judge_batch(comparisons)),
                                [2 * j.p_b - 1 for j in batched], atol=1e-6)
@@ -318,30 +353,19 @@ def test_pm_evaluator_metrics(trained_pm, tiny_model_dir):
     from rlhfkit.preference.pm_eval import PreferenceModelEvaluator, format_pm_eval, wilson_interval
 
     renderer, sampling_client, labeled, _ = trained_pm
-    pm = PreferenceModelFromChatRenderer(renderer, sampling_client)
+    # the filler rule ignores the A/B order, so each comparison is right in exactly one order
     metrics = asyncio.run(PreferenceModelEvaluator(labeled, "role_colon", tiny_model_dir)(sampling_client))
-
-    async def by_hand():
-        original = [await pm.judge(c.comparison) for c in labeled]
-        swapped = [await pm.judge(c.swap().comparison) for c in labeled]
-        return original, swapped
-
-    original, swapped = asyncio.run(by_hand())
-    target = {"A": -1.0, "B": 1.0}
-    right_original = [j.verdict == target[c.label] for j, c in zip(original, labeled)]
-    right_swapped = [j.verdict == target[c.swap().label] for j, c in zip(swapped, labeled)]
-    n = len(labeled)
-    assert metrics["pm/n"] == n
-    assert metrics["pm/accuracy_original"] == pytest.approx(sum(right_original) / n)
-    assert metrics["pm/accuracy_swapped"] == pytest.approx(sum(right_swapped) / n)
-    assert metrics["pm/accuracy"] == pytest.approx((sum(right_original) + sum(right_swapped)) / (2 * n))
-    assert metrics["pm/accuracy_ci_low"] <= metrics["pm/accuracy"] <= metrics["pm/accuracy_ci_high"]
-    assert metrics["pm/frac_A"] == pytest.approx(sum(j.verdict == -1 for j in original + swapped) / (2 * n))
-    assert metrics["pm/order_agreement"] == pytest.approx(
-        sum(a.verdict == -b.verdict != 0 for a, b in zip(original, swapped)) / n)
-    p_correct = [j.p_b if c.label == "B" else 1 - j.p_b for j, c in zip(original, labeled)]
-    p_correct += [j.p_b if c.swap().label == "B" else 1 - j.p_b for j, c in zip(swapped, labeled)]
-    assert metrics["pm/mean_p_correct"] == pytest.approx(np.mean(p_correct), abs=1e-4)
+    assert metrics["pm/n"] == 4
+    assert metrics["pm/accuracy_original"] == 1.0 and metrics["pm/accuracy_swapped"] == 0.0
+    assert metrics["pm/accuracy"] == 0.5
+    assert metrics["pm/accuracy_ci_low"] == metrics["pm/accuracy_ci_high"] == 0.5  # every comparison scores 0.5
+    assert metrics["pm/frac_A"] == 0.5 and metrics["pm/order_agreement"] == 0.0
+    pm = PreferenceModelFromChatRenderer(renderer, sampling_client)
+    p_b = asyncio.run(pm.probability_b([c.comparison for c in labeled]))
+    p_correct = [p if c.label == "B" else 1 - p for p, c in zip(p_b, labeled)]
+    p_correct += [1 - p for p in p_correct]  # swapped: same P(B), opposite label
+    assert metrics["pm/mean_p_correct"] == pytest.approx(np.mean(p_correct), abs=1e-5)
 
     low, high = wilson_interval(40, 50)
     assert low == pytest.approx(0.6696, abs=1e-3) and high == pytest.approx(0.8876, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0

@@ -8,7 +8,6 @@ test uses that to have a child process to kill.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -25,7 +24,8 @@ from rlhfkit.preference.types import Comparison, LabeledComparison, PreferenceMo
 from rlhfkit.renderers import ParseTermination, RoleColonRenderer, get_renderer
 from rlhfkit.rl import train
 from rlhfkit.rl.data_processing import assemble_training_data, compute_advantages, trajectory_to_data
-from rlhfkit.rl.preference_envs import (PairwisePreferenceDataset, PairwisePreferenceGroupBuilder, TournamentPattern,
+from rlhfkit.rl.preference_envs import (PairwisePreferenceDataset, PairwisePreferenceGroupBuilder,
+                                        PairwisePreferenceRLDatasetBuilder, PreferenceEnv, TournamentPattern,
                                         get_pairs, get_pairs_chunked)
 from rlhfkit.rl.rollouts import score_group
 from rlhfkit.rl.types import RLDatasetBuilder, Trajectory, Transition
@@ -138,9 +138,31 @@ class ShortRepliesDatasetBuilder(RLDatasetBuilder):
 def rl_config(log_path: str, model_dir: str, max_steps: int, **overrides) -> train.Config:
     settings = dict(learning_rate=1e-2, dataset_builder=ShortRepliesDatasetBuilder(model_dir, 2, 64),
                     model_name=model_dir, recipe_name="test_rl", max_tokens=12, log_path=log_path,
-                    lora_rank=8, eval_every=0, save_every=0, seed=0, max_steps=max_steps)
+                    lora_rank=8, eval_every=0, save_every=0, seed=0, max_steps=max_steps, policy_kl_num_sequences=8)
     settings.update(overrides)
     return train.Config(**settings)
+
+
+@pytest.fixture(scope="module")
+def stop_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a shared component added to the output embeddings of StopTokenRenderer's stop
+    tokens, so "stop sooner" is one direction of the hidden state: learnable in a few steps. (In a purely
+    random model the stop tokens have nothing in common and RL cannot find them in a handful of samples.)"""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("stop_model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    stop_ids = StopTokenRenderer(get_tokenizer(tiny_model_dir)).stop_ids
+    model.get_output_embeddings().weight.data[stop_ids] += 0.3 * direction / direction.norm()
+    model.save_pretrained(out)
+    for f in Path(tiny_model_dir).iterdir():
+        if f.suffix in (".json", ".txt") and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return str(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,64 +218,99 @@ def test_worked_example_rewards_and_advantages(tiny_model_dir):
     assert inputs["advantages"] == pytest.approx([0.0] * (len(ob) - 1) + [1.25] * len(ac))
 
 
+def test_rl_dataset_from_hhh_prompts(tiny_model_dir):
+    from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
+
+    judge = AlwaysAJudge()
+    builder = PairwisePreferenceRLDatasetBuilder(HHHComparisonBuilder(role="rl"), batch_size=8,
+                                                 policy_renderer_name="role_colon", policy_model_name=tiny_model_dir,
+                                                 preference_model_builder=JudgeBuilder(judge), group_size=4)
+    dataset, test = asyncio.run(builder())
+    assert test is None and len(dataset) > 100
+    groups = dataset.get_batch(3)
+    assert 0 < len(groups) <= 8 and all(g.preference_model is judge for g in groups)  # one shared PM
+    envs = asyncio.run(groups[0].make_envs())
+    assert len(envs) == 4 and all(isinstance(e, PreferenceEnv) for e in envs)
+    ob, stop = asyncio.run(envs[0].initial_observation())
+    text = get_tokenizer(tiny_model_dir).decode(ob.to_ints())
+    assert text.startswith("User: ") and text.endswith("\n\nAssistant:") and stop == ["\n\nUser:"]
+    assert groups[0].logging_tags() == ["pair_pref"]
+
+
 # --------------------------------------------------------------------------------------------------
 # The RL loop
 
 
-def test_rl_shortens_replies_under_a_shorter_is_better_judge(tiny_model_dir, tmp_path):
+def _mean_reply_length(model_dir: str, sampler_path: str, n: int = 32) -> float:
+    """Mean reply length of a saved policy over n seeded samples of one prompt."""
+    from rlhfkit.engine import ServiceClient
+    from rlhfkit.engine.types import SamplingParams
+
+    renderer = StopTokenRenderer(get_tokenizer(model_dir))
+    sampler = ServiceClient().create_sampling_client(model_path=sampler_path)
+    prompt = renderer.build_generation_prompt([{"role": "user", "content": "Hi 1000"}])
+    params = SamplingParams(max_tokens=12, stop=renderer.get_stop_sequences(), seed=1234)
+    return float(np.mean([len(s.tokens) for s in sampler.sample(prompt, n, params).result().sequences]))
+
+
+def test_rl_shortens_replies_under_a_shorter_is_better_judge(stop_model_dir, tmp_path):
     log_path = tmp_path / "rl"
-    evaluator_builder = lambda: _evaluator(tiny_model_dir, ShorterIsBetterJudge(), [("Say hi.", "x" * 500)])
-    train.main(rl_config(str(log_path), tiny_model_dir, max_steps=8, evaluator_builders=[evaluator_builder],
-                         eval_every=4))
+    evaluator_builder = lambda: _evaluator(stop_model_dir, ShorterIsBetterJudge(), [("Say hi.", "x" * 500)])
+    train.main(rl_config(str(log_path), stop_model_dir, max_steps=4, evaluator_builders=[evaluator_builder],
+                         eval_every=3))
     records = read_jsonl(log_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(8))
-    lengths = [r["env/all/ac_tokens_per_turn"] for r in records]
-    assert np.mean(lengths[-2:]) < 0.6 * np.mean(lengths[:2]), lengths
+    assert [r["step"] for r in records] == list(range(4))
+
+    # The policy moved the judged way: shorter replies than the starting weights, on the same seeds.
+    final = read_jsonl(log_path / "checkpoints.jsonl")[-1]
+    assert final["name"] == "final" and final["batch"] == 4
+    before = _mean_reply_length(stop_model_dir, str(log_path / train.INIT_SAMPLER_DIR))
+    after = _mean_reply_length(stop_model_dir, final["sampler_path"])
+    assert after < 0.6 * before, (before, after)
+    assert records[-1]["env/all/ac_tokens_per_turn"] < records[0]["env/all/ac_tokens_per_turn"]
+
     for r in records:  # on-policy: the trainer's logprobs equal the sampler's, so the IS ratio is 1
         assert r["optim/first_substep_max_abs_logratio"] < 1e-4
         assert abs(r["optim/kl_sample_train_v1"]) < 1e-5
         for key in ("env/all/frac_truncated", "kl/policy_vs_init", "time/sample", "time/judge", "time/train",
-                    "env/all/win_minus_loss", "env/all/format", "env/all/reward/total"):
+                    "env/all/win_minus_loss", "env/all/format", "env/all/reward/total", "optim/entropy"):
             assert key in r
     assert records[0]["kl/policy_vs_init"] == pytest.approx(0.0, abs=1e-4)  # step 0 samples the initial weights
-    assert records[-1]["kl/policy_vs_init"] > 0.01
-    assert [r["step"] for r in records if "test/win_rate" in r] == [0, 4]
+    assert records[-1]["kl/policy_vs_init"] > 0.05
+    assert [r["step"] for r in records if "test/win_rate" in r] == [0, 3]
     assert all(r["test/win_rate"] == r["win_rate"] for r in records if "win_rate" in r)
 
     html = (log_path / "iteration_000003" / "train.html").read_text()
-    assert html.count("<h2>Group") == 4 and "doing 12 pairwise matchups" in html and "advantage" in html
+    assert html.count("<h2>Group") == 2 and "doing 12 pairwise matchups" in html and "advantage" in html
+    assert "<b>user</b><pre>Hi " in html
     summaries = read_jsonl(log_path / "iteration_000003" / "train_rollout_summaries.jsonl")
-    assert len(summaries) == 16 and summaries[0]["schema_version"] == 1 and summaries[0]["steps"][0]["ac_len"] > 0
-    checkpoints = read_jsonl(log_path / "checkpoints.jsonl")
-    assert checkpoints[-1]["name"] == "final" and checkpoints[-1]["batch"] == 8
+    assert len(summaries) == 8 and summaries[0]["schema_version"] == 1 and summaries[0]["steps"][0]["ac_len"] > 0
     assert (log_path / "metrics.png").exists()
 
 
-def test_killed_run_resumes_without_gap_or_duplicate(tiny_model_dir, tmp_path):
+def test_killed_run_resumes_without_gap_or_duplicate(stop_model_dir, tmp_path):
     log_path = tmp_path / "rl"
-    command = [sys.executable, __file__, str(log_path), tiny_model_dir, "6"]
+    command = [sys.executable, __file__, str(log_path), stop_model_dir, "3"]
     env = {**os.environ, "RLHFKIT_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not read_jsonl(log_path / "checkpoints.jsonl") and child.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
+    child.send_signal(signal.SIGKILL)  # right after the first periodic checkpoint (after iteration 0 of 3)
     child.wait()
     checkpoints = read_jsonl(log_path / "checkpoints.jsonl")
-    assert checkpoints and all(c["name"] != "final" for c in checkpoints), checkpoints
-    resume_at = checkpoints[-1]["batch"]
+    assert [c["name"] for c in checkpoints] == ["000001"], checkpoints
     restart_time = time.time()
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"Resuming at iteration {resume_at}" in second.stderr
-    records = read_jsonl(log_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(6))
-    # Iterations before the checkpoint were not re-run; the ones after it were.
-    assert (log_path / f"iteration_{resume_at - 1:06d}" / "train.html").stat().st_mtime < restart_time
-    assert (log_path / f"iteration_{resume_at:06d}" / "train.html").stat().st_mtime > restart_time
-    final = read_jsonl(log_path / "checkpoints.jsonl")[-1]
-    assert final["name"] == "final" and final["batch"] == 6
+    assert "Resuming at iteration 1" in second.stdout + second.stderr
+    assert [r["step"] for r in read_jsonl(log_path / "metrics.jsonl")] == [0, 1, 2]
+    # The iteration before the checkpoint was not re-run; the ones after it were.
+    assert (log_path / "iteration_000000" / "train.html").stat().st_mtime < restart_time
+    assert (log_path / "iteration_000001" / "train.html").stat().st_mtime > restart_time
+    assert [(c["name"], c["batch"]) for c in read_jsonl(log_path / "checkpoints.jsonl")] == \
+        [("000001", 1), ("000002", 2), ("final", 3)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,5 +342,5 @@ def test_comparison_evaluator_win_rate(tiny_model_dir):
 
 if __name__ == "__main__":  # one RL run in a child process (for the kill test)
     log_path, model_dir, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    train.main(rl_config(log_path, model_dir, max_steps, save_every=2,
-                         dataset_builder=ShortRepliesDatasetBuilder(model_dir, 4, 64, judge_delay=0.5)))
+    train.main(rl_config(log_path, model_dir, max_steps, save_every=1,
+                         dataset_builder=ShortRepliesDatasetBuilder(model_dir, 2, 64, judge_delay=0.2)))

@@ -13,7 +13,8 @@ from rlhfkit.engine.types import Datum, TensorData
 from rlhfkit.rl.types import EnvGroupBuilder, TrajectoryGroup
 
 
-def _masked(datum: Datum, key: str) -> np.ndarray:
+def action_values(datum: Datum, key: str) -> np.ndarray:
+    """The datum's `key` input at action positions (mask 1)."""
     mask = datum.loss_fn_inputs["mask"].to_numpy() > 0
     return datum.loss_fn_inputs[key].to_numpy()[mask]
 
@@ -75,7 +76,7 @@ async def compute_kl_policy_vs_reference(data: list[Datum], reference_sampling_c
     """Monte-Carlo KL(policy || reference) per action token: mean of logp_sampler - logp_reference over the
     action tokens of `data` (sampled from the policy at temperature 1)."""
     ref_logprobs = await compute_reference_logprobs(data, reference_sampling_client)
-    diffs = [_masked(d, "logprobs") - ref[d.loss_fn_inputs["mask"].to_numpy() > 0]
+    diffs = [action_values(d, "logprobs") - ref[d.loss_fn_inputs["mask"].to_numpy() > 0]
              for d, ref in zip(data, ref_logprobs)]
     diff = np.concatenate(diffs) if diffs else np.zeros(0)
     return float(diff.mean()) if diff.size else 0.0

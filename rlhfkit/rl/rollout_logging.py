@@ -27,12 +27,12 @@ def _pre(text: str) -> str:
     return f"<pre>{html.escape(text)}</pre>"
 
 
-def _verdict_text(verdict: float) -> str:
+def _verdict_text(verdict: float, a: str, b: str) -> str:
     if verdict < 0:
-        return f"A preferred ({verdict:+.2f})"
+        return f"verdict {verdict:+.2f}: A preferred, {a} wins"
     if verdict > 0:
-        return f"B preferred ({verdict:+.2f})"
-    return "tie / no verdict (0)"
+        return f"verdict {verdict:+.2f}: B preferred, {b} wins"
+    return "verdict 0: tie / no usable answer"
 
 
 def _group_html(group_idx: int, group: TrajectoryGroup, builder: EnvGroupBuilder, advantages: np.ndarray,
@@ -62,8 +62,9 @@ def _group_html(group_idx: int, group: TrajectoryGroup, builder: EnvGroupBuilder
         parts.append(f"<h3>Pairwise comparisons</h3><p>Got {len(group.trajectories_G)} trajectories, doing "
                      f"{len(matchups)} pairwise matchups.</p><ol start=0>")
         for m in matchups:
-            a = "target" if m["A"] < 0 else f"completion {m['A']}"
-            parts.append(f"<li>{a} (A) vs completion {m['B']} (B): {_verdict_text(m['verdict'])}</li>")
+            a = "the target" if m["A"] < 0 else f"completion {m['A']}"
+            b = f"completion {m['B']}"
+            parts.append(f"<li>{a} (A) vs {b} (B): {_verdict_text(m['verdict'], a, b)}</li>")
         parts.append("</ol>")
     parts.append("<h3>Rewards</h3><table><tr><th>completion</th><th>ac tokens</th><th>stop reason</th>")
     metric_keys = sorted({key for m in group.metrics_G for key in m})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ from rlhfkit import checkpoint_utils
 from rlhfkit.completers import TinkerTokenCompleter
 from rlhfkit.engine import ServiceClient
 from rlhfkit.engine.types import AdamParams, Datum
-from rlhfkit.evaluators import SamplingClientEvaluator
+from rlhfkit.evaluators import EvaluatorBuilder, SamplingClientEvaluator
+from rlhfkit.model_info import warn_if_renderer_not_recommended
 from rlhfkit.rl import data_processing, metrics as rl_metrics
 from rlhfkit.rl.rollout_logging import (iteration_dir, rollout_summary_records, write_rollout_summaries,
                                         write_train_html)
@@ -64,7 +64,7 @@ class Config:
     log_path: str
     eval_every: int = 20
     save_every: int = 20
-    evaluator_builders: list[Callable[[], SamplingClientEvaluator]] = field(default_factory=list)
+    evaluator_builders: list[EvaluatorBuilder] = field(default_factory=list)
     load_checkpoint_path: str | None = None  # initial weights (weights only, fresh optimizer)
     renderer_name: str | None = None  # metadata only; envs use the dataset builder's renderer
     wandb_project: str | None = None
@@ -104,11 +104,12 @@ def _create_training_client(config: Config, service: ServiceClient, resume: Any)
     return service.create_lora_training_client(config.model_name, rank=config.lora_rank, seed=config.seed)
 
 
-def _init_sampling_client(config: Config, service: ServiceClient, training_client: Any, resumed: bool) -> Any:
+def _init_sampling_client(config: Config, service: ServiceClient, training_client: Any, log_path: str,
+                          resumed: bool) -> Any:
     """A sampler on the run's starting weights (saved once at the start, reused on resume)."""
     if config.policy_kl_num_sequences <= 0:
         return None
-    path = Path(config.log_path) / INIT_SAMPLER_DIR
+    path = Path(log_path) / INIT_SAMPLER_DIR
     if not resumed:
         training_client.save_weights_for_sampler(str(path.resolve())).result()
     elif not path.exists():
@@ -128,8 +129,11 @@ def _kl_reference_client(config: Config, service: ServiceClient) -> Any:
     return service.create_training_client_from_state(ref.load_checkpoint_path).save_weights_and_get_sampling_client()
 
 
-async def _evaluate(evaluators: Sequence[SamplingClientEvaluator], sampling_client: Any) -> dict[str, float]:
-    results = await asyncio.gather(*(evaluator(sampling_client) for evaluator in evaluators))
+async def _evaluate(evaluators: Sequence[Any], sampling_client: Any, training_client: Any) -> dict[str, float]:
+    """All evaluators concurrently on the current weights (so their sampling calls share batches)."""
+    results = await asyncio.gather(*(
+        evaluator(sampling_client if isinstance(evaluator, SamplingClientEvaluator) else training_client)
+        for evaluator in evaluators))
     return {key: value for result in results for key, value in result.items()}
 
 
@@ -147,7 +151,7 @@ def _train_step(config: Config, training_client: Any, data: list[Datum]) -> dict
             train_logprobs[j] = out["logprobs"]
         metrics["optim/loss:sum"] += output.metrics.get("loss:sum", 0.0)
         if substep == 0:  # on-policy: the trainer's logprobs must equal the sampler's (ratio 1)
-            diffs = [np.abs(rl_metrics._masked(data[j], "logprobs")
+            diffs = [np.abs(rl_metrics.action_values(data[j], "logprobs")
                             - train_logprobs[j].to_numpy()[data[j].loss_fn_inputs["mask"].to_numpy() > 0])
                      for j in indices]
             metrics["optim/first_substep_max_abs_logratio"] = float(np.concatenate(diffs).max(initial=0.0))
@@ -157,9 +161,9 @@ def _train_step(config: Config, training_client: Any, data: list[Datum]) -> dict
     return metrics
 
 
-def _log_rollouts(config: Config, iteration: int, groups: list[TrajectoryGroup],
+def _log_rollouts(config: Config, log_path: str, iteration: int, groups: list[TrajectoryGroup],
                   builders: Sequence[EnvGroupBuilder], advantages: list[np.ndarray], tokenizer: Any) -> None:
-    folder = iteration_dir(config.log_path, iteration)
+    folder = iteration_dir(log_path, iteration)
     n = min(config.num_groups_to_log, len(groups))
     if n > 0:
         write_train_html(folder / "train.html", iteration, groups[:n], builders[:n], advantages[:n], tokenizer)
@@ -168,99 +172,113 @@ def _log_rollouts(config: Config, iteration: int, groups: list[TrajectoryGroup],
                                 rollout_summary_records(groups, builders, iteration, sampling_client_step=iteration))
 
 
-async def _main(config: Config) -> None:
-    config.log_path = os.path.expanduser(config.log_path)
+async def _run_iteration(config: Config, i: int, dataset: Any, sampling_client: Any, training_client: Any,
+                         evaluators: list, init_client: Any, kl_reference_client: Any, tokenizer: Any,
+                         log_path: str) -> dict[str, float]:
+    """One RL iteration on the current weights; returns its metrics (the weights are updated in place)."""
+    metrics: dict[str, float] = {"progress/batch": i, "optim/lr": config.learning_rate}
+    if config.eval_every > 0 and i % config.eval_every == 0 and evaluators:
+        t0 = time.time()
+        metrics.update(await _evaluate(evaluators, sampling_client, training_client))
+        metrics["time/eval"] = time.time() - t0
+
+    # Rollouts: every env of every group at once, so the engine samples them in one generation batch.
+    builders = list(dataset.get_batch(i))
+    t0 = time.time()
+
+    def policy_for(group_idx: int) -> Callable[[int], TinkerTokenCompleter]:
+        return lambda env_idx: TinkerTokenCompleter(sampling_client, config.max_tokens, config.temperature,
+                                                    seed=_rollout_seed(config.seed, i, group_idx, env_idx))
+
+    sampled = await asyncio.gather(*(sample_group(b, policy_for(g)) for g, b in enumerate(builders)))
+    metrics["time/sample"] = time.time() - t0
+    # Rewards: every group's judging at once (batched preference-model passes).
+    t0 = time.time()
+    groups = list(await asyncio.gather(*(score_group(b, envs, trajectories)
+                                         for b, (envs, trajectories) in zip(builders, sampled))))
+    await asyncio.gather(*(b.cleanup() for b in builders))
+    metrics["time/judge"] = time.time() - t0
+
+    metrics.update(rl_metrics.compute_trajectory_metrics(groups, builders))
+    _log_rollouts(config, log_path, i, groups, builders, data_processing.compute_advantages(groups), tokenizer)
+    if config.remove_constant_reward_groups:
+        groups = data_processing.remove_constant_reward_groups(groups)
+    advantages = data_processing.compute_advantages(groups)
+    data, _metadata = data_processing.assemble_training_data(groups, advantages)
+    if not data:
+        logger.warning("iteration %d: no training data (every reply is empty); skipping the update", i)
+        return metrics
+    if init_client is not None:  # reward-hacking watch: how far the policy has drifted from its start
+        metrics["kl/policy_vs_init"] = await rl_metrics.compute_kl_policy_vs_reference(
+            data[: config.policy_kl_num_sequences], init_client)
+    if kl_reference_client is not None:
+        metrics.update(await rl_metrics.incorporate_kl_penalty(data, kl_reference_client, config.kl_penalty_coef,
+                                                               config.kl_discount_factor))
+    t0 = time.time()
+    metrics.update(_train_step(config, training_client, data))
+    metrics["time/train"] = time.time() - t0
+    return metrics
+
+
+async def main_async(config: Config) -> None:
     if config.num_substeps < 1:
         raise ValueError(f"num_substeps must be >= 1, got {config.num_substeps}")
-    resume = checkpoint_utils.get_last_checkpoint(config.log_path)
+    log_path = str(Path(config.log_path).expanduser().resolve())
+    resume = checkpoint_utils.get_last_checkpoint(log_path)
     start_batch = int(resume.batch) if resume is not None else 0
-    ml_logger = ml_log.setup_logging(config.log_path, wandb_project=config.wandb_project,
-                                     wandb_name=config.wandb_name, config=config, start_step=start_batch,
-                                     plot_panels=PLOT_PANELS)
+    ml_logger = ml_log.setup_logging(log_path, wandb_project=config.wandb_project, wandb_name=config.wandb_name,
+                                     config=config, start_step=start_batch, plot_panels=PLOT_PANELS)
+    try:
+        await _train(config, log_path, resume, start_batch, ml_logger)
+    finally:
+        ml_logger.close()
+
+
+async def _train(config: Config, log_path: str, resume: Any, start_batch: int, ml_logger: Any) -> None:
+    warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
     if config.seed is not None:
         random.seed(config.seed + start_batch)  # the engine's fallback sampling seeds (evaluators)
     service = ServiceClient(base_url=config.base_url)
     training_client = _create_training_client(config, service, resume)
-    init_client = _init_sampling_client(config, service, training_client, resumed=resume is not None)
+    init_client = _init_sampling_client(config, service, training_client, log_path, resumed=resume is not None)
     kl_reference_client = _kl_reference_client(config, service)
     tokenizer = training_client.get_tokenizer()
-
     dataset, _ = await config.dataset_builder()
     evaluators = [build() for build in config.evaluator_builders]
     end_batch = len(dataset) if config.max_steps is None else min(config.max_steps, len(dataset))
     if start_batch >= end_batch:
         logger.info("Training was already complete (%d of %d iterations done)", start_batch, end_batch)
-        ml_logger.close()
         return
 
     sampling_client = training_client.save_weights_and_get_sampling_client()
-    progress = tqdm(range(start_batch, end_batch), initial=start_batch, total=end_batch, desc="RL", unit="it",
-                    dynamic_ncols=True)
+    progress = tqdm(range(start_batch, end_batch), initial=start_batch, total=end_batch, desc=config.recipe_name,
+                    unit="it", dynamic_ncols=True)
     for i in progress:
         t_start = time.time()
-        metrics: dict[str, float] = {"progress/batch": i, "optim/lr": config.learning_rate,
-                                     "progress/done_frac": (i + 1) / end_batch}
-        if config.eval_every > 0 and i % config.eval_every == 0 and evaluators:
-            t0 = time.time()
-            metrics.update(await _evaluate(evaluators, sampling_client))
-            metrics["time/eval"] = time.time() - t0
-
-        # Rollouts: all groups at once, so the engine samples them in one generation batch.
-        builders = list(dataset.get_batch(i))
+        metrics = await _run_iteration(config, i, dataset, sampling_client, training_client, evaluators,
+                                       init_client, kl_reference_client, tokenizer, log_path)
         t0 = time.time()
-
-        def policy_for(group_idx: int) -> Callable[[int], TinkerTokenCompleter]:
-            return lambda env_idx: TinkerTokenCompleter(sampling_client, config.max_tokens, config.temperature,
-                                                        seed=_rollout_seed(config.seed, i, group_idx, env_idx))
-
-        sampled = await asyncio.gather(*(sample_group(b, policy_for(g)) for g, b in enumerate(builders)))
-        metrics["time/sample"] = time.time() - t0
-        # Rewards: all groups' judging at once (batched preference-model passes).
-        t0 = time.time()
-        groups = list(await asyncio.gather(*(score_group(b, envs, trajs)
-                                             for b, (envs, trajs) in zip(builders, sampled))))
-        await asyncio.gather(*(b.cleanup() for b in builders))
-        metrics["time/judge"] = time.time() - t0
-
-        metrics.update(rl_metrics.compute_trajectory_metrics(groups, builders))
-        _log_rollouts(config, i, groups, builders, data_processing.compute_advantages(groups), tokenizer)
-        if config.remove_constant_reward_groups:
-            groups = data_processing.remove_constant_reward_groups(groups)
-        advantages = data_processing.compute_advantages(groups)
-        data, _metadata = data_processing.assemble_training_data(groups, advantages)
-        if init_client is not None and data:
-            metrics["kl/policy_vs_init"] = await rl_metrics.compute_kl_policy_vs_reference(
-                data[: config.policy_kl_num_sequences], init_client)
-        if kl_reference_client is not None and data:
-            metrics.update(await rl_metrics.incorporate_kl_penalty(data, kl_reference_client, config.kl_penalty_coef,
-                                                                   config.kl_discount_factor))
-
-        t0 = time.time()
-        if data:
-            metrics.update(_train_step(config, training_client, data))
-        else:
-            logger.warning("iteration %d: no training data (every trajectory is empty); skipping the update", i)
-        sampling_client = training_client.save_weights_and_get_sampling_client()
-        metrics["time/train"] = time.time() - t0
+        sampling_client = training_client.save_weights_and_get_sampling_client()  # the updated weights
+        metrics["time/sync_weights"] = time.time() - t0
+        metrics["progress/done_frac"] = (i + 1) / end_batch
         metrics["time/total"] = time.time() - t_start
-
-        # Log first, then checkpoint: a kill in between re-runs the iteration and its record is replaced.
+        # Log first, then checkpoint: a kill in between re-runs this iteration and its record is replaced.
         ml_logger.log_metrics(metrics, step=i)
         progress.set_postfix(reward=f"{metrics['env/all/reward/total']:+.3f}",
                              ac_tokens=f"{metrics['env/all/ac_tokens_per_turn']:.0f}",
-                             kl=f"{metrics.get('kl/policy_vs_init', float('nan')):.4f}")
+                             kl_init=f"{metrics.get('kl/policy_vs_init', float('nan')):.4f}")
+        # Periodic checkpoint (skipped when it would coincide with the final one).
         if config.save_every > 0 and (i + 1) % config.save_every == 0 and i + 1 < end_batch:
-            checkpoint_utils.save_checkpoint(training_client, f"{i + 1:06d}", config.log_path, {"batch": i + 1},
+            checkpoint_utils.save_checkpoint(training_client, f"{i + 1:06d}", log_path, {"batch": i + 1},
                                              kind="both", ttl_seconds=config.ttl_seconds)
     progress.close()
-    checkpoint_utils.save_checkpoint(training_client, "final", config.log_path, {"batch": end_batch}, kind="both")
-    ml_logger.close()
+    checkpoint_utils.save_checkpoint(training_client, "final", log_path, {"batch": end_batch}, kind="both")
 
 
 def main(config: Config) -> Any:
-    """Run RL. `await main(config)` inside an event loop (a notebook), or call `main(config)` directly."""
+    """Run RL. Outside an event loop this runs to completion; inside one it returns a coroutine to await."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(_main(config))
-    return _main(config)
+        return asyncio.run(main_async(config))
+    return main_async(config)

@@ -1,0 +1,95 @@
+"""The whole pipeline end to end (smoke preset: a tiny random model), its resume, and the tutorial's code."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhfkit.utils.atomic import read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "RLHFKIT_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+
+
+def run_pipeline(log_root: Path, *extra: str, wait: bool = True):
+    cmd = [sys.executable, "-m", "rlhfkit.recipes.preference.rlhf.rlhf_pipeline", "preset=smoke",
+           f"log_root={log_root}", *extra]
+    if not wait:
+        return subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def final_metrics(log_root: Path) -> dict:
+    return {stage: read_jsonl(log_root / stage / "metrics.jsonl") for stage in ("sft", "rm", "rl")}
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    result = run_pipeline(root)
+    return root, result
+
+
+def test_smoke_preset_runs_all_stages_and_writes_the_report(smoke_run):
+    root, result = smoke_run
+    for stage in ("sft", "rm", "rl"):
+        records = read_jsonl(root / stage / "metrics.jsonl")
+        assert [r["step"] for r in records] == list(range(len(records))) and records
+        assert any(r.get("name") == "final" for r in read_jsonl(root / stage / "checkpoints.jsonl"))
+    assert "test/nll" in read_jsonl(root / "sft" / "metrics.jsonl")[0]
+    assert any("test/win_rate" in r for r in read_jsonl(root / "rl" / "metrics.jsonl"))
+    pm_eval = json.loads((root / "rm" / "pm_eval.json").read_text())
+    assert 0.0 <= pm_eval["pm/accuracy"] <= 1.0 and pm_eval["pm/n"] > 0
+    report = (root / "report.html").read_text()
+    assert "SFT" in report and "win_rate" in report and "Base model vs RLHF model" in report
+    assert (root / "report.md").exists() and (root / "report" / "rl.png").exists()
+    assert list((root / "rl").glob("iteration_*/train.html"))
+
+
+def test_a_finished_pipeline_started_again_skips_every_stage(smoke_run):
+    root, _ = smoke_run
+    before = final_metrics(root)
+    result = run_pipeline(root, "report=false")
+    assert result.stdout.count("already finished") == 3
+    assert final_metrics(root) == before
+
+
+def test_killed_during_stage_2_resumes_with_the_same_results(smoke_run, tmp_path):
+    reference, _ = smoke_run
+    root = tmp_path / "killed"
+    proc = run_pipeline(root, "report=false", wait=False)
+    checkpoints = root / "rm" / "checkpoints.jsonl"
+    deadline = time.time() + 600
+    while not read_jsonl(checkpoints) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the pipeline ended before stage 2 saved a checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    sft_before = (root / "sft" / "metrics.jsonl").read_bytes()
+    assert not any(r.get("name") == "final" for r in read_jsonl(checkpoints))
+
+    run_pipeline(root, "report=false")
+    assert (root / "sft" / "metrics.jsonl").read_bytes() == sft_before  # stage 1 untouched
+    got, expected = final_metrics(root), final_metrics(reference)
+    for stage in ("rm", "rl"):
+        assert without_timing(got[stage]) == without_timing(expected[stage]), stage
+
+
+def test_tutorial_transcription_runs(tiny_model_dir, tmp_path):
+    script = REPO / "examples" / "tutorial_407_rlhf_pipeline.py"
+    result = subprocess.run([sys.executable, str(script), tiny_model_dir, str(tmp_path), "2"], env=ENV, cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "Stage 3 (RL) complete." in result.stdout
+    assert "=== Base Model ===" in result.stdout and "=== RLHF Model ===" in result.stdout
