@@ -129,12 +129,13 @@ def main() -> None:
     judge, candidates = judge_prompts(model, args.judge_batch, args.max_length)
 
     results: dict[str, dict[str, Series]] = {}
-    n_params = 0
+    n_params = n_head = 0
     for dtype in dtypes:
         service = ServiceClient(dtype=dtype)
         series: dict[str, Series] = {}
         sampler = service.create_sampling_client(base_model=model)
         n_params = common.matmul_params(sampler.model)
+        n_head = common.unembedding_params(sampler.model)
         if "sampling" in workloads:
             for b in batch_sizes:
                 series[f"sampling_b{b}"] = s = measure_sampling(sampler, prompts, b, args.reps, args.new_tokens)
@@ -152,7 +153,7 @@ def main() -> None:
         results[dtype] = series
 
     judge_tokens = sum(p.length for p in judge) / len(judge)
-    flops_per_unit = {"training": 4 * n_params, "scoring": 2 * n_params * judge_tokens,
+    flops_per_unit = {"training": 4 * n_params, "scoring": 2 * (n_params - n_head) * judge_tokens + 2 * n_head,
                       **{f"sampling_b{b}": 2 * n_params for b in batch_sizes}}
     load_at_end = common.load_snapshot()
     dtypes = list(results)
@@ -181,8 +182,9 @@ def main() -> None:
         f"(<= {args.max_length} tokens each), cross_entropy + Adam; tokens/s counts real (unpadded) tokens. "
         f"Scoring: {args.judge_batch} HH-RLHF judging prompts per call (mean {judge_tokens:.0f} tokens). "
         f"Medians of {args.reps} repetitions after a warm-up. MFU = achieved FLOP/s over the matmul limit of "
-        f"the dtype, with 2N FLOPs per sampled token, 2N per scored token, 4N per trained token, "
-        f"N = {n_params / 1e6:.1f}M.",
+        f"the dtype, with 2N FLOPs per sampled token, 4N per trained token and 2(N-H) per scored token + 2H "
+        f"per comparison, N = {n_params / 1e6:.1f}M matmul parameters, H = {n_head / 1e6:.1f}M of them in the "
+        f"unembedding.",
         common.markdown_table(header, rows)])
     stem = args.out or ("engine-tiny" if args.tiny else "engine")
     json_path, md_path = common.write_results(stem, payload, markdown + "\n")

@@ -5,7 +5,9 @@ FLOP counts (stated once, used everywhere): N = parameters of every matrix multi
 pass (all linear layers including the unembedding; the embedding lookup is not a matmul). Attention-score
 FLOPs are left out (at 512 tokens they add about 10% for SmolLM2-135M), so utilisation figures are slightly
 conservative.
-  * forward only (sampling, scoring):             2 * N FLOPs per token
+  * forward only (sampling):                      2 * N FLOPs per token
+  * scoring the next token only (judging):        2 * (N - H) per prompt token + 2 * H per prompt, where
+    H = the unembedding's parameters (logits are computed for the last position only)
   * LoRA training (frozen base + small adapter):   4 * N FLOPs per token (forward 2N + input gradients 2N;
     the frozen base needs no weight gradients, the adapters' own matmuls are < 2% and left out)
 """
@@ -123,6 +125,10 @@ def matmul_limits(dtypes: list[str], tiny: bool) -> dict[str, float]:
     if "bfloat16" not in limits:
         limits["bfloat16"] = matmul_flops(torch.bfloat16, size=512, min_seconds=0.2)
     return limits
+
+
+def unembedding_params(model: torch.nn.Module) -> int:
+    return model.get_output_embeddings().weight.numel()
 
 
 def matmul_params(model: torch.nn.Module) -> int:

@@ -218,6 +218,30 @@ def test_worked_example_rewards_and_advantages(tiny_model_dir):
     assert inputs["advantages"] == pytest.approx([0.0] * (len(ob) - 1) + [1.25] * len(ac))
 
 
+def test_kl_penalty_centres_and_discounts(tiny_model_dir):
+    from rlhfkit.engine import ServiceClient
+    from rlhfkit.rl.metrics import compute_reference_logprobs, incorporate_kl_penalty
+
+    renderer = get_renderer("role_colon", get_tokenizer(tiny_model_dir))
+    reference = ServiceClient().create_sampling_client(base_model=tiny_model_dir)
+    trajectories = [_trajectory(renderer, text, stop=True) for text in (" Blue.", " A longer reply here.")]
+    for gamma in (0.0, 0.5):
+        data = [d for t, adv in zip(trajectories, (0.25, -0.25)) for d in trajectory_to_data(t, adv)]
+        ref = asyncio.run(compute_reference_logprobs(data, reference))
+        metrics = asyncio.run(incorporate_kl_penalty(data, reference, kl_penalty_coef=0.1, kl_discount_factor=gamma))
+        masks = [d.loss_fn_inputs["mask"].to_numpy() for d in data]
+        d_t = [(d.loss_fn_inputs["logprobs"].to_numpy() - r) * m for d, r, m in zip(data, ref, masks)]
+        mean_kl = sum(x.sum() for x in d_t) / sum(m.sum() for m in masks)
+        assert metrics["kl_policy_base"] == pytest.approx(mean_kl, rel=1e-6)
+        for datum, adv, x, m in zip(data, (0.25, -0.25), d_t, masks):
+            added = datum.loss_fn_inputs["advantages"].to_numpy() - adv * m
+            penalty = 0.1 * m * (mean_kl - x)
+            if gamma:  # each action position gets the discounted sum of the penalties from there on
+                penalty = m * np.array([sum(gamma ** k * penalty[t + k] for k in range(len(penalty) - t))
+                                        for t in range(len(penalty))])
+            assert added == pytest.approx(penalty, abs=1e-5)
+
+
 def test_rl_dataset_from_hhh_prompts(tiny_model_dir):
     from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
 
@@ -256,14 +280,14 @@ def _mean_reply_length(model_dir: str, sampler_path: str, n: int = 32) -> float:
 def test_rl_shortens_replies_under_a_shorter_is_better_judge(stop_model_dir, tmp_path):
     log_path = tmp_path / "rl"
     evaluator_builder = lambda: _evaluator(stop_model_dir, ShorterIsBetterJudge(), [("Say hi.", "x" * 500)])
-    train.main(rl_config(str(log_path), stop_model_dir, max_steps=4, evaluator_builders=[evaluator_builder],
-                         eval_every=3))
+    train.main(rl_config(str(log_path), stop_model_dir, max_steps=3, evaluator_builders=[evaluator_builder],
+                         eval_every=2))
     records = read_jsonl(log_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(4))
+    assert [r["step"] for r in records] == [0, 1, 2]
 
     # The policy moved the judged way: shorter replies than the starting weights, on the same seeds.
     final = read_jsonl(log_path / "checkpoints.jsonl")[-1]
-    assert final["name"] == "final" and final["batch"] == 4
+    assert final["name"] == "final" and final["batch"] == 3
     before = _mean_reply_length(stop_model_dir, str(log_path / train.INIT_SAMPLER_DIR))
     after = _mean_reply_length(stop_model_dir, final["sampler_path"])
     assert after < 0.6 * before, (before, after)
@@ -277,26 +301,26 @@ def test_rl_shortens_replies_under_a_shorter_is_better_judge(stop_model_dir, tmp
             assert key in r
     assert records[0]["kl/policy_vs_init"] == pytest.approx(0.0, abs=1e-4)  # step 0 samples the initial weights
     assert records[-1]["kl/policy_vs_init"] > 0.05
-    assert [r["step"] for r in records if "test/win_rate" in r] == [0, 3]
+    assert [r["step"] for r in records if "test/win_rate" in r] == [0, 2]
     assert all(r["test/win_rate"] == r["win_rate"] for r in records if "win_rate" in r)
 
-    html = (log_path / "iteration_000003" / "train.html").read_text()
+    html = (log_path / "iteration_000002" / "train.html").read_text()
     assert html.count("<h2>Group") == 2 and "doing 12 pairwise matchups" in html and "advantage" in html
     assert "<b>user</b><pre>Hi " in html
-    summaries = read_jsonl(log_path / "iteration_000003" / "train_rollout_summaries.jsonl")
+    summaries = read_jsonl(log_path / "iteration_000002" / "train_rollout_summaries.jsonl")
     assert len(summaries) == 8 and summaries[0]["schema_version"] == 1 and summaries[0]["steps"][0]["ac_len"] > 0
     assert (log_path / "metrics.png").exists()
 
 
 def test_killed_run_resumes_without_gap_or_duplicate(stop_model_dir, tmp_path):
     log_path = tmp_path / "rl"
-    command = [sys.executable, __file__, str(log_path), stop_model_dir, "3"]
+    command = [sys.executable, __file__, str(log_path), stop_model_dir, "2"]
     env = {**os.environ, "RLHFKIT_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not read_jsonl(log_path / "checkpoints.jsonl") and child.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)  # right after the first periodic checkpoint (after iteration 0 of 3)
+    child.send_signal(signal.SIGKILL)  # right after the first periodic checkpoint (after iteration 0 of 2)
     child.wait()
     checkpoints = read_jsonl(log_path / "checkpoints.jsonl")
     assert [c["name"] for c in checkpoints] == ["000001"], checkpoints
@@ -305,12 +329,12 @@ def test_killed_run_resumes_without_gap_or_duplicate(stop_model_dir, tmp_path):
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resuming at iteration 1" in second.stdout + second.stderr
-    assert [r["step"] for r in read_jsonl(log_path / "metrics.jsonl")] == [0, 1, 2]
-    # The iteration before the checkpoint was not re-run; the ones after it were.
+    assert [r["step"] for r in read_jsonl(log_path / "metrics.jsonl")] == [0, 1]
+    # The iteration before the checkpoint was not re-run; the one after it was.
     assert (log_path / "iteration_000000" / "train.html").stat().st_mtime < restart_time
     assert (log_path / "iteration_000001" / "train.html").stat().st_mtime > restart_time
     assert [(c["name"], c["batch"]) for c in read_jsonl(log_path / "checkpoints.jsonl")] == \
-        [("000001", 1), ("000002", 2), ("final", 3)]
+        [("000001", 1), ("final", 2)]
 
 
 # --------------------------------------------------------------------------------------------------

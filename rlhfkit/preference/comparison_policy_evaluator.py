@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -13,8 +12,6 @@ from rlhfkit.evaluators import SamplingClientEvaluator
 from rlhfkit.preference.types import Comparison, PreferenceModelBuilder
 from rlhfkit.renderers import get_renderer
 from rlhfkit.tokenizer_utils import get_tokenizer
-
-logger = logging.getLogger(__name__)
 
 
 def win_rate_scores(verdicts_policy_as_b: Sequence[float], verdicts_policy_as_a: Sequence[float]) -> np.ndarray:

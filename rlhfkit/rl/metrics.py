@@ -65,8 +65,8 @@ async def incorporate_kl_penalty(data: list[Datum], base_sampling_client: Any, k
     avg = sum(float(x.sum()) for x in diffs) / max(sum(float(m.sum()) for m in masks), 1.0)
     for datum, diff, mask in zip(data, diffs, masks):
         penalty = kl_penalty_coef * mask * (avg - diff)
-        if kl_discount_factor > 0:
-            penalty = _discounted_future_sum(penalty, kl_discount_factor)
+        if kl_discount_factor > 0:  # masked again so prompt positions never get an advantage
+            penalty = _discounted_future_sum(penalty, kl_discount_factor) * mask
         advantages = datum.loss_fn_inputs["advantages"].to_numpy().astype(np.float64) + penalty
         datum.loss_fn_inputs["advantages"] = TensorData.from_numpy(advantages.astype(np.float32))
     return {"kl_policy_base": avg}

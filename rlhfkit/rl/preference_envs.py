@@ -8,18 +8,15 @@ the reply did not end on the renderer's stop sequence.
 from __future__ import annotations
 
 import enum
-import logging
 from typing import Any, Callable, Sequence
 
+from rlhfkit.completers import StopCondition
+from rlhfkit.engine.types import ModelInput
 from rlhfkit.preference.types import Comparison, PreferenceModel, PreferenceModelBuilder
 from rlhfkit.renderers import Message, Renderer, get_renderer, get_text_content
 from rlhfkit.rl.types import (Action, Env, EnvGroupBuilder, Logs, Metrics, Observation, RLDataset,
                               RLDatasetBuilder, StepResult, Trajectory)
-from rlhfkit.completers import StopCondition
-from rlhfkit.engine.types import ModelInput
 from rlhfkit.tokenizer_utils import get_tokenizer
-
-logger = logging.getLogger(__name__)
 
 
 class TournamentPattern(str, enum.Enum):
