@@ -282,17 +282,18 @@ def filler_comparison(word: str, label: str, i: int) -> LabeledComparison:
 
 @pytest.fixture(scope="module")
 def trained_pm(tiny_model_dir):
-    """The tiny model with a LoRA adapter trained for 16 cross-entropy steps on four labelled comparisons."""
+    """The tiny model with a LoRA adapter trained for 20 cross-entropy steps on two labelled comparisons;
+    returned with four comparisons (the two trained ones and two with unseen replies)."""
     from rlhfkit.engine import ServiceClient, types
     from rlhfkit.supervised.common import datum_from_model_input_weights
+    from rlhfkit.tokenizer_utils import get_tokenizer
 
-    sampling_renderer = get_renderer("role_colon", __import__("rlhfkit.tokenizer_utils").tokenizer_utils
-                                     .get_tokenizer(tiny_model_dir))
-    comparison_renderer = ComparisonRendererFromChatRenderer(sampling_renderer)
+    renderer = get_renderer("role_colon", get_tokenizer(tiny_model_dir))
+    comparison_renderer = ComparisonRendererFromChatRenderer(renderer)
     labeled = [filler_comparison("yes", "B", 0), filler_comparison("no", "A", 1),
                filler_comparison("yes", "B", 2), filler_comparison("no", "A", 3)]
     data = [datum_from_model_input_weights(*comparison_renderer.to_model_input_weights(c), reduction="none")
-            for c in labeled]
+            for c in labeled[:2]]
     training_client = ServiceClient().create_lora_training_client(tiny_model_dir, rank=8, seed=0)
 
     def label_nll() -> float:
@@ -300,12 +301,14 @@ def trained_pm(tiny_model_dir):
         return -float(np.mean([o["logprobs"].to_numpy()[-1] for o in out.loss_fn_outputs]))
 
     nll_start = label_nll()
-    for _ in range(16):
+    steps = 20
+    for step in range(steps):
         training_client.forward_backward(data, "cross_entropy").result()
-        training_client.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+        training_client.optim_step(types.AdamParams(learning_rate=1e-2 * (1 - step / steps),
+                                                    grad_clip_norm=1.0)).result()
     nll_end = label_nll()
     sampling_client = training_client.save_weights_and_get_sampling_client()
-    return sampling_renderer, sampling_client, labeled, (nll_start, nll_end)
+    return renderer, sampling_client, labeled, (nll_start, nll_end)
 
 
 def test_training_lowers_the_label_nll(trained_pm):
