@@ -13,7 +13,8 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special
 
 
 def build_tiny_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
-    """Write a tiny random Qwen2-architecture model with the real Qwen tokenizer to `out_dir`."""
+    """Write a tiny random Qwen2-architecture model with the real Qwen tokenizer to `out_dir`. Like any base
+    model it has no chat template (so its recommended renderer is role_colon)."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -34,4 +35,7 @@ def build_tiny_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy(src / name, out_dir / name)
+    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return out_dir

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from rlhfkit.engine import losses
@@ -51,22 +52,44 @@ class TrainingClient:
                     raise ValueError(f"datum {index}: loss_fn_inputs[{key!r}] has {len(value)} entries but the "
                                      f"model input has {n} tokens")
 
+    @staticmethod
+    def _first_active_position(datum: Datum) -> int:
+        """The first target position that any loss input (weights, advantages, sampler logprobs) touches.
+        Positions before it (a prompt no loss looks at) need the decoder but not the unembedding, which is
+        the costliest layer with a large vocabulary; their logprobs are reported as 0."""
+        start = datum.model_input.length
+        for key, value in datum.loss_fn_inputs.items():
+            if key != "target_tokens":
+                nonzero = np.flatnonzero(value.to_numpy())
+                if nonzero.size:
+                    start = min(start, int(nonzero[0]))
+        return start
+
     def _run_batches(self, data: Sequence[Datum], per_microbatch: Callable[[list[int], list[torch.Tensor]], None],
                      grad: bool) -> list[torch.Tensor]:
         """Forward the data in length-sorted microbatches; hand each microbatch's per-datum target logprobs
         to `per_microbatch` (which may call backward). Returns detached logprobs in data order."""
         sequences = [d.model_input.to_ints() for d in data]
         targets = [d.loss_fn_inputs["target_tokens"].to_numpy().astype("int64").tolist() for d in data]
+        starts = [self._first_active_position(d) for d in data]
         results: list[torch.Tensor | None] = [None] * len(data)
+        base = self.model.get_base_model()
+        decoder, unembedding = base.get_decoder(), base.get_output_embeddings()
+        softcap = getattr(base.config, "final_logit_softcapping", None)
+        device = self.precision.device
         self.model.train(grad)
         for batch in plan_microbatches([len(s) for s in sequences]):
-            ids, mask = pad_right([sequences[i] for i in batch], self._pad_id, self.precision.device)
-            target_ids, _ = pad_right([targets[i] for i in batch], 0, self.precision.device)
-            with torch.set_grad_enabled(grad), self.precision.autocast:
-                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            ids, mask = pad_right([sequences[i] for i in batch], self._pad_id, device)
             with torch.set_grad_enabled(grad):
-                logprobs = token_logprobs(logits, target_ids)
-                rows = [logprobs[row, : len(sequences[i])] for row, i in enumerate(batch)]
+                with self.precision.autocast:
+                    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    active = torch.cat([hidden[row, starts[i]:len(sequences[i])] for row, i in enumerate(batch)])
+                    logits = unembedding(active)
+                if softcap:
+                    logits = torch.tanh(logits.float() / softcap) * softcap
+                active_targets = torch.tensor([t for i in batch for t in targets[i][starts[i]:]], device=device)
+                logprobs = token_logprobs(logits, active_targets).split([len(sequences[i]) - starts[i] for i in batch])
+                rows = [torch.cat([logprobs[row].new_zeros(starts[i]), logprobs[row]]) for row, i in enumerate(batch)]
                 per_microbatch(batch, rows)
             for row, i in zip(rows, batch):
                 results[i] = row.detach().float().cpu()
