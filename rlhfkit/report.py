@@ -48,7 +48,7 @@ async def sample_comparison_replies(cfg: Any, base_model: str, renderer_name: st
     from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
     from rlhfkit.renderers import get_renderer, get_text_content
 
-    builder = HHHComparisonBuilder(test_size=cfg.report_prompts, role="rl")
+    builder = HHHComparisonBuilder(test_size=cfg.report_prompts, role="rl", max_chars=cfg.hh_max_chars)
     _, rows = builder.get_train_and_test_datasets()
     prompts = [[{"role": "user", "content": TUTORIAL_PROMPT}]]
     for row in rows:

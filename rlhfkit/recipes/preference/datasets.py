@@ -175,19 +175,22 @@ class HHHComparisonBuilder(ComparisonDatasetBuilder):
     role="rl": -> (RL prompt rows, win-rate evaluation rows[:test_size]). Both lists are shuffled with seed 0.
     data_files: local .jsonl/.jsonl.gz files (default: the offline test splits in shared_data_dir()/hh-rlhf)
     or "Anthropic/hh-rlhf" to load both Hub splits (the same role split is then applied to all rows).
+    max_chars: keep only rows whose chosen transcript has at most this many characters (short conversations
+    make a small CPU run affordable); the role of a row never changes, only which rows are kept.
     """
 
     ROLES = {"preference_model": ("pm_train", "pm_test"), "rl": ("rl", "winrate_eval")}
 
     def __init__(self, test_size: int = 1024, swap: bool = False,
                  role: Literal["preference_model", "rl"] = "preference_model",
-                 data_files: Sequence[str | Path] | str | None = None):
+                 data_files: Sequence[str | Path] | str | None = None, max_chars: int | None = None):
         if role not in self.ROLES:
             raise ValueError(f"role must be one of {sorted(self.ROLES)}, got {role!r}")
         super().__init__(swap=swap)
         self.test_size = test_size
         self.role = role
         self.data_files = data_files
+        self.max_chars = max_chars
         self._split: dict[Role, list[dict[str, Any]]] | None = None
 
     def role_rows(self) -> dict[Role, list[dict[str, Any]]]:
@@ -199,6 +202,8 @@ class HHHComparisonBuilder(ComparisonDatasetBuilder):
     def get_train_and_test_datasets(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         train_role, test_role = self.ROLES[self.role]
         split = self.role_rows()
+        if self.max_chars is not None:
+            split = {role: [r for r in rows if len(r["chosen"]) <= self.max_chars] for role, rows in split.items()}
         return _shuffled(split[train_role]), _shuffled(split[test_role])[: self.test_size]
 
     def example_to_labeled_comparison(self, example: dict[str, Any]) -> LabeledComparison | None:

@@ -55,7 +55,10 @@ class PipelineConfig:
     sft_max_steps: int | None = None
     rm_max_steps: int | None = None
     rl_max_steps: int | None = None
+    sft_eval_every: int | None = None
+    rm_eval_every: int | None = None
     rl_eval_every: int | None = None
+    hh_max_chars: int | None = None  # keep only HH-RLHF conversations this short (all stages' HH-RLHF data)
     sft_test_size: int = 256
     pm_test_size: int = 1024  # held-out comparisons for test/nll and the preference-model evaluation
     win_rate_prompts: int = 256  # held-out prompts for test/win_rate
@@ -71,16 +74,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The tutorial's exact values (Qwen3.5-9B-Base, NoRobots; needs a GPU and a network).
     "tutorial": dict(base_model="Qwen/Qwen3.5-9B-Base", log_root="/tmp/tinker-tutorials/rlhf", sft_data="no_robots",
                      rl_eval_every=10, rl_max_steps=40),
-    # The embedded SmolLM2-135M-Instruct and the offline data, sized for a 2-core CPU (about 30 minutes).
-    "demo": dict(base_model="smollm2-135m-instruct", log_root="runs/demo", lora_rank=16, max_length=512,
-                 sft_batch_size=8, sft_max_steps=30, sft_learning_rate=2e-4, sft_test_size=64,
-                 rm_batch_size=16, rm_max_steps=60, rm_learning_rate=3e-4, pm_test_size=256,
-                 rl_batch_size=8, rl_max_steps=20, rl_learning_rate=1e-4, rl_max_tokens=96, rl_eval_every=5,
-                 win_rate_prompts=64, save_every=10, eval_every=10),
+    # The embedded SmolLM2-135M-Instruct and the offline data, sized for a 2-core CPU without bf16 (fp32):
+    # short HH-RLHF conversations (hh_max_chars) keep judging affordable.
+    "demo": dict(base_model="smollm2-135m-instruct", log_root="runs/demo", lora_rank=16, max_length=256,
+                 sft_batch_size=4, sft_max_steps=13, sft_learning_rate=3e-4, sft_test_size=16, sft_eval_every=6,
+                 rm_batch_size=8, rm_max_steps=25, rm_learning_rate=5e-4, pm_test_size=64, rm_eval_every=12,
+                 rl_batch_size=4, rl_max_steps=9, rl_learning_rate=2e-4, rl_max_tokens=48, rl_eval_every=4,
+                 win_rate_prompts=32, hh_max_chars=400, reward_mode="probability", save_every=5),
     # A tiny random model: every stage runs in about a minute (for tests and quick checks).
     "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
                   max_steps=3, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4, pm_test_size=8,
-                  win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3),
+                  win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3, hh_max_chars=300),
 }
 
 
@@ -181,14 +185,14 @@ async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
         log_path=f"{cfg.log_root}/sft", model_name=base_model, recipe_name="recipe_preference_rlhf_sft",
         renderer_name=renderer_name, dataset_builder=_sft_dataset_builder(cfg, common),
         learning_rate=cfg.sft_learning_rate, lr_schedule="linear", num_epochs=1, lora_rank=cfg.lora_rank,
-        save_every=cfg.save_every, eval_every=cfg.eval_every, wandb_project=cfg.wandb_project,
-        wandb_name=f"{cfg.wandb_name}-sft", max_steps=_steps(cfg.sft_max_steps, cfg)))
+        save_every=cfg.save_every, eval_every=cfg.sft_eval_every or cfg.eval_every,
+        wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-sft", max_steps=_steps(cfg.sft_max_steps, cfg)))
 
 
 def _pm_comparisons(cfg: PipelineConfig) -> list:
     from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
 
-    builder = HHHComparisonBuilder(test_size=cfg.pm_test_size, role="preference_model")
+    builder = HHHComparisonBuilder(test_size=cfg.pm_test_size, role="preference_model", max_chars=cfg.hh_max_chars)
     _, test_rows = builder.get_train_and_test_datasets()
     comparisons = [builder.example_to_labeled_comparison(row) for row in test_rows]
     return [c for c in comparisons if c is not None]
@@ -202,14 +206,14 @@ async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
 
     common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model, renderer_name=renderer_name,
                                             max_length=cfg.max_length, batch_size=cfg.rm_batch_size or cfg.batch_size)
-    comparisons = HHHComparisonBuilder(test_size=cfg.pm_test_size, role="preference_model")
+    comparisons = HHHComparisonBuilder(test_size=cfg.pm_test_size, role="preference_model", max_chars=cfg.hh_max_chars)
     await supervised_train.main(supervised_train.Config(
         log_path=f"{cfg.log_root}/rm", model_name=base_model, recipe_name="recipe_preference_rlhf_rm",
         renderer_name=renderer_name,
         dataset_builder=ChatDatasetBuilderFromComparisons(common_config=common, comparison_builder=comparisons),
         learning_rate=cfg.rm_learning_rate, lr_schedule="linear", num_epochs=1, lora_rank=cfg.lora_rank,
-        save_every=cfg.save_every, eval_every=cfg.eval_every, wandb_project=cfg.wandb_project,
-        wandb_name=f"{cfg.wandb_name}-rm", max_steps=_steps(cfg.rm_max_steps, cfg)))
+        save_every=cfg.save_every, eval_every=cfg.rm_eval_every or cfg.eval_every,
+        wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-rm", max_steps=_steps(cfg.rm_max_steps, cfg)))
 
 
 async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> dict:
@@ -249,13 +253,13 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
     pm_builder = PreferenceModelBuilderFromChatRenderer(renderer_name=renderer_name, model_name=base_model,
                                                         rm_weights_path=rm.sampler_path, reward_mode=cfg.reward_mode)
     dataset_builder = preference_envs.PairwisePreferenceRLDatasetBuilder(
-        comparison_builder=HHHComparisonBuilder(role="rl"), policy_renderer_name=renderer_name,
+        comparison_builder=HHHComparisonBuilder(role="rl", max_chars=cfg.hh_max_chars), policy_renderer_name=renderer_name,
         policy_model_name=base_model, preference_model_builder=pm_builder,
         batch_size=cfg.rl_batch_size or cfg.batch_size, group_size=cfg.rl_group_size,
         tournament_pattern=preference_envs.TournamentPattern.ALL_PAIRS_BOTH_WAYS)
 
     def make_evaluator() -> ComparisonEvaluator:
-        builder = HHHComparisonBuilder(test_size=cfg.win_rate_prompts, role="rl")
+        builder = HHHComparisonBuilder(test_size=cfg.win_rate_prompts, role="rl", max_chars=cfg.hh_max_chars)
         _, test_rows = builder.get_train_and_test_datasets()
         labeled = [builder.example_to_labeled_comparison(row) for row in test_rows]
         return ComparisonEvaluator(preference_model_builder=pm_builder,
