@@ -251,7 +251,8 @@ def test_chat_dataset_builder_from_comparisons(tmp_path, renderer, caplog):
 
     test_labels = labels(test.get_batch(0))
     assert len(test_labels) == 40 and 10 <= test_labels.count("B") <= 30  # ~half swapped by Random(0)
-    assert labels(train.get_batch(0)) + labels(train.get_batch(1)) != test_labels[:32]  # own draws
+    train_labels = labels(train.get_batch(0)) + labels(train.get_batch(1))
+    assert len(train_labels) == 32 and 6 <= train_labels.count("B") <= 26
 
     # deterministic: a fresh builder gives the same datums
     again_test = ChatDatasetBuilderFromComparisons(config, hh.ComparisonBuilderFromJsonl(path, path))()[1]
@@ -281,9 +282,10 @@ def filler_comparison(word: str, label: str, i: int) -> LabeledComparison:
 
 
 @pytest.fixture(scope="module")
-def trained_pm(tiny_model_dir):
-    """The tiny model with a LoRA adapter trained for 20 cross-entropy steps on two labelled comparisons;
-    returned with four comparisons (the two trained ones and two with unseen replies)."""
+def trained_pm(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a LoRA adapter trained for 20 cross-entropy steps on two labelled comparisons:
+    (renderer, sampling client, four comparisons (the two trained ones and two with unseen replies),
+    (label NLL before, after), saved sampler weights path)."""
     from rlhfkit.engine import ServiceClient, types
     from rlhfkit.supervised.common import datum_from_model_input_weights
     from rlhfkit.tokenizer_utils import get_tokenizer
@@ -308,17 +310,19 @@ def trained_pm(tiny_model_dir):
                                                     grad_clip_norm=1.0)).result()
     nll_end = label_nll()
     sampling_client = training_client.save_weights_and_get_sampling_client()
-    return renderer, sampling_client, labeled, (nll_start, nll_end)
+    sampler_dir = tmp_path_factory.mktemp("pm") / "sampler"
+    sampler_path = training_client.save_weights_for_sampler(str(sampler_dir)).result().path
+    return renderer, sampling_client, labeled, (nll_start, nll_end), sampler_path
 
 
 def test_training_lowers_the_label_nll(trained_pm):
-    _, _, _, (nll_start, nll_end) = trained_pm
+    _, _, _, (nll_start, nll_end), _ = trained_pm
     assert nll_start > 5  # untrained: the label token is one of ~150k
     assert nll_end < 0.693  # better than a coin flip between the two labels
 
 
 def test_verdicts_and_probabilities_agree_and_batching_matches_single_calls(trained_pm):
-    renderer, sampling_client, labeled, _ = trained_pm
+    renderer, sampling_client, labeled, _, _ = trained_pm
     pm = PreferenceModelFromChatRenderer(renderer, sampling_client)
     comparisons = [c.comparison for c in labeled] + [c.swap().comparison for c in labeled]
 
@@ -353,22 +357,53 @@ def test_verdicts_and_probabilities_agree_and_batching_matches_single_calls(trai
 
 
 def test_pm_evaluator_metrics(trained_pm, tiny_model_dir):
-    from rlhfkit.preference.pm_eval import PreferenceModelEvaluator, format_pm_eval, wilson_interval
+    from rlhfkit.preference.pm_eval import (PreferenceModelEvaluator, evaluate_preference_model, format_pm_eval,
+                                           wilson_interval)
 
-    renderer, sampling_client, labeled, _ = trained_pm
+    renderer, sampling_client, labeled, _, _ = trained_pm
     # the filler rule ignores the A/B order, so each comparison is right in exactly one order
     metrics = asyncio.run(PreferenceModelEvaluator(labeled, "role_colon", tiny_model_dir)(sampling_client))
     assert metrics["pm/n"] == 4
     assert metrics["pm/accuracy_original"] == 1.0 and metrics["pm/accuracy_swapped"] == 0.0
     assert metrics["pm/accuracy"] == 0.5
     assert metrics["pm/accuracy_ci_low"] == metrics["pm/accuracy_ci_high"] == 0.5  # every comparison scores 0.5
-    assert metrics["pm/frac_A"] == 0.5 and metrics["pm/order_agreement"] == 0.0
+    assert metrics["pm/frac_A"] == 0.5 and metrics["pm/order_agreement"] == 0.0 and metrics["pm/frac_other"] == 0
     pm = PreferenceModelFromChatRenderer(renderer, sampling_client)
-    p_b = asyncio.run(pm.probability_b([c.comparison for c in labeled]))
-    p_correct = [p if c.label == "B" else 1 - p for p, c in zip(p_b, labeled)]
-    p_correct += [1 - p for p in p_correct]  # swapped: same P(B), opposite label
+    both_orders = labeled + [c.swap() for c in labeled]
+    p_b = asyncio.run(pm.probability_b([c.comparison for c in both_orders]))
+    p_correct = [p if c.label == "B" else 1 - p for p, c in zip(p_b, both_orders)]
     assert metrics["pm/mean_p_correct"] == pytest.approx(np.mean(p_correct), abs=1e-5)
+
+    summary = format_pm_eval(asyncio.run(evaluate_preference_model(pm, labeled)))
+    assert "accuracy           50.0%" in summary and "verdicts 'A'       50.0%" in summary
 
     low, high = wilson_interval(40, 50)
     assert low == pytest.approx(0.6696, abs=1e-3) and high == pytest.approx(0.8876, abs=1e-3)
     assert wilson_interval(0, 10)[0] == 0.0
+
+
+def test_untrained_model_answers_are_scored_zero_and_logged_once(tiny_model_dir, caplog):
+    from rlhfkit.engine import ServiceClient
+    from rlhfkit.tokenizer_utils import get_tokenizer
+
+    base = ServiceClient().create_sampling_client(base_model=tiny_model_dir)
+    pm = PreferenceModelFromChatRenderer(get_renderer("role_colon", get_tokenizer(tiny_model_dir)), base)
+    comparisons = [filler_comparison(w, "A", i).comparison for i, w in enumerate(["yes", "no"] * 3)]
+    with caplog.at_level(logging.WARNING):
+        judgements = asyncio.run(pm.judge_many(comparisons))
+    assert all(j.greedy_text not in ("A", "B", "Tie") for j in judgements)  # a random model
+    assert asyncio.run(pm.judge_batch(comparisons)) == [0.0] * 6
+    assert sum(pm.other_answers.values()) == 12
+    assert caplog.text.count("preference model answered") == len(pm.other_answers)
+
+
+def test_preference_model_builder_loads_saved_sampler_weights(trained_pm, tiny_model_dir):
+    from rlhfkit.preference.types import PreferenceModelBuilderFromChatRenderer
+
+    renderer, sampling_client, labeled, _, sampler_path = trained_pm
+    comparisons = [c.comparison for c in labeled]
+    expected = asyncio.run(PreferenceModelFromChatRenderer(renderer, sampling_client).judge_many(comparisons))
+    pm = PreferenceModelBuilderFromChatRenderer("role_colon", tiny_model_dir, sampler_path,
+                                                reward_mode="probability")()
+    np.testing.assert_allclose(asyncio.run(pm.judge_batch(comparisons)), [2 * j.p_b - 1 for j in expected],
+                               atol=1e-5)

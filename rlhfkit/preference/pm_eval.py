@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from tqdm import tqdm
+
 from rlhfkit.evaluators import SamplingClientEvaluator
 from rlhfkit.preference.types import VERDICT_OF_LABEL, LabeledComparison, PreferenceModelFromChatRenderer
 from rlhfkit.renderers import get_renderer
@@ -47,6 +49,7 @@ class PMEvalResult:
     accuracy_swapped: float
     accuracy_swapped_ci: tuple[float, float]
     frac_A: float               # share of the 2n verdicts that are "A" (0.5 = no position bias)
+    frac_other: float           # share of the 2n greedy answers that are neither "A" nor "B"
     order_agreement: float      # share of comparisons where both orders pick the same completion
     mean_p_correct: float       # mean P(correct label | {A, B}) over the 2n judgements (A/B labels only)
 
@@ -55,18 +58,26 @@ class PMEvalResult:
                 f"{prefix}/accuracy_ci_low": self.accuracy_ci[0], f"{prefix}/accuracy_ci_high": self.accuracy_ci[1],
                 f"{prefix}/accuracy_original": self.accuracy_original,
                 f"{prefix}/accuracy_swapped": self.accuracy_swapped,
-                f"{prefix}/frac_A": self.frac_A, f"{prefix}/order_agreement": self.order_agreement,
+                f"{prefix}/frac_A": self.frac_A, f"{prefix}/frac_other": self.frac_other,
+                f"{prefix}/order_agreement": self.order_agreement,
                 f"{prefix}/mean_p_correct": self.mean_p_correct, f"{prefix}/n": float(self.n)}
 
 
 async def evaluate_preference_model(preference_model: PreferenceModelFromChatRenderer,
-                                    comparisons: Sequence[LabeledComparison]) -> PMEvalResult:
-    """Judge every comparison as given and swapped, all in one batched pass."""
+                                    comparisons: Sequence[LabeledComparison], chunk_size: int = 256
+                                    ) -> PMEvalResult:
+    """Judge every comparison as given and swapped, in batched passes of `chunk_size` prompts."""
     n = len(comparisons)
     if n == 0:
         raise ValueError("no comparisons to evaluate the preference model on")
     swapped = [c.swap() for c in comparisons]
-    judgements = await preference_model.judge_many([c.comparison for c in [*comparisons, *swapped]])
+    to_judge = [c.comparison for c in [*comparisons, *swapped]]
+    judgements = []
+    with tqdm(total=len(to_judge), desc="judging held-out comparisons", unit="cmp", leave=False,
+              disable=len(to_judge) <= chunk_size) as progress:
+        for start in range(0, len(to_judge), chunk_size):  # each chunk is one batched scoring pass
+            judgements += await preference_model.judge_many(to_judge[start:start + chunk_size])
+            progress.update(min(chunk_size, len(to_judge) - start))
     original, flipped = judgements[:n], judgements[n:]
 
     correct_original = [j.verdict == VERDICT_OF_LABEL[c.label] for j, c in zip(original, comparisons)]
@@ -81,6 +92,7 @@ async def evaluate_preference_model(preference_model: PreferenceModelFromChatRen
         accuracy_original=sum(correct_original) / n, accuracy_original_ci=wilson_interval(sum(correct_original), n),
         accuracy_swapped=sum(correct_swapped) / n, accuracy_swapped_ci=wilson_interval(sum(correct_swapped), n),
         frac_A=sum(j.verdict == -1.0 for j in judgements) / (2 * n),
+        frac_other=sum(j.greedy_text not in ("A", "B") for j in judgements) / (2 * n),
         order_agreement=sum(agree) / n,
         mean_p_correct=sum(p_correct) / len(p_correct) if p_correct else float("nan"))
 
@@ -98,6 +110,7 @@ def format_pm_eval(result: PMEvalResult) -> str:
         f"    original order   {pct(result.accuracy_original)}  95% CI {ci(result.accuracy_original_ci)}",
         f"    swapped order    {pct(result.accuracy_swapped)}  95% CI {ci(result.accuracy_swapped_ci)}",
         f"  verdicts 'A'       {pct(result.frac_A)}  (50% = no position bias)",
+        f"  neither A nor B    {pct(result.frac_other)}  (greedy answer is another token)",
         f"  order agreement    {pct(result.order_agreement)}  (same completion picked in both orders)",
         f"  mean P(correct)    {result.mean_p_correct:.3f}",
     ])

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -111,6 +112,13 @@ class ComparisonRendererFromChatRenderer(ComparisonRenderer):
         return model_input.to_ints()[-1]
 
 
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
 @dataclass(frozen=True)
 class Judgement:
     """One PM call: the greedy verdict (-1/0/+1), the decoded greedy token, and P(B) among {A, B}."""
@@ -151,6 +159,7 @@ class PreferenceModelFromChatRenderer(PreferenceModel):
         self.comparison_renderer = ComparisonRendererFromChatRenderer(convo_renderer)
         self.sampling_client = sampling_client
         self.reward_mode = reward_mode
+        self.other_answers: Counter[str] = Counter()  # greedy answers that were not A, B or Tie
         self.label_tokens = [self.comparison_renderer.label_token("A"), self.comparison_renderer.label_token("B")]
         if self.label_tokens[0] == self.label_tokens[1]:
             raise ValueError("labels 'A' and 'B' render to the same first token; the PM cannot tell them apart")
@@ -160,10 +169,13 @@ class PreferenceModelFromChatRenderer(PreferenceModel):
         if text in VERDICT_OF_LABEL:
             verdict = VERDICT_OF_LABEL[text]
         else:
-            logger.warning("preference model answered %r (not A, B or Tie); scoring it as 0", text)
+            if text not in self.other_answers:
+                logger.warning("preference model answered %r (not A, B or Tie); scoring it as 0 (later "
+                               "occurrences are counted in .other_answers, not logged)", text)
+            self.other_answers[text] += 1
             verdict = 0.0
         logprob_a, logprob_b = scores.candidate_logprobs
-        p_b = 1.0 / (1.0 + math.exp(logprob_a - logprob_b))  # softmax over {A, B}
+        p_b = _sigmoid(logprob_b - logprob_a)  # softmax over {A, B}
         return Judgement(verdict, text, p_b)
 
     def _reward(self, judgement: Judgement) -> float:
