@@ -62,6 +62,7 @@ class PipelineConfig:
     sft_test_size: int = 256
     pm_test_size: int = 1024  # held-out comparisons for test/nll and the preference-model evaluation
     win_rate_prompts: int = 256  # held-out prompts for test/win_rate
+    rm_both_orders: bool = False  # train the preference model on each comparison in both A/B orders
     reward_mode: str = "verdict"  # "verdict" (the reference's greedy A/B) or "probability" (2·P(B) − 1)
     rl_loss_fn: str = "importance_sampling"
     num_groups_to_log: int = 4
@@ -78,8 +79,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # short HH-RLHF conversations (hh_max_chars) keep judging affordable.
     "demo": dict(base_model="smollm2-135m-instruct", log_root="runs/demo", lora_rank=16, max_length=256,
                  sft_batch_size=4, sft_max_steps=13, sft_learning_rate=3e-4, sft_test_size=16, sft_eval_every=6,
-                 rm_batch_size=8, rm_max_steps=25, rm_learning_rate=5e-4, pm_test_size=64, rm_eval_every=12,
-                 rl_batch_size=4, rl_max_steps=9, rl_learning_rate=2e-4, rl_max_tokens=48, rl_eval_every=4,
+                 rm_batch_size=8, rm_max_steps=41, rm_learning_rate=5e-4, rm_both_orders=True, pm_test_size=64,
+                 rm_eval_every=20, rl_batch_size=4, rl_max_steps=13, rl_learning_rate=2e-4, rl_max_tokens=48,
+                 rl_eval_every=4,
                  win_rate_prompts=32, hh_max_chars=400, reward_mode="probability", save_every=5),
     # A tiny random model: every stage runs in about a minute (for tests and quick checks).
     "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
@@ -210,7 +212,8 @@ async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
     await supervised_train.main(supervised_train.Config(
         log_path=f"{cfg.log_root}/rm", model_name=base_model, recipe_name="recipe_preference_rlhf_rm",
         renderer_name=renderer_name,
-        dataset_builder=ChatDatasetBuilderFromComparisons(common_config=common, comparison_builder=comparisons),
+        dataset_builder=ChatDatasetBuilderFromComparisons(common_config=common, comparison_builder=comparisons,
+                                                          swap=cfg.rm_both_orders),
         learning_rate=cfg.rm_learning_rate, lr_schedule="linear", num_epochs=1, lora_rank=cfg.lora_rank,
         save_every=cfg.save_every, eval_every=cfg.rm_eval_every or cfg.eval_every,
         wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-rm", max_steps=_steps(cfg.rm_max_steps, cfg)))
