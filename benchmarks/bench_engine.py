@@ -176,7 +176,7 @@ def main() -> None:
         rows.append(row)
     markdown = "\n\n".join([
         f"# Engine throughput: {Path(model).name}",
-        common.machine_markdown(info, load_at_end, limits),
+        common.machine_markdown(info, load_at_end, limits, dtypes),
         f"Sampling: {args.new_tokens} new tokens per sequence (no early stop), temperature 1, different LIMA "
         f"prompts per row. Training: LoRA rank {args.lora_rank}, {args.train_batch} LIMA conversations per step "
         f"(<= {args.max_length} tokens each), cross_entropy + Adam; tokens/s counts real (unpadded) tokens. "

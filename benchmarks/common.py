@@ -191,13 +191,13 @@ def pm_batches(base_model: str, batch_size: int, max_length: int, count: int) ->
                                             renderer_name=renderer_name(base_model),
                                             max_length=max_length, batch_size=batch_size)
     train, _ = ChatDatasetBuilderFromComparisons(common, HHHComparisonBuilder(role="preference_model"))()
-    batches, i = [], 0
-    while len(batches) < count:  # over-long comparisons are skipped, so a batch may come up short
-        batch = train.get_batch(i)
+    datums, i = [], 0
+    while len(datums) < batch_size * count and i < len(train):  # over-long comparisons are skipped
+        datums += train.get_batch(i)
         i += 1
-        if len(batch) == batch_size:
-            batches.append(batch)
-    return batches
+    if len(datums) < batch_size * count:
+        raise ValueError(f"only {len(datums)} comparisons of <= {max_length} tokens, wanted {batch_size * count}")
+    return [datums[k * batch_size:(k + 1) * batch_size] for k in range(count)]
 
 
 def rl_prompts(count: int) -> list[list[dict]]:
@@ -292,7 +292,8 @@ def write_results(stem: str, payload: dict[str, Any], markdown: str) -> tuple[Pa
     return json_path, md_path
 
 
-def machine_markdown(info: dict[str, Any], load_at_end: dict[str, Any], limits: dict[str, float]) -> str:
+def machine_markdown(info: dict[str, Any], load_at_end: dict[str, Any], limits: dict[str, float],
+                     dtypes: list[str]) -> str:
     start = info["load_at_start"]
     busy = max(start["loadavg_1m"], load_at_end["loadavg_1m"]) > BUSY_LOAD
     lines = [f"- date: {info['date']}; command: `{info['command']}`",
@@ -302,7 +303,10 @@ def machine_markdown(info: dict[str, Any], load_at_end: dict[str, Any], limits: 
              f"- load average at start {start['loadavg_1m']:.2f}, at end {load_at_end['loadavg_1m']:.2f}"
              + (" — **the machine was shared: figures are unreliable**" if busy else " (machine otherwise idle)"),
              "- matmul limit (2048x2048, best run): " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
-                                                                 for k, v in limits.items())]
+                                                                 for k, v in limits.items() if k in dtypes)]
+    if not bf16_native():
+        lines.append(f"- bf16 is not native on this CPU (no avx512_bf16/amx_bf16 flag): the engine computes in fp32 "
+                     f"here, as bf16 matmuls are emulated ({limits['bfloat16'] / 1e9:,.1f} GFLOP/s at 512x512)")
     if start["busy_processes"]:
         lines.append("- busy processes at start: " + "; ".join(f"`{p}`" for p in start["busy_processes"]))
     return "\n".join(lines)

@@ -8,6 +8,8 @@ sequence and still get large batches.
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
 import os
 import random
 from dataclasses import dataclass, field
@@ -24,6 +26,50 @@ from rlhfkit.engine.types import ModelInput, NextTokenScores, SampledSequence, S
 
 def max_sampling_batch() -> int:
     return int(os.environ.get("RLHFKIT_SAMPLING_BATCH", "64"))
+
+
+def share_prefixes() -> bool:
+    """Whether scoring computes shared prompt prefixes once (default on; RLHFKIT_SHARE_PREFIXES=0 turns it off)."""
+    return os.environ.get("RLHFKIT_SHARE_PREFIXES", "1") != "0"
+
+
+MIN_SHARED_PREFIX = 32  # tokens; shorter shared prefixes are not worth a separate pass
+INITIAL_ROOM = 256  # new tokens the decode cache has room for at first (it grows when rows go on longer)
+
+
+def shared_prefix_groups(sequences: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
+    """Group sequences by long shared prefixes: [(prefix length, indices)], prefix length 0 for a sequence that
+    shares nothing worth sharing. Neighbours in sorted order join a group while they keep at least 90% of the
+    group's common prefix, so a group gets the longest prefix its members share; every member keeps at least
+    its last token outside the prefix (its logits come from the suffix pass)."""
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
+    groups: list[tuple[int, list[int]]] = []
+    members: list[int] = []
+    common = 0
+
+    def close() -> None:
+        if len(members) > 1 and common >= MIN_SHARED_PREFIX:
+            groups.append((common, list(members)))
+        else:
+            groups.extend((0, [i]) for i in members)
+
+    for i in order:
+        seq = sequences[i]
+        if members:
+            first = sequences[members[0]]
+            limit = min(common if len(members) > 1 else len(first) - 1, len(seq) - 1)
+            shared = 0
+            while shared < limit and seq[shared] == first[shared]:
+                shared += 1
+            if shared >= MIN_SHARED_PREFIX and (len(members) == 1 or shared >= 0.9 * common):
+                members.append(i)
+                common = shared
+                continue
+            close()
+        members, common = [i], 0
+    if members:
+        close()
+    return groups
 
 
 class _Batcher:
@@ -79,6 +125,68 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
+
+
+@functools.cache
+def _preallocated_layer_class() -> type:
+    """Defined on first use, so that importing the engine does not import transformers."""
+    from transformers.cache_utils import DynamicLayer
+
+    class _PreallocatedLayer(DynamicLayer):
+        """One layer's KV cache with room allocated ahead: a decode step writes its key/value in place and attention
+        reads the filled part (transformers' DynamicLayer concatenates, copying the whole cache at every step).
+        Rows are the batch dimension; the first `length` columns are filled."""
+
+        def __init__(self, rows: int, like_keys: torch.Tensor, like_values: torch.Tensor, capacity: int, length: int):
+            super().__init__()
+            heads, dim, value_dim = like_keys.shape[1], like_keys.shape[-1], like_values.shape[-1]
+            self.dtype, self.device = like_keys.dtype, like_keys.device
+            self._keys = like_keys.new_zeros((rows, heads, capacity, dim))
+            self._values = like_values.new_zeros((rows, heads, capacity, value_dim))
+            self.length = length
+            self.is_initialized = True
+            self._expose()
+
+        def _expose(self) -> None:
+            self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+
+        def write_rows(self, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+            """Prefill: keys/values of `rows`, right-aligned at column `length`."""
+            self._keys[rows, :, self.length - keys.shape[2]:self.length] = keys
+            self._values[rows, :, self.length - values.shape[2]:self.length] = values
+
+        def _reallocate(self, rows: torch.Tensor | None, capacity: int) -> None:
+            keys = self._keys.new_empty((self._keys.shape[0] if rows is None else len(rows), *self._keys.shape[1:2],
+                                         capacity, self._keys.shape[-1]))
+            values = self._values.new_empty((keys.shape[0], *self._values.shape[1:2], capacity, self._values.shape[-1]))
+            source_keys, source_values = self.keys, self.values
+            if rows is not None:
+                source_keys, source_values = source_keys[rows], source_values[rows]
+            keys[:, :, :self.length] = source_keys
+            values[:, :, :self.length] = source_values
+            self._keys, self._values = keys, values
+            self._expose()
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            pass  # allocated in __init__
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            end = self.length + key_states.shape[-2]
+            if end > self._keys.shape[2]:
+                self._reallocate(None, max(end, 2 * self._keys.shape[2]))
+            self._keys[:, :, self.length:end] = key_states
+            self._values[:, :, self.length:end] = value_states
+            self.length = end
+            self._expose()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._reallocate(indices, self._keys.shape[2])
+
+    return _PreallocatedLayer
 
 
 class SamplingClient:
@@ -191,40 +299,75 @@ class SamplingClient:
             row.stop_reason = "length"
         return row.stop_reason is not None
 
+    def _prefill(self, rows: list[_Row]) -> tuple[Any, torch.Tensor, int]:
+        """Run the prompts into a KV cache with room to grow. Each distinct prompt is computed once (a group of
+        samples of one prompt shares it), in length-sorted microbatches (little padding); its keys/values are
+        copied into the rows that use it, right-aligned at column `width` (left padding, masked out).
+        Returns (cache, last-position logits per row, width)."""
+        from transformers.cache_utils import Cache
+
+        distinct: dict[tuple[int, ...], int] = {}
+        prompt_of_row = [distinct.setdefault(tuple(r.prompt), len(distinct)) for r in rows]
+        prompts = [list(p) for p in distinct]
+        width = max(len(p) for p in prompts)
+        rows_of_prompt: list[list[int]] = [[] for _ in prompts]
+        for row, k in enumerate(prompt_of_row):
+            rows_of_prompt[k].append(row)
+        capacity = width + min(max(r.max_tokens for r in rows), INITIAL_ROOM)
+        layer_class = _preallocated_layer_class()
+        layers: list[Any] = []
+        logits = None
+        for batch in plan_microbatches([len(p) for p in prompts]):
+            ids, mask, positions = pad_left([prompts[k] for k in batch], self._pad_id, self.precision.device)
+            with self.precision.autocast:
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 logits_to_keep=1)
+            source = torch.tensor([j for j, k in enumerate(batch) for _ in rows_of_prompt[k]], device=ids.device)
+            target = torch.tensor([row for k in batch for row in rows_of_prompt[k]], device=ids.device)
+            step_logits = out.logits[:, -1]
+            if logits is None:
+                logits = step_logits.new_empty((len(rows), step_logits.shape[-1]))
+            logits[target] = step_logits[source]
+            for i, layer in enumerate(out.past_key_values.layers):
+                if len(layers) <= i:
+                    layers.append(layer_class(len(rows), layer.keys, layer.values, capacity, width))
+                layers[i].write_rows(target, layer.keys[source], layer.values[source])
+        return Cache(layers=layers), logits, width
+
     @torch.inference_mode()
     def _generate(self, rows: list[_Row]) -> None:
-        """Generate all rows together: left-padded prefill, then one token per step with a KV cache; finished
-        rows leave the batch (their cache rows are dropped)."""
-        from transformers import DynamicCache
-
+        """Generate all rows together: prefill (see _prefill), then one token per step for every row with a
+        preallocated KV cache written in place. Finished rows leave the batch once they are an eighth of it
+        (dropping them copies the cache, so it is not done for every single row)."""
         device = self.precision.device
-        ids, mask, positions = pad_left([r.prompt for r in rows], self._pad_id, device)
-        cache = DynamicCache()
-        active = list(range(len(rows)))
-        with self.precision.autocast:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]
-        next_position = positions[:, -1] + 1
+        cache, logits, width = self._prefill(rows)
+        mask = torch.zeros((len(rows), width + max(r.max_tokens for r in rows)), dtype=torch.long, device=device)
+        for row, r in enumerate(rows):
+            mask[row, width - len(r.prompt): width] = 1
+        next_position = torch.tensor([len(r.prompt) for r in rows], device=device)
+        active = list(range(len(rows)))  # the row of each batch slot
+        length = width
         while True:
-            tokens, logprobs = self._choose(logits, [rows[i] for i in active])
-            keep = []
-            for slot, i in enumerate(active):
-                rows[i].tokens.append(int(tokens[slot]))
-                rows[i].logprobs.append(float(logprobs[slot]))
-                if not self._finished(rows[i]):
-                    keep.append(slot)
-            if not keep:
+            batch_rows = [rows[i] for i in active]
+            tokens, logprobs = self._choose(logits, batch_rows)
+            for row, token, logprob in zip(batch_rows, tokens.tolist(), logprobs.tolist()):
+                if row.stop_reason is None:
+                    row.tokens.append(token)
+                    row.logprobs.append(logprob)
+                    self._finished(row)
+            alive = [slot for slot, row in enumerate(batch_rows) if row.stop_reason is None]
+            if not alive:
                 return
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=device)
+            if 8 * (len(active) - len(alive)) >= len(active):
+                index = torch.tensor(alive, device=device)
                 cache.batch_select_indices(index)
                 tokens, mask, next_position = tokens[index], mask[index], next_position[index]
-                active = [active[slot] for slot in keep]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                active = [active[slot] for slot in alive]
+            mask[:, length] = 1
+            length += 1
             with self.precision.autocast:
-                out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                                 past_key_values=cache, use_cache=True)
+                out = self.model(input_ids=tokens[:, None], attention_mask=mask[:, :length],
+                                 position_ids=next_position[:, None], past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1]
             next_position = next_position + 1
 
@@ -267,8 +410,50 @@ class SamplingClient:
     async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
         return await self._logprob_batcher.submit(prompt)
 
+    @torch.inference_mode()
+    def _last_logits_sharing_prefixes(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Last-position logits, computing each shared prefix once: the matchups a preference model judges
+        share the conversation and, for one player as A, everything up to B's reply. Each prefix's keys/values
+        are computed once, copied to the sequences that share it, and only their suffixes are run."""
+        groups = shared_prefix_groups(sequences)
+        results: list[torch.Tensor | None] = [None] * len(sequences)
+        alone = [g[1][0] for g in groups if g[0] == 0]
+        for i, logits in zip(alone, self._forward_left_padded([sequences[i] for i in alone], keep_last_only=True)):
+            results[i] = logits
+        shared = [g for g in groups if g[0] > 0]
+        device = self.precision.device
+        for batch in plan_microbatches([g[0] for g in shared]):
+            prefixes = [sequences[shared[k][1][0]][:shared[k][0]] for k in batch]
+            ids, mask, positions = pad_left(prefixes, self._pad_id, device)
+            with self.precision.autocast:
+                prefix_cache = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                          use_cache=True, logits_to_keep=1).past_key_values
+            members = [(j, i) for j, k in enumerate(batch) for i in shared[k][1]]
+            # rows x (prefix width + suffix width) within the token budget bounds the copied cache too
+            lengths = [ids.shape[1] + len(sequences[i]) - shared[batch[j]][0] for j, i in members]
+            for chunk in plan_microbatches(lengths):
+                rows = [members[c] for c in chunk]
+                cache = copy.copy(prefix_cache)
+                cache.layers = [copy.copy(layer) for layer in prefix_cache.layers]
+                cache.batch_select_indices(torch.tensor([j for j, _ in rows], device=device))
+                suffixes = [sequences[i][shared[batch[j]][0]:] for j, i in rows]
+                suffix_ids, suffix_mask, suffix_positions = pad_left(suffixes, self._pad_id, device)
+                starts = torch.tensor([shared[batch[j]][0] for j, _ in rows], device=device)
+                with self.precision.autocast:
+                    logits = self.model(input_ids=suffix_ids,
+                                         attention_mask=torch.cat([mask[[j for j, _ in rows]], suffix_mask], dim=1),
+                                         position_ids=suffix_positions + starts[:, None], past_key_values=cache,
+                                         use_cache=True, logits_to_keep=1).logits
+                for row, (_, i) in enumerate(rows):
+                    results[i] = logits[row, -1]
+        return results  # type: ignore[return-value]
+
     def _score_many(self, prompts: list[ModelInput], candidates: Sequence[int]) -> list[NextTokenScores]:
-        last = self._forward_left_padded([p.to_ints() for p in prompts], keep_last_only=True)
+        sequences = [p.to_ints() for p in prompts]
+        if share_prefixes():
+            last = self._last_logits_sharing_prefixes(sequences)
+        else:
+            last = self._forward_left_padded(sequences, keep_last_only=True)
         logits = torch.stack(last).float()
         logp = torch.log_softmax(logits, dim=-1)
         argmax = logits.argmax(-1).tolist()

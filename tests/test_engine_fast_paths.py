@@ -1,0 +1,79 @@
+"""The engine's fast paths give the same numbers as the plain computations: the preallocated decode loop
+(cache growth, rows leaving the batch, shared prompts) and shared-prefix scoring."""
+
+import asyncio
+
+import pytest
+import torch
+
+from rlhfkit.engine import Datum, ModelInput, SamplingParams, ServiceClient
+from rlhfkit.engine import sampling
+from rlhfkit.engine.sampling import MIN_SHARED_PREFIX, shared_prefix_groups
+
+
+@pytest.fixture(scope="module")
+def service():
+    return ServiceClient()
+
+
+@pytest.fixture(scope="module")
+def trainer(service, tiny_model_dir):
+    return service.create_lora_training_client(tiny_model_dir, rank=4, seed=2)
+
+
+def forward_logprobs(trainer, tokens):
+    datum = Datum(ModelInput.from_ints(tokens[:-1]),
+                  {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+    return trainer.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+
+
+def test_shared_prefix_groups_find_the_longest_shared_prefixes():
+    prompt = list(range(100, 100 + MIN_SHARED_PREFIX + 8))
+    replies = [[1, 2, 3] * 4, [4, 5] * 6, [7] * 10]
+    # every ordered pair of replies as (A, B) after the same prompt, plus one unrelated short sequence
+    sequences = [prompt + [0] + a + [0] + b + [9] for a in replies for b in replies if a is not b] + [[5, 6, 7]]
+    groups = shared_prefix_groups(sequences)
+    assert sorted(i for _, members in groups for i in members) == list(range(len(sequences)))
+    shared = [(n, sorted(m)) for n, m in groups if n > 0]
+    assert sorted(m for _, m in shared) == [[0, 1], [2, 3], [4, 5]]  # grouped by A: prompt + A + marker shared
+    for n, members in shared:
+        a = sequences[members[0]]
+        assert all(sequences[i][:n] == a[:n] for i in members)
+        assert n == len(prompt) + 1 + len(replies[members[0] // 2]) + 1
+    assert (0, [len(sequences) - 1]) in groups
+
+
+def test_shared_prefix_scoring_equals_plain_scoring(service, tiny_model_dir, monkeypatch):
+    sampler = service.create_sampling_client(base_model=tiny_model_dir)
+    torch.manual_seed(0)
+    prompt = torch.randint(10, 5000, (50,)).tolist()
+    replies = [torch.randint(10, 5000, (n,)).tolist() for n in (7, 19, 3)]
+    prompts = [ModelInput.from_ints(prompt + a + [11] + b + [12]) for a in replies for b in replies if a is not b]
+    prompts.append(ModelInput.from_ints(torch.randint(10, 5000, (9,)).tolist()))
+    candidates = [13, 14]
+    shared = sampler.score_next_token_batch(prompts, candidates)
+    monkeypatch.setenv("RLHFKIT_SHARE_PREFIXES", "0")
+    plain = sampler.score_next_token_batch(prompts, candidates)
+    for a, b in zip(shared, plain):
+        assert a.argmax_token == b.argmax_token
+        assert max(abs(x - y) for x, y in zip(a.candidate_logprobs, b.candidate_logprobs)) < 1e-4
+
+
+def test_decode_loop_matches_forward_with_cache_growth_and_rows_leaving(trainer, monkeypatch):
+    """Rows of different lengths and max_tokens (they leave the batch at different steps), two samples of one
+    prompt (a shared prefill), and a row longer than the cache's first allocation (grown twice)."""
+    monkeypatch.setattr(sampling, "INITIAL_ROOM", 8)
+    sampler = trainer.save_weights_and_get_sampling_client()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
+    max_tokens = [3, 9, 30]
+
+    async def sample_all():
+        return await asyncio.gather(*(sampler.sample_async(ModelInput.from_ints(p), 2,
+                                                           SamplingParams(max_tokens=m, stop=[], seed=5))
+                                      for p, m in zip(prompts, max_tokens)))
+
+    for prompt, m, response in zip(prompts, max_tokens, asyncio.run(sample_all())):
+        for seq in response.sequences:
+            assert len(seq.tokens) == m and seq.stop_reason == "length"
+            expected = forward_logprobs(trainer, prompt + seq.tokens)[len(prompt) - 1:]
+            assert max(abs(a - b) for a, b in zip(seq.logprobs, expected)) < 1e-4
