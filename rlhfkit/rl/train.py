@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit import checkpoint_utils
 from rlhfkit.completers import TinkerTokenCompleter
 from rlhfkit.engine import ServiceClient
@@ -277,8 +278,4 @@ async def _train(config: Config, log_path: str, resume: Any, start_batch: int, m
 
 def main(config: Config) -> Any:
     """Run RL. Outside an event loop this runs to completion; inside one it returns a coroutine to await."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(main_async(config))
-    return main_async(config)
+    return run_or_await(main_async(config))

@@ -12,7 +12,6 @@ metrics.jsonl record. A killed run resumes from its last checkpoint with the opt
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -23,6 +22,7 @@ from typing import Any, Iterator, Literal
 
 from tqdm import tqdm
 
+from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit import checkpoint_utils
 from rlhfkit.engine import ServiceClient
 from rlhfkit.engine.types import AdamParams, Datum
@@ -74,11 +74,7 @@ class Config:
 
 def main(config: Config) -> Any:
     """Run SFT. Outside an event loop this runs to completion; inside one it returns a coroutine to await."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(main_async(config))
-    return main_async(config)
+    return run_or_await(main_async(config))
 
 
 class _Timer:

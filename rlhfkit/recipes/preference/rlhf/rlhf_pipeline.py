@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit import checkpoint_utils, model_info
 from rlhfkit.utils.atomic import read_jsonl, write_json_atomic
 
@@ -313,11 +314,7 @@ async def main_async(cfg: PipelineConfig) -> dict[str, float]:
 
 def main(cfg: PipelineConfig) -> Any:
     """Runs to completion outside an event loop; inside one, returns a coroutine to await."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(main_async(cfg))
-    return main_async(cfg)
+    return run_or_await(main_async(cfg))
 
 
 def cli_main(argv: list[str]) -> int:
