@@ -94,20 +94,8 @@ def save_checkpoint(training_client: Any, name: str, log_path: str | os.PathLike
 async def save_checkpoint_async(training_client: Any, name: str, log_path: str | os.PathLike,
                                 loop_state: dict[str, Any], kind: CheckpointKind = "both",
                                 ttl_seconds: int | None = None, store: Any = None) -> dict[str, str]:
-    """Async form of `save_checkpoint` (the local engine completes requests in order)."""
-    if kind not in ("state", "sampler", "both"):
-        raise ValueError(f"kind must be 'state', 'sampler' or 'both', got {kind!r}")
-    log_path = Path(log_path).expanduser().resolve()
-    directory = log_path / "checkpoints" / name
-    paths: dict[str, str] = {}
-    if kind in ("state", "both"):
-        future = await training_client.save_state_async(str(directory / "state"))
-        paths["state_path"] = (await future.result_async()).path
-    if kind in ("sampler", "both"):
-        future = await training_client.save_weights_for_sampler_async(str(directory / "sampler"))
-        paths["sampler_path"] = (await future.result_async()).path
-    _record(log_path, name, loop_state, paths)
-    return paths
+    """Async form of `save_checkpoint` (the local engine completes requests in order, so it is the same call)."""
+    return save_checkpoint(training_client, name, log_path, loop_state, kind, ttl_seconds, store)
 
 
 def _record(log_path: Path, name: str, loop_state: dict[str, Any], paths: dict[str, str]) -> None:
