@@ -86,7 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  win_rate_prompts=32, hh_max_chars=400, reward_mode="probability", save_every=5),
     # A tiny random model: every stage runs in about a minute (for tests and quick checks).
     "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
-                  max_steps=3, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4, pm_test_size=8,
+                  max_steps=3, rm_max_steps=12, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4, pm_test_size=8,
                   win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3, hh_max_chars=300),
 }
 
