@@ -34,7 +34,8 @@ from rlhfkit.utils.atomic import write_json_atomic, write_text_atomic
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 EMBEDDED_MODEL = "smollm2-135m-instruct"
-BUSY_LOAD = 1.5  # load average above this: other processes share the cores and the figures are unreliable
+BUSY_LOAD = 1.5  # load average above this before a run: other processes share the cores
+BUSY_CPU = 50.0  # another process using this much CPU (%) at the end of a run shared the cores with it
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -295,7 +296,9 @@ def write_results(stem: str, payload: dict[str, Any], markdown: str) -> tuple[Pa
 def machine_markdown(info: dict[str, Any], load_at_end: dict[str, Any], limits: dict[str, float],
                      dtypes: list[str]) -> str:
     start = info["load_at_start"]
-    busy = max(start["loadavg_1m"], load_at_end["loadavg_1m"]) > BUSY_LOAD
+    # at the end the load includes the benchmark's own threads: judge by the other processes then
+    busy = start["loadavg_1m"] > BUSY_LOAD or any(float(p.split("%")[0]) >= BUSY_CPU
+                                                  for p in start["busy_processes"] + load_at_end["busy_processes"])
     lines = [f"- date: {info['date']}; command: `{info['command']}`",
              f"- machine: {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}; "
              f"torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}"

@@ -93,3 +93,15 @@ def test_tutorial_transcription_runs(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "Stage 3 (RL) complete." in result.stdout
     assert "=== Base Model ===" in result.stdout and "=== RLHF Model ===" in result.stdout
+
+
+def test_stage_clock_counts_time_while_the_stage_runs(tmp_path):
+    from rlhfkit.recipes.preference.rlhf.rlhf_pipeline import StageClock
+
+    path = tmp_path / "stage_times.json"
+    timings = {"sft": 5.0, "rm": 2.0}
+    with StageClock(path, timings, "rm", every=0.05):
+        time.sleep(0.3)
+        running = json.loads(path.read_text())  # what a killed run would leave behind
+        assert running["sft"] == 5.0 and 2.1 < running["rm"] < 2.4
+    assert 2.3 <= json.loads(path.read_text())["rm"] < 2.6

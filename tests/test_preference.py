@@ -133,6 +133,18 @@ def test_bad_file_errors_name_file_row_and_field(tmp_path):
         hh.load_hh_rlhf_rows([tmp_path / "missing.jsonl"])
 
 
+def test_hh_data_names_offline_splits_or_files(tmp_path):
+    assert hh.hh_data_files(None) is None and hh.hh_data_files("Anthropic/hh-rlhf") == "Anthropic/hh-rlhf"
+    files = hh.hh_data_files("helpful-base, helpful-online," + str(tmp_path / "mine.jsonl"))
+    assert files == [shared_data_dir() / "hh-rlhf" / "helpful-base-test.jsonl.gz",
+                     shared_data_dir() / "hh-rlhf" / "helpful-online-test.jsonl.gz", tmp_path / "mine.jsonl"]
+    with pytest.raises(ValueError, match="'helpful' is neither an offline split"):
+        hh.hh_data_files("helpful")
+    helpful = hh.HHHComparisonBuilder(data_files=hh.hh_data_files("helpful-base"), test_size=10_000)
+    train, test = helpful.get_train_and_test_datasets()
+    assert {row["_source"] for row in train + test} == {str(files[0])}
+
+
 def test_hub_name_without_datasets_is_a_clear_error(monkeypatch):
     import builtins
 

@@ -129,6 +129,27 @@ def load_hh_rlhf_rows(data_files: Sequence[str | Path] | str | None = None) -> l
     return rows
 
 
+def hh_data_files(spec: str | None) -> list[Path] | str | None:
+    """A comma-separated list of HH-RLHF files as `load_hh_rlhf_rows` takes it: each item a path or the name
+    of an offline split ("helpful-base" -> shared_data_dir()/hh-rlhf/helpful-base-test.jsonl.gz); None stays
+    None (all offline splits) and "Anthropic/hh-rlhf" stays the Hub name."""
+    if spec is None or spec == HH_RLHF_HUB_NAME:
+        return spec
+    offline = {name.removesuffix("-test.jsonl.gz"): name for name in HH_RLHF_FILES}
+    files = []
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        if item in offline:
+            files.append(shared_data_dir() / "hh-rlhf" / offline[item])
+        elif Path(item).suffix in (".jsonl", ".gz"):
+            files.append(Path(item))
+        else:
+            raise ValueError(f"hh_data: {item!r} is neither an offline split ({', '.join(offline)}) nor a "
+                             ".jsonl/.jsonl.gz file path")
+    if not files:
+        raise ValueError(f"hh_data: no files in {spec!r}")
+    return files
+
+
 def _load_hh_rlhf_from_hub() -> list[dict[str, Any]]:
     try:
         import datasets

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import sys
+import threading
 import time
 import tomllib
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ class PipelineConfig:
     rm_eval_every: int | None = None
     rl_eval_every: int | None = None
     hh_max_chars: int | None = None  # keep only HH-RLHF conversations this short (all stages' HH-RLHF data)
+    # HH-RLHF files, comma-separated: paths, or names of the offline splits ("helpful-base", "harmless-base",
+    # "helpful-online", "helpful-rejection-sampled"); None: all four offline splits; "Anthropic/hh-rlhf": the Hub
+    hh_data: str | None = None
     sft_test_size: int = 256
     pm_test_size: int = 1024  # held-out comparisons for test/nll and the preference-model evaluation
     win_rate_prompts: int = 256  # held-out prompts for test/win_rate
@@ -192,10 +196,17 @@ async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
         wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-sft", max_steps=_steps(cfg.sft_max_steps, cfg)))
 
 
-def _pm_comparisons(cfg: PipelineConfig) -> list:
-    from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
+def _hh_builder(cfg: PipelineConfig, role: str, test_size: int = 1024) -> Any:
+    """HH-RLHF comparisons for a role ("preference_model": PM train/test, "rl": RL prompts/win-rate prompts)."""
+    from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder, hh_data_files
 
-    builder = HHHComparisonBuilder(test_size=cfg.pm_test_size, role="preference_model", max_chars=cfg.hh_max_chars)
+    return HHHComparisonBuilder(test_size=test_size, role=role, data_files=hh_data_files(cfg.hh_data),
+                                max_chars=cfg.hh_max_chars)
+
+
+def _pm_comparisons(cfg: PipelineConfig) -> list:
+
+    builder = _hh_builder(cfg, "preference_model", cfg.pm_test_size)
     _, test_rows = builder.get_train_and_test_datasets()
     comparisons = [builder.example_to_labeled_comparison(row) for row in test_rows]
     return [c for c in comparisons if c is not None]
@@ -203,13 +214,12 @@ def _pm_comparisons(cfg: PipelineConfig) -> list:
 
 async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
     from rlhfkit.preference.preference_datasets import ChatDatasetBuilderFromComparisons
-    from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
     from rlhfkit.supervised import train as supervised_train
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
     common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model, renderer_name=renderer_name,
                                             max_length=cfg.max_length, batch_size=cfg.rm_batch_size or cfg.batch_size)
-    comparisons = HHHComparisonBuilder(test_size=cfg.pm_test_size, role="preference_model", max_chars=cfg.hh_max_chars)
+    comparisons = _hh_builder(cfg, "preference_model", cfg.pm_test_size)
     await supervised_train.main(supervised_train.Config(
         log_path=f"{cfg.log_root}/rm", model_name=base_model, recipe_name="recipe_preference_rlhf_rm",
         renderer_name=renderer_name,
@@ -245,7 +255,6 @@ async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) 
 async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
     from rlhfkit.preference.comparison_policy_evaluator import ComparisonEvaluator
     from rlhfkit.preference.types import PreferenceModelBuilderFromChatRenderer
-    from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
     from rlhfkit.rl import preference_envs
     from rlhfkit.rl import train as rl_train
 
@@ -257,13 +266,13 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
     pm_builder = PreferenceModelBuilderFromChatRenderer(renderer_name=renderer_name, model_name=base_model,
                                                         rm_weights_path=rm.sampler_path, reward_mode=cfg.reward_mode)
     dataset_builder = preference_envs.PairwisePreferenceRLDatasetBuilder(
-        comparison_builder=HHHComparisonBuilder(role="rl", max_chars=cfg.hh_max_chars), policy_renderer_name=renderer_name,
+        comparison_builder=_hh_builder(cfg, "rl"), policy_renderer_name=renderer_name,
         policy_model_name=base_model, preference_model_builder=pm_builder,
         batch_size=cfg.rl_batch_size or cfg.batch_size, group_size=cfg.rl_group_size,
         tournament_pattern=preference_envs.TournamentPattern.ALL_PAIRS_BOTH_WAYS)
 
     def make_evaluator() -> ComparisonEvaluator:
-        builder = HHHComparisonBuilder(test_size=cfg.win_rate_prompts, role="rl", max_chars=cfg.hh_max_chars)
+        builder = _hh_builder(cfg, "rl", cfg.win_rate_prompts)
         _, test_rows = builder.get_train_and_test_datasets()
         labeled = [builder.example_to_labeled_comparison(row) for row in test_rows]
         return ComparisonEvaluator(preference_model_builder=pm_builder,
@@ -279,6 +288,35 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
         save_every=cfg.save_every, eval_every=cfg.rl_eval_every or cfg.eval_every,
         num_groups_to_log=cfg.num_groups_to_log, max_steps=_steps(cfg.rl_max_steps, cfg), loss_fn=cfg.rl_loss_fn,
         seed=cfg.seed))
+
+
+class StageClock:
+    """Adds a stage's wall time to stage_times.json, summed over resumed runs. A thread rewrites the file every
+    `every` seconds while the stage runs, so a killed run's time is counted too (to within `every`)."""
+
+    def __init__(self, path: Path, timings: dict[str, float], name: str, every: float = 10.0):
+        self.path, self.timings, self.name, self.every = path, timings, name, every
+        self.before = timings.get(name, 0.0)
+        self._stop = threading.Event()
+
+    def _write(self) -> None:
+        self.timings[self.name] = self.before + time.time() - self.start
+        write_json_atomic(self.path, self.timings)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            self._write()
+
+    def __enter__(self) -> "StageClock":
+        self.start = time.time()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._write()
 
 
 async def main_async(cfg: PipelineConfig) -> dict[str, float]:
@@ -298,10 +336,8 @@ async def main_async(cfg: PipelineConfig) -> dict[str, float]:
             print(f"[rlhfkit] stage {name}: already finished in {cfg.log_root}/{name}, skipping")
         else:
             print(f"[rlhfkit] stage {name}: starting ({cfg.log_root}/{name})")
-            start = time.time()
-            await run(cfg, base_model, renderer_name)
-            timings[name] = timings.get(name, 0.0) + time.time() - start  # summed over resumed runs
-            write_json_atomic(timings_path, timings)
+            with StageClock(timings_path, timings, name):
+                await run(cfg, base_model, renderer_name)
         if name == "rm":
             await evaluate_rm(cfg, base_model, renderer_name)
     if cfg.report and all(stage_finished(f"{cfg.log_root}/{s}") for s in ("sft", "rm", "rl")):
