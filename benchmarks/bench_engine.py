@@ -187,9 +187,7 @@ def main() -> None:
         f"unembedding.",
         common.markdown_table(header, rows)])
     stem = args.out or ("engine-tiny" if args.tiny else "engine")
-    json_path, md_path = common.write_results(stem, payload, markdown + "\n")
-    print(markdown)
-    print(f"\nwrote {json_path} and {md_path}")
+    common.write_results(stem, payload, markdown)
 
 
 if __name__ == "__main__":

@@ -285,12 +285,14 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(stem: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+def write_results(stem: str, payload: dict[str, Any], markdown: str) -> None:
+    """Write results/<stem>.json (every measurement) and results/<stem>.md (the table), and print the table."""
     json_path, md_path = RESULTS_DIR / f"{stem}.json", RESULTS_DIR / f"{stem}.md"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json_path, payload)
-    write_text_atomic(md_path, markdown)
-    return json_path, md_path
+    write_text_atomic(md_path, markdown + "\n")
+    print(markdown)
+    print(f"\nwrote {json_path} and {md_path}")
 
 
 def machine_markdown(info: dict[str, Any], load_at_end: dict[str, Any], limits: dict[str, float],

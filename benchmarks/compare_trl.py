@@ -506,9 +506,7 @@ def main() -> None:
             common.markdown_table(["side", "iteration", "seconds", "judge seconds", "sampled tokens",
                                    "trained tokens", "judgements"], rl_rows)
     stem = args.out or ("compare_trl-tiny" if args.tiny else "compare_trl")
-    json_path, md_path = common.write_results(stem, payload, markdown + "\n")
-    print(markdown)
-    print(f"\nwrote {json_path} and {md_path}")
+    common.write_results(stem, payload, markdown)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,11 @@ def grouped_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: 
                              scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """query [B, H, Q, D], key/value [B, Hkv, L, D], mask [B, 1, Q, L] (bool: True = attend) or None.
     Returns ([B, Q, H, D], None) as transformers' attention functions do."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     if q_len != 1 or kv_heads == heads or dropout or (attention_mask is not None and attention_mask.dtype != torch.bool):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                       is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else dim ** -0.5
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # head h reads key/value head h // groups
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # [B, Hkv, groups, L]
@@ -39,6 +37,13 @@ def grouped_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: 
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probs, value)  # [B, Hkv, groups, D]
     return out.reshape(batch, 1, heads, dim), None
+
+
+@functools.cache
+def _sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
 
 
 @functools.cache

@@ -208,7 +208,6 @@ def _hh_builder(cfg: PipelineConfig, role: str, test_size: int = 1024) -> Any:
 
 
 def _pm_comparisons(cfg: PipelineConfig) -> list:
-
     builder = _hh_builder(cfg, "preference_model", cfg.pm_test_size)
     _, test_rows = builder.get_train_and_test_datasets()
     comparisons = [builder.example_to_labeled_comparison(row) for row in test_rows]
