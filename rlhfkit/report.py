@@ -66,7 +66,8 @@ async def sample_comparison_replies(cfg: Any, base_model: str, renderer_name: st
         responses = await asyncio.gather(*(sampler.sample_async(renderer.build_generation_prompt(p), 1, params)
                                            for p in prompts))
         for item, response in zip(out, responses):
-            item[name] = get_text_content(renderer.parse_response(response.sequences[0].tokens)[0])
+            text = get_text_content(renderer.parse_response(response.sequences[0].tokens)[0])
+            item[name] = text if text.strip() else "(empty reply: the model stopped at once)"
     return out
 
 
