@@ -364,15 +364,10 @@ def run_sampling(base_model: str, service, s: Settings) -> dict[int, tuple[Serie
     def generate(batch: int, new_tokens: int, seed: int) -> int:
         torch.manual_seed(seed)
         inputs = tok.pad({"input_ids": prompts[:batch]}, padding=True, padding_side="left", return_tensors="pt")
-        engine_attention = sampler.model.config._attn_implementation
-        sampler.model.set_attn_implementation("sdpa")  # stock transformers: its own attention, not the engine's
-        try:
-            with torch.inference_mode():
-                out = sampler.model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                             pad_token_id=tok.pad_token_id)
-        finally:
-            sampler.model.set_attn_implementation(engine_attention)
+        with torch.inference_mode():
+            out = sampler.model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                         max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                         pad_token_id=tok.pad_token_id)
         return (out.shape[1] - inputs["input_ids"].shape[1]) * batch
 
     for rep in range(s.reps + 1):

@@ -78,29 +78,3 @@ def test_decode_loop_matches_forward_with_cache_growth_and_rows_leaving(trainer,
             expected = forward_logprobs(trainer, prompt + seq.tokens)[len(prompt) - 1:]
             assert max(abs(a - b) for a, b in zip(seq.logprobs, expected)) < 1e-4
 
-
-@pytest.mark.parametrize("masked", [True, False])
-def test_grouped_decode_attention_equals_sdpa_with_repeated_heads(masked):
-    from rlhfkit.engine.attention import grouped_decode_attention
-
-    torch.manual_seed(0)
-    batch, heads, kv_heads, length, dim = 3, 6, 2, 9, 8
-    query = torch.randn(batch, heads, 1, dim)
-    key, value = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
-    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
-    mask[0, ..., :4] = False  # left padding
-    mask[2, ..., :1] = False
-    module = torch.nn.Module()
-    got, _ = grouped_decode_attention(module, query, key, value, mask if masked else None, scaling=0.3)
-    repeated = [t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value)]
-    expected = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=mask if masked else None,
-                                                                scale=0.3).transpose(1, 2)
-    assert got.shape == (batch, 1, heads, dim)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_samplers_use_grouped_decode_on_grouped_query_models(service, tiny_model_dir):
-    from rlhfkit.engine.attention import NAME
-
-    sampler = service.create_sampling_client(base_model=tiny_model_dir)
-    assert sampler.model.config._attn_implementation == NAME  # the tiny model has 4 query heads, 2 key/value heads

@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.engine.attention import use_grouped_decode
 from rlhfkit.engine.batching import pad_left, plan_microbatches, token_logprobs
 from rlhfkit.engine.futures import APIFuture
 from rlhfkit.engine.lora import LoraSpec, merge_adapter
@@ -197,7 +196,6 @@ class SamplingClient:
     def __init__(self, base_model: str, model: torch.nn.Module, precision: Precision):
         self.base_model = base_model
         self.model = model.eval()
-        use_grouped_decode(self.model)
         self.precision = precision
         self.tokenizer = load_tokenizer(base_model)
         self._pad_id = self.tokenizer.pad_token_id or 0
