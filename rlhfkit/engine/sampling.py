@@ -120,11 +120,42 @@ class _Row:
     top_k: int
     top_p: float
     stop_strings: list[str]
-    stop_ids: set[int]
-    generator: torch.Generator
+    stop_ids: set[int]  # the EOS ids are among them unless the caller asked for stop=[]
+    seed: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+
+def make_rows(prompt: ModelInput, num_samples: int, params: SamplingParams, eos_ids: set[int], context: int
+              ) -> list[_Row]:
+    """The sequences to generate for one request: stop conditions, max_tokens capped by the context, and one
+    seed per sample (params.seed + k, so a seeded request is reproducible)."""
+    tokens = prompt.to_ints()
+    if not tokens:
+        raise ValueError("sample: the prompt is empty")
+    stop = [params.stop] if isinstance(params.stop, (str, int)) else params.stop
+    stop_strings = [s for s in (stop or []) if isinstance(s, str)]
+    stop_ids = {int(s) for s in (stop or []) if not isinstance(s, str)}
+    if stop is None or len(stop) > 0:  # stop=None: EOS only; stop=[]: not even EOS
+        stop_ids |= eos_ids
+    room = context - len(tokens)
+    max_tokens = min(params.max_tokens if params.max_tokens is not None else room, room)
+    if max_tokens <= 0:
+        raise ValueError(f"sample: the prompt ({len(tokens)} tokens) leaves no room in the model's context "
+                         f"({context} tokens)")
+    base_seed = params.seed if params.seed is not None else random.getrandbits(62)
+    return [_Row(tokens, max_tokens, params.temperature, params.top_k, params.top_p, stop_strings, stop_ids,
+                 base_seed + k) for k in range(num_samples)]
+
+
+def find_eos_ids(tokenizer, model_config_eos: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    ids.update(model_config_eos if isinstance(model_config_eos, list) else [model_config_eos])
+    return {int(i) for i in ids if i is not None}
 
 
 @functools.cache
@@ -218,10 +249,7 @@ class SamplingClient:
         return cls(spec.base_model, model, precision)
 
     def _find_eos_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
-        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids.update(configured if isinstance(configured, list) else [configured])
-        return {int(i) for i in ids if i is not None}
+        return find_eos_ids(self.tokenizer, getattr(getattr(self.model, "generation_config", None), "eos_token_id", None))
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -230,26 +258,7 @@ class SamplingClient:
     # Generation
 
     def _make_rows(self, prompt: ModelInput, num_samples: int, params: SamplingParams) -> list[_Row]:
-        tokens = prompt.to_ints()
-        if not tokens:
-            raise ValueError("sample: the prompt is empty")
-        stop = [params.stop] if isinstance(params.stop, (str, int)) else params.stop
-        stop_strings = [s for s in (stop or []) if isinstance(s, str)]
-        stop_ids = {int(s) for s in (stop or []) if not isinstance(s, str)}
-        if stop is None or len(stop) > 0:  # stop=None: EOS only; stop=[]: not even EOS
-            stop_ids |= self._eos_ids
-        room = self._context - len(tokens)
-        max_tokens = min(params.max_tokens if params.max_tokens is not None else room, room)
-        if max_tokens <= 0:
-            raise ValueError(f"sample: the prompt ({len(tokens)} tokens) leaves no room in the model's context "
-                             f"({self._context} tokens)")
-        base_seed = params.seed if params.seed is not None else random.getrandbits(62)
-        rows = []
-        for k in range(num_samples):
-            generator = torch.Generator().manual_seed(base_seed + k)
-            rows.append(_Row(tokens, max_tokens, params.temperature, params.top_k, params.top_p, stop_strings,
-                             stop_ids, generator))
-        return rows
+        return make_rows(prompt, num_samples, params, self._eos_ids, self._context)
 
     def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
         per_request = [self._make_rows(*request) for request in requests]

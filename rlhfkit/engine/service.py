@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -15,14 +16,21 @@ from rlhfkit.paths import cache_dir
 class ServiceClient:
     """Local stand-in for the reference's remote service. `base_url` is accepted for compatibility and must
     be None (the local backend runs in this process). Checkpoints saved by plain name go under
-    `storage_dir` (default ~/.cache/rlhfkit/runs); absolute paths are used as given."""
+    `storage_dir` (default ~/.cache/rlhfkit/runs); absolute paths are used as given.
+
+    `sampler`: "local" (default; generation in this process) or "vllm" (generation by a vLLM engine in its own
+    process, see vllm_sampling.py); default from RLHFKIT_SAMPLER. Training and scoring are always local."""
 
     def __init__(self, base_url: str | None = None, user_metadata: dict | None = None, *,
-                 device: str | None = None, dtype: str | None = None, storage_dir: str | None = None):
+                 device: str | None = None, dtype: str | None = None, storage_dir: str | None = None,
+                 sampler: str | None = None):
         if base_url is not None:
             raise ValueError(f"base_url={base_url!r}: only the local in-process backend exists; pass None")
         self.precision = pick_precision(device, dtype)
         self.storage_dir = Path(storage_dir) if storage_dir else cache_dir() / "runs"
+        self.sampler = sampler or os.environ.get("RLHFKIT_SAMPLER") or "local"
+        if self.sampler not in ("local", "vllm"):
+            raise ValueError(f"sampler={self.sampler!r}: expected 'local' or 'vllm'")
 
     def _training_client(self, spec: LoraSpec) -> TrainingClient:
         model = add_lora(load_base_model(spec.base_model, self.precision), spec)
@@ -51,10 +59,19 @@ class ServiceClient:
         if model_path is None:
             if base_model is None:
                 raise ValueError("create_sampling_client: give model_path or base_model")
+            if self.sampler == "vllm":
+                from rlhfkit.engine.vllm_sampling import VLLMSamplingClient
+
+                return VLLMSamplingClient(None, base_model, None, self.precision)  # type: ignore[return-value]
             return SamplingClient.from_base(base_model, self.precision)
         spec = LoraSpec(**read_meta(model_path)["lora"])
         if base_model is not None and base_model != spec.base_model:
             spec = LoraSpec(**{**spec.__dict__, "base_model": base_model})
+        if self.sampler == "vllm":
+            from rlhfkit.engine.vllm_sampling import VLLMSamplingClient
+
+            return VLLMSamplingClient(spec, spec.base_model, str(Path(model_path).resolve()),  # type: ignore[return-value]
+                                      self.precision)
         return SamplingClient.from_adapter(spec, load_adapter_tensors(model_path), self.precision)
 
     # Awaitable forms

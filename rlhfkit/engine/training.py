@@ -195,9 +195,13 @@ class TrainingClient:
         return self._save(name, "sampler")
 
     def save_weights_and_get_sampling_client(self, name: str | None = None):
-        """A sampling client on the current weights, built in memory (nothing recorded on disk)."""
+        """A sampling client on the current weights: built in memory with the local sampler; with the vLLM
+        sampler, the weights are saved first (vLLM's process reads them from disk)."""
         from rlhfkit.engine.sampling import SamplingClient
 
+        if getattr(self.service, "sampler", "local") == "vllm":
+            path = self.save_weights_for_sampler(name or f"for-sampler-{self.optimizer_steps:06d}").result().path
+            return self.service.create_sampling_client(model_path=path)
         return SamplingClient.from_adapter(self.spec, adapter_state(self.model), self.precision)
 
     def create_sampling_client(self, model_path: str):
