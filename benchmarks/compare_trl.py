@@ -12,8 +12,11 @@ thread count on both sides):
             envs, rollouts, advantages, importance_sampling, optim_step, a new sampler on the new weights).
             TRL: GRPOTrainer (beta=0, scale_rewards="none", loss_type="dr_grpo", one generation batch per
             optimizer step) with a reward function running rlhfkit's tournament with the same judge object.
-  sampling  Our SamplingClient against transformers' `generate` on the same model object: tokens/s at batch
+  sampling  Our SamplingClient against transformers' `generate` on the same weights: tokens/s at batch
             1, 8 and 32, 128 new tokens per row (no early stop on either side), temperature 1, no top-k/top-p.
+
+With --sampler vllm our side samples (sampling workload and RL rollouts) through the vLLM backend
+(scripts/setup-vllm.sh); training and judging stay local.
 
 Each TRL optimizer step is timed by a callback, which then runs our step on the same batch (so load changes
 hit both sides alike); the first step of each side is a warm-up and is not counted.
@@ -21,9 +24,10 @@ hit both sides alike); the first step of each side is a warm-up and is not count
     python benchmarks/compare_trl.py             # the embedded SmolLM2-135M (run it alone: ~20 minutes)
     python benchmarks/compare_trl.py --reps 4 --rl-reps 3   # tighter medians, ~45 minutes
     python benchmarks/compare_trl.py --tiny      # a small random model, a quick check
+    python benchmarks/compare_trl.py --sampler vllm --workloads rl,sampling   # our sampling through vLLM
 
 Needs the benchmark extra: pip install -e '.[bench]' (trl, datasets).
-Writes benchmarks/results/compare_trl[-tiny].json and .md.
+Writes benchmarks/results/compare_trl[-tiny][-vllm].json and .md.
 """
 
 from __future__ import annotations
@@ -344,10 +348,11 @@ def short(times: dict) -> str:
 # Workload 4: sampling against transformers' generate
 
 
-def run_sampling(base_model: str, service, s: Settings) -> dict[int, tuple[Series, Series]]:
+def run_sampling(base_model: str, service, local_service, s: Settings) -> dict[int, tuple[Series, Series]]:
     from rlhfkit.engine import ModelInput, SamplingParams
 
-    sampler = service.create_sampling_client(base_model=base_model)
+    sampler = service.create_sampling_client(base_model=base_model)  # local or vLLM (--sampler)
+    model = local_service.create_sampling_client(base_model=base_model).model  # for generate
     tok = sampler.get_tokenizer()
     prompts = common.lima_prompts(base_model, max(s.sampling_batches))
     results = {b: (Series(f"sampling batch {b} (rlhfkit)", "tokens/s", []),
@@ -365,7 +370,7 @@ def run_sampling(base_model: str, service, s: Settings) -> dict[int, tuple[Serie
         torch.manual_seed(seed)
         inputs = tok.pad({"input_ids": prompts[:batch]}, padding=True, padding_side="left", return_tensors="pt")
         with torch.inference_mode():
-            out = sampler.model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            out = model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                          max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                          pad_token_id=tok.pad_token_id)
         return (out.shape[1] - inputs["input_ids"].shape[1]) * batch
@@ -393,7 +398,9 @@ def main() -> None:
     parser.add_argument("--rl-reps", type=int, default=Settings.rl_reps, help="timed RL iterations (plus a warm-up)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--dtype", default=None, help="compute dtype for both sides (default: the engine's choice)")
-    parser.add_argument("--out", default=None, help="results file stem (default compare_trl[-tiny])")
+    parser.add_argument("--sampler", default="local", choices=["local", "vllm"],
+                        help="our side's sampler (vllm: needs scripts/setup-vllm.sh); training is local either way")
+    parser.add_argument("--out", default=None, help="results file stem (default compare_trl[-tiny][-vllm])")
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.WARNING)
@@ -413,12 +420,13 @@ def main() -> None:
     if args.tiny:
         s.max_length, s.rl_max_tokens, s.new_tokens = 256, 32, 32
     base_model = common.workload_model(args.tiny)
-    service = ServiceClient(dtype=args.dtype)
+    local_service = ServiceClient(dtype=args.dtype, sampler="local")
+    service = ServiceClient(dtype=args.dtype, sampler=args.sampler)
     dtype = str(service.precision.compute_dtype).removeprefix("torch.")
     limits = common.matmul_limits([dtype], args.tiny)
     print(f"model {base_model}, dtype {dtype}, {args.threads} threads, load average "
           f"{info['load_at_start']['loadavg_1m']:.2f}; matmul limit {limits[dtype] / 1e9:,.0f} GFLOP/s", flush=True)
-    probe = service.create_sampling_client(base_model=base_model)
+    probe = local_service.create_sampling_client(base_model=base_model)
     n_params, n_head = common.matmul_params(probe.model), common.unembedding_params(probe.model)
     del probe
 
@@ -457,7 +465,7 @@ def main() -> None:
             add("RL iteration", ours, theirs, [iteration_flops(d) for d in details["rlhfkit"][1:]])
             rows[-1]["flops_per_unit_baseline"] = [iteration_flops(d) for d in details["TRL"][1:]]
         if "sampling" in workloads:
-            for b, (ours, theirs) in run_sampling(base_model, service, s).items():
+            for b, (ours, theirs) in run_sampling(base_model, service, local_service, s).items():
                 add(f"sampling batch {b}", ours, theirs, [2 * n_params], baseline="generate")
 
     load_at_end = common.load_snapshot()
@@ -468,7 +476,7 @@ def main() -> None:
             mean_flops = sum(flops) / len(flops)
             row[f"mfu_{side}"] = row[side]["median"] * mean_flops / limit
 
-    payload = {"machine": info, "load_at_end": load_at_end, "model": base_model, "dtype": dtype,
+    payload = {"machine": info, "load_at_end": load_at_end, "model": base_model, "dtype": dtype, "sampler": args.sampler,
                "matmul_params": n_params, "unembedding_params": n_head, "matmul_limit_flops": limits,
                "settings": s.__dict__, "results": rows, **extra}
     table = common.markdown_table(
@@ -477,7 +485,7 @@ def main() -> None:
           f"({r['baseline']})", f"**{r['ratio']:.2f}x**", f"{100 * r['mfu_rlhfkit']:.1f}%",
           f"{100 * r['mfu_' + r['baseline']]:.1f}%"] for r in rows])
     markdown = "\n\n".join([
-        f"# rlhfkit vs TRL {info['trl']}: {Path(base_model).name}, {dtype}",
+        f"# rlhfkit vs TRL {info['trl']}: {Path(base_model).name}, {dtype}, rlhfkit sampler: {args.sampler}",
         common.machine_markdown(info, load_at_end, limits, [dtype]),
         f"Settings: LoRA rank {s.lora_rank} (attention and MLP projections, alpha 32; TRL cannot train an "
         f"adapter on the unembedding), sequences <= "
@@ -500,7 +508,7 @@ def main() -> None:
         markdown += "\n\nRL iterations in detail (judge seconds are inside the iteration time):\n\n" + \
             common.markdown_table(["side", "iteration", "seconds", "judge seconds", "sampled tokens",
                                    "trained tokens", "judgements"], rl_rows)
-    stem = args.out or ("compare_trl-tiny" if args.tiny else "compare_trl")
+    stem = args.out or ("compare_trl" + ("-tiny" if args.tiny else "") + ("-vllm" if args.sampler == "vllm" else ""))
     common.write_results(stem, payload, markdown)
 
 

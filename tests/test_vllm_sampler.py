@@ -29,8 +29,11 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
+    from rlhfkit.engine.vllm_sampling import close_engines
+
     storage = tmp_path_factory.mktemp("storage")
-    return ServiceClient(storage_dir=str(storage)), ServiceClient(storage_dir=str(storage), sampler="vllm")
+    yield ServiceClient(storage_dir=str(storage)), ServiceClient(storage_dir=str(storage), sampler="vllm")
+    close_engines()  # the worker's memory and threads are not left to the tests that follow
 
 
 def trained_adapter(service, model_dir, tokenizer, name):

@@ -156,6 +156,14 @@ def engine_for(base_model: str, precision: Precision, context: int) -> VLLMEngin
         return _engines[key]
 
 
+def close_engines() -> None:
+    """Stop every vLLM worker this process started (they also stop when it exits)."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.close()
+        _engines.clear()
+
+
 class VLLMSamplingClient:
     """The SamplingClient interface, generating with vLLM: a base model, or a base model with the LoRA adapter
     saved at `adapter_path` (a save_weights_for_sampler / save_state directory)."""
@@ -166,12 +174,18 @@ class VLLMSamplingClient:
         config = _model_config(base_model)
         self._context = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), 8192)
         self._eos_ids = find_eos_ids(self.tokenizer, getattr(_generation_config(base_model), "eos_token_id", None))
-        self.engine = engine_for(base_model, precision, self._context)
+        self._engine: VLLMEngine | None = None  # started on the first sample (scoring alone needs none)
         self._sample_batcher = _Batcher(self._sample_many)
         self._local_client: SamplingClient | None = None
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    @property
+    def engine(self) -> VLLMEngine:
+        if self._engine is None:
+            self._engine = engine_for(self.base_model, self.precision, self._context)
+        return self._engine
 
     def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
         per_request = [make_rows(prompt, n, params or SamplingParams(), self._eos_ids, self._context)

@@ -87,6 +87,7 @@ class Config:
     # Local additions
     seed: int | None = None  # seeds the LoRA init and every rollout's sampling (reproducible, also on resume)
     policy_kl_num_sequences: int = 16  # sequences per iteration for kl/policy_vs_init (0 = off)
+    sampler: str | None = None  # rollouts: "local" or "vllm" (ServiceClient's sampler; None: RLHFKIT_SAMPLER)
 
 
 def _rollout_seed(seed: int | None, iteration: int, group_idx: int, env_idx: int) -> int | None:
@@ -239,7 +240,7 @@ async def _train(config: Config, log_path: str, resume: Any, start_batch: int, m
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
     if config.seed is not None:
         random.seed(config.seed + start_batch)  # the engine's fallback sampling seeds (evaluators)
-    service = ServiceClient(base_url=config.base_url)
+    service = ServiceClient(base_url=config.base_url, sampler=config.sampler)
     training_client = _create_training_client(config, service, resume)
     init_client = _init_sampling_client(config, service, training_client, log_path, resumed=resume is not None)
     kl_reference_client = _kl_reference_client(config, service)

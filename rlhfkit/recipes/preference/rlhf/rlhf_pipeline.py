@@ -74,6 +74,7 @@ class PipelineConfig:
     seed: int = 0
     report: bool = True
     report_prompts: int = 3  # held-out prompts (besides the tutorial's) in the report's reply comparison
+    sampler: str | None = None  # RL rollouts: "local" (in this process) or "vllm" (see README); None: RLHFKIT_SAMPLER
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -289,7 +290,7 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
         wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-rl", lora_rank=cfg.lora_rank,
         save_every=cfg.save_every, eval_every=cfg.rl_eval_every or cfg.eval_every,
         num_groups_to_log=cfg.num_groups_to_log, max_steps=_steps(cfg.rl_max_steps, cfg), loss_fn=cfg.rl_loss_fn,
-        seed=cfg.seed))
+        seed=cfg.seed, sampler=cfg.sampler))
 
 
 class StageClock:
