@@ -78,3 +78,38 @@ def test_decode_loop_matches_forward_with_cache_growth_and_rows_leaving(trainer,
             expected = forward_logprobs(trainer, prompt + seq.tokens)[len(prompt) - 1:]
             assert max(abs(a - b) for a, b in zip(seq.logprobs, expected)) < 1e-4
 
+
+
+def test_microbatch_plan_has_the_least_padding_within_the_budget():
+    """The planner's cuts are optimal: brute force over every way to cut the length-sorted sequences into
+    consecutive microbatches gives no lower cost (padded tokens plus the per-pass overhead)."""
+    import itertools
+    import random
+
+    from rlhfkit.engine.batching import MICROBATCH_OVERHEAD_TOKENS, plan_microbatches
+
+    def cost(batches, lengths):
+        return sum(len(b) * max(lengths[i] for i in b) + MICROBATCH_OVERHEAD_TOKENS for b in batches)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 600) for _ in range(rng.randint(1, 8))]
+        budget = rng.choice([512, 1024, 4096])
+        plan = plan_microbatches(lengths, budget)
+        assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+        assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget for b in plan)
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        best = float("inf")
+        for cuts in itertools.product([False, True], repeat=len(order) - 1):
+            batches, current = [], [order[0]]
+            for i, cut in zip(order[1:], cuts):
+                if cut:
+                    batches.append(current)
+                    current = []
+                current.append(i)
+            batches.append(current)
+            if all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= budget for b in batches):
+                best = min(best, cost(batches, lengths))
+        assert cost(plan, lengths) == best
+    # a short sequence gets a pass of its own rather than padding to a long one
+    assert plan_microbatches([500, 500, 20], 4096) == [[0, 1], [2]]

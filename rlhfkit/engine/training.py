@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from rlhfkit.engine import losses
-from rlhfkit.engine.batching import pad_right, plan_microbatches, token_logprobs
+from rlhfkit.engine.batching import microbatch_token_budget, pad_right, plan_microbatches, token_logprobs
 from rlhfkit.engine.futures import APIFuture
 from rlhfkit.engine.lora import (LoraSpec, adapter_state, load_adapter_state, load_adapter_tensors, read_meta,
                                  save_adapter)
@@ -78,7 +78,8 @@ class TrainingClient:
         softcap = getattr(base.config, "final_logit_softcapping", None)
         device = self.precision.device
         self.model.train(grad)
-        for batch in plan_microbatches([len(s) for s in sequences]):
+        budget = microbatch_token_budget(device, training=True)
+        for batch in plan_microbatches([len(s) for s in sequences], budget):
             ids, mask = pad_right([sequences[i] for i in batch], self._pad_id, device)
             with torch.set_grad_enabled(grad):
                 with self.precision.autocast:
