@@ -157,6 +157,7 @@ def main() -> None:
                       **{f"sampling_b{b}": 2 * n_params for b in batch_sizes}}
     load_at_end = common.load_snapshot()
     dtypes = list(results)
+    limits = common.remeasure_limits(limits, dtypes, args.tiny)
     payload = {"machine": info, "load_at_end": load_at_end, "model": model, "matmul_params": n_params,
                "matmul_limit_flops": limits, "flops_per_unit": flops_per_unit,
                "settings": {k: v for k, v in vars(args).items()},

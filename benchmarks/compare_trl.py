@@ -469,6 +469,7 @@ def main() -> None:
                 add(f"sampling batch {b}", ours, theirs, [2 * n_params], baseline="generate")
 
     load_at_end = common.load_snapshot()
+    limits = common.remeasure_limits(limits, [dtype], args.tiny)
     limit = limits[dtype]
     for row in rows:
         for side, flops_key in (("rlhfkit", "flops_per_unit"), (row["baseline"], "flops_per_unit_baseline")):
