@@ -153,6 +153,7 @@ def make_rows(prompt: ModelInput, num_samples: int, params: SamplingParams, eos_
 
 
 def find_eos_ids(tokenizer, model_config_eos: Any) -> set[int]:
+    """The tokenizer's EOS id and the generation config's (one id or a list)."""
     ids = {tokenizer.eos_token_id}
     ids.update(model_config_eos if isinstance(model_config_eos, list) else [model_config_eos])
     return {int(i) for i in ids if i is not None}
@@ -230,7 +231,8 @@ class SamplingClient:
         self.precision = precision
         self.tokenizer = load_tokenizer(base_model)
         self._pad_id = self.tokenizer.pad_token_id or 0
-        self._eos_ids = self._find_eos_ids()
+        self._eos_ids = find_eos_ids(self.tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id",
+                                                             None))
         self._context = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
         self._sample_batcher = _Batcher(self._sample_many)
         self._logprob_batcher = _Batcher(self._compute_logprobs_many)
@@ -248,20 +250,14 @@ class SamplingClient:
         merge_adapter(model, tensors, spec.scale)
         return cls(spec.base_model, model, precision)
 
-    def _find_eos_ids(self) -> set[int]:
-        return find_eos_ids(self.tokenizer, getattr(getattr(self.model, "generation_config", None), "eos_token_id", None))
-
     def get_tokenizer(self):
         return self.tokenizer
 
     # ---------------------------------------------------------------------------------------------
     # Generation
 
-    def _make_rows(self, prompt: ModelInput, num_samples: int, params: SamplingParams) -> list[_Row]:
-        return make_rows(prompt, num_samples, params, self._eos_ids, self._context)
-
     def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
-        per_request = [self._make_rows(*request) for request in requests]
+        per_request = [make_rows(prompt, n, params, self._eos_ids, self._context) for prompt, n, params in requests]
         rows = [row for group in per_request for row in group]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
         limit = max_sampling_batch()

@@ -56,23 +56,22 @@ class ServiceClient:
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
         """`model_path`: a directory from save_weights_for_sampler or save_state; else the plain base_model."""
+        spec, adapter = None, None
         if model_path is None:
             if base_model is None:
                 raise ValueError("create_sampling_client: give model_path or base_model")
-            if self.sampler == "vllm":
-                from rlhfkit.engine.vllm_sampling import VLLMSamplingClient
-
-                return VLLMSamplingClient(None, base_model, None, self.precision)  # type: ignore[return-value]
-            return SamplingClient.from_base(base_model, self.precision)
-        spec = LoraSpec(**read_meta(model_path)["lora"])
-        if base_model is not None and base_model != spec.base_model:
-            spec = LoraSpec(**{**spec.__dict__, "base_model": base_model})
+        else:
+            spec = LoraSpec(**read_meta(model_path)["lora"])
+            if base_model is not None and base_model != spec.base_model:
+                spec = LoraSpec(**{**spec.__dict__, "base_model": base_model})
+            base_model, adapter = spec.base_model, str(Path(model_path).resolve())
         if self.sampler == "vllm":
             from rlhfkit.engine.vllm_sampling import VLLMSamplingClient
 
-            return VLLMSamplingClient(spec, spec.base_model, str(Path(model_path).resolve()),  # type: ignore[return-value]
-                                      self.precision)
-        return SamplingClient.from_adapter(spec, load_adapter_tensors(model_path), self.precision)
+            return VLLMSamplingClient(spec, base_model, adapter, self.precision)  # type: ignore[return-value]
+        if spec is None:
+            return SamplingClient.from_base(base_model, self.precision)
+        return SamplingClient.from_adapter(spec, load_adapter_tensors(adapter), self.precision)
 
     # Awaitable forms
     async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:
