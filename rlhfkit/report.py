@@ -40,21 +40,29 @@ def _fmt(value: Any, key: str) -> str:
     return f"{100 * value:.1f}%" if "win_rate" in key else f"{value:.3f}"
 
 
-async def sample_comparison_replies(cfg: Any, base_model: str, renderer_name: str) -> list[dict]:
-    """Replies of the base model and the RLHF policy to the tutorial's prompt and a few held-out prompts."""
-    import asyncio
+def report_prompts(cfg: Any) -> list[list[dict]]:
+    """The tutorial's prompt, then the first `report_prompts` held-out win-rate prompts of the run's HH data."""
+    from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder, hh_data_files
 
-    from rlhfkit.engine import ServiceClient, types
-    from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
-    from rlhfkit.renderers import get_renderer, get_text_content
-
-    builder = HHHComparisonBuilder(test_size=cfg.report_prompts, role="rl", max_chars=cfg.hh_max_chars)
+    builder = HHHComparisonBuilder(test_size=cfg.report_prompts, role="rl", data_files=hh_data_files(cfg.hh_data),
+                                   max_chars=cfg.hh_max_chars)
     _, rows = builder.get_train_and_test_datasets()
     prompts = [[{"role": "user", "content": TUTORIAL_PROMPT}]]
     for row in rows:
         labeled = builder.example_to_labeled_comparison(row)
         if labeled is not None:
             prompts.append(labeled.comparison.prompt_conversation)
+    return prompts
+
+
+async def sample_comparison_replies(cfg: Any, base_model: str, renderer_name: str) -> list[dict]:
+    """Replies of the base model and the RLHF policy to the tutorial's prompt and a few held-out prompts."""
+    import asyncio
+
+    from rlhfkit.engine import ServiceClient, types
+    from rlhfkit.renderers import get_renderer, get_text_content
+
+    prompts = report_prompts(cfg)
     service = ServiceClient()
     rl = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/rl", required_key="sampler_path")
     samplers = {"base": service.create_sampling_client(base_model=base_model),

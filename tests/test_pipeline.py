@@ -105,3 +105,17 @@ def test_stage_clock_counts_time_while_the_stage_runs(tmp_path):
         running = json.loads(path.read_text())  # what a killed run would leave behind
         assert running["sft"] == 5.0 and running["rm"] > 2.0  # the ticks counted time already
     assert json.loads(path.read_text())["rm"] >= 2.3
+
+
+def test_report_prompts_come_from_the_runs_hh_data():
+    from rlhfkit.recipes.preference.datasets import load_hh_rlhf_rows, hh_data_files
+    from rlhfkit.recipes.preference.rlhf.rlhf_pipeline import parse_args
+    from rlhfkit.report import TUTORIAL_PROMPT, report_prompts
+
+    cfg = parse_args(["preset=demo", "report_prompts=3"])
+    assert cfg.hh_data == "harmless-base"
+    prompts = report_prompts(cfg)
+    assert prompts[0] == [{"role": "user", "content": TUTORIAL_PROMPT}] and len(prompts) == 4
+    harmless_text = "".join(row["chosen"] for row in load_hh_rlhf_rows(hh_data_files("harmless-base")))
+    for conversation in prompts[1:]:
+        assert all(message["content"] in harmless_text for message in conversation)

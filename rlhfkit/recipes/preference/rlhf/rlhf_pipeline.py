@@ -82,16 +82,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": dict(base_model="Qwen/Qwen3.5-9B-Base", log_root="/tmp/tinker-tutorials/rlhf", sft_data="no_robots",
                      rl_eval_every=10, rl_max_steps=40),
     # The embedded SmolLM2-135M-Instruct and the offline data, sized for a 2-core CPU without bf16 (fp32):
-    # short HH-RLHF conversations (hh_max_chars) keep judging affordable. Only the helpful splits: there the
-    # human-chosen reply is the longer one in 59% of pairs, in harmless-base in 44%, so mixing them cancels
-    # the simplest preference a 135M model can pick up in a few hundred comparisons.
+    # short HH-RLHF conversations (hh_max_chars) keep judging affordable. Only harmless-base: in 41 steps a
+    # preference model learns which reply is the less harmful (63.6% held-out accuracy in a trial run) but not
+    # which is the more helpful (56.3% on the three helpful splits, with 86% of verdicts "B"), and RL needs a
+    # judge whose verdicts follow the content. Rewards are the reference's greedy verdicts: in trial runs on the
+    # same judge, 13 RL iterations raised the win rate by 24 points with verdicts, by 10 with probabilities.
     "demo": dict(base_model="smollm2-135m-instruct", log_root="runs/demo", lora_rank=16, max_length=256,
                  sft_batch_size=4, sft_max_steps=13, sft_learning_rate=3e-4, sft_test_size=16, sft_eval_every=6,
                  rm_batch_size=8, rm_max_steps=41, rm_learning_rate=1e-3, rm_both_orders=True, pm_test_size=200,
-                 rm_eval_every=20, rl_batch_size=4, rl_max_steps=13, rl_learning_rate=2e-4, rl_max_tokens=48,
-                 rl_eval_every=4,
-                 win_rate_prompts=32, hh_max_chars=400, hh_data="helpful-base,helpful-online,helpful-rejection-sampled",
-                 reward_mode="probability", save_every=5),
+                 rm_eval_every=20, rl_batch_size=4, rl_max_steps=17, rl_learning_rate=2e-4, rl_max_tokens=48,
+                 rl_eval_every=4, win_rate_prompts=32, hh_max_chars=400, hh_data="harmless-base", save_every=5),
     # A tiny random model: every stage runs in about a minute (for tests and quick checks).
     "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
                   max_steps=3, rm_max_steps=12, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4, pm_test_size=8,
