@@ -119,3 +119,20 @@ def test_report_prompts_come_from_the_runs_hh_data():
     harmless_text = "".join(row["chosen"] for row in load_hh_rlhf_rows(hh_data_files("harmless-base")))
     for conversation in prompts[1:]:
         assert all(message["content"] in harmless_text for message in conversation)
+
+
+def test_rl_stage_alone_with_a_kl_penalty_to_the_sft_policy(smoke_run, tmp_path):
+    import shutil
+
+    reference, _ = smoke_run
+    root = tmp_path / "kl"
+    for stage in ("sft", "rm"):
+        shutil.copytree(reference / stage, root / stage)
+    shutil.copytree(reference / "tiny_model", root / "tiny_model")
+    run_pipeline(root, "run_sft=false", "run_rm=false", "report=false", "rl_kl_penalty_coef=0.5")
+    records = read_jsonl(root / "rl" / "metrics.jsonl")
+    assert len(records) == len(read_jsonl(reference / "rl" / "metrics.jsonl"))
+    # kl_policy_base: mean log-ratio of the sampled reply tokens, sampler vs SFT policy. The first batch is
+    # sampled from the SFT weights themselves, so it is ~0; later batches differ from it.
+    kl = [r["kl_policy_base"] for r in records]
+    assert abs(kl[0]) < 1e-3 and any(abs(k) > 1e-3 for k in kl[1:])
