@@ -42,17 +42,10 @@ def _fmt(value: Any, key: str) -> str:
 
 def report_prompts(cfg: Any) -> list[list[dict]]:
     """The tutorial's prompt, then the first `report_prompts` held-out win-rate prompts of the run's HH data."""
-    from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder, hh_data_files
+    from rlhfkit.recipes.preference.rlhf.rlhf_pipeline import held_out_comparisons
 
-    builder = HHHComparisonBuilder(test_size=cfg.report_prompts, role="rl", data_files=hh_data_files(cfg.hh_data),
-                                   max_chars=cfg.hh_max_chars)
-    _, rows = builder.get_train_and_test_datasets()
-    prompts = [[{"role": "user", "content": TUTORIAL_PROMPT}]]
-    for row in rows:
-        labeled = builder.example_to_labeled_comparison(row)
-        if labeled is not None:
-            prompts.append(labeled.comparison.prompt_conversation)
-    return prompts
+    held_out = held_out_comparisons(cfg, "rl", cfg.report_prompts)
+    return [[{"role": "user", "content": TUTORIAL_PROMPT}]] + [c.comparison.prompt_conversation for c in held_out]
 
 
 async def sample_comparison_replies(cfg: Any, base_model: str, renderer_name: str) -> list[dict]:

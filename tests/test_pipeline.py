@@ -109,7 +109,7 @@ def test_stage_clock_counts_time_while_the_stage_runs(tmp_path):
 
 def test_report_prompts_come_from_the_runs_hh_data():
     from rlhfkit.recipes.preference.datasets import load_hh_rlhf_rows, hh_data_files
-    from rlhfkit.recipes.preference.rlhf.rlhf_pipeline import parse_args
+    from rlhfkit.recipes.preference.rlhf.rlhf_pipeline import held_out_comparisons, parse_args
     from rlhfkit.report import TUTORIAL_PROMPT, report_prompts
 
     cfg = parse_args(["preset=demo", "report_prompts=3"])
@@ -119,6 +119,8 @@ def test_report_prompts_come_from_the_runs_hh_data():
     harmless_text = "".join(row["chosen"] for row in load_hh_rlhf_rows(hh_data_files("harmless-base")))
     for conversation in prompts[1:]:
         assert all(message["content"] in harmless_text for message in conversation)
+    win_rate_prompts = [c.comparison.prompt_conversation for c in held_out_comparisons(cfg, "rl", 32)]
+    assert prompts[1:] == win_rate_prompts[:3]  # the report shows the first of the win-rate prompts
 
 
 def test_rl_stage_alone_with_a_kl_penalty_to_the_sft_policy(smoke_run, tmp_path):

@@ -211,8 +211,10 @@ def _hh_builder(cfg: PipelineConfig, role: str, test_size: int = 1024) -> Any:
                                 max_chars=cfg.hh_max_chars)
 
 
-def _pm_comparisons(cfg: PipelineConfig) -> list:
-    builder = _hh_builder(cfg, "preference_model", cfg.pm_test_size)
+def held_out_comparisons(cfg: PipelineConfig, role: str, count: int) -> list:
+    """The first `count` held-out labelled comparisons of the run's HH data for a role (the same ones at any
+    count: a larger count extends the list)."""
+    builder = _hh_builder(cfg, role, count)
     _, test_rows = builder.get_train_and_test_datasets()
     comparisons = [builder.example_to_labeled_comparison(row) for row in test_rows]
     return [c for c in comparisons if c is not None]
@@ -251,7 +253,8 @@ async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) 
     record = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/rm", required_key="sampler_path")
     sampler = ServiceClient().create_sampling_client(model_path=record.sampler_path)
     renderer = get_renderer(renderer_name, get_tokenizer(base_model))
-    result = await evaluate_preference_model(PreferenceModelFromChatRenderer(renderer, sampler), _pm_comparisons(cfg))
+    pm = PreferenceModelFromChatRenderer(renderer, sampler)
+    result = await evaluate_preference_model(pm, held_out_comparisons(cfg, "preference_model", cfg.pm_test_size))
     print(format_pm_eval(result))
     metrics = result.metrics()
     write_json_atomic(out, metrics)
@@ -278,11 +281,8 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
         tournament_pattern=preference_envs.TournamentPattern.ALL_PAIRS_BOTH_WAYS)
 
     def make_evaluator() -> ComparisonEvaluator:
-        builder = _hh_builder(cfg, "rl", cfg.win_rate_prompts)
-        _, test_rows = builder.get_train_and_test_datasets()
-        labeled = [builder.example_to_labeled_comparison(row) for row in test_rows]
-        return ComparisonEvaluator(preference_model_builder=pm_builder,
-                                   comparisons=[c.comparison for c in labeled if c is not None],
+        labeled = held_out_comparisons(cfg, "rl", cfg.win_rate_prompts)
+        return ComparisonEvaluator(preference_model_builder=pm_builder, comparisons=[c.comparison for c in labeled],
                                    renderer_name=renderer_name, model_name_for_tokenizer=base_model,
                                    max_tokens=cfg.rl_max_tokens)
 
