@@ -138,3 +138,16 @@ def test_rl_stage_alone_with_a_kl_penalty_to_the_sft_policy(smoke_run, tmp_path)
     # sampled from the SFT weights themselves, so it is ~0; later batches differ from it.
     kl = [r["kl_policy_base"] for r in records]
     assert abs(kl[0]) < 1e-3 and any(abs(k) > 1e-3 for k in kl[1:])
+
+
+def test_reply_check_example_counts_the_runs_replies(smoke_run):
+    root, _ = smoke_run
+    script = REPO / "examples" / "reply_check.py"
+    result = subprocess.run([sys.executable, str(script), str(root), "--samples", "2", "--show", "1"], env=ENV,
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    prompts = json.loads((root / "pipeline_config.json").read_text())["win_rate_prompts"]
+    summary = result.stdout.splitlines()[0]
+    assert summary.startswith(f"{root / 'rl'}: ") and " x 2) at temperature 1.0: " in summary, summary
+    replies = int(summary.split(": ")[1].split(" replies")[0])
+    assert 0 < replies <= 2 * prompts and replies % 2 == 0
