@@ -394,6 +394,32 @@ def test_pm_evaluator_metrics(trained_pm, tiny_model_dir):
     assert wilson_interval(0, 10)[0] == 0.0
 
 
+def test_symmetric_judge_combines_both_orders_and_ignores_position(trained_pm):
+    from rlhfkit.preference.pm_eval import evaluate_preference_model
+    from rlhfkit.preference.types import symmetric_p_b
+
+    renderer, sampling_client, labeled, _, _ = trained_pm
+    pm = PreferenceModelFromChatRenderer(renderer, sampling_client)
+    symmetric = PreferenceModelFromChatRenderer(renderer, sampling_client, reward_mode="symmetric")
+    comparisons = [c.comparison for c in labeled]
+    given, swapped = asyncio.run(pm.judge_many(comparisons)), asyncio.run(pm.judge_many([c.swap() for c in comparisons]))
+    expected = [2 * symmetric_p_b(a, b) - 1 for a, b in zip(given, swapped)]
+    rewards = asyncio.run(symmetric.judge_batch(comparisons))
+    np.testing.assert_allclose(rewards, expected, atol=1e-6)
+    np.testing.assert_allclose(asyncio.run(symmetric.judge_batch([c.swap() for c in comparisons])),
+                               [-r for r in rewards], atol=1e-6)  # order-free: swapping flips the sign only
+    assert asyncio.run(symmetric(comparisons[0])) == pytest.approx(rewards[0], abs=1e-5)
+    # the filler rule picks a side by the prompt, not the reply, so in both orders it names the same position
+    # (high P(B) for "yes" prompts): the combined probability stays near 0.5, well below the one-order one
+    assert all(abs(r) < abs(2 * a.p_b - 1) for r, a in zip(rewards, given))
+
+    result = asyncio.run(evaluate_preference_model(pm, labeled))
+    # "Answer i." is longer than "Reply i.": people (the labels B, A, B, A) preferred the longer reply half of
+    # the time; the judge says B for "yes" prompts in both orders, so it picks the longer one half of the time
+    assert result.frac_longer_preferred == 0.5 and result.frac_longer_picked == 0.5
+    assert 0 <= result.accuracy_symmetric <= 1 and result.accuracy_symmetric_ci[0] <= result.accuracy_symmetric
+
+
 def test_untrained_model_answers_are_scored_zero_and_logged_once(tiny_model_dir, caplog):
     from rlhfkit.engine import ServiceClient
     from rlhfkit.tokenizer_utils import get_tokenizer

@@ -9,7 +9,8 @@ import numpy as np
 
 from rlhfkit.completers import TinkerMessageCompleter
 from rlhfkit.evaluators import SamplingClientEvaluator
-from rlhfkit.preference.types import Comparison, PreferenceModelBuilder
+from rlhfkit.preference.types import (Comparison, PreferenceModelBuilder, PreferenceModelFromChatRenderer,
+                                     symmetric_p_b)
 from rlhfkit.renderers import get_renderer
 from rlhfkit.tokenizer_utils import get_tokenizer
 
@@ -26,7 +27,12 @@ def win_rate_scores(verdicts_policy_as_b: Sequence[float], verdicts_policy_as_a:
 class ComparisonEvaluator(SamplingClientEvaluator):
     """Samples the policy's reply to each comparison's prompt and judges it against `completion_A` (the
     reference, e.g. the human-chosen HHH reply) in both orders. `both_ways` is accepted for compatibility;
-    both orders are always judged (as in the reference)."""
+    both orders are always judged (as in the reference).
+
+    `test/win_rate` is the reference's score from the PM's rewards (greedy verdicts by default). With a chat PM
+    the same judgements also give `test/win_rate_symmetric`: the mean over prompts of P(policy wins) averaged
+    over the two orders (`symmetric_p_b`), which a purely position-biased judge scores at exactly 0.5 and which
+    moves with the judge's confidence rather than only its argmax."""
 
     def __init__(self, preference_model_builder: PreferenceModelBuilder, comparisons: Sequence[Comparison],
                  renderer_name: str, model_name_for_tokenizer: str, both_ways: bool = True, max_tokens: int = 1024,
@@ -49,9 +55,23 @@ class ComparisonEvaluator(SamplingClientEvaluator):
             replies = [{**r, "content": self.content_preprocessor(r["content"])} for r in replies]
         policy_as_b = [Comparison(c.prompt_conversation, c.completion_A, [r]) for c, r in zip(self.comparisons, replies)]
         policy_as_a = [c.swap() for c in policy_as_b]
-        verdicts = await preference_model.judge_batch(policy_as_b + policy_as_a)  # one batched judge pass
         n = len(self.comparisons)
-        scores = win_rate_scores(verdicts[:n], verdicts[n:])
-        win_rate = float(scores.mean())
-        stderr = float(scores.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
-        return {"test/win_rate": win_rate, "test/stderr": stderr, "win_rate": win_rate, "stderr": stderr}
+        metrics: dict[str, float] = {}
+        if isinstance(preference_model, PreferenceModelFromChatRenderer):
+            judged = await preference_model.judge_many(policy_as_b + policy_as_a)  # one batched judge pass
+            as_b, as_a = judged[:n], judged[n:]
+            verdicts_b = [preference_model.reward(b, a) for b, a in zip(as_b, as_a)]
+            verdicts_a = [preference_model.reward(a, b) for b, a in zip(as_b, as_a)]
+            symmetric = np.asarray([symmetric_p_b(b, a) for b, a in zip(as_b, as_a)])
+            metrics["test/win_rate_symmetric"] = float(symmetric.mean())
+            metrics["test/stderr_symmetric"] = _stderr(symmetric)
+        else:
+            verdicts = await preference_model.judge_batch(policy_as_b + policy_as_a)  # one batched judge pass
+            verdicts_b, verdicts_a = verdicts[:n], verdicts[n:]
+        scores = win_rate_scores(verdicts_b, verdicts_a)
+        win_rate, stderr = float(scores.mean()), _stderr(scores)
+        return {"test/win_rate": win_rate, "test/stderr": stderr, "win_rate": win_rate, "stderr": stderr, **metrics}
+
+
+def _stderr(scores: np.ndarray) -> float:
+    return float(scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else 0.0

@@ -10,8 +10,9 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from rlhfkit.evaluators import SamplingClientEvaluator
-from rlhfkit.preference.types import VERDICT_OF_LABEL, LabeledComparison, PreferenceModelFromChatRenderer
-from rlhfkit.renderers import get_renderer
+from rlhfkit.preference.types import (VERDICT_OF_LABEL, Comparison, LabeledComparison, PreferenceModelFromChatRenderer,
+                                     symmetric_p_b)
+from rlhfkit.renderers import get_renderer, get_text_content
 from rlhfkit.tokenizer_utils import get_tokenizer
 
 Z95 = 1.959963984540054
@@ -52,6 +53,10 @@ class PMEvalResult:
     frac_other: float           # share of the 2n greedy answers that are neither "A" nor "B"
     order_agreement: float      # share of comparisons where both orders pick the same completion
     mean_p_correct: float       # mean P(correct label | {A, B}) over the 2n judgements (A/B labels only)
+    accuracy_symmetric: float   # the order-symmetric judge (both orders' probabilities combined) picks the label
+    accuracy_symmetric_ci: tuple[float, float]
+    frac_longer_picked: float   # share of the 2n A/B verdicts (on replies of different lengths) for the longer one
+    frac_longer_preferred: float  # share of the n comparisons (different lengths) whose preferred reply is longer
 
     def metrics(self, prefix: str = "pm") -> dict[str, float]:
         return {f"{prefix}/accuracy": self.accuracy,
@@ -60,7 +65,12 @@ class PMEvalResult:
                 f"{prefix}/accuracy_swapped": self.accuracy_swapped,
                 f"{prefix}/frac_A": self.frac_A, f"{prefix}/frac_other": self.frac_other,
                 f"{prefix}/order_agreement": self.order_agreement,
-                f"{prefix}/mean_p_correct": self.mean_p_correct, f"{prefix}/n": float(self.n)}
+                f"{prefix}/mean_p_correct": self.mean_p_correct, f"{prefix}/n": float(self.n),
+                f"{prefix}/accuracy_symmetric": self.accuracy_symmetric,
+                f"{prefix}/accuracy_symmetric_ci_low": self.accuracy_symmetric_ci[0],
+                f"{prefix}/accuracy_symmetric_ci_high": self.accuracy_symmetric_ci[1],
+                f"{prefix}/frac_longer_picked": self.frac_longer_picked,
+                f"{prefix}/frac_longer_preferred": self.frac_longer_preferred}
 
 
 async def evaluate_preference_model(preference_model: PreferenceModelFromChatRenderer,
@@ -86,7 +96,15 @@ async def evaluate_preference_model(preference_model: PreferenceModelFromChatRen
     agree = [a.verdict != 0 and a.verdict == -b.verdict for a, b in zip(original, flipped)]
     p_correct = [j.p_b if c.label == "B" else 1.0 - j.p_b
                  for j, c in zip(judgements, [*comparisons, *swapped]) if c.label != "Tie"]
+    decided = [c for c in comparisons if c.label != "Tie"]
+    symmetric_correct = [_symmetric_credit(symmetric_p_b(a, b), c.label)
+                         for a, b, c in zip(original, flipped, comparisons) if c.label != "Tie"]
+    longer_picked = [_picks_longer(j.verdict, c.comparison) for j, c in zip(judgements, [*comparisons, *swapped])]
+    longer_preferred = [_picks_longer(VERDICT_OF_LABEL[c.label], c.comparison) for c in comparisons]
     return PMEvalResult(
+        accuracy_symmetric=sum(symmetric_correct) / len(decided) if decided else float("nan"),
+        accuracy_symmetric_ci=wilson_interval(sum(symmetric_correct), len(decided)),
+        frac_longer_picked=_share(longer_picked), frac_longer_preferred=_share(longer_preferred),
         n=n,
         accuracy=sum(per_comparison) / n, accuracy_ci=normal_interval(per_comparison),
         accuracy_original=sum(correct_original) / n, accuracy_original_ci=wilson_interval(sum(correct_original), n),
@@ -95,6 +113,31 @@ async def evaluate_preference_model(preference_model: PreferenceModelFromChatRen
         frac_other=sum(j.greedy_text not in ("A", "B") for j in judgements) / (2 * n),
         order_agreement=sum(agree) / n,
         mean_p_correct=sum(p_correct) / len(p_correct) if p_correct else float("nan"))
+
+
+def _symmetric_credit(p_b: float, label: str) -> float:
+    """1 when the order-symmetric P(B) is on the label's side, 0 when on the other, 0.5 when undecided (a judge
+    that only looks at position lands exactly on 0.5)."""
+    if abs(p_b - 0.5) < 1e-6:
+        return 0.5
+    return float((p_b > 0.5) == (label == "B"))
+
+
+def _reply_length(messages: Sequence[Any]) -> int:
+    return sum(len(get_text_content(m)) for m in messages)
+
+
+def _picks_longer(verdict: float, comparison: Comparison) -> bool | None:
+    """Whether an A/B verdict picks the longer reply (None: a tie, another answer, or equal lengths)."""
+    length_a, length_b = _reply_length(comparison.completion_A), _reply_length(comparison.completion_B)
+    if verdict == 0 or length_a == length_b:
+        return None
+    return (verdict > 0) == (length_b > length_a)
+
+
+def _share(flags: Sequence[bool | None]) -> float:
+    counted = [f for f in flags if f is not None]
+    return sum(counted) / len(counted) if counted else float("nan")
 
 
 def format_pm_eval(result: PMEvalResult) -> str:
@@ -113,6 +156,10 @@ def format_pm_eval(result: PMEvalResult) -> str:
         f"  neither A nor B    {pct(result.frac_other)}  (greedy answer is another token)",
         f"  order agreement    {pct(result.order_agreement)}  (same completion picked in both orders)",
         f"  mean P(correct)    {result.mean_p_correct:.3f}",
+        f"  order-symmetric    {pct(result.accuracy_symmetric)}  95% CI {ci(result.accuracy_symmetric_ci)}  (both orders'"
+        f" probabilities combined)",
+        f"  picks the longer   {pct(result.frac_longer_picked)}  (people preferred the longer reply "
+        f"{pct(result.frac_longer_preferred)} of the time)",
     ])
 
 

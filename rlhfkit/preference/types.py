@@ -24,7 +24,8 @@ from rlhfkit.tokenizer_utils import get_tokenizer
 logger = logging.getLogger(__name__)
 
 Label = Literal["A", "B", "Tie"]
-RewardMode = Literal["verdict", "probability"]
+RewardMode = Literal["verdict", "probability", "symmetric"]
+REWARD_MODES: tuple[str, ...] = ("verdict", "probability", "symmetric")
 VERDICT_OF_LABEL = {"A": -1.0, "B": 1.0, "Tie": 0.0}
 
 
@@ -149,13 +150,25 @@ class PreferenceModelBuilder(ABC):
         ...
 
 
+def symmetric_p_b(judged: Judgement, judged_swapped: Judgement) -> float:
+    """P(the original B wins) from a comparison judged in both orders: the mean of P(B) as given and of
+    P(A) with the two completions swapped. A judge that only looks at position scores 0.5 here."""
+    return (judged.p_b + 1.0 - judged_swapped.p_b) / 2.0
+
+
 class PreferenceModelFromChatRenderer(PreferenceModel):
-    """A PM on a sampling client. reward_mode "verdict" is the reference's greedy one-token verdict;
-    "probability" is 2*P(B | {A, B}) - 1 from the logprobs of the two label tokens (same scale, smoother)."""
+    """A PM on a sampling client. reward_mode:
+    - "verdict": the reference's greedy one-token verdict (-1, 0, +1) in the order given;
+    - "probability": 2*P(B | {A, B}) - 1 from the logprobs of the two label tokens, in the order given;
+    - "symmetric": each comparison is also judged with A and B swapped and the two probabilities are combined
+      (`symmetric_p_b`), reward 2*p - 1. It costs two judgements per call and cancels the judge's position
+      bias. In an ALL_PAIRS_BOTH_WAYS tournament the reference already plays every pair in both orders with
+      greedy verdicts (and sums them); "symmetric" makes every single matchup order-free, so it pairs
+      naturally with ALL_PAIRS_ONE_WAY at the same cost."""
 
     def __init__(self, convo_renderer: Renderer, sampling_client: Any, reward_mode: RewardMode = "verdict"):
-        if reward_mode not in ("verdict", "probability"):
-            raise ValueError(f"reward_mode must be 'verdict' or 'probability', got {reward_mode!r}")
+        if reward_mode not in REWARD_MODES:
+            raise ValueError(f"reward_mode must be one of {', '.join(REWARD_MODES)}, got {reward_mode!r}")
         self.comparison_renderer = ComparisonRendererFromChatRenderer(convo_renderer)
         self.sampling_client = sampling_client
         self.reward_mode = reward_mode
@@ -178,8 +191,20 @@ class PreferenceModelFromChatRenderer(PreferenceModel):
         p_b = _sigmoid(logprob_b - logprob_a)  # softmax over {A, B}
         return Judgement(verdict, text, p_b)
 
-    def _reward(self, judgement: Judgement) -> float:
+    def reward(self, judgement: Judgement, swapped: Judgement | None = None) -> float:
+        """The reward of a comparison from its judgement (and, for "symmetric", the swapped comparison's)."""
+        if self.reward_mode == "symmetric":
+            if swapped is None:
+                raise ValueError('reward_mode "symmetric" needs the judgement of the swapped comparison too')
+            return 2.0 * symmetric_p_b(judgement, swapped) - 1.0
         return judgement.verdict if self.reward_mode == "verdict" else judgement.probability_reward
+
+    async def _rewards(self, comparisons: Sequence[Comparison]) -> list[float]:
+        if self.reward_mode != "symmetric":
+            return [self.reward(j) for j in await self.judge_many(comparisons)]
+        judged = await self.judge_many([*comparisons, *(c.swap() for c in comparisons)])
+        n = len(comparisons)
+        return [self.reward(a, b) for a, b in zip(judged[:n], judged[n:])]
 
     async def judge(self, comparison: Comparison) -> Judgement:
         prompt = self.comparison_renderer.build_generation_prompt(comparison)
@@ -195,10 +220,12 @@ class PreferenceModelFromChatRenderer(PreferenceModel):
         return [self._judgement(s) for s in all_scores]
 
     async def __call__(self, comparison: Comparison) -> float:
-        return self._reward(await self.judge(comparison))
+        if self.reward_mode == "symmetric":
+            return self.reward(*await asyncio.gather(self.judge(comparison), self.judge(comparison.swap())))
+        return self.reward(await self.judge(comparison))
 
     async def judge_batch(self, comparisons: Sequence[Comparison]) -> list[float]:
-        return [self._reward(j) for j in await self.judge_many(comparisons)]
+        return await self._rewards(comparisons)
 
     async def probability_b(self, comparisons: Sequence[Comparison]) -> list[float]:
         return [j.p_b for j in await self.judge_many(comparisons)]

@@ -39,7 +39,7 @@ INIT_SAMPLER_DIR = "init_sampler"  # the starting weights, kept for the policy-v
 
 PLOT_PANELS = [  # metrics.png: one panel per list
     ["env/all/reward/total", "env/all/win_minus_loss"],
-    ["test/win_rate"],
+    ["test/win_rate", "test/win_rate_symmetric"],
     ["kl/policy_vs_init", "optim/kl_sample_train_v1"],
     ["env/all/ac_tokens_per_turn"],
     ["env/all/frac_truncated", "env/all/format"],
