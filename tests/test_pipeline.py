@@ -151,3 +151,37 @@ def test_reply_check_example_counts_the_runs_replies(smoke_run):
     assert summary.startswith(f"{root / 'rl'}: ") and " x 2) at temperature 1.0: " in summary, summary
     replies = int(summary.split(": ")[1].split(" replies")[0])
     assert 0 < replies <= 2 * prompts and replies % 2 == 0
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium (apt-get install chromium; .ci/run does)")
+def test_report_renders_in_headless_chromium_with_its_plots(smoke_run, tmp_path):
+    """A screenshot of report.html shows the curves: the plots' line colours (matplotlib's first two, blue
+    #1f77b4 and orange #ff7f0e) cover many pixels of the rendered page, which text and tables never use."""
+    import numpy as np
+    from PIL import Image
+
+    root, _ = smoke_run
+    shot = tmp_path / "report.png"
+    subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,3000",
+                    f"--screenshot={shot}", (root / "report.html").resolve().as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (3000, 1200)
+
+    def count(rgb: tuple[int, int, int]) -> int:
+        return int((np.abs(pixels - np.array(rgb)).sum(axis=-1) < 40).sum())
+
+    blue, orange = count((31, 119, 180)), count((255, 127, 14))
+    assert blue > 800 and orange > 300, (blue, orange)  # 1896 and 797 on the smoke run; a page without its plots: 0
+    rows_with_blue = np.flatnonzero((np.abs(pixels - np.array((31, 119, 180))).sum(axis=-1) < 40).any(axis=1))
+    assert rows_with_blue.max() - rows_with_blue.min() > 800  # the SFT, preference-model and RL plots, stacked
