@@ -3,6 +3,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,9 +55,9 @@ def rlhfkit_logprobs(service, folder, tokens):
 
 
 def test_saved_adapter_is_a_peft_adapter_with_rlhfkits_logits(service, tiny_model_dir, tokens, trained_sampler_dir):
-    from peft import PeftModel
+    from peft import AutoPeftModelForCausalLM, PeftModel
 
-    config = json.loads((__import__("pathlib").Path(trained_sampler_dir) / "adapter_config.json").read_text())
+    config = json.loads((Path(trained_sampler_dir) / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"
     assert config["target_modules"] == sorted(config["target_modules"]) and "lm_head" in config["target_modules"]
     assert config["base_model_name_or_path"] == tiny_model_dir  # the name given, not a resolved cache folder
@@ -66,6 +67,8 @@ def test_saved_adapter_is_a_peft_adapter_with_rlhfkits_logits(service, tiny_mode
     plain = token_logprobs_of(base_model(tiny_model_dir), tokens)
     assert (ours - plain).abs().max() > 1e-2  # the adapter matters
     assert (ours - theirs).abs().max() < 1e-4
+    auto = AutoPeftModelForCausalLM.from_pretrained(trained_sampler_dir, dtype=torch.float32).eval()
+    assert (token_logprobs_of(auto, tokens) - ours).abs().max() < 1e-4
 
 
 def test_a_peft_adapter_trained_elsewhere_samples_and_trains(service, tiny_model_dir, tokens, tmp_path):
@@ -83,3 +86,27 @@ def test_a_peft_adapter_trained_elsewhere_samples_and_trains(service, tiny_model
     datum = Datum(ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
     forward = torch.tensor(trainer.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist())
     assert (forward - theirs).abs().max() < 1e-4
+
+
+def test_export_adapter_and_merged_model_give_rlhfkits_logits(service, tiny_model_dir, tokens, trained_sampler_dir,
+                                                               tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit.cli import main
+
+    ours = rlhfkit_logprobs(service, trained_sampler_dir, tokens)
+    assert main(["export", trained_sampler_dir, str(tmp_path / "adapter")]) == 0
+    adapter = PeftModel.from_pretrained(base_model(tiny_model_dir), str(tmp_path / "adapter")).eval()
+    assert (token_logprobs_of(adapter, tokens) - ours).abs().max() < 1e-4
+
+    assert main(["export", trained_sampler_dir, str(tmp_path / "merged"), "--merge"]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False  # the unembedding was adapted: it has its own matrix now
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    assert (token_logprobs_of(merged, tokens) - ours).abs().max() < 1e-4
+    base = base_model(tiny_model_dir)
+    assert torch.equal(merged.get_input_embeddings().weight, base.get_input_embeddings().weight)
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "merged")).encode(TEXT) == tokens
+    with pytest.raises(SystemExit):  # never writes over a folder with files in it
+        main(["export", trained_sampler_dir, str(tmp_path / "merged")])
