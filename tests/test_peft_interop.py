@@ -110,3 +110,42 @@ def test_export_adapter_and_merged_model_give_rlhfkits_logits(service, tiny_mode
     assert AutoTokenizer.from_pretrained(str(tmp_path / "merged")).encode(TEXT) == tokens
     with pytest.raises(SystemExit):  # never writes over a folder with files in it
         main(["export", trained_sampler_dir, str(tmp_path / "merged")])
+
+
+def test_a_hub_id_falls_back_to_its_offline_copy_with_one_warning(tiny_model_dir, monkeypatch, caplog):
+    from rlhfkit.engine import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(models.OFFLINE_COPIES, "some-org/tiny-model", (tiny_model_dir, "a 4-bit-derived test copy"))
+    models.resolve_base_model.cache_clear()
+    with caplog.at_level(logging.WARNING, logger=models.__name__):
+        for _ in range(2):
+            assert models.resolve_base_model("some-org/tiny-model") == str(Path(tiny_model_dir).resolve())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "unreachable" in warnings[0] and "4-bit-derived test copy" in warnings[0]
+    with pytest.raises(models.ModelNotFoundError):  # a Hub id without an offline copy still fails clearly
+        models.resolve_base_model("some-org/no-copy")
+    models.resolve_base_model.cache_clear()
+
+
+def test_sample_reads_a_prompts_file_and_a_peft_folder_and_version_prints(trained_sampler_dir, tmp_path, capsys):
+    from rlhfkit import __version__
+    from rlhfkit.cli import main
+    from rlhfkit.sampling_cli import read_prompts
+
+    (tmp_path / "p.txt").write_text("First prompt\n\nSecond prompt\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "First prompt"}\n{"prompt": "Second prompt", "id": 2}\n')
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    assert read_prompts(tmp_path / "p.txt") == read_prompts(tmp_path / "p.jsonl") == ["First prompt", "Second prompt"]
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: .*prompt"):
+        read_prompts(tmp_path / "bad.jsonl")
+    peft_only = tmp_path / "peft_only"  # a PEFT adapter folder: no rlhfkit_state.json
+    peft_only.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (peft_only / name).write_bytes((Path(trained_sampler_dir) / name).read_bytes())
+    capsys.readouterr()
+    assert main(["sample", "--model", str(peft_only), "--prompts-file", str(tmp_path / "p.jsonl"), "--max-tokens",
+                 "4", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.count("=== prompt: ") == 2
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"rlhfkit {__version__}"
