@@ -151,3 +151,29 @@ def test_reply_check_example_counts_the_runs_replies(smoke_run):
     assert summary.startswith(f"{root / 'rl'}: ") and " x 2) at temperature 1.0: " in summary, summary
     replies = int(summary.split(": ")[1].split(" replies")[0])
     assert 0 < replies <= 2 * prompts and replies % 2 == 0
+
+
+def test_eval_command_reproduces_the_runs_accuracy_and_win_rate(smoke_run, tmp_path):
+    from rlhfkit.cli import main
+
+    root, _ = smoke_run
+    cfg = json.loads((root / "pipeline_config.json").read_text())
+    assert cfg["hh_data"] is None and cfg["hh_max_chars"] == 300  # the smoke preset's data: all offline splits
+    assert main(["eval", "pm", "--model", str(root / "rm"), "--n", str(cfg["pm_test_size"]), "--max-chars", "300",
+                 "--out", str(tmp_path)]) == 0
+    got = json.loads((tmp_path / "pm_eval.json").read_text())["metrics"]
+    assert got == json.loads((root / "rm" / "pm_eval.json").read_text())
+    assert "Comparison 0" in (tmp_path / "pm_eval.html").read_text()
+
+    # the last win rate the run measured: on the weights saved in the checkpoint of that step
+    step, win_rate = [(r["step"], r["test/win_rate"]) for r in read_jsonl(root / "rl" / "metrics.jsonl")
+                      if "test/win_rate" in r][-1]
+    assert step > 0
+    assert main(["eval", "winrate", "--judge", str(root / "rm"),
+                 "--policy", str(root / "rl" / "checkpoints" / f"{step:06d}" / "sampler"),
+                 "--n", str(cfg["win_rate_prompts"]), "--max-chars", "300", "--max-tokens", str(cfg["rl_max_tokens"]),
+                 "--seed", str(cfg["seed"]), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "winrate.json").read_text())
+    assert result["metrics"]["win_rate"] == pytest.approx(win_rate, abs=1e-9)
+    assert len(result["matchups"]) == cfg["win_rate_prompts"]
+    assert "Policy" in (tmp_path / "winrate.html").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -23,14 +24,32 @@ def win_rate_scores(verdicts_policy_as_b: Sequence[float], verdicts_policy_as_a:
     return (r0 - r1 + 2.0) / 4.0
 
 
+@dataclass
+class WinRateMatchups:
+    """One win-rate evaluation in full: per prompt, the policy's reply, the two orders' verdicts and the score."""
+
+    comparisons: list[Comparison]          # prompt and the opponent's reply (completion_A)
+    replies: list[dict]                    # the policy's reply to each prompt
+    verdicts_policy_as_b: list[float]      # PM(opponent A, policy B): +1 = policy preferred
+    verdicts_policy_as_a: list[float]      # PM(policy A, opponent B): -1 = policy preferred
+    scores: np.ndarray                     # win_rate_scores of the two orders
+
+    def metrics(self) -> dict[str, float]:
+        n = len(self.scores)
+        win_rate = float(self.scores.mean())
+        stderr = float(self.scores.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+        return {"test/win_rate": win_rate, "test/stderr": stderr, "win_rate": win_rate, "stderr": stderr}
+
+
 class ComparisonEvaluator(SamplingClientEvaluator):
     """Samples the policy's reply to each comparison's prompt and judges it against `completion_A` (the
     reference, e.g. the human-chosen HHH reply) in both orders. `both_ways` is accepted for compatibility;
-    both orders are always judged (as in the reference)."""
+    both orders are always judged (as in the reference). `seed` (local addition): prompt k's reply is sampled
+    with seed + k, so an evaluation can be reproduced (None: unseeded, as in the reference)."""
 
     def __init__(self, preference_model_builder: PreferenceModelBuilder, comparisons: Sequence[Comparison],
                  renderer_name: str, model_name_for_tokenizer: str, both_ways: bool = True, max_tokens: int = 1024,
-                 content_preprocessor: Callable[[str], str] | None = None):
+                 content_preprocessor: Callable[[str], str] | None = None, seed: int | None = None):
         if not comparisons:
             raise ValueError("ComparisonEvaluator needs at least one comparison")
         self.preference_model_builder = preference_model_builder
@@ -39,10 +58,12 @@ class ComparisonEvaluator(SamplingClientEvaluator):
         self.both_ways = both_ways
         self.max_tokens = max_tokens
         self.content_preprocessor = content_preprocessor
+        self.seed = seed
 
-    async def __call__(self, sampling_client: Any) -> dict[str, float]:
+    async def matchups(self, sampling_client: Any) -> WinRateMatchups:
         preference_model = self.preference_model_builder()  # fresh PM (and PM sampling client) per evaluation
-        policy = TinkerMessageCompleter(sampling_client, self.renderer, self.max_tokens, temperature=1.0)
+        policy = TinkerMessageCompleter(sampling_client, self.renderer, self.max_tokens, temperature=1.0,
+                                        seed=self.seed)
         # All prompts at once: the engine batches the concurrent sampling calls.
         replies = await asyncio.gather(*(policy(c.prompt_conversation) for c in self.comparisons))
         if self.content_preprocessor is not None:
@@ -51,7 +72,8 @@ class ComparisonEvaluator(SamplingClientEvaluator):
         policy_as_a = [c.swap() for c in policy_as_b]
         verdicts = await preference_model.judge_batch(policy_as_b + policy_as_a)  # one batched judge pass
         n = len(self.comparisons)
-        scores = win_rate_scores(verdicts[:n], verdicts[n:])
-        win_rate = float(scores.mean())
-        stderr = float(scores.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
-        return {"test/win_rate": win_rate, "test/stderr": stderr, "win_rate": win_rate, "stderr": stderr}
+        return WinRateMatchups(self.comparisons, list(replies), verdicts[:n], verdicts[n:],
+                               win_rate_scores(verdicts[:n], verdicts[n:]))
+
+    async def __call__(self, sampling_client: Any) -> dict[str, float]:
+        return (await self.matchups(sampling_client)).metrics()

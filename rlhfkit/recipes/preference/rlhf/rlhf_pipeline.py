@@ -214,10 +214,9 @@ def _hh_builder(cfg: PipelineConfig, role: str, test_size: int = 1024) -> Any:
 def held_out_comparisons(cfg: PipelineConfig, role: str, count: int) -> list:
     """The first `count` held-out labelled comparisons of the run's HH data for a role (the same ones at any
     count: a larger count extends the list)."""
-    builder = _hh_builder(cfg, role, count)
-    _, test_rows = builder.get_train_and_test_datasets()
-    comparisons = [builder.example_to_labeled_comparison(row) for row in test_rows]
-    return [c for c in comparisons if c is not None]
+    from rlhfkit.recipes.preference.datasets import held_out_hh_comparisons
+
+    return held_out_hh_comparisons(cfg.hh_data, role, count, cfg.hh_max_chars)
 
 
 async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
@@ -284,7 +283,7 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
         labeled = held_out_comparisons(cfg, "rl", cfg.win_rate_prompts)
         return ComparisonEvaluator(preference_model_builder=pm_builder, comparisons=[c.comparison for c in labeled],
                                    renderer_name=renderer_name, model_name_for_tokenizer=base_model,
-                                   max_tokens=cfg.rl_max_tokens)
+                                   max_tokens=cfg.rl_max_tokens, seed=cfg.seed)
 
     kl_reference = (rl_train.KLReferenceConfig(base_model, load_checkpoint_path=sft.state_path)
                     if cfg.rl_kl_penalty_coef > 0 else None)
