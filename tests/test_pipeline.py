@@ -177,3 +177,21 @@ def test_eval_command_reproduces_the_runs_accuracy_and_win_rate(smoke_run, tmp_p
     assert result["metrics"]["win_rate"] == pytest.approx(win_rate, abs=1e-9)
     assert len(result["matchups"]) == cfg["win_rate_prompts"]
     assert "Policy" in (tmp_path / "winrate.html").read_text()
+
+
+def test_rl_starts_from_named_sft_and_rm_checkpoints(smoke_run, tmp_path):
+    reference, _ = smoke_run
+    peft_rm = tmp_path / "peft_rm"  # the preference model as a plain PEFT adapter folder (no rlhfkit_state.json)
+    peft_rm.mkdir()
+    final_rm = reference / "rm" / "checkpoints" / "final" / "sampler"
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (peft_rm / name).write_bytes((final_rm / name).read_bytes())
+    root = tmp_path / "named"
+    run_pipeline(root, "run_sft=false", "run_rm=false", "report=false", "rl_max_steps=1", "rl_kl_penalty_coef=0.5",
+                 f"sft_checkpoint={reference / 'sft'}", f"rm_checkpoint={peft_rm}")
+    assert not (root / "sft").exists() and not (root / "rm").exists()
+    records = read_jsonl(root / "rl" / "metrics.jsonl")
+    assert len(records) == 1 and abs(records[0]["kl_policy_base"]) < 1e-3  # sampled from the SFT weights
+    # the same first iteration as the run that used its own stages (same start, same judge)
+    first = read_jsonl(reference / "rl" / "metrics.jsonl")[0]
+    assert records[0]["env/all/reward/total"] == first["env/all/reward/total"]
