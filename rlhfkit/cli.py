@@ -2,7 +2,10 @@
 
   rlhfkit pipeline [preset=demo|smoke|tutorial] [config=FILE] [key=value ...]   all three stages
   rlhfkit sft|rm|rl [key=value ...]                                                one stage alone
-  rlhfkit sample --model PATH_OR_NAME [--base-model NAME] "prompt"                 a quick look at a model
+  rlhfkit sample --model PATH_OR_NAME [--base-model NAME] "prompt" | --prompts-file FILE   replies
+  rlhfkit export CHECKPOINT OUT [--merge]                                          a PEFT adapter / merged model
+  rlhfkit eval pm|winrate ...                                                      evaluate a judge / a policy
+  rlhfkit --version
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import sys
 
 def sample_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlhfkit sample", description="Sample replies from a model or checkpoint.")
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", nargs="?", default=None)
+    parser.add_argument("--prompts-file", default=None,
+                        help="a file of prompts: one per line, or JSONL rows with a \"prompt\" field")
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="a base model (embedded name, folder, .gguf, Hub id), a checkpoint directory "
-                             "(sampler or state), or a stage log directory (its last checkpoint is used)")
+                             "(sampler or state), a PEFT adapter folder, or a stage log directory (its last "
+                             "checkpoint is used)")
     parser.add_argument("--base-model", default=None, help="override the checkpoint's base model")
     parser.add_argument("--renderer", default=None, help="renderer name (default: the model's recommended one)")
     parser.add_argument("--max-tokens", type=int, default=200)
@@ -24,16 +30,22 @@ def sample_main(argv: list[str]) -> int:
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
+    if (args.prompt is None) == (args.prompts_file is None):
+        parser.error("give one prompt or --prompts-file FILE")
 
-    from rlhfkit.sampling_cli import sample_replies
+    from rlhfkit.sampling_cli import read_prompts, sample_replies
 
-    for i, reply in enumerate(sample_replies(args.model, args.prompt, base_model=args.base_model,
-                                             renderer_name=args.renderer, max_tokens=args.max_tokens,
-                                             temperature=args.temperature, num_samples=args.num_samples,
-                                             seed=args.seed)):
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        print(reply)
+    prompts = [args.prompt] if args.prompts_file is None else read_prompts(args.prompts_file)
+    replies = sample_replies(args.model, prompts, base_model=args.base_model, renderer_name=args.renderer,
+                             max_tokens=args.max_tokens, temperature=args.temperature,
+                             num_samples=args.num_samples, seed=args.seed)
+    for prompt, samples in zip(prompts, replies):
+        if len(prompts) > 1:
+            print(f"=== prompt: {prompt}")
+        for i, reply in enumerate(samples):
+            if args.num_samples > 1:
+                print(f"--- sample {i + 1} ---")
+            print(reply)
     return 0
 
 
@@ -42,9 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    if argv[0] == "--version":
+        from rlhfkit import __version__
+
+        print(f"rlhfkit {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "sample":
         return sample_main(rest)
+    if command == "export":
+        from rlhfkit.export import export_main
+
+        return export_main(rest)
+    if command == "eval":
+        from rlhfkit.eval_cli import eval_main
+
+        return eval_main(rest)
     if command in ("pipeline", "sft", "rm", "rl"):
         from rlhfkit.recipes.preference.rlhf import rlhf_pipeline
 

@@ -70,19 +70,24 @@ class TinkerTokenCompleter(TokenCompleter):
 
 class TinkerMessageCompleter(MessageCompleter):
     """Samples the assistant's next message and parses it with the renderer (content kept whatever the
-    termination)."""
+    termination). With a `seed`, call k uses seed + k (concurrent calls are numbered in the order they start)."""
 
     def __init__(self, sampling_client: Any, renderer: Renderer, max_tokens: int,
-                 stop_condition: StopCondition | None = None, temperature: float = 1.0):
+                 stop_condition: StopCondition | None = None, temperature: float = 1.0, seed: int | None = None):
         self.sampling_client = sampling_client
         self.renderer = renderer
         self.max_tokens = max_tokens
         self.stop_condition = stop_condition if stop_condition is not None else renderer.get_stop_sequences()
         self.temperature = temperature
+        self.seed = seed
+        self._num_calls = 0
 
     async def __call__(self, messages: list[Message]) -> Message:
         prompt = self.renderer.build_generation_prompt(messages)
-        params = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, stop=self.stop_condition)
+        seed = None if self.seed is None else self.seed + self._num_calls
+        self._num_calls += 1
+        params = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, stop=self.stop_condition,
+                                seed=seed)
         response = await self.sampling_client.sample_async(prompt=prompt, num_samples=1, sampling_params=params)
         message, _termination = self.renderer.parse_response(response.sequences[0].tokens)
         return {"role": "assistant", "content": get_text_content(message)}

@@ -1,4 +1,5 @@
-"""`rlhfkit sample`: replies from a base model, a checkpoint directory, or a stage's log directory."""
+"""`rlhfkit sample`: replies from a base model, a checkpoint directory, a PEFT adapter folder, or a stage's log
+directory, to one prompt or to a file of prompts."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 from pathlib import Path
 
 from rlhfkit.engine import ServiceClient, types
-from rlhfkit.engine.lora import META_FILE
+from rlhfkit.engine.lora import is_adapter_folder, read_spec
 
 
 def resolve_model(model: str, base_model: str | None = None) -> tuple[str | None, str, str | None]:
@@ -23,15 +24,43 @@ def resolve_model(model: str, base_model: str | None = None) -> tuple[str | None
         if config_file.exists():
             renderer = json.loads(config_file.read_text()).get("renderer_name")
         path = Path(record.sampler_path)
-    if path.is_dir() and (path / META_FILE).exists():
-        meta = json.loads((path / META_FILE).read_text())
-        return str(path), base_model or meta["lora"]["base_model"], renderer
+    if is_adapter_folder(path):  # an rlhfkit checkpoint or a PEFT adapter folder
+        return str(path), base_model or read_spec(path).base_model, renderer
     return None, base_model or model, renderer
 
 
-def sample_replies(model: str, prompt: str, base_model: str | None = None, renderer_name: str | None = None,
-                   max_tokens: int = 200, temperature: float = 0.7, num_samples: int = 1,
-                   seed: int | None = None) -> list[str]:
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: JSONL rows with a "prompt" field (a .jsonl file, or a file whose first line is a JSON
+    object), else one prompt per non-empty line."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    if path.suffix == ".jsonl" or first.lstrip().startswith("{"):
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from e
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}, line {number}: expected an object with a text field \"prompt\"")
+            prompts.append(row["prompt"])
+    else:
+        prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def sample_replies(model: str, prompts: str | list[str], base_model: str | None = None,
+                   renderer_name: str | None = None, max_tokens: int = 200, temperature: float = 0.7,
+                   num_samples: int = 1, seed: int | None = None) -> list[str] | list[list[str]]:
+    """`num_samples` replies to a prompt (a list of texts), or to each of a list of prompts (a list of lists;
+    all prompts are sampled in one batch)."""
+    import asyncio
+
     from rlhfkit import model_info, renderers
 
     checkpoint, base, recorded_renderer = resolve_model(model, base_model)
@@ -40,8 +69,15 @@ def sample_replies(model: str, prompt: str, base_model: str | None = None, rende
                else service.create_sampling_client(base_model=base))
     name = renderer_name or recorded_renderer or model_info.get_recommended_renderer_name(base)
     renderer = renderers.get_renderer(name, sampler.get_tokenizer())
-    model_input = renderer.build_generation_prompt([{"role": "user", "content": prompt}])
     params = types.SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                   stop=renderer.get_stop_sequences(), seed=seed)
-    response = sampler.sample(model_input, num_samples, params).result()
-    return [renderers.get_text_content(renderer.parse_response(seq.tokens)[0]) for seq in response.sequences]
+    many = [prompts] if isinstance(prompts, str) else list(prompts)
+
+    async def sample_all():
+        return await asyncio.gather(*(sampler.sample_async(
+            renderer.build_generation_prompt([{"role": "user", "content": prompt}]), num_samples, params)
+            for prompt in many))
+
+    replies = [[renderers.get_text_content(renderer.parse_response(seq.tokens)[0]) for seq in response.sequences]
+               for response in asyncio.run(sample_all())]
+    return replies[0] if isinstance(prompts, str) else replies

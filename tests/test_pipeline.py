@@ -185,3 +185,47 @@ def test_report_renders_in_headless_chromium_with_its_plots(smoke_run, tmp_path)
     assert blue > 800 and orange > 300, (blue, orange)  # 1896 and 797 on the smoke run; a page without its plots: 0
     rows_with_blue = np.flatnonzero((np.abs(pixels - np.array((31, 119, 180))).sum(axis=-1) < 40).any(axis=1))
     assert rows_with_blue.max() - rows_with_blue.min() > 800  # the SFT, preference-model and RL plots, stacked
+
+
+def test_eval_command_reproduces_the_runs_accuracy_and_win_rate(smoke_run, tmp_path):
+    from rlhfkit.cli import main
+
+    root, _ = smoke_run
+    cfg = json.loads((root / "pipeline_config.json").read_text())
+    assert cfg["hh_data"] is None and cfg["hh_max_chars"] == 300  # the smoke preset's data: all offline splits
+    assert main(["eval", "pm", "--model", str(root / "rm"), "--n", str(cfg["pm_test_size"]), "--max-chars", "300",
+                 "--out", str(tmp_path)]) == 0
+    got = json.loads((tmp_path / "pm_eval.json").read_text())["metrics"]
+    assert got == json.loads((root / "rm" / "pm_eval.json").read_text())
+    assert "Comparison 0" in (tmp_path / "pm_eval.html").read_text()
+
+    # the last win rate the run measured: on the weights saved in the checkpoint of that step
+    step, win_rate = [(r["step"], r["test/win_rate"]) for r in read_jsonl(root / "rl" / "metrics.jsonl")
+                      if "test/win_rate" in r][-1]
+    assert step > 0
+    assert main(["eval", "winrate", "--judge", str(root / "rm"),
+                 "--policy", str(root / "rl" / "checkpoints" / f"{step:06d}" / "sampler"),
+                 "--n", str(cfg["win_rate_prompts"]), "--max-chars", "300", "--max-tokens", str(cfg["rl_max_tokens"]),
+                 "--seed", str(cfg["seed"]), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "winrate.json").read_text())
+    assert result["metrics"]["win_rate"] == pytest.approx(win_rate, abs=1e-9)
+    assert len(result["matchups"]) == cfg["win_rate_prompts"]
+    assert "Policy" in (tmp_path / "winrate.html").read_text()
+
+
+def test_rl_starts_from_named_sft_and_rm_checkpoints(smoke_run, tmp_path):
+    reference, _ = smoke_run
+    peft_rm = tmp_path / "peft_rm"  # the preference model as a plain PEFT adapter folder (no rlhfkit_state.json)
+    peft_rm.mkdir()
+    final_rm = reference / "rm" / "checkpoints" / "final" / "sampler"
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (peft_rm / name).write_bytes((final_rm / name).read_bytes())
+    root = tmp_path / "named"
+    run_pipeline(root, "run_sft=false", "run_rm=false", "report=false", "rl_max_steps=1", "rl_kl_penalty_coef=0.5",
+                 f"sft_checkpoint={reference / 'sft'}", f"rm_checkpoint={peft_rm}")
+    assert not (root / "sft").exists() and not (root / "rm").exists()
+    records = read_jsonl(root / "rl" / "metrics.jsonl")
+    assert len(records) == 1 and abs(records[0]["kl_policy_base"]) < 1e-3  # sampled from the SFT weights
+    # the same first iteration as the run that used its own stages (same start, same judge)
+    first = read_jsonl(reference / "rl" / "metrics.jsonl")[0]
+    assert records[0]["env/all/reward/total"] == first["env/all/reward/total"]

@@ -1,4 +1,9 @@
-"""LoRA adapters through PEFT: which modules get them, saving/loading them, merging them into weights."""
+"""LoRA adapters through PEFT: which modules get them, saving/loading them, merging them into weights.
+
+A saved adapter folder is a valid PEFT adapter (`peft.PeftModel.from_pretrained(base, folder)` and vLLM's LoRA
+loader read it as is): `adapter_model.safetensors` + `adapter_config.json` (task_type CAUSAL_LM, target_modules
+a list, base_model_name_or_path the name the user gave). rlhfkit adds `rlhfkit_state.json` (the LoraSpec and
+loop state); a folder without it (an adapter trained elsewhere) is read from adapter_config.json alone."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ PEFT_PREFIX = "base_model.model."
 class LoraSpec:
     base_model: str
     rank: int = 32
-    alpha: int = 32  # the cookbook's assumed alpha (spec §9.3)
+    alpha: float = 32  # the cookbook's assumed alpha (spec §9.3)
     seed: int | None = None
     train_mlp: bool = True
     train_attn: bool = True
@@ -58,13 +63,15 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
 
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                         target_modules=target_module_names(model, spec), bias="none")
     seed = 0 if spec.seed is None else spec.seed
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tied.*")
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    # PEFT records the local folder the weights came from; record the portable name the user gave instead.
+    peft_model.peft_config["default"].base_model_name_or_path = spec.base_model
     for name, param in peft_model.named_parameters():
         if param.requires_grad:
             param.data = param.data.float()
@@ -87,21 +94,87 @@ def load_adapter_state(peft_model: torch.nn.Module, tensors: dict[str, torch.Ten
         raise ValueError(f"adapter weights do not match the model: unexpected keys {unexpected[:3]}...")
 
 
+def peft_config_json(peft_config: dict) -> str:
+    """adapter_config.json's text as PEFT and vLLM read it: sets (target_modules) as sorted lists, enums as
+    their values."""
+    def plain(value):
+        if isinstance(value, (set, frozenset)):
+            return sorted(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value.value if hasattr(value, "value") and isinstance(value, str) else value
+
+    return json.dumps({k: plain(v) for k, v in peft_config.items()}, indent=2, sort_keys=True)
+
+
 def save_adapter(folder: Path, tensors: dict[str, torch.Tensor], spec: LoraSpec, peft_config: dict, kind: str,
                  extra: dict | None = None) -> None:
     save_file(tensors, str(folder / ADAPTER_FILE))
-    (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, default=str))
+    (folder / ADAPTER_CONFIG_FILE).write_text(peft_config_json(peft_config))
     meta = {"kind": kind, "lora": asdict(spec), **(extra or {})}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def is_adapter_folder(folder: str | Path) -> bool:
+    """An rlhfkit checkpoint or a plain PEFT adapter folder."""
+    folder = Path(folder)
+    return folder.is_dir() and ((folder / META_FILE).exists() or (folder / ADAPTER_CONFIG_FILE).exists())
+
+
 def read_meta(folder: str | Path) -> dict:
+    """rlhfkit_state.json of an rlhfkit checkpoint; for a plain PEFT adapter folder, the same keys derived from
+    its adapter_config.json ({"kind": "peft", "lora": ...})."""
     folder = Path(folder)
     meta_path = folder / META_FILE
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{folder} is not an rlhfkit checkpoint (no {META_FILE}); expected a directory "
-                                f"written by save_state or save_weights_for_sampler")
-    return json.loads(meta_path.read_text())
+    if meta_path.exists():
+        return json.loads(meta_path.read_text())
+    if (folder / ADAPTER_CONFIG_FILE).exists():
+        return {"kind": "peft", "lora": asdict(spec_from_peft_config(folder))}
+    raise FileNotFoundError(f"{folder} is neither an rlhfkit checkpoint (no {META_FILE}) nor a PEFT adapter "
+                            f"folder (no {ADAPTER_CONFIG_FILE}); expected a directory written by save_state, "
+                            f"save_weights_for_sampler or peft's save_pretrained")
+
+
+ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "dense")
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "c_proj", "w1", "w2", "w3")
+UNEMBED_NAMES = ("lm_head", "embed_out", "output")
+
+
+def spec_from_peft_config(folder: str | Path) -> LoraSpec:
+    """A LoraSpec for a PEFT LoRA adapter trained elsewhere: base model, rank and alpha from adapter_config.json;
+    which module groups it adapts from its target_modules (a training client adapts whole groups: modules of a
+    group the adapter lacks start at zero)."""
+    path = Path(folder) / ADAPTER_CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    for field in ("base_model_name_or_path", "r", "lora_alpha", "target_modules"):
+        if config.get(field) is None:
+            raise ValueError(f"{path}: field {field!r} is missing; a PEFT LoRA adapter config needs it")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {config['peft_type']!r}; only LoRA adapters are supported")
+    unsupported = [k for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save",
+                               "layers_to_transform") if config.get(k)]
+    if unsupported or config.get("bias", "none") != "none":
+        raise ValueError(f"{path}: unsupported LoRA options {unsupported or ['bias']}; rlhfkit merges plain LoRA "
+                         f"(W + alpha/r · BA) only")
+    targets = config["target_modules"]
+    if isinstance(targets, str):
+        raise ValueError(f"{path}: target_modules is a pattern string ({targets!r}); expected a list of names")
+    leaves = {str(t).rsplit(".", 1)[-1] for t in targets}
+    spec = LoraSpec(base_model=config["base_model_name_or_path"], rank=int(config["r"]),
+                    alpha=config["lora_alpha"], train_attn=bool(leaves & set(ATTN_NAMES)),
+                    train_mlp=bool(leaves & set(MLP_NAMES)), train_unembed=bool(leaves & set(UNEMBED_NAMES)))
+    if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
+        raise ValueError(f"{path}: target_modules {sorted(leaves)} name no attention, MLP or unembedding "
+                         f"projection rlhfkit knows")
+    return spec
+
+
+def read_spec(folder: str | Path) -> LoraSpec:
+    """The LoraSpec of an rlhfkit checkpoint or a PEFT adapter folder."""
+    return LoraSpec(**read_meta(folder)["lora"])
 
 
 def load_adapter_tensors(folder: str | Path) -> dict[str, torch.Tensor]:

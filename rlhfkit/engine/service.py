@@ -6,7 +6,7 @@ import os
 import uuid
 from pathlib import Path
 
-from rlhfkit.engine.lora import LoraSpec, add_lora, load_adapter_tensors, read_meta
+from rlhfkit.engine.lora import LoraSpec, add_lora, load_adapter_tensors, read_spec
 from rlhfkit.engine.models import load_base_model, pick_precision
 from rlhfkit.engine.sampling import SamplingClient
 from rlhfkit.engine.training import TrainingClient
@@ -44,13 +44,13 @@ class ServiceClient:
 
     def create_training_client_from_state(self, path: str, user_metadata: dict | None = None) -> TrainingClient:
         """Adapter weights from a saved state (or sampler weights); a fresh optimizer."""
-        client = self._training_client(LoraSpec(**read_meta(path)["lora"]))
+        client = self._training_client(read_spec(path))
         client.load_state(path)
         return client
 
     def create_training_client_from_state_with_optimizer(self, path: str, user_metadata: dict | None = None
                                                          ) -> TrainingClient:
-        client = self._training_client(LoraSpec(**read_meta(path)["lora"]))
+        client = self._training_client(read_spec(path))
         client.load_state_with_optimizer(path)
         return client
 
@@ -61,7 +61,7 @@ class ServiceClient:
             if base_model is None:
                 raise ValueError("create_sampling_client: give model_path or base_model")
         else:
-            spec = LoraSpec(**read_meta(model_path)["lora"])
+            spec = read_spec(model_path)
             if base_model is not None and base_model != spec.base_model:
                 spec = LoraSpec(**{**spec.__dict__, "base_model": base_model})
             base_model, adapter = spec.base_model, str(Path(model_path).resolve())

@@ -13,7 +13,7 @@ from rlhfkit.engine import losses
 from rlhfkit.engine.batching import microbatch_token_budget, pad_right, plan_microbatches, token_logprobs
 from rlhfkit.engine.futures import APIFuture
 from rlhfkit.engine.lora import (LoraSpec, adapter_state, load_adapter_state, load_adapter_tensors, read_meta,
-                                 save_adapter)
+                                 read_spec, save_adapter)
 from rlhfkit.engine.models import Precision, load_tokenizer
 from rlhfkit.engine.types import (AdamParams, Datum, ForwardBackwardOutput, OptimStepResponse, SaveWeightsResponse,
                                   TensorData)
@@ -269,7 +269,7 @@ class TrainingClient:
 
 
 def spec_from_checkpoint(path: str) -> LoraSpec:
-    return LoraSpec(**read_meta(path)["lora"])
+    return read_spec(path)
 
 
 def describe_checkpoint(path: str) -> str:

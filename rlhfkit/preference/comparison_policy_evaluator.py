@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -24,10 +25,35 @@ def win_rate_scores(verdicts_policy_as_b: Sequence[float], verdicts_policy_as_a:
     return (r0 - r1 + 2.0) / 4.0
 
 
+@dataclass
+class WinRateMatchups:
+    """One win-rate evaluation in full: per prompt, the policy's reply, the two orders' verdicts and the score."""
+
+    comparisons: list[Comparison]          # prompt and the opponent's reply (completion_A)
+    replies: list[dict]                    # the policy's reply to each prompt
+    verdicts_policy_as_b: list[float]      # PM(opponent A, policy B): +1 = policy preferred
+    verdicts_policy_as_a: list[float]      # PM(policy A, opponent B): -1 = policy preferred
+    scores: np.ndarray                     # win_rate_scores of the two orders
+    symmetric: np.ndarray | None = None    # P(policy wins), both orders' probabilities combined (chat PMs)
+
+    def metrics(self) -> dict[str, float]:
+        win_rate, stderr = float(self.scores.mean()), _stderr(self.scores)
+        metrics = {"test/win_rate": win_rate, "test/stderr": stderr, "win_rate": win_rate, "stderr": stderr}
+        if self.symmetric is not None:
+            metrics.update({"test/win_rate_symmetric": float(self.symmetric.mean()),
+                            "test/stderr_symmetric": _stderr(self.symmetric)})
+        return metrics
+
+
+def _stderr(scores: np.ndarray) -> float:
+    return float(scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else 0.0
+
+
 class ComparisonEvaluator(SamplingClientEvaluator):
     """Samples the policy's reply to each comparison's prompt and judges it against `completion_A` (the
     reference, e.g. the human-chosen HHH reply) in both orders. `both_ways` is accepted for compatibility;
-    both orders are always judged (as in the reference).
+    both orders are always judged (as in the reference). `seed` (local addition): prompt k's reply is sampled
+    with seed + k, so an evaluation can be reproduced (None: unseeded, as in the reference).
 
     `test/win_rate` is the reference's score from the PM's rewards (greedy verdicts by default). With a chat PM
     the same judgements also give `test/win_rate_symmetric`: the mean over prompts of P(policy wins) averaged
@@ -36,7 +62,7 @@ class ComparisonEvaluator(SamplingClientEvaluator):
 
     def __init__(self, preference_model_builder: PreferenceModelBuilder, comparisons: Sequence[Comparison],
                  renderer_name: str, model_name_for_tokenizer: str, both_ways: bool = True, max_tokens: int = 1024,
-                 content_preprocessor: Callable[[str], str] | None = None):
+                 content_preprocessor: Callable[[str], str] | None = None, seed: int | None = None):
         if not comparisons:
             raise ValueError("ComparisonEvaluator needs at least one comparison")
         self.preference_model_builder = preference_model_builder
@@ -45,10 +71,12 @@ class ComparisonEvaluator(SamplingClientEvaluator):
         self.both_ways = both_ways
         self.max_tokens = max_tokens
         self.content_preprocessor = content_preprocessor
+        self.seed = seed
 
-    async def __call__(self, sampling_client: Any) -> dict[str, float]:
+    async def matchups(self, sampling_client: Any) -> WinRateMatchups:
         preference_model = self.preference_model_builder()  # fresh PM (and PM sampling client) per evaluation
-        policy = TinkerMessageCompleter(sampling_client, self.renderer, self.max_tokens, temperature=1.0)
+        policy = TinkerMessageCompleter(sampling_client, self.renderer, self.max_tokens, temperature=1.0,
+                                        seed=self.seed)
         # All prompts at once: the engine batches the concurrent sampling calls.
         replies = await asyncio.gather(*(policy(c.prompt_conversation) for c in self.comparisons))
         if self.content_preprocessor is not None:
@@ -56,22 +84,17 @@ class ComparisonEvaluator(SamplingClientEvaluator):
         policy_as_b = [Comparison(c.prompt_conversation, c.completion_A, [r]) for c, r in zip(self.comparisons, replies)]
         policy_as_a = [c.swap() for c in policy_as_b]
         n = len(self.comparisons)
-        metrics: dict[str, float] = {}
-        if isinstance(preference_model, PreferenceModelFromChatRenderer):
-            judged = await preference_model.judge_many(policy_as_b + policy_as_a)  # one batched judge pass
-            as_b, as_a = judged[:n], judged[n:]
-            verdicts_b = [preference_model.reward(b, a) for b, a in zip(as_b, as_a)]
-            verdicts_a = [preference_model.reward(a, b) for b, a in zip(as_b, as_a)]
-            symmetric = np.asarray([symmetric_p_b(b, a) for b, a in zip(as_b, as_a)])
-            metrics["test/win_rate_symmetric"] = float(symmetric.mean())
-            metrics["test/stderr_symmetric"] = _stderr(symmetric)
-        else:
+        if not isinstance(preference_model, PreferenceModelFromChatRenderer):
             verdicts = await preference_model.judge_batch(policy_as_b + policy_as_a)  # one batched judge pass
-            verdicts_b, verdicts_a = verdicts[:n], verdicts[n:]
-        scores = win_rate_scores(verdicts_b, verdicts_a)
-        win_rate, stderr = float(scores.mean()), _stderr(scores)
-        return {"test/win_rate": win_rate, "test/stderr": stderr, "win_rate": win_rate, "stderr": stderr, **metrics}
+            return WinRateMatchups(self.comparisons, list(replies), verdicts[:n], verdicts[n:],
+                                   win_rate_scores(verdicts[:n], verdicts[n:]))
+        judged = await preference_model.judge_many(policy_as_b + policy_as_a)  # one batched judge pass
+        as_b, as_a = judged[:n], judged[n:]
+        verdicts_b = [preference_model.reward(b, a) for b, a in zip(as_b, as_a)]
+        verdicts_a = [preference_model.reward(a, b) for b, a in zip(as_b, as_a)]
+        return WinRateMatchups(self.comparisons, list(replies), verdicts_b, verdicts_a,
+                               win_rate_scores(verdicts_b, verdicts_a),
+                               np.asarray([symmetric_p_b(b, a) for b, a in zip(as_b, as_a)]))
 
-
-def _stderr(scores: np.ndarray) -> float:
-    return float(scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else 0.0
+    async def __call__(self, sampling_client: Any) -> dict[str, float]:
+        return (await self.matchups(sampling_client)).metrics()

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from rlhfkit.evaluators import SamplingClientEvaluator
-from rlhfkit.preference.types import (VERDICT_OF_LABEL, Comparison, LabeledComparison, PreferenceModelFromChatRenderer,
-                                     symmetric_p_b)
+from rlhfkit.preference.types import (VERDICT_OF_LABEL, Comparison, Judgement, LabeledComparison,
+                                     PreferenceModelFromChatRenderer, symmetric_p_b)
 from rlhfkit.renderers import get_renderer, get_text_content
 from rlhfkit.tokenizer_utils import get_tokenizer
 
@@ -73,23 +73,29 @@ class PMEvalResult:
                 f"{prefix}/frac_longer_preferred": self.frac_longer_preferred}
 
 
-async def evaluate_preference_model(preference_model: PreferenceModelFromChatRenderer,
-                                    comparisons: Sequence[LabeledComparison], chunk_size: int = 256
-                                    ) -> PMEvalResult:
-    """Judge every comparison as given and swapped, in batched passes of `chunk_size` prompts."""
+async def judge_both_orders(preference_model: PreferenceModelFromChatRenderer,
+                            comparisons: Sequence[LabeledComparison], chunk_size: int = 256
+                            ) -> tuple[list[Judgement], list[Judgement]]:
+    """The judgements of every comparison as given and swapped, in batched passes of `chunk_size` prompts."""
     n = len(comparisons)
     if n == 0:
         raise ValueError("no comparisons to evaluate the preference model on")
-    swapped = [c.swap() for c in comparisons]
-    to_judge = [c.comparison for c in [*comparisons, *swapped]]
+    to_judge = [c.comparison for c in [*comparisons, *(c.swap() for c in comparisons)]]
     judgements = []
     with tqdm(total=len(to_judge), desc="judging held-out comparisons", unit="cmp", leave=False,
               disable=len(to_judge) <= chunk_size) as progress:
         for start in range(0, len(to_judge), chunk_size):  # each chunk is one batched scoring pass
             judgements += await preference_model.judge_many(to_judge[start:start + chunk_size])
             progress.update(min(chunk_size, len(to_judge) - start))
-    original, flipped = judgements[:n], judgements[n:]
+    return judgements[:n], judgements[n:]
 
+
+def summarize_judgements(comparisons: Sequence[LabeledComparison], original: Sequence[Judgement],
+                         flipped: Sequence[Judgement]) -> PMEvalResult:
+    """Accuracy (both orders), position bias, order agreement and P(correct) from judge_both_orders' output."""
+    n = len(comparisons)
+    swapped = [c.swap() for c in comparisons]
+    judgements = [*original, *flipped]
     correct_original = [j.verdict == VERDICT_OF_LABEL[c.label] for j, c in zip(original, comparisons)]
     correct_swapped = [j.verdict == VERDICT_OF_LABEL[c.label] for j, c in zip(flipped, swapped)]
     per_comparison = [(a + b) / 2 for a, b in zip(correct_original, correct_swapped)]
@@ -138,6 +144,14 @@ def _picks_longer(verdict: float, comparison: Comparison) -> bool | None:
 def _share(flags: Sequence[bool | None]) -> float:
     counted = [f for f in flags if f is not None]
     return sum(counted) / len(counted) if counted else float("nan")
+
+
+async def evaluate_preference_model(preference_model: PreferenceModelFromChatRenderer,
+                                    comparisons: Sequence[LabeledComparison], chunk_size: int = 256
+                                    ) -> PMEvalResult:
+    """Judge every comparison as given and swapped, in batched passes of `chunk_size` prompts."""
+    original, flipped = await judge_both_orders(preference_model, comparisons, chunk_size)
+    return summarize_judgements(comparisons, original, flipped)
 
 
 def format_pm_eval(result: PMEvalResult) -> str:

@@ -284,3 +284,30 @@ class ComparisonBuilderFromJsonl(ComparisonDatasetBuilder):
 
     def example_to_labeled_comparison(self, example: dict[str, Any]) -> LabeledComparison | None:
         return jsonl_row_to_labeled_comparison(example)
+
+
+def load_labeled_comparisons(path: str | Path) -> list[LabeledComparison]:
+    """Every row of a {"prompt_conversation", "completion_A", "completion_B", "label"} JSONL file, in file order."""
+    return [jsonl_row_to_labeled_comparison(row) for row in ComparisonBuilderFromJsonl._load(path)]
+
+
+def held_out_hh_comparisons(hh_data: str | None, role: Literal["preference_model", "rl"], count: int,
+                            max_chars: int | None = None) -> list[LabeledComparison]:
+    """The first `count` held-out labelled comparisons of HH-RLHF data (`hh_data` as hh_data_files takes it) for a
+    role ("preference_model": the PM test rows, "rl": the win-rate rows); a larger count extends the list."""
+    builder = HHHComparisonBuilder(test_size=count, role=role, data_files=hh_data_files(hh_data), max_chars=max_chars)
+    _, test_rows = builder.get_train_and_test_datasets()
+    comparisons = [builder.example_to_labeled_comparison(row) for row in test_rows]
+    return [c for c in comparisons if c is not None]
+
+
+def read_eval_comparisons(data: str | None, role: Literal["preference_model", "rl"], count: int,
+                          max_chars: int | None = None) -> list[LabeledComparison]:
+    """Comparisons to evaluate on: a JSONL file of labelled comparisons (its first `count` rows), else HH-RLHF
+    data as the pipeline takes it (split names, files, "Anthropic/hh-rlhf"; None: the offline splits), of which
+    the held-out rows of `role` are used, as the pipeline's own evaluations use them."""
+    if data is not None and "," not in data and Path(data).is_file():
+        first = next((row for row in _read_jsonl_rows(Path(data))), {})
+        if "prompt_conversation" in first:
+            return load_labeled_comparisons(data)[:count]
+    return held_out_hh_comparisons(data, role, count, max_chars)

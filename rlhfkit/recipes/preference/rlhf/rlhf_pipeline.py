@@ -76,6 +76,10 @@ class PipelineConfig:
     report: bool = True
     report_prompts: int = 3  # held-out prompts (besides the tutorial's) in the report's reply comparison
     sampler: str | None = None  # RL rollouts: "local" (in this process) or "vllm" (see README); None: RLHFKIT_SAMPLER
+    # Starting points (None: this run's own stage output). Each: an rlhfkit checkpoint directory (state or sampler),
+    # a stage log directory (its last checkpoint), or a PEFT adapter folder trained elsewhere.
+    sft_checkpoint: str | None = None  # the policy RL starts from (and its KL reference)
+    rm_checkpoint: str | None = None  # the preference model RL is judged by
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -167,6 +171,21 @@ def resolve_base_model(cfg: PipelineConfig) -> str:
     return str(build_tiny_model(Path(cfg.log_root) / "tiny_model"))
 
 
+def starting_point(given: str | None, stage_log: str, key: str) -> str | None:
+    """The checkpoint a later stage starts from: `given` (a checkpoint, a stage log directory or a PEFT adapter
+    folder) when set, else the `key` path of the last checkpoint in `stage_log` (None if there is none)."""
+    if given is None:
+        record = checkpoint_utils.get_last_checkpoint(stage_log, required_key=key)
+        return None if record is None else record.get(key)
+    from rlhfkit.engine.lora import is_adapter_folder
+    from rlhfkit.sampling_cli import resolve_model
+
+    checkpoint, _, _ = resolve_model(given)
+    if checkpoint is None or not is_adapter_folder(checkpoint):
+        raise ValueError(f"{given!r}: not an rlhfkit checkpoint, stage log directory or PEFT adapter folder")
+    return checkpoint
+
+
 def _steps(stage_value: int | None, cfg: PipelineConfig) -> int | None:
     return stage_value if stage_value is not None else cfg.max_steps
 
@@ -214,10 +233,9 @@ def _hh_builder(cfg: PipelineConfig, role: str, test_size: int = 1024) -> Any:
 def held_out_comparisons(cfg: PipelineConfig, role: str, count: int) -> list:
     """The first `count` held-out labelled comparisons of the run's HH data for a role (the same ones at any
     count: a larger count extends the list)."""
-    builder = _hh_builder(cfg, role, count)
-    _, test_rows = builder.get_train_and_test_datasets()
-    comparisons = [builder.example_to_labeled_comparison(row) for row in test_rows]
-    return [c for c in comparisons if c is not None]
+    from rlhfkit.recipes.preference.datasets import held_out_hh_comparisons
+
+    return held_out_hh_comparisons(cfg.hh_data, role, count, cfg.hh_max_chars)
 
 
 async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
@@ -267,13 +285,14 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
     from rlhfkit.rl import preference_envs
     from rlhfkit.rl import train as rl_train
 
-    sft = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/sft")
-    rm = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/rm", required_key="sampler_path")
-    if sft is None or rm is None:
+    sft_path = starting_point(cfg.sft_checkpoint, f"{cfg.log_root}/sft", "state_path")
+    rm_path = starting_point(cfg.rm_checkpoint, f"{cfg.log_root}/rm", "sampler_path")
+    if sft_path is None or rm_path is None:
         raise ValueError(f"RL needs the SFT and preference-model checkpoints in {cfg.log_root}/sft and "
-                         f"{cfg.log_root}/rm; run those stages first (run_sft=true run_rm=true)")
+                         f"{cfg.log_root}/rm; run those stages first (run_sft=true run_rm=true) or name them "
+                         f"(sft_checkpoint=PATH rm_checkpoint=PATH)")
     pm_builder = PreferenceModelBuilderFromChatRenderer(renderer_name=renderer_name, model_name=base_model,
-                                                        rm_weights_path=rm.sampler_path, reward_mode=cfg.reward_mode)
+                                                        rm_weights_path=rm_path, reward_mode=cfg.reward_mode)
     dataset_builder = preference_envs.PairwisePreferenceRLDatasetBuilder(
         comparison_builder=_hh_builder(cfg, "rl"), policy_renderer_name=renderer_name,
         policy_model_name=base_model, preference_model_builder=pm_builder,
@@ -284,13 +303,13 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
         labeled = held_out_comparisons(cfg, "rl", cfg.win_rate_prompts)
         return ComparisonEvaluator(preference_model_builder=pm_builder, comparisons=[c.comparison for c in labeled],
                                    renderer_name=renderer_name, model_name_for_tokenizer=base_model,
-                                   max_tokens=cfg.rl_max_tokens)
+                                   max_tokens=cfg.rl_max_tokens, seed=cfg.seed)
 
-    kl_reference = (rl_train.KLReferenceConfig(base_model, load_checkpoint_path=sft.state_path)
+    kl_reference = (rl_train.KLReferenceConfig(base_model, load_checkpoint_path=sft_path)
                     if cfg.rl_kl_penalty_coef > 0 else None)
     await rl_train.main(rl_train.Config(
         model_name=base_model, recipe_name="recipe_preference_rlhf_rl", renderer_name=renderer_name,
-        dataset_builder=dataset_builder, load_checkpoint_path=sft.state_path, learning_rate=cfg.rl_learning_rate,
+        dataset_builder=dataset_builder, load_checkpoint_path=sft_path, learning_rate=cfg.rl_learning_rate,
         max_tokens=cfg.rl_max_tokens, log_path=f"{cfg.log_root}/rl", evaluator_builders=[make_evaluator],
         wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-rl", lora_rank=cfg.lora_rank,
         save_every=cfg.save_every, eval_every=cfg.rl_eval_every or cfg.eval_every,

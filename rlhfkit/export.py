@@ -1,0 +1,42 @@
+"""`rlhfkit export CHECKPOINT OUT [--merge]`: a checkpoint as a PEFT adapter folder or a merged model folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def export_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rlhfkit export",
+        description="Write a checkpoint as a PEFT adapter folder (peft / vLLM LoRA) or, with --merge, as a merged "
+                    "Hugging Face model folder (transformers / vLLM).")
+    parser.add_argument("checkpoint", help="an rlhfkit checkpoint directory (sampler or state), a stage log "
+                                           "directory (its last checkpoint), or a PEFT adapter folder")
+    parser.add_argument("out", help="the folder to write (must not exist or be empty)")
+    parser.add_argument("--merge", action="store_true",
+                        help="merge the adapter into the base weights and write a full model folder")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights' dtype in the merged folder (default float32)")
+    parser.add_argument("--base-model", default=None,
+                        help="adapter export: the base model name to record (default: the one the run was given)")
+    args = parser.parse_args(argv)
+
+    from rlhfkit.engine.export import export_adapter, export_merged
+    from rlhfkit.sampling_cli import resolve_model
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        parser.error(f"{out} exists and is not an empty folder; choose a new OUT")
+    checkpoint, _, _ = resolve_model(args.checkpoint)
+    if checkpoint is None:
+        parser.error(f"{args.checkpoint}: not a checkpoint directory, stage log directory or PEFT adapter folder")
+    if args.merge:
+        if args.base_model is not None:
+            parser.error("--base-model applies to adapter exports only")
+        path = export_merged(checkpoint, out, args.dtype)
+        print(f"merged model written to {path} (load with transformers AutoModelForCausalLM or vllm.LLM)")
+    else:
+        path = export_adapter(checkpoint, out, args.base_model)
+        print(f"PEFT adapter written to {path} (load with peft.PeftModel.from_pretrained or vLLM's LoRARequest)")
+    return 0
