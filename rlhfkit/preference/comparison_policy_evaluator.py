@@ -10,7 +10,7 @@ import numpy as np
 from rlhfkit.completers import TinkerMessageCompleter
 from rlhfkit.evaluators import SamplingClientEvaluator
 from rlhfkit.preference.types import Comparison, PreferenceModelBuilder
-from rlhfkit.renderers import get_renderer
+from rlhfkit.renderers import Message, get_renderer
 from rlhfkit.tokenizer_utils import get_tokenizer
 
 
@@ -47,11 +47,23 @@ class ComparisonEvaluator(SamplingClientEvaluator):
         replies = await asyncio.gather(*(policy(c.prompt_conversation) for c in self.comparisons))
         if self.content_preprocessor is not None:
             replies = [{**r, "content": self.content_preprocessor(r["content"])} for r in replies]
-        policy_as_b = [Comparison(c.prompt_conversation, c.completion_A, [r]) for c, r in zip(self.comparisons, replies)]
-        policy_as_a = [c.swap() for c in policy_as_b]
-        verdicts = await preference_model.judge_batch(policy_as_b + policy_as_a)  # one batched judge pass
-        n = len(self.comparisons)
-        scores = win_rate_scores(verdicts[:n], verdicts[n:])
-        win_rate = float(scores.mean())
-        stderr = float(scores.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+        scores = await score_against_reference(preference_model, self.comparisons, replies)
+        win_rate, stderr = mean_and_stderr(scores)
         return {"test/win_rate": win_rate, "test/stderr": stderr, "win_rate": win_rate, "stderr": stderr}
+
+
+async def score_against_reference(preference_model: Any, comparisons: Sequence[Comparison],
+                                  replies: Sequence[Message]) -> np.ndarray:
+    """Win-rate score per prompt (win_rate_scores) of each reply against its comparison's completion_A, judged
+    in both orders in one batched pass."""
+    policy_as_b = [Comparison(c.prompt_conversation, c.completion_A, [r]) for c, r in zip(comparisons, replies)]
+    policy_as_a = [c.swap() for c in policy_as_b]
+    verdicts = await preference_model.judge_batch(policy_as_b + policy_as_a)
+    n = len(comparisons)
+    return win_rate_scores(verdicts[:n], verdicts[n:])
+
+
+def mean_and_stderr(scores: np.ndarray) -> tuple[float, float]:
+    """The mean score and its standard error (ddof=1; 0 for a single score)."""
+    n = len(scores)
+    return float(scores.mean()), float(scores.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
