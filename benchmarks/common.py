@@ -208,6 +208,39 @@ def pm_batches(base_model: str, batch_size: int, max_length: int, count: int) ->
     return [datums[k * batch_size:(k + 1) * batch_size] for k in range(count)]
 
 
+def dpo_batches(base_model: str, pairs: int, max_length: int, count: int) -> list[list]:
+    """`count` batches of `pairs` DPO pairs from HH-RLHF (adjacent chosen, rejected datums), via rlhfkit's
+    DPODatasetBuilderFromComparisons."""
+    from rlhfkit.preference.dpo_datasets import DPODatasetBuilderFromComparisons
+    from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
+    from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
+
+    common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model,
+                                            renderer_name=renderer_name(base_model),
+                                            max_length=max_length, batch_size=pairs)
+    train, _ = DPODatasetBuilderFromComparisons(common, HHHComparisonBuilder(role="preference_model"))()
+    datums, i = [], 0
+    while len(datums) < 2 * pairs * count and i < len(train):  # unusable comparisons give no pair
+        datums += train.get_batch(i)
+        i += 1
+    if len(datums) < 2 * pairs * count:
+        raise ValueError(f"only {len(datums) // 2} DPO pairs, wanted {pairs * count}")
+    return [datums[2 * k * pairs:2 * (k + 1) * pairs] for k in range(count)]
+
+
+def datum_pair_to_text(tokenizer, chosen, rejected) -> dict[str, str]:
+    """A DPO pair of datums as TRL's text form {prompt, chosen, rejected}: the prompt is everything before the
+    first trained token (the same in both datums), each completion the rest of its sequence."""
+    def split(datum) -> tuple[list[int], list[int]]:
+        tokens = datum.model_input.to_ints() + [int(datum.loss_fn_inputs["target_tokens"].to_numpy()[-1])]
+        start = 1 + int(next(i for i, w in enumerate(datum.loss_fn_inputs["weights"].to_numpy()) if w > 0))
+        return tokens[:start], tokens[start:]
+
+    (prompt, chosen_tokens), (_, rejected_tokens) = split(chosen), split(rejected)
+    return {"prompt": tokenizer.decode(prompt), "chosen": tokenizer.decode(chosen_tokens),
+            "rejected": tokenizer.decode(rejected_tokens)}
+
+
 def rl_prompts(count: int) -> list[list[dict]]:
     """Conversation prefixes of the RL role of HH-RLHF (the prompts the RL stage trains on)."""
     from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder

@@ -7,6 +7,11 @@ thread count on both sides):
   pm        Preference-model training steps on HH-RLHF comparisons — comparisons/s. Ours: cross_entropy on the
             label token. TRL: SFTTrainer on prompt + label with the loss on the label token only (what
             completion_only_loss builds; closer to our PM than RewardTrainer, which trains a scalar head).
+  dpo       DPO steps on HH-RLHF pairs (rlhfkit's DPODatasetBuilderFromComparisons datums) — tokens/s. Ours:
+            rlhfkit.preference.train_dpo's step (reference logprobs from a sampler on the initial weights, policy
+            logprobs and the sigmoid loss through forward_backward_custom, optim_step). TRL: DPOTrainer on the same
+            pairs as text (prompt, chosen, rejected), reference = the base model with the adapter disabled,
+            beta 0.1, sigmoid loss; the reference is computed every step on both sides.
   rl        One RL iteration: 8 prompts x a group of 4, max_tokens 128, every pair judged in both orders by the
             same preference model, one policy update — iterations/s. Ours: rlhfkit's RL pieces (preference
             envs, rollouts, advantages, importance_sampling, optim_step, a new sampler on the new weights).
@@ -61,6 +66,9 @@ class Settings:
     sft_lr: float = 2e-4
     pm_batch: int = 16
     pm_lr: float = 3e-4
+    dpo_pairs: int = 8
+    dpo_lr: float = 1e-4
+    dpo_beta: float = 0.1
     rl_prompts: int = 8
     rl_group: int = 4
     rl_max_tokens: int = 128
@@ -190,6 +198,53 @@ def run_supervised(name: str, base_model: str, service, batches: list[list], lea
     theirs = Series(f"{name} (TRL)", unit, [units(b) / s for b, s in zip(batches[1:], timer.seconds[1:])])
     print(f"  {name}: TRL step seconds {[round(s, 1) for s in timer.seconds]}", flush=True)
     del trainer, sft, model
+    gc.collect()
+    return ours, theirs
+
+
+# ------------------------------------------------------------------------------------------------------
+# Workload 3: DPO steps (tokens/s)
+
+
+def run_dpo(base_model: str, service, s: Settings, batches: list[list], out_dir: str) -> tuple[Series, Series]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from rlhfkit.engine import AdamParams
+    from rlhfkit.preference.train_dpo import Config as DPOStageConfig, pair_loss_fn, reference_sums
+
+    trainer = service.create_lora_training_client(base_model, rank=s.lora_rank, seed=0, train_unembed=False)
+    reference = trainer.save_weights_and_get_sampling_client()  # the initial weights, as train_dpo's reference
+    loss_config = DPOStageConfig(log_path=out_dir, model_name=base_model, dataset_builder=None, dpo_beta=s.dpo_beta)
+    ours = Series("DPO (rlhfkit)", "tokens/s", [])
+
+    def tokens(batch) -> int:
+        return sum(common.datum_tokens(d) for d in batch)
+
+    def our_step(k: int, trl_seconds: float) -> None:
+        batch = batches[k]
+        t0 = time.perf_counter()
+        sums = asyncio.run(reference_sums(batch, reference))
+        trainer.forward_backward_custom(batch, pair_loss_fn(sums, loss_config)).result()
+        trainer.optim_step(AdamParams(learning_rate=s.dpo_lr)).result()
+        if k > 0:
+            ours.values.append(tokens(batch) / (time.perf_counter() - t0))
+        print(f"  DPO step {k}: TRL {trl_seconds:.1f}s, rlhfkit {time.perf_counter() - t0:.1f}s", flush=True)
+
+    timer = AlternatingTimer(our_step)
+    tokenizer = service_tokenizer(base_model)
+    rows = [common.datum_pair_to_text(tokenizer, c, r) for batch in batches for c, r in zip(batch[0::2], batch[1::2])]
+    model = hf_model(base_model, service.precision.compute_dtype)
+    args = trl_args(service.precision, s.dpo_lr, len(batches), out_dir)
+    args.pop("shuffle_dataset")  # an SFTConfig setting; DPOTrainer keeps the order with the sequential sampler
+    config = DPOConfig(per_device_train_batch_size=s.dpo_pairs, max_length=None, beta=s.dpo_beta,
+                       loss_type=["sigmoid"], precompute_ref_log_probs=False, padding_free=False, **args)
+    dpo = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                     peft_config=lora_config(model, base_model, s.lora_rank), callbacks=[as_trainer_callback(timer)])
+    dpo.train()
+    theirs = Series("DPO (TRL)", "tokens/s", [tokens(b) / t for b, t in zip(batches[1:], timer.seconds[1:])])
+    print(f"  DPO: TRL step seconds {[round(t, 1) for t in timer.seconds]}", flush=True)
+    del trainer, reference, dpo, model
     gc.collect()
     return ours, theirs
 
@@ -393,7 +448,7 @@ def run_sampling(base_model: str, service, local_service, s: Settings) -> dict[i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a small random model (quick check)")
-    parser.add_argument("--workloads", default="sft,pm,rl,sampling")
+    parser.add_argument("--workloads", default="sft,pm,dpo,rl,sampling")
     parser.add_argument("--reps", type=int, default=Settings.reps, help="timed steps per workload (plus a warm-up)")
     parser.add_argument("--rl-reps", type=int, default=Settings.rl_reps, help="timed RL iterations (plus a warm-up)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -454,6 +509,10 @@ def main() -> None:
             mean_tokens = sum(common.datum_tokens(d) for b in batches for d in b) / sum(len(b) for b in batches)
             add("preference-model step", ours, theirs, [4 * n_params * mean_tokens])
             extra["pm_mean_tokens"] = mean_tokens
+        if "dpo" in workloads:
+            batches = common.dpo_batches(base_model, s.dpo_pairs, s.max_length, s.reps + 1)
+            ours, theirs = run_dpo(base_model, service, s, batches, out_dir)
+            add("DPO step", ours, theirs, [6 * n_params])  # per token: 4N policy forward+backward, 2N reference
         if "rl" in workloads:
             ours, theirs, details = run_rl(base_model, service, s, out_dir)
             extra["rl_iterations"] = details
@@ -491,11 +550,13 @@ def main() -> None:
         f"Settings: LoRA rank {s.lora_rank} (attention and MLP projections, alpha 32; TRL cannot train an "
         f"adapter on the unembedding), sequences <= "
         f"{s.max_length} tokens; SFT {s.sft_batch} LIMA conversations/step, lr {s.sft_lr}; PM {s.pm_batch} "
-        f"HH-RLHF comparisons/step, lr {s.pm_lr}; RL {s.rl_prompts} prompts x {s.rl_group}, max_tokens "
+        f"HH-RLHF comparisons/step, lr {s.pm_lr}; DPO {s.dpo_pairs} HH-RLHF pairs/step, beta {s.dpo_beta}, "
+        f"lr {s.dpo_lr}, sigmoid loss; RL {s.rl_prompts} prompts x {s.rl_group}, max_tokens "
         f"{s.rl_max_tokens}, all pairs both ways, lr {s.rl_lr}; sampling {s.new_tokens} new tokens/row. Medians of "
         f"{s.reps} steps ({s.rl_reps} RL iterations) after one warm-up step, the two sides alternating.",
         table,
-        "MFU = achieved FLOP/s over the matmul limit above: 4N FLOPs per trained token, 2N per sampled token, "
+        "MFU = achieved FLOP/s over the matmul limit above: 4N FLOPs per trained token (6N per DPO token: "
+        "with the reference's forward), 2N per sampled token, "
         "2(N-H) per judged token + 2H per judgement (N = "
         f"{n_params / 1e6:.1f}M matmul parameters, H = {n_head / 1e6:.1f}M in the unembedding).",
     ])

@@ -2,6 +2,7 @@
 
   rlhfkit pipeline [preset=demo|smoke|tutorial] [config=FILE] [key=value ...]   all three stages
   rlhfkit sft|rm|rl [key=value ...]                                                one stage alone
+  rlhfkit dpo [preset=...] [key=value ...]                   DPO from the SFT policy in log_root/sft (method=dpo)
   rlhfkit sample --model PATH_OR_NAME [--base-model NAME] "prompt" | --prompts-file FILE   replies
   rlhfkit export CHECKPOINT OUT [--merge]                                          a PEFT adapter / merged model
   rlhfkit eval pm|winrate ...                                                      evaluate a judge / a policy
@@ -70,11 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         from rlhfkit.eval_cli import eval_main
 
         return eval_main(rest)
-    if command in ("pipeline", "sft", "rm", "rl"):
+    if command in ("pipeline", "sft", "rm", "rl", "dpo"):
         from rlhfkit.recipes.preference.rlhf import rlhf_pipeline
 
         if command != "pipeline":
-            rest = [f"run_sft={command == 'sft'}", f"run_rm={command == 'rm'}", f"run_rl={command == 'rl'}", *rest]
+            rest = [f"run_sft={command == 'sft'}", f"run_rm={command == 'rm'}", f"run_rl={command == 'rl'}",
+                    f"run_dpo={command == 'dpo'}", *(["method=dpo"] if command == "dpo" else []), *rest]
         return rlhf_pipeline.cli_main(rest)
     print(f"rlhfkit: unknown command {command!r}\n{__doc__}", file=sys.stderr)
     return 2

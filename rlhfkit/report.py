@@ -76,6 +76,50 @@ def _conversation_text(messages: list[dict]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
+DPO_PANELS = [["dpo_loss", "test/dpo_loss"], ["accuracy", "test/accuracy"], ["margin", "chosen_reward", "rejected_reward"]]
+POLICY_NAMES = {"sft": "SFT", "dpo": "DPO", "rlhf": "RLHF"}
+
+
+def comparison_section(root: Path, out_dir: Path, times: dict[str, float]) -> tuple[list[str], str]:
+    """Markdown lines and HTML of the SFT / DPO / RLHF comparison in root/comparison.json (written by the
+    pipeline with method=both), with DPO's curves; nothing if the file is absent."""
+    path = root / "comparison.json"
+    if not path.exists():
+        return [], ""
+    comparison = json.loads(path.read_text())
+    stage_of = {"sft": "sft", "dpo": "dpo", "rlhf": "rl"}
+    rows = [(POLICY_NAMES.get(name, name), f"{100 * r['win_rate']:.1f}% ± {100 * r['stderr']:.1f}%",
+             f"{r['mean_reply_tokens']:.1f}", f"{r['kl_from_sft']:.2f}",
+             f"{times[stage_of[name]] / 60:.1f} min" if stage_of.get(name) in times else "–")
+            for name, r in comparison["policies"].items()]
+    header = ("policy", "win rate vs human-chosen (± stderr)", "mean reply tokens", "KL from SFT (nats/reply)",
+              "stage wall time")
+    intro = (f"Each policy answers the same {comparison['n_prompts']} held-out prompts (temperature "
+             f"{comparison['temperature']}, at most {comparison['max_tokens']} tokens); the run's preference model "
+             f"judges each reply against the human-chosen one in both orders."
+             + (f" RLHF's wall time excludes the preference model's ({times['rm'] / 60:.1f} min)." if "rm" in times
+                else ""))
+    plot = plot_metrics(read_jsonl(root / "dpo" / "metrics.jsonl"), out_dir / "dpo.png", panels=DPO_PANELS,
+                        title="dpo")
+    names = list(comparison["policies"])
+    md = ["## SFT vs DPO vs RLHF", "", intro, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+          *["| " + " | ".join(row) + " |" for row in rows], "", *(["![dpo](report/dpo.png)", ""] if plot else [])]
+    for item in comparison["replies"]:
+        md += [f"**Prompt:** {_conversation_text(item['prompt'])}", "", f"- **human-chosen:** {item['human_chosen']}",
+               *[f"- **{POLICY_NAMES.get(n, n)}:** {item[n]}" for n in names], ""]
+    esc = html.escape
+    table = ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+    replies = "".join(
+        f"<div class='pair'><div class='prompt'>{esc(_conversation_text(i['prompt']))}</div><div class='cols'>"
+        + "".join(f"<div><h4>{esc(label)}</h4><pre>{esc(text)}</pre></div>" for label, text in
+                  [("human-chosen", i["human_chosen"]), *[(POLICY_NAMES.get(n, n), i[n]) for n in names]])
+        + "</div></div>" for i in comparison["replies"])
+    page = (f"<h2>SFT vs DPO vs RLHF</h2><p>{esc(intro)}</p>{table}"
+            + ("<h3>DPO</h3><img src='report/dpo.png'>" if plot else "") + replies)
+    return md, page
+
+
 async def write_report(cfg: Any, base_model: str, renderer_name: str) -> dict[str, str]:
     root = Path(cfg.log_root)
     out_dir = root / "report"
@@ -117,6 +161,8 @@ async def write_report(cfg: Any, base_model: str, renderer_name: str) -> dict[st
     for item in replies:
         md += [f"**Prompt:** {_conversation_text(item['prompt'])}", "", f"- **base:** {item['base']}",
                f"- **RLHF:** {item['rlhf']}", ""]
+    comparison_md, comparison_html = comparison_section(root, out_dir, times)
+    md += comparison_md
     write_text_atomic(root / "report.md", "\n".join(md) + "\n")
 
     esc = html.escape
@@ -136,6 +182,6 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 <table><tr><th>stage</th><th>metric</th><th>tutorial (Qwen3.5-9B-Base)</th><th>this run</th></tr>{table}</table>
 <h2>Preference model (held out)</h2><ul>{''.join(f'<li>{esc(line)}</li>' for line in pm_lines)}</ul>
 <h2>Curves</h2>{''.join(f'<h3>{esc(s)}</h3><img src="{esc(p)}">' for s, p in plots.items())}
-<h2>Base model vs RLHF model</h2>{reply_html}</body></html>"""
+<h2>Base model vs RLHF model</h2>{reply_html}{comparison_html}</body></html>"""
     write_text_atomic(root / "report.html", page)
     return {"html": str(root / "report.html"), "markdown": str(root / "report.md")}

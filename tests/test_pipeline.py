@@ -229,3 +229,32 @@ def test_rl_starts_from_named_sft_and_rm_checkpoints(smoke_run, tmp_path):
     # the same first iteration as the run that used its own stages (same start, same judge)
     first = read_jsonl(reference / "rl" / "metrics.jsonl")[0]
     assert records[0]["env/all/reward/total"] == first["env/all/reward/total"]
+
+
+def test_method_both_adds_dpo_and_compares_sft_dpo_rlhf_in_the_report(smoke_run, tmp_path):
+    import shutil
+
+    reference, _ = smoke_run
+    root = tmp_path / "both"
+    for stage in ("sft", "rm", "rl", "tiny_model"):  # finished stages are skipped: only DPO and the comparison run
+        shutil.copytree(reference / stage, root / stage)
+    result = run_pipeline(root, "method=both")
+    assert result.stdout.count("already finished") == 3 and "stage dpo: starting" in result.stdout
+    records = read_jsonl(root / "dpo" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]  # smoke: max_steps=3
+    assert {"dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "num_pairs"} <= set(records[0])
+    assert abs(records[0]["margin"]) < 1e-3  # the DPO reference is the SFT policy it starts from
+    assert (root / "dpo" / "reference_sampler").exists()
+
+    comparison = json.loads((root / "comparison.json").read_text())
+    assert list(comparison["policies"]) == ["sft", "dpo", "rlhf"]
+    for row in comparison["policies"].values():
+        assert 0.0 <= row["win_rate"] <= 1.0 and row["stderr"] >= 0.0 and row["mean_reply_tokens"] > 0
+    assert comparison["policies"]["sft"]["kl_from_sft"] == pytest.approx(0.0, abs=1e-3)
+    assert comparison["n_prompts"] > 1 and len(comparison["replies"]) == 1  # smoke: report_prompts=1
+    assert {"prompt", "human_chosen", "sft", "dpo", "rlhf"} <= set(comparison["replies"][0])
+    report = (root / "report.md").read_text()
+    assert "## SFT vs DPO vs RLHF" in report and "**DPO:**" in report and (root / "report" / "dpo.png").exists()
+    sft = comparison["policies"]["sft"]
+    assert f"{100 * sft['win_rate']:.1f}% ± {100 * sft['stderr']:.1f}%" in report
+    assert "SFT vs DPO vs RLHF" in (root / "report.html").read_text()

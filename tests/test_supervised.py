@@ -20,9 +20,10 @@ from rlhfkit.utils.ml_log import setup_logging
 
 # A run's script: make_config() is shared by the in-process reference run and the killed/resumed child runs.
 RUN_SCRIPT = '''
-import sys, time
+import sys
 from rlhfkit.recipes.chat_sl.chat_datasets import JsonlChatBuilder
 from rlhfkit.supervised import train
+from rlhfkit.supervised.testing import SlowAtBatch
 from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
 
@@ -31,31 +32,6 @@ def make_config(log_path, model_dir, data_dir, builder=None):
     builder = builder or JsonlChatBuilder(common, f"{data_dir}/train.jsonl", f"{data_dir}/test.jsonl")
     return train.Config(log_path=log_path, model_name=model_dir, recipe_name="test_sft", dataset_builder=builder,
                         learning_rate=5e-3, lora_rank=4, save_every=2, eval_every=3, max_steps=6)
-
-
-class SlowAtBatch:
-    """The test's dataset wrapper: batch `slow` takes forever, so the run can be killed there."""
-
-    def __init__(self, inner, slow):
-        self.inner, self.slow = inner, slow
-
-    def __call__(self):
-        train_ds, test_ds = self.inner()
-        outer = self
-
-        class Slow:
-            def __len__(self):
-                return len(train_ds)
-
-            def set_epoch(self, seed=0):
-                train_ds.set_epoch(seed)
-
-            def get_batch(self, index):
-                if index == outer.slow:
-                    time.sleep(300)
-                return train_ds.get_batch(index)
-
-        return Slow(), test_ds
 
 
 if __name__ == "__main__":

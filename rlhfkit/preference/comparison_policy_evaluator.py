@@ -10,9 +10,9 @@ import numpy as np
 
 from rlhfkit.completers import TinkerMessageCompleter
 from rlhfkit.evaluators import SamplingClientEvaluator
-from rlhfkit.preference.types import (Comparison, PreferenceModelBuilder, PreferenceModelFromChatRenderer,
-                                     symmetric_p_b)
-from rlhfkit.renderers import get_renderer
+from rlhfkit.preference.types import (Comparison, PreferenceModel, PreferenceModelBuilder,
+                                     PreferenceModelFromChatRenderer, symmetric_p_b)
+from rlhfkit.renderers import Message, get_renderer
 from rlhfkit.tokenizer_utils import get_tokenizer
 
 
@@ -37,16 +37,37 @@ class WinRateMatchups:
     symmetric: np.ndarray | None = None    # P(policy wins), both orders' probabilities combined (chat PMs)
 
     def metrics(self) -> dict[str, float]:
-        win_rate, stderr = float(self.scores.mean()), _stderr(self.scores)
+        win_rate, stderr = mean_and_stderr(self.scores)
         metrics = {"test/win_rate": win_rate, "test/stderr": stderr, "win_rate": win_rate, "stderr": stderr}
         if self.symmetric is not None:
-            metrics.update({"test/win_rate_symmetric": float(self.symmetric.mean()),
-                            "test/stderr_symmetric": _stderr(self.symmetric)})
+            symmetric, symmetric_stderr = mean_and_stderr(self.symmetric)
+            metrics.update({"test/win_rate_symmetric": symmetric, "test/stderr_symmetric": symmetric_stderr})
         return metrics
 
 
-def _stderr(scores: np.ndarray) -> float:
-    return float(scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else 0.0
+def mean_and_stderr(scores: np.ndarray) -> tuple[float, float]:
+    """The mean score and its standard error (ddof=1; 0 for a single score)."""
+    n = len(scores)
+    return float(scores.mean()), float(scores.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+
+
+async def judge_against_reference(preference_model: PreferenceModel, comparisons: Sequence[Comparison],
+                                  replies: Sequence[Message]) -> WinRateMatchups:
+    """Each reply judged against its comparison's completion_A in both orders, in one batched pass."""
+    policy_as_b = [Comparison(c.prompt_conversation, c.completion_A, [r]) for c, r in zip(comparisons, replies)]
+    policy_as_a = [c.swap() for c in policy_as_b]
+    n = len(comparisons)
+    if not isinstance(preference_model, PreferenceModelFromChatRenderer):
+        verdicts = await preference_model.judge_batch(policy_as_b + policy_as_a)
+        return WinRateMatchups(list(comparisons), list(replies), verdicts[:n], verdicts[n:],
+                               win_rate_scores(verdicts[:n], verdicts[n:]))
+    judged = await preference_model.judge_many(policy_as_b + policy_as_a)
+    as_b, as_a = judged[:n], judged[n:]
+    verdicts_b = [preference_model.reward(b, a) for b, a in zip(as_b, as_a)]
+    verdicts_a = [preference_model.reward(a, b) for b, a in zip(as_b, as_a)]
+    return WinRateMatchups(list(comparisons), list(replies), verdicts_b, verdicts_a,
+                           win_rate_scores(verdicts_b, verdicts_a),
+                           np.asarray([symmetric_p_b(b, a) for b, a in zip(as_b, as_a)]))
 
 
 class ComparisonEvaluator(SamplingClientEvaluator):
@@ -81,20 +102,7 @@ class ComparisonEvaluator(SamplingClientEvaluator):
         replies = await asyncio.gather(*(policy(c.prompt_conversation) for c in self.comparisons))
         if self.content_preprocessor is not None:
             replies = [{**r, "content": self.content_preprocessor(r["content"])} for r in replies]
-        policy_as_b = [Comparison(c.prompt_conversation, c.completion_A, [r]) for c, r in zip(self.comparisons, replies)]
-        policy_as_a = [c.swap() for c in policy_as_b]
-        n = len(self.comparisons)
-        if not isinstance(preference_model, PreferenceModelFromChatRenderer):
-            verdicts = await preference_model.judge_batch(policy_as_b + policy_as_a)  # one batched judge pass
-            return WinRateMatchups(self.comparisons, list(replies), verdicts[:n], verdicts[n:],
-                                   win_rate_scores(verdicts[:n], verdicts[n:]))
-        judged = await preference_model.judge_many(policy_as_b + policy_as_a)  # one batched judge pass
-        as_b, as_a = judged[:n], judged[n:]
-        verdicts_b = [preference_model.reward(b, a) for b, a in zip(as_b, as_a)]
-        verdicts_a = [preference_model.reward(a, b) for b, a in zip(as_b, as_a)]
-        return WinRateMatchups(self.comparisons, list(replies), verdicts_b, verdicts_a,
-                               win_rate_scores(verdicts_b, verdicts_a),
-                               np.asarray([symmetric_p_b(b, a) for b, a in zip(as_b, as_a)]))
+        return await judge_against_reference(preference_model, self.comparisons, replies)
 
     async def __call__(self, sampling_client: Any) -> dict[str, float]:
         return (await self.matchups(sampling_client)).metrics()

@@ -12,23 +12,22 @@ metrics.jsonl record. A killed run resumes from its last checkpoint with the opt
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from tqdm import tqdm
 
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit import checkpoint_utils
 from rlhfkit.engine import ServiceClient
-from rlhfkit.engine.types import AdamParams, Datum
-from rlhfkit.evaluators import EvaluatorBuilder, SamplingClientEvaluator
+from rlhfkit.engine.types import AdamParams
+from rlhfkit.evaluators import EvaluatorBuilder
 from rlhfkit.model_info import warn_if_renderer_not_recommended
 from rlhfkit.supervised.common import compute_bpb, compute_mean_nll
+from rlhfkit.supervised.loop import Timer, describe_datum, open_training_client, run_evaluators
 from rlhfkit.supervised.nll_evaluator import NLLEvaluator
 from rlhfkit.supervised.types import SupervisedDatasetBuilder
 from rlhfkit.utils import ml_log
@@ -77,44 +76,6 @@ def main(config: Config) -> Any:
     return run_or_await(main_async(config))
 
 
-class _Timer:
-    """Wall time per named span, as time/<name> metrics."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def span(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - start
-
-
-def _describe_datum(datum: Datum, tokenizer: Any, limit: int = 1500) -> str:
-    """The datum's text with trained tokens wrapped in [[ ]]."""
-    tokens = datum.model_input.to_ints()[:1] + datum.loss_fn_inputs["target_tokens"].tolist()
-    trained = [False] + [w > 0 for w in datum.loss_fn_inputs["weights"].tolist()]
-    pieces = []
-    for is_trained, group in itertools.groupby(zip(tokens, trained), key=lambda pair: pair[1]):
-        text = tokenizer.decode([token for token, _ in group])
-        pieces.append(f"[[{text}]]" if is_trained else text)
-    text = "".join(pieces)
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
-async def _run_evaluators(evaluators: list, training_client: Any) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    sampling_client = None
-    for evaluator in evaluators:
-        if isinstance(evaluator, SamplingClientEvaluator):
-            if sampling_client is None:
-                sampling_client = training_client.save_weights_and_get_sampling_client()
-            metrics.update(await evaluator(sampling_client))
-        else:
-            metrics.update(await evaluator(training_client))
-    return metrics
-
-
 async def main_async(config: Config) -> None:
     log_path = Path(config.log_path).expanduser().resolve()
     log_path.mkdir(parents=True, exist_ok=True)
@@ -128,18 +89,12 @@ async def main_async(config: Config) -> None:
 async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger) -> None:
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
     service = ServiceClient(base_url=config.base_url)
-    resume = checkpoint_utils.get_last_checkpoint(log_path)
+    training_client, resume = open_training_client(service, log_path, config.model_name, config.lora_rank,
+                                                   config.load_checkpoint_path)
     if resume is not None:
-        logger.info("resuming from checkpoint %s (epoch %s, batch %s)", resume.name, resume.epoch, resume.batch)
-        training_client = service.create_training_client_from_state_with_optimizer(resume.state_path)
         start_epoch, start_batch = resume.get("epoch", 0), resume.get("batch", 0)
         elapsed_tokens = resume.get("elapsed_tokens", 0)
     else:
-        if config.load_checkpoint_path:
-            logger.info("loading weights from %s (fresh optimizer)", config.load_checkpoint_path)
-            training_client = service.create_training_client_from_state(config.load_checkpoint_path)
-        else:
-            training_client = service.create_lora_training_client(config.model_name, rank=config.lora_rank)
         start_epoch, start_batch, elapsed_tokens = 0, 0, 0
     tokenizer = training_client.get_tokenizer()
 
@@ -168,7 +123,7 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
         epoch, batch_index = divmod(step, n_batches)
         if step == start_step or batch_index == 0:
             train_dataset.set_epoch(seed=epoch)  # [quirk] epoch 0 shuffles the seed-0-shuffled rows again
-        timer = _Timer()
+        timer = Timer()
         step_start = time.perf_counter()
         metrics: dict[str, Any] = {}
 
@@ -184,16 +139,16 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
 
         if config.eval_every > 0 and step % config.eval_every == 0:
             with timer.span("evals"):
-                metrics.update(await _run_evaluators(evaluators, training_client))
+                metrics.update(await run_evaluators(evaluators, training_client))
         if infrequent_evaluators and config.infrequent_eval_every > 0 and step % config.infrequent_eval_every == 0:
             with timer.span("infrequent_evals"):
-                metrics.update(await _run_evaluators(infrequent_evaluators, training_client))
+                metrics.update(await run_evaluators(infrequent_evaluators, training_client))
 
         learning_rate = config.learning_rate * compute_schedule_lr_multiplier(config.lr_schedule, step, total_steps)
         with timer.span("get_batch"):
             batch = train_dataset.get_batch(batch_index)
         if step == start_step and batch:
-            logger.info("first training datum ([[trained]] tokens):\n%s", _describe_datum(batch[0], tokenizer))
+            logger.info("first training datum ([[trained]] tokens):\n%s", describe_datum(batch[0], tokenizer))
         with timer.span("forward_backward"):
             output = training_client.forward_backward(batch, "cross_entropy").result()
         with timer.span("optim_step"):

@@ -56,9 +56,16 @@ class ChatDatasetBuilder(SupervisedDatasetBuilder):
 
     @property
     def renderer(self) -> Renderer:
-        name = self.common_config.renderer_name
-        if name is None:
-            from rlhfkit.model_info import get_recommended_renderer_name
+        return renderer_for(self.common_config)
 
-            name = get_recommended_renderer_name(self.common_config.model_name_for_tokenizer)
-        return get_renderer(name, self.tokenizer)
+
+def renderer_for(common_config: ChatDatasetBuilderCommonConfig) -> Renderer:
+    """The renderer a common config names (None: the recommended one for its tokenizer's model)."""
+    from rlhfkit.tokenizer_utils import get_tokenizer
+
+    name = common_config.renderer_name
+    if name is None:
+        from rlhfkit.model_info import get_recommended_renderer_name
+
+        name = get_recommended_renderer_name(common_config.model_name_for_tokenizer)
+    return get_renderer(name, get_tokenizer(common_config.model_name_for_tokenizer))

@@ -1,9 +1,10 @@
-"""The whole RLHF pipeline in one command: SFT → preference model → RL, then a report (spec §9.1).
+"""The whole RLHF pipeline in one command: SFT → preference model → RL, then a report (spec §9.1); with
+method=dpo|both also DPO from the SFT policy (spec §12).
 
     python -m rlhfkit.recipes.preference.rlhf.rlhf_pipeline [preset=demo] [config=FILE] [key=value ...]
     rlhfkit pipeline ...                      (the same)
 
-Stages live in `log_root/{sft,rm,rl}`. Starting again resumes: a finished stage (its checkpoints.jsonl has a
+Stages live in `log_root/{sft,rm,rl,dpo}`. Starting again resumes: a finished stage (its checkpoints.jsonl has a
 "final" record) is skipped, a stopped one continues from its last checkpoint.
 """
 
@@ -80,6 +81,25 @@ class PipelineConfig:
     # a stage log directory (its last checkpoint), or a PEFT adapter folder trained elsewhere.
     sft_checkpoint: str | None = None  # the policy RL starts from (and its KL reference)
     rm_checkpoint: str | None = None  # the preference model RL is judged by
+    # DPO (spec §12). method: "rlhf" (SFT -> preference model -> RL), "dpo" (SFT -> DPO from the SFT policy on the
+    # preference model's comparisons, in log_root/dpo) or "both" (all four stages, then SFT, DPO and RLHF compared
+    # on the win-rate prompts by the same preference model: log_root/comparison.json and the report)
+    method: str = "rlhf"
+    run_dpo: bool = True  # with method dpo|both: run the DPO stage (`rlhfkit dpo` runs only this one)
+    dpo_beta: float = 0.1  # β of the DPO loss (strength of the pull towards the SFT policy)
+    dpo_learning_rate: float = 1e-5
+    dpo_label_smoothing: float = 0.0  # ε in [0, 0.5): conservative DPO (assumed share of flipped labels)
+    dpo_loss_type: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
+    dpo_batch_size: int | None = None  # comparisons per DPO step (None: batch_size)
+    dpo_max_steps: int | None = None  # None: max_steps
+    dpo_eval_every: int | None = None  # None: eval_every
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
+
+
+METHODS = {"rlhf": ("sft", "rm", "rl"), "dpo": ("sft", "dpo"), "both": ("sft", "rm", "rl", "dpo")}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -98,7 +118,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  rm_batch_size=8, rm_max_steps=41, rm_learning_rate=1e-3, rm_both_orders=True, pm_test_size=200,
                  rm_eval_every=20, rl_batch_size=4, rl_max_steps=17, rl_learning_rate=2e-4, rl_max_tokens=48,
                  rl_eval_every=4, rl_kl_penalty_coef=0.2, win_rate_prompts=32, hh_max_chars=400,
-                 hh_data="harmless-base", save_every=5),
+                 hh_data="harmless-base", save_every=5, dpo_batch_size=8, dpo_max_steps=41, dpo_learning_rate=1e-4,
+                 dpo_eval_every=20),
     # A tiny random model: every stage runs in about a minute (for tests and quick checks).
     "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
                   max_steps=3, rm_max_steps=12, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4, pm_test_size=8,
@@ -318,6 +339,62 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
         kl_reference_config=kl_reference))
 
 
+async def run_dpo(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
+    """DPO from the SFT policy on the comparisons the preference model trains on (its test split held out)."""
+    from rlhfkit.preference import train_dpo
+    from rlhfkit.preference.dpo_datasets import DPODatasetBuilderFromComparisons
+    from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
+
+    sft = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/sft")
+    if sft is None:
+        raise ValueError(f"DPO starts from the SFT policy in {cfg.log_root}/sft; run that stage first (run_sft=true)")
+    common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model, renderer_name=renderer_name,
+                                            max_length=cfg.max_length,
+                                            batch_size=cfg.dpo_batch_size or cfg.batch_size)
+    await train_dpo.main(train_dpo.Config(
+        log_path=f"{cfg.log_root}/dpo", model_name=base_model, recipe_name="recipe_preference_dpo",
+        renderer_name=renderer_name, load_checkpoint_path=sft.state_path,
+        dataset_builder=DPODatasetBuilderFromComparisons(common, _hh_builder(cfg, "preference_model",
+                                                                             cfg.pm_test_size)),
+        learning_rate=cfg.dpo_learning_rate, dpo_beta=cfg.dpo_beta, label_smoothing=cfg.dpo_label_smoothing,
+        loss_type=cfg.dpo_loss_type, lora_rank=cfg.lora_rank, save_every=cfg.save_every,
+        eval_every=cfg.dpo_eval_every or cfg.eval_every, wandb_project=cfg.wandb_project,
+        wandb_name=f"{cfg.wandb_name}-dpo", max_steps=_steps(cfg.dpo_max_steps, cfg)))
+
+
+async def compare_sft_dpo_rlhf(cfg: PipelineConfig, base_model: str, renderer_name: str) -> dict:
+    """SFT, DPO and RLHF policies on the win-rate prompts, judged by the run's preference model; written to
+    log_root/comparison.json (computed once)."""
+    from rlhfkit.engine import ServiceClient
+    from rlhfkit.preference.policy_comparison import compare_policies
+    from rlhfkit.preference.types import PreferenceModelBuilderFromChatRenderer
+    from rlhfkit.renderers import get_renderer
+    from rlhfkit.tokenizer_utils import get_tokenizer
+
+    out = Path(cfg.log_root) / "comparison.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    service = ServiceClient()  # local sampler: the comparison also needs compute_logprobs (KL from SFT)
+    paths = {name: checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/{stage}", required_key="sampler_path"
+                                                        ).sampler_path
+             for name, stage in (("sft", "sft"), ("dpo", "dpo"), ("rlhf", "rl"))}
+    rm = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/rm", required_key="sampler_path")
+    preference_model = PreferenceModelBuilderFromChatRenderer(renderer_name, base_model, rm.sampler_path,
+                                                              reward_mode=cfg.reward_mode)()
+    comparisons = [c.comparison for c in held_out_comparisons(cfg, "rl", cfg.win_rate_prompts)]
+    print(f"[rlhfkit] comparing the SFT, DPO and RLHF policies on {len(comparisons)} held-out prompts")
+    result = await compare_policies(
+        {name: service.create_sampling_client(model_path=path, base_model=base_model) for name, path in paths.items()},
+        "sft", preference_model, comparisons, get_renderer(renderer_name, get_tokenizer(base_model)),
+        max_tokens=cfg.rl_max_tokens, seed=cfg.seed, replies_to_keep=cfg.report_prompts)
+    result["checkpoints"] = {**paths, "preference_model": rm.sampler_path}
+    write_json_atomic(out, result)
+    for name, row in result["policies"].items():
+        print(f"[rlhfkit]   {name:5s} win rate {100 * row['win_rate']:.1f}% ± {100 * row['stderr']:.1f}%, "
+              f"{row['mean_reply_tokens']:.1f} reply tokens, KL from SFT {row['kl_from_sft']:.2f} nats/reply")
+    return result
+
+
 class StageClock:
     """Adds a stage's wall time to stage_times.json, summed over resumed runs. A thread rewrites the file every
     `every` seconds while the stage runs, so a killed run's time is counted too (to within `every`)."""
@@ -356,9 +433,10 @@ async def main_async(cfg: PipelineConfig) -> dict[str, float]:
     renderer_name = cfg.renderer_name or model_info.get_recommended_renderer_name(base_model)
     timings_path = root / "stage_times.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    stages = [("sft", cfg.run_sft, run_sft), ("rm", cfg.run_rm, run_rm), ("rl", cfg.run_rl, run_rl)]
+    stages = [("sft", cfg.run_sft, run_sft), ("rm", cfg.run_rm, run_rm), ("rl", cfg.run_rl, run_rl),
+              ("dpo", cfg.run_dpo, run_dpo)]
     for name, enabled, run in stages:
-        if not enabled:
+        if not enabled or name not in METHODS[cfg.method]:
             continue
         if stage_finished(f"{cfg.log_root}/{name}"):
             print(f"[rlhfkit] stage {name}: already finished in {cfg.log_root}/{name}, skipping")
@@ -368,6 +446,8 @@ async def main_async(cfg: PipelineConfig) -> dict[str, float]:
                 await run(cfg, base_model, renderer_name)
         if name == "rm":
             await evaluate_rm(cfg, base_model, renderer_name)
+    if cfg.method == "both" and all(stage_finished(f"{cfg.log_root}/{s}") for s in METHODS["both"]):
+        await compare_sft_dpo_rlhf(cfg, base_model, renderer_name)
     if cfg.report and all(stage_finished(f"{cfg.log_root}/{s}") for s in ("sft", "rm", "rl")):
         from rlhfkit.report import write_report
 
