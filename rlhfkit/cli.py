@@ -74,10 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("pipeline", "sft", "rm", "rl", "dpo"):
         from rlhfkit.recipes.preference.rlhf import rlhf_pipeline
 
+        from rlhfkit.data_sources import DatasetUnavailableError
+        from rlhfkit.supervised.data import DataFormatError
+
         if command != "pipeline":
             rest = [f"run_sft={command == 'sft'}", f"run_rm={command == 'rm'}", f"run_rl={command == 'rl'}",
                     f"run_dpo={command == 'dpo'}", *(["method=dpo"] if command == "dpo" else []), *rest]
-        return rlhf_pipeline.cli_main(rest)
+        try:
+            return rlhf_pipeline.cli_main(rest)
+        except (DataFormatError, DatasetUnavailableError, FileNotFoundError) as e:  # bad data: no traceback
+            print(f"rlhfkit: error: {e}", file=sys.stderr)
+            return 1
     print(f"rlhfkit: unknown command {command!r}\n{__doc__}", file=sys.stderr)
     return 2
 

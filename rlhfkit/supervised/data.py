@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -76,6 +77,7 @@ def read_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
+    line_no = 0
     try:
         with _open_text(path) as f:
             for line_no, line in enumerate(f, start=1):
@@ -85,8 +87,9 @@ def read_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                     yield line_no, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataFormatError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
-        raise DataFormatError(f"{path}: cannot be read as UTF-8 JSON lines ({e})") from None
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataFormatError(f"{path}, line {line_no + 1}: cannot be read as UTF-8 JSON lines, the file is "
+                              f"truncated or corrupt after line {line_no} ({e})") from None
 
 
 def read_json_file(path: str | os.PathLike) -> Any:
@@ -98,8 +101,8 @@ def read_json_file(path: str | os.PathLike) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}, line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
-        raise DataFormatError(f"{path}: cannot be read as UTF-8 JSON ({e})") from None
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataFormatError(f"{path}: cannot be read as UTF-8 JSON, the file is truncated or corrupt ({e})") from None
 
 
 def validate_messages(messages: Any) -> list[Message]:

@@ -4,6 +4,8 @@
 * `LimaBuilder`: LIMA from `shared_data_dir()/lima/lima.json`, the offline stand-in for NoRobots.
 * `JsonlChatBuilder`: any JSONL of {"messages": [{"role", "content"}, ...]}.
 * `HHChosenBuilder`: the human-preferred ("chosen") transcripts of HH-RLHF .jsonl/.jsonl.gz files.
+* `ChatSourceBuilder`: any data source (JSONL, JSON, Parquet, CSV file or Hub name, see rlhfkit.data_sources)
+  in the common chat formats (`chat_row_to_messages`).
 
 Every builder returns (train, test): train rows shuffled with seed 0 (and again per epoch by the training
 loop's `set_epoch`), batches of `batch_size`; datums truncated to `max_length`, weights from
@@ -23,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlhfkit.data_sources import DatasetUnavailableError, parse_columns, parse_sources, read_tables
 from rlhfkit.paths import shared_data_dir
 from rlhfkit.renderers import Message, TrainOnWhat
 from rlhfkit.supervised.data import (DataFormatError, SkippedRows, SupervisedDatasetFromList,
@@ -33,10 +36,6 @@ from rlhfkit.supervised.types import ChatDatasetBuilder, SupervisedDataset
 logger = logging.getLogger(__name__)
 
 Conversations = list[tuple[str, list[Message]]]  # (row name for error messages, conversation)
-
-
-class DatasetUnavailableError(RuntimeError):
-    """A Hub dataset that cannot be loaded here (no `datasets` package or no network)."""
 
 
 def split_train_test(items: Sequence[Any], test_size: int, seed: int = 0) -> tuple[list[Any], list[Any]]:
@@ -251,3 +250,88 @@ class HHChosenBuilder(_ChatBuilderBase):
         train, test = self._keep_trainable(train, skipped), self._keep_trainable(test, skipped)
         skipped.report(len(conversations))
         return self._datasets(train, test)
+
+
+# ---------------------------------------------------------------- any source, the common chat formats
+
+CHAT_COLUMNS = ("messages", "prompt", "completion", "instruction", "input", "output", "history")
+
+
+def _chat_messages(value: Any, field: str, default_role: str) -> list[Message]:
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, list):
+        return value
+    raise ValueError(f"field {field!r}: expected a string or a list of messages, got {type(value).__name__}")
+
+
+def chat_row_to_messages(row: dict) -> list[Message]:
+    """A row in a common chat format -> its conversation (checked by the caller), by its fields:
+    `messages` (a list of {role, content}); TRL's `prompt` + `completion` (strings: one user and one
+    assistant message, or lists of messages); `instruction` + `output` with optional `input` and `history`
+    (Alpaca / LIMA, see lima_row_to_messages)."""
+    if row.get("messages") is not None:
+        return row["messages"]
+    if row.get("prompt") is not None or row.get("completion") is not None:
+        return (_chat_messages(row.get("prompt"), "prompt", "user")
+                + _chat_messages(row.get("completion"), "completion", "assistant"))
+    if row.get("instruction") is not None or row.get("output") is not None:
+        return lima_row_to_messages(row)
+    raise ValueError(f"no chat fields: expected 'messages', 'prompt' + 'completion', or 'instruction' + 'output' "
+                     f"(the row has {', '.join(map(repr, row)) or 'no fields'})")
+
+
+@dataclass  # not frozen: its base ChatDatasetBuilder is a plain dataclass (like the builders above)
+class ChatSourceBuilder(_ChatBuilderBase):
+    """Conversations from any data source (`data`: a spec as rlhfkit.data_sources reads it: files, Hub names
+    with an optional ":split") in the formats `chat_row_to_messages` reads; `columns` maps the format's field
+    names to the source's ("prompt=question,completion=answer"). A seeded split holds out `test_size`
+    conversations as a one-batch test set, but never more than a tenth of them."""
+
+    data: str = ""
+    columns: str | None = None
+    test_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("ChatSourceBuilder needs data (a file path or a Hub dataset name)")
+        if self.test_size < 0:
+            raise ValueError(f"test_size must be >= 0, got {self.test_size}")
+        parse_columns(self.columns, CHAT_COLUMNS)  # a bad mapping fails here, before any loading
+
+    def load_conversations(self) -> Conversations:
+        """Every well-formed conversation, in source order; bad rows are counted and one is logged per table."""
+        tables = read_tables(parse_sources(self.data), parse_columns(self.columns, CHAT_COLUMNS))
+        conversations: Conversations = []
+        for table in tables:
+            skipped = SkippedRows(table.name)
+            conversations += [(f"{table.name}, {name}", c) for name, c in
+                              _conversations_from_rows(table.rows, chat_row_to_messages, skipped)]
+            skipped.report(len(table.rows))
+        return conversations
+
+    def __call__(self) -> tuple[SupervisedDataset, SupervisedDataset | None]:
+        conversations = self.load_conversations()
+        train, test = split_train_test(conversations, min(self.test_size, len(conversations) // 10))
+        skipped = SkippedRows(self.data)
+        train, test = self._keep_trainable(train, skipped), self._keep_trainable(test, skipped)
+        skipped.report(len(conversations))
+        return self._datasets(train, test)
+
+
+NAMED_CHAT_DATA = ("lima", "no_robots", "hh_chosen")
+
+
+def chat_builder(common_config: Any, data: str, columns: str | None = None, test_size: int = 256) -> Any:
+    """The builder for a chat-data setting: "lima" (offline LIMA), "no_robots" (HuggingFaceH4/no_robots from
+    the Hub, its own train/test splits), "hh_chosen" (the offline HH-RLHF chosen transcripts), or any data
+    spec ChatSourceBuilder reads (files, Hub names[:split]) with an optional column mapping."""
+    if data in NAMED_CHAT_DATA and columns:
+        raise ValueError(f"a column mapping ({columns!r}) applies to files and Hub names, not to {data!r}")
+    if data == "lima":
+        return LimaBuilder(common_config=common_config, test_size=test_size)
+    if data == "no_robots":
+        return NoRobotsBuilder(common_config=common_config)
+    if data == "hh_chosen":
+        return HHChosenBuilder(common_config=common_config, test_size=test_size)
+    return ChatSourceBuilder(common_config=common_config, data=data, columns=columns, test_size=test_size)

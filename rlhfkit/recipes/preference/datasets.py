@@ -15,12 +15,15 @@ import logging
 import random
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from rlhfkit.data_sources import DataSource, parse_columns, parse_sources, read_tables
 from rlhfkit.paths import shared_data_dir
 from rlhfkit.preference.preference_datasets import ComparisonDatasetBuilder
 from rlhfkit.preference.types import Comparison, LabeledComparison
+from rlhfkit.supervised.data import SkippedRows, validate_messages
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +66,20 @@ def hh_pair_problem(chosen: list[dict] | None, rejected: list[dict] | None) -> s
     return None
 
 
-def hh_row_to_labeled_comparison(row: dict[str, Any]) -> LabeledComparison | None:
-    chosen, rejected = parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"])
-    if hh_pair_problem(chosen, rejected) is not None:
-        return None
+def pair_to_labeled_comparison(chosen: list[dict] | None, rejected: list[dict] | None) -> LabeledComparison:
+    """Two whole conversations that differ only in the last (assistant) message -> the comparison of those
+    messages after the shared prompt, label "A" (the chosen one); ValueError saying why not."""
+    problem = hh_pair_problem(chosen, rejected)
+    if problem is not None:
+        raise ValueError(problem)
     return LabeledComparison(Comparison(chosen[:-1], [chosen[-1]], [rejected[-1]]), "A")
+
+
+def hh_row_to_labeled_comparison(row: dict[str, Any]) -> LabeledComparison | None:
+    try:
+        return pair_to_labeled_comparison(parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"]))
+    except ValueError:
+        return None
 
 
 def split_key(row: dict[str, Any]) -> str:
@@ -151,18 +163,9 @@ def hh_data_files(spec: str | None) -> list[Path] | str | None:
 
 
 def _load_hh_rlhf_from_hub() -> list[dict[str, Any]]:
-    try:
-        import datasets
-    except ImportError:
-        raise RuntimeError(f"loading {HH_RLHF_HUB_NAME!r} from the Hub needs the `datasets` package "
-                           "(pip install datasets); offline, use the local files (data_files=None)") from None
-    try:
-        dataset = datasets.load_dataset(HH_RLHF_HUB_NAME)
-    except Exception as e:
-        raise RuntimeError(f"could not load {HH_RLHF_HUB_NAME!r} from the Hugging Face Hub ({e}); offline, use "
-                           "the local files (data_files=None)") from e
-    return [{"chosen": r["chosen"], "rejected": r["rejected"], "_source": f"{HH_RLHF_HUB_NAME}:{split}",
-             "_row": i} for split in ("train", "test") for i, r in enumerate(dataset[split])]
+    tables = read_tables([DataSource("hub", HH_RLHF_HUB_NAME)])
+    return [{"chosen": r["chosen"], "rejected": r["rejected"], "_source": table.name, "_row": name}
+            for table in tables for name, r in table.rows]
 
 
 def split_hh_rlhf_rows(rows: Sequence[dict[str, Any]]) -> dict[Role, list[dict[str, Any]]]:
@@ -242,21 +245,31 @@ def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
     return value
 
 
-def jsonl_row_to_labeled_comparison(row: dict[str, Any]) -> LabeledComparison:
-    """A {"prompt_conversation", "completion_A", "completion_B", "label"} row; errors name file/row/field."""
-    where = f"{row.get('_source', '<row>')}, row {row.get('_row', '?')}"
-    for field in ("prompt_conversation", "completion_A", "completion_B", "label"):
+COMPARISON_FIELDS = ("prompt_conversation", "completion_A", "completion_B", "label")
+
+
+def comparison_fields_to_labeled_comparison(row: dict[str, Any], where: str = "") -> LabeledComparison:
+    """A {"prompt_conversation", "completion_A", "completion_B", "label"} row; ValueError naming the field
+    (prefixed with `where` and ", ")."""
+    prefix = f"{where}, " if where else ""
+    for field in COMPARISON_FIELDS:
         if field not in row:
-            raise ValueError(f"{where}: missing field {field!r}")
-    messages = {field: _check_messages(row[field], f"{where}, field {field!r}")
+            raise ValueError(f"{where or 'row'}: missing field {field!r}")
+    messages = {field: _check_messages(row[field], f"{prefix}field {field!r}")
                 for field in ("prompt_conversation", "completion_A", "completion_B")}
     for field in ("completion_A", "completion_B"):
         if not messages[field]:
-            raise ValueError(f"{where}, field {field!r}: a completion needs at least one message")
+            raise ValueError(f"{prefix}field {field!r}: a completion needs at least one message")
     if row["label"] not in ("A", "B", "Tie"):
-        raise ValueError(f"{where}, field 'label': expected 'A', 'B' or 'Tie', got {row['label']!r}")
+        raise ValueError(f"{prefix}field 'label': expected 'A', 'B' or 'Tie', got {row['label']!r}")
     return LabeledComparison(Comparison(messages["prompt_conversation"], messages["completion_A"],
                                         messages["completion_B"]), row["label"])
+
+
+def jsonl_row_to_labeled_comparison(row: dict[str, Any]) -> LabeledComparison:
+    """A {"prompt_conversation", "completion_A", "completion_B", "label"} row; errors name file/row/field."""
+    return comparison_fields_to_labeled_comparison(
+        row, f"{row.get('_source', '<row>')}, row {row.get('_row', '?')}")
 
 
 class ComparisonBuilderFromJsonl(ComparisonDatasetBuilder):
@@ -291,14 +304,14 @@ def load_labeled_comparisons(path: str | Path) -> list[LabeledComparison]:
     return [jsonl_row_to_labeled_comparison(row) for row in ComparisonBuilderFromJsonl._load(path)]
 
 
-def held_out_hh_comparisons(hh_data: str | None, role: Literal["preference_model", "rl"], count: int,
-                            max_chars: int | None = None) -> list[LabeledComparison]:
-    """The first `count` held-out labelled comparisons of HH-RLHF data (`hh_data` as hh_data_files takes it) for a
-    role ("preference_model": the PM test rows, "rl": the win-rate rows); a larger count extends the list."""
-    builder = HHHComparisonBuilder(test_size=count, role=role, data_files=hh_data_files(hh_data), max_chars=max_chars)
+def held_out_comparisons(data: str | None, role: Literal["preference_model", "rl"], count: int,
+                         max_chars: int | None = None, columns: str | None = None) -> list[LabeledComparison]:
+    """The first `count` held-out labelled comparisons of a data spec (as ComparisonBuilderFromSource takes it;
+    None: the offline HH-RLHF splits) for a role ("preference_model": the PM test rows, "rl": the win-rate rows);
+    a larger count extends the list."""
+    builder = ComparisonBuilderFromSource(data=data, columns=columns, role=role, test_size=count, max_chars=max_chars)
     _, test_rows = builder.get_train_and_test_datasets()
-    comparisons = [builder.example_to_labeled_comparison(row) for row in test_rows]
-    return [c for c in comparisons if c is not None]
+    return [builder.example_to_labeled_comparison(row) for row in test_rows or []]
 
 
 def read_eval_comparisons(data: str | None, role: Literal["preference_model", "rl"], count: int,
@@ -310,4 +323,173 @@ def read_eval_comparisons(data: str | None, role: Literal["preference_model", "r
         first = next((row for row in _read_jsonl_rows(Path(data))), {})
         if "prompt_conversation" in first:
             return load_labeled_comparisons(data)[:count]
-    return held_out_hh_comparisons(data, role, count, max_chars)
+    return held_out_comparisons(data, role, count, max_chars)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparisons in the common formats, from any data source
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", *COMPARISON_FIELDS)
+
+
+def _messages(value: Any, field: str, default_role: str) -> list[dict[str, str]]:
+    """A string (one message of `default_role`) or a list of {role, content} messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"field {field!r} is empty")
+        return [{"role": default_role, "content": value}]
+    try:
+        return validate_messages(value)
+    except ValueError as e:
+        raise ValueError(f"field {field!r}: expected a string or a list of {{role, content}} messages ({e})") from None
+
+
+def _completion(value: Any, field: str, prompt: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A reply: a string, or messages that may repeat the prompt first (UltraFeedback-binarized)."""
+    messages = _messages(value, field, "assistant")
+    if messages[:len(prompt)] == prompt:
+        messages = messages[len(prompt):]
+    if not messages or messages[0]["role"] != "assistant":
+        raise ValueError(f"field {field!r}: expected the assistant's reply after the prompt")
+    return messages
+
+
+def _check_scores(row: dict[str, Any]) -> None:
+    chosen, rejected = row.get("score_chosen"), row.get("score_rejected")
+    if isinstance(chosen, (int, float)) and isinstance(rejected, (int, float)) and chosen <= rejected:
+        raise ValueError(f"fields 'score_chosen' and 'score_rejected': {chosen} <= {rejected} (no preference "
+                         "for the chosen reply)")
+
+
+def preference_row_to_comparison(row: Any) -> tuple[LabeledComparison, int]:
+    """A row in any supported preference format -> (labelled comparison, length of the chosen conversation in
+    characters); ValueError naming the field if the row is not usable. Formats, by their fields:
+      * chosen/rejected transcript strings: HH-RLHF "\\n\\nHuman: ... \\n\\nAssistant: ..." (length: the
+        chosen transcript's);
+      * chosen/rejected message lists without a prompt: TRL's conversational implicit-prompt format (two
+        whole conversations that differ in the last assistant message);
+      * prompt + chosen + rejected: TRL's standard format (strings) or conversational format (message
+        lists); UltraFeedback-binarized (a prompt string, message lists that repeat it, score_chosen/
+        score_rejected: a row whose chosen score is not higher is skipped);
+      * prompt_conversation/completion_A/completion_B/label: rlhfkit's own comparison rows.
+    Other than the last format, the label is "A" (the chosen reply)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected an object with named fields, got {type(row).__name__}")
+    if all(field in row for field in COMPARISON_FIELDS):
+        labeled = comparison_fields_to_labeled_comparison(row)
+        conversation = labeled.comparison.prompt_conversation + labeled.comparison.completion_A
+        return labeled, sum(len(m["content"]) for m in conversation)
+    missing = [field for field in ("chosen", "rejected") if row.get(field) is None]
+    if missing:
+        raise ValueError(f"missing field {missing[0]!r} (a comparison needs 'chosen' and 'rejected', with or "
+                         f"without 'prompt'; the row has {', '.join(map(repr, row)) or 'no fields'})")
+    _check_scores(row)
+    chars = None
+    if row.get("prompt") is None and isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
+        labeled = pair_to_labeled_comparison(parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"]))
+        chars = len(row["chosen"])
+    elif row.get("prompt") is None:
+        chosen, rejected = _messages(row["chosen"], "chosen", "assistant"), _messages(row["rejected"], "rejected",
+                                                                                       "assistant")
+        labeled = pair_to_labeled_comparison(chosen, rejected)
+    else:
+        prompt = _messages(row["prompt"], "prompt", "user")
+        chosen, rejected = _completion(row["chosen"], "chosen", prompt), _completion(row["rejected"], "rejected",
+                                                                                     prompt)
+        if chosen == rejected:
+            raise ValueError("fields 'chosen' and 'rejected': the replies are identical")
+        labeled = LabeledComparison(Comparison(prompt, chosen, rejected), "A")
+    if not labeled.comparison.prompt_conversation:
+        raise ValueError("no prompt before the compared replies")
+    if chars is None:
+        chars = sum(len(m["content"]) for m in labeled.comparison.prompt_conversation + labeled.comparison.completion_A)
+    return labeled, chars
+
+
+@dataclass(frozen=True)
+class ComparisonExample:
+    """A usable comparison row: the comparison, where it came from, and its chosen conversation's length."""
+
+    labeled: LabeledComparison
+    where: str
+    chars: int
+
+
+def offline_hh_splits() -> dict[str, Path]:
+    """The offline HH-RLHF test splits by name ("helpful-base" -> .../hh-rlhf/helpful-base-test.jsonl.gz)."""
+    return {name.removesuffix("-test.jsonl.gz"): shared_data_dir() / "hh-rlhf" / name for name in HH_RLHF_FILES}
+
+
+def load_comparison_examples(data: str | None = None, columns: str | None = None) -> list[ComparisonExample]:
+    """Every usable comparison of a data spec (see rlhfkit.data_sources; items may also name the offline
+    HH-RLHF splits; None: all four), in source order. Unusable rows are skipped: per file, counted and one
+    example logged."""
+    spec = data if data is not None else ",".join(offline_hh_splits())
+    tables = read_tables(parse_sources(spec, offline_hh_splits()), parse_columns(columns, PREFERENCE_COLUMNS))
+    examples = []
+    for table in tables:
+        skipped = SkippedRows(table.name)
+        for row_name, row in table.rows:
+            try:
+                labeled, chars = preference_row_to_comparison(row)
+            except ValueError as e:
+                skipped.skip(row_name, str(e))
+                continue
+            examples.append(ComparisonExample(labeled, f"{table.name}, {row_name}", chars))
+        skipped.report(len(table.rows))
+    if not examples:
+        raise ValueError(f"no usable comparisons in {spec!r}")
+    return examples
+
+
+def comparison_split_key(example: ComparisonExample) -> str:
+    """The text whose hash decides a comparison's role: its opening message (for HH-RLHF rows the same key
+    as `split_key`, so both builders give every HH-RLHF row the same role)."""
+    return example.labeled.comparison.prompt_conversation[0]["content"]
+
+
+@dataclass(frozen=True)
+class ComparisonBuilderFromSource(ComparisonDatasetBuilder):
+    """Labelled comparisons from any data source and format (`load_comparison_examples`), split by a stable
+    hash of the opening message into the four disjoint roles (ROLE_FRACTIONS), whatever the source.
+
+    role="preference_model": get_train_and_test_datasets() -> (PM train, PM test[:test_size]);
+    role="rl": -> (RL prompts, win-rate evaluation prompts[:test_size]); both shuffled with seed 0. On the
+    HH-RLHF files this gives the same comparisons in the same order as HHHComparisonBuilder.
+    data: the spec (None: the four offline HH-RLHF splits); columns: a column mapping such as
+    "prompt=question,chosen=good,rejected=bad"; max_chars: keep only comparisons whose chosen conversation
+    has at most this many characters (it never changes a row's role).
+    """
+
+    data: str | None = None
+    columns: str | None = None
+    role: Literal["preference_model", "rl"] = "preference_model"
+    test_size: int = 1024
+    max_chars: int | None = None
+    swap: bool = False
+
+    def __post_init__(self) -> None:
+        if self.role not in HHHComparisonBuilder.ROLES:
+            raise ValueError(f"role must be one of {sorted(HHHComparisonBuilder.ROLES)}, got {self.role!r}")
+        if self.test_size < 0:
+            raise ValueError(f"test_size must be >= 0, got {self.test_size}")
+        if self.max_chars is not None and self.max_chars <= 0:
+            raise ValueError(f"max_chars must be positive, got {self.max_chars}")
+        parse_columns(self.columns, PREFERENCE_COLUMNS)  # a bad mapping fails here, before any loading
+
+    def role_examples(self) -> dict[Role, list[ComparisonExample]]:
+        """All four roles' comparisons in source order (before the max_chars filter)."""
+        by_role: dict[Role, list[ComparisonExample]] = {role: [] for role in ROLE_FRACTIONS}  # type: ignore[misc]
+        for example in load_comparison_examples(self.data, self.columns):
+            by_role[role_of(comparison_split_key(example))].append(example)
+        return by_role
+
+    def get_train_and_test_datasets(self) -> tuple[list[ComparisonExample], list[ComparisonExample] | None]:
+        train_role, test_role = HHHComparisonBuilder.ROLES[self.role]
+        split = self.role_examples()
+        if self.max_chars is not None:
+            split = {role: [e for e in examples if e.chars <= self.max_chars] for role, examples in split.items()}
+        return _shuffled(split[train_role]), _shuffled(split[test_role])[: self.test_size]
+
+    def example_to_labeled_comparison(self, example: ComparisonExample) -> LabeledComparison:
+        return example.labeled

@@ -51,7 +51,11 @@ class PipelineConfig:
     wandb_project: str | None = None
     wandb_name: str = "rlhf"
     # Local additions (None: use the shared value above)
-    sft_data: str = "lima"  # "lima" | "no_robots" (Hub) | "hh_chosen" | path to a {"messages": [...]} JSONL
+    # SFT conversations: "lima" | "no_robots" (Hub) | "hh_chosen" | comma-separated files (.jsonl, .json, .parquet,
+    # .csv, .gz-ed too) or Hub names[:split] with rows of {"messages"}, {"prompt", "completion"} or
+    # {"instruction", "input", "output", "history"} (rlhfkit.recipes.chat_sl.chat_datasets.chat_builder)
+    sft_data: str = "lima"
+    sft_columns: str | None = None  # sft_data's column mapping, e.g. "prompt=question,completion=answer"
     sft_batch_size: int | None = None
     rm_batch_size: int | None = None
     rl_batch_size: int | None = None
@@ -61,10 +65,15 @@ class PipelineConfig:
     sft_eval_every: int | None = None
     rm_eval_every: int | None = None
     rl_eval_every: int | None = None
-    hh_max_chars: int | None = None  # keep only HH-RLHF conversations this short (all stages' HH-RLHF data)
-    # HH-RLHF files, comma-separated: paths, or names of the offline splits ("helpful-base", "harmless-base",
-    # "helpful-online", "helpful-rejection-sampled"); None: all four offline splits; "Anthropic/hh-rlhf": the Hub
-    hh_data: str | None = None
+    hh_max_chars: int | None = None  # keep only comparisons whose chosen conversation is this short (characters)
+    # Comparisons for the preference model, RL prompts and win-rate prompts (split disjointly by a hash of the
+    # opening message), comma-separated: names of the offline HH-RLHF splits ("helpful-base", "harmless-base",
+    # "helpful-online", "helpful-rejection-sampled"), files (.jsonl, .json, .parquet, .csv, .gz-ed too) or Hub
+    # names[:split] ("Anthropic/hh-rlhf") with HH transcripts, TRL prompt/chosen/rejected (strings or messages)
+    # or UltraFeedback-binarized rows; None: hh_data (rlhfkit.recipes.preference.datasets.ComparisonBuilderFromSource)
+    pref_data: str | None = None
+    pref_columns: str | None = None  # pref_data's column mapping, e.g. "prompt=question,chosen=good,rejected=bad"
+    hh_data: str | None = None  # the older name of pref_data (used when pref_data is None; None: all 4 HH splits)
     sft_test_size: int = 256
     pm_test_size: int = 1024  # held-out comparisons for test/nll and the preference-model evaluation
     win_rate_prompts: int = 256  # held-out prompts for test/win_rate
@@ -212,15 +221,9 @@ def _steps(stage_value: int | None, cfg: PipelineConfig) -> int | None:
 
 
 def _sft_dataset_builder(cfg: PipelineConfig, common: Any) -> Any:
-    from rlhfkit.recipes.chat_sl import chat_datasets
+    from rlhfkit.recipes.chat_sl.chat_datasets import chat_builder
 
-    if cfg.sft_data == "lima":
-        return chat_datasets.LimaBuilder(common_config=common, test_size=cfg.sft_test_size)
-    if cfg.sft_data == "no_robots":
-        return chat_datasets.NoRobotsBuilder(common_config=common)
-    if cfg.sft_data == "hh_chosen":
-        return chat_datasets.HHChosenBuilder(common_config=common, test_size=cfg.sft_test_size)
-    return chat_datasets.JsonlChatBuilder(common_config=common, train_path=cfg.sft_data)
+    return chat_builder(common, cfg.sft_data, cfg.sft_columns, cfg.sft_test_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,20 +246,22 @@ async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
         wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-sft", max_steps=_steps(cfg.sft_max_steps, cfg)))
 
 
-def _hh_builder(cfg: PipelineConfig, role: str, test_size: int = 1024) -> Any:
-    """HH-RLHF comparisons for a role ("preference_model": PM train/test, "rl": RL prompts/win-rate prompts)."""
-    from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder, hh_data_files
+def _pref_builder(cfg: PipelineConfig, role: str, test_size: int = 1024) -> Any:
+    """The run's comparisons for a role ("preference_model": PM train/test, "rl": RL prompts/win-rate prompts)."""
+    from rlhfkit.recipes.preference.datasets import ComparisonBuilderFromSource
 
-    return HHHComparisonBuilder(test_size=test_size, role=role, data_files=hh_data_files(cfg.hh_data),
-                                max_chars=cfg.hh_max_chars)
+    data = cfg.pref_data if cfg.pref_data is not None else cfg.hh_data
+    return ComparisonBuilderFromSource(data=data, columns=cfg.pref_columns, role=role, test_size=test_size,
+                                       max_chars=cfg.hh_max_chars)
 
 
 def held_out_comparisons(cfg: PipelineConfig, role: str, count: int) -> list:
     """The first `count` held-out labelled comparisons of the run's HH data for a role (the same ones at any
     count: a larger count extends the list)."""
-    from rlhfkit.recipes.preference.datasets import held_out_hh_comparisons
+    from rlhfkit.recipes.preference.datasets import held_out_comparisons as held_out
 
-    return held_out_hh_comparisons(cfg.hh_data, role, count, cfg.hh_max_chars)
+    return held_out(cfg.pref_data if cfg.pref_data is not None else cfg.hh_data, role, count, cfg.hh_max_chars,
+                    cfg.pref_columns)
 
 
 async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
@@ -266,7 +271,7 @@ async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
 
     common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model, renderer_name=renderer_name,
                                             max_length=cfg.max_length, batch_size=cfg.rm_batch_size or cfg.batch_size)
-    comparisons = _hh_builder(cfg, "preference_model", cfg.pm_test_size)
+    comparisons = _pref_builder(cfg, "preference_model", cfg.pm_test_size)
     await supervised_train.main(supervised_train.Config(
         log_path=f"{cfg.log_root}/rm", model_name=base_model, recipe_name="recipe_preference_rlhf_rm",
         renderer_name=renderer_name,
@@ -315,7 +320,7 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
     pm_builder = PreferenceModelBuilderFromChatRenderer(renderer_name=renderer_name, model_name=base_model,
                                                         rm_weights_path=rm_path, reward_mode=cfg.reward_mode)
     dataset_builder = preference_envs.PairwisePreferenceRLDatasetBuilder(
-        comparison_builder=_hh_builder(cfg, "rl"), policy_renderer_name=renderer_name,
+        comparison_builder=_pref_builder(cfg, "rl"), policy_renderer_name=renderer_name,
         policy_model_name=base_model, preference_model_builder=pm_builder,
         batch_size=cfg.rl_batch_size or cfg.batch_size, group_size=cfg.rl_group_size,
         tournament_pattern=preference_envs.TournamentPattern.ALL_PAIRS_BOTH_WAYS)
@@ -354,7 +359,7 @@ async def run_dpo(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
     await train_dpo.main(train_dpo.Config(
         log_path=f"{cfg.log_root}/dpo", model_name=base_model, recipe_name="recipe_preference_dpo",
         renderer_name=renderer_name, load_checkpoint_path=sft.state_path,
-        dataset_builder=DPODatasetBuilderFromComparisons(common, _hh_builder(cfg, "preference_model",
+        dataset_builder=DPODatasetBuilderFromComparisons(common, _pref_builder(cfg, "preference_model",
                                                                              cfg.pm_test_size)),
         learning_rate=cfg.dpo_learning_rate, dpo_beta=cfg.dpo_beta, label_smoothing=cfg.dpo_label_smoothing,
         loss_type=cfg.dpo_loss_type, lora_rank=cfg.lora_rank, save_every=cfg.save_every,
@@ -435,6 +440,8 @@ async def main_async(cfg: PipelineConfig) -> dict[str, float]:
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     stages = [("sft", cfg.run_sft, run_sft), ("rm", cfg.run_rm, run_rm), ("rl", cfg.run_rl, run_rl),
               ("dpo", cfg.run_dpo, run_dpo)]
+    if (cfg.run_rm or cfg.run_rl or cfg.run_dpo) and not stage_finished(f"{cfg.log_root}/rl"):
+        _pref_builder(cfg, "rl").role_examples()  # unreadable comparison data stops the run before any training
     for name, enabled, run in stages:
         if not enabled or name not in METHODS[cfg.method]:
             continue
