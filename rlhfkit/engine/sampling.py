@@ -496,7 +496,7 @@ class SamplingClient:
         sequences = [p.to_ints() for p in prompts]
         out = []
         for tokens, logits in zip(sequences, self._forward(sequences, keep_last_only=False)):
-            target = torch.as_tensor(tokens[1:], device=logits.device)
+            target = torch.as_tensor(tokens[1:], dtype=torch.long, device=logits.device)
             out.append([None] + token_logprobs(logits[:-1], target).tolist())
         return out
 
