@@ -147,4 +147,4 @@ def test_smoke_pipeline_on_the_tutorials_model_family(tmp_path, model_dirs):
 
     run_pipeline(tmp_path, f"base_model={model_dirs['qwen3_5']}")
     assert (tmp_path / "report.md").exists()
-    assert "accuracy" in json.loads((tmp_path / "rm" / "pm_eval.json").read_text())  # the step that failed
+    assert json.loads((tmp_path / "rm" / "pm_eval.json").read_text())["pm/n"] > 0  # the step that failed
