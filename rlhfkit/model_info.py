@@ -4,7 +4,10 @@ Base models use "role_colon"; chat/instruct models use "chat_template" (the toke
 reference names per-family renderers such as "qwen3_5" or "llama3", which all mean that here).
 Besides Hub names `org/name[:suffix]`, two local forms are accepted:
 * the embedded name `smollm2-135m-instruct` -> "chat_template";
-* a local model folder or `.gguf` file -> "chat_template" if its tokenizer has a chat template, else
+* a local model folder of the tutorial's model family, Qwen3.5 (config.json `model_type` qwen3_5*) -> the
+  tutorial's "role_colon" (spec 2.9: Qwen/Qwen3.5-9B-Base -> role_colon), even when the folder ships Qwen's
+  chat template as the base models do (a chat Qwen3.5 folder may pass renderer_name=chat_template);
+* any other local model folder or `.gguf` file -> "chat_template" if its tokenizer has a chat template, else
   "role_colon".
 """
 
@@ -18,6 +21,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODELS = {"smollm2-135m-instruct": "chat_template"}
+TUTORIAL_FAMILY_PREFIX = "qwen3_5"  # config.json model_type of Qwen3.5 models (qwen3_5, qwen3_5_text, qwen3_5_moe...)
 
 
 class ConfigurationError(ValueError):
@@ -52,6 +56,10 @@ RECOMMENDED_RENDERERS: dict[str, dict[str, list[str]]] = {
 def _local_model_renderer(path: str) -> str:
     folder = Path(path)
     if folder.is_dir():
+        model_config = folder / "config.json"
+        model_type = json.loads(model_config.read_text()).get("model_type", "") if model_config.exists() else ""
+        if model_type.startswith(TUTORIAL_FAMILY_PREFIX):
+            return "role_colon"
         config_file = folder / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.exists() else {}
         has_template = bool(config.get("chat_template")) or (folder / "chat_template.jinja").exists() \

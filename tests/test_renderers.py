@@ -166,3 +166,53 @@ def test_recommended_renderer_names(tmp_path):
         get_recommended_renderer_name("nobody/model")
     with pytest.raises(KeyError):
         get_recommended_renderer_name("Qwen/NoSuchModel")
+
+
+QWEN3_STYLE_TEMPLATE = (  # ChatML that refuses a system message anywhere but first (as Qwen3.5's template does)
+    "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('System message must be at the beginning.') }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", ["qwen2", "qwen3_style"])
+def test_chat_template_renders_the_comparison_separators_as_user_text(tokenizer, template):
+    """Templates that drop (Qwen2's) or refuse (Qwen3.5's) a system message after the first message still render
+    the preference model's comparison prompt: the separators become user messages; the label is the one trained
+    token."""
+    import copy
+
+    from rlhfkit.preference.types import Comparison, ComparisonRendererFromChatRenderer, LabeledComparison
+
+    tok = copy.deepcopy(tokenizer)
+    if template == "qwen3_style":
+        tok.chat_template = QWEN3_STYLE_TEMPLATE
+    renderer = get_renderer("chat_template", tok)
+    assert renderer.later_system_role == "user"
+    comparison = Comparison([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "a"}],
+                            [{"role": "assistant", "content": "b"}])
+    comparisons = ComparisonRendererFromChatRenderer(renderer)
+    prompt = tok.decode(comparisons.build_generation_prompt(comparison).to_ints())
+    for separator in ("==== Completion A ====", "==== Completion B ====", "==== Preference ===="):
+        assert f"<|im_start|>user\n{separator}<|im_end|>" in prompt
+    assert prompt.index("Completion A") < prompt.index("\na<|im_end|>") < prompt.index("Completion B") \
+        < prompt.index("\nb<|im_end|>") < prompt.index("Preference")
+    assert prompt.endswith("<|im_start|>assistant\n")
+    model_input, weights = comparisons.to_model_input_weights(LabeledComparison(comparison, "B"))
+    assert list(weights).count(1) == 1 and weights[-1] == 1
+    assert tok.decode(model_input.to_ints()[-1:]) == "B"
+    # a first system message keeps its role
+    first = renderer.build_generation_prompt([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}])
+    assert tok.decode(first.to_ints()).startswith("<|im_start|>system\nS<|im_end|>")
+
+
+def test_recommended_renderer_for_a_local_qwen3_5_folder_is_the_tutorials(tmp_path):
+    import json
+
+    from rlhfkit.model_info import get_recommended_renderer_name
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5_text"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert get_recommended_renderer_name(str(tmp_path)) == "role_colon"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    assert get_recommended_renderer_name(str(tmp_path)) == "chat_template"

@@ -37,12 +37,24 @@ class LoraSpec:
 
 def target_module_names(model: torch.nn.Module, spec: LoraSpec) -> list[str]:
     """Leaf names of the linear projections to adapt: attention and/or MLP projections inside the decoder
-    layers, and the unembedding when asked."""
+    layers, and the unembedding when asked.
+
+    * Token mixers count as attention, linear attention included on purpose: Qwen3.5's Gated DeltaNet block
+      (`linear_attn`: in_proj_qkv, in_proj_z, in_proj_a, in_proj_b, out_proj) is adapted with train_attn, like
+      full attention's q/k/v/o (LoRA on every weight matrix, as the reference service does).
+    * Mixture-of-experts routers (a linear layer beside an `experts` module) are left out on purpose: adapting
+      the router changes which experts run. Experts stored as fused 3-D parameters (Qwen3-MoE, Mixtral in
+      transformers 5) are not linear layers, so an MoE MLP gets adapters only on its dense linear parts (a
+      shared expert, say)."""
     names: set[str] = set()
-    for path, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for path, module in modules.items():
         if not isinstance(module, torch.nn.Linear) or ".layers." not in f".{path}":
             continue
-        parent = path.rsplit(".", 1)[0].lower()
+        parent_path = path.rsplit(".", 1)[0]
+        if hasattr(modules[parent_path], "experts"):  # a router
+            continue
+        parent = parent_path.lower()
         is_attn = "attn" in parent or "attention" in parent
         is_mlp = "mlp" in parent or "feed_forward" in parent
         if (is_attn and spec.train_attn) or (is_mlp and spec.train_mlp):

@@ -3,11 +3,17 @@
 Concurrent `_async` calls (e.g. all rollouts of an RL batch, all matchups judged by a preference model) are
 gathered by a small batcher and served by one batched computation, so recipes can issue one request per
 sequence and still get large batches.
+
+Two implementations of each computation, chosen per model by what its cache supports (see capabilities.py):
+fast paths for attention-only models (left-padded batches, a preallocated decode cache, prefix keys/values
+copied between rows) and a general path for any causal LM (recurrent or linear-attention layers, sliding
+windows): decode batches of equal-length prompts in the model's own cache, right-padded scoring.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import os
@@ -17,7 +23,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.engine.batching import pad_left, plan_microbatches, token_logprobs
+from rlhfkit.engine.batching import pad_left, pad_right, plan_microbatches, token_logprobs
+from rlhfkit.engine.capabilities import cache_capabilities
 from rlhfkit.engine.futures import APIFuture
 from rlhfkit.engine.lora import LoraSpec, merge_adapter
 from rlhfkit.engine.models import Precision, load_base_model, load_tokenizer
@@ -108,6 +115,22 @@ class _Batcher:
         for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
+
+
+@contextlib.contextmanager
+def last_positions_only(model: torch.nn.Module, last: torch.Tensor):
+    """While active, the decoder hands the head one position per row (`last[row]`) instead of all of them, so
+    with right padding the model's own head (soft-capping, logit scaling and all) computes each row's
+    last-position logits alone; call the model with logits_to_keep=1."""
+    def keep(module, args, output):
+        output.last_hidden_state = output.last_hidden_state[torch.arange(len(last)), last][:, None]
+        return output
+
+    handle = model.get_decoder().register_forward_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -234,6 +257,7 @@ class SamplingClient:
         self._eos_ids = find_eos_ids(self.tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id",
                                                              None))
         self._context = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+        self._cache = cache_capabilities(base_model, self.model)
         self._sample_batcher = _Batcher(self._sample_many)
         self._logprob_batcher = _Batcher(self._compute_logprobs_many)
         self._score_batcher = _Batcher(lambda reqs: self._score_many([r[0] for r in reqs], reqs[0][1])
@@ -261,8 +285,16 @@ class SamplingClient:
         rows = [row for group in per_request for row in group]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
         limit = max_sampling_batch()
-        for start in range(0, len(order), limit):
-            self._generate([rows[i] for i in order[start:start + limit]])
+        if self._cache.fast_paths:
+            for start in range(0, len(order), limit):
+                self._generate([rows[i] for i in order[start:start + limit]])
+        else:  # one batch per prompt length: no padding
+            by_length: dict[int, list[_Row]] = {}
+            for i in order:
+                by_length.setdefault(len(rows[i].prompt), []).append(rows[i])
+            for group in by_length.values():
+                for start in range(0, len(group), limit):
+                    self._generate_unpadded(group[start:start + limit])
         return [SampleResponse([SampledSequence(r.tokens, r.logprobs, r.stop_reason) for r in group])
                 for group in per_request]
 
@@ -304,6 +336,17 @@ class SamplingClient:
             row.stop_reason = "length"
         return row.stop_reason is not None
 
+    def _advance(self, logits: torch.Tensor, batch_rows: list[_Row]) -> tuple[torch.Tensor, list[int]]:
+        """Choose each row's next token and record it on the rows still running. Returns the chosen tokens and
+        the batch slots still running."""
+        tokens, logprobs = self._choose(logits, batch_rows)
+        for row, token, logprob in zip(batch_rows, tokens.tolist(), logprobs.tolist()):
+            if row.stop_reason is None:
+                row.tokens.append(token)
+                row.logprobs.append(logprob)
+                self._finished(row)
+        return tokens, [slot for slot, row in enumerate(batch_rows) if row.stop_reason is None]
+
     def _prefill(self, rows: list[_Row]) -> tuple[Any, torch.Tensor, int]:
         """Run the prompts into a KV cache with room to grow. Each distinct prompt is computed once (a group of
         samples of one prompt shares it), in length-sorted microbatches (little padding); its keys/values are
@@ -333,7 +376,7 @@ class SamplingClient:
             if logits is None:
                 logits = step_logits.new_empty((len(rows), step_logits.shape[-1]))
             logits[target] = step_logits[source]
-            for i, layer in enumerate(out.past_key_values.layers):
+            for i, layer in enumerate(out.cache.layers):
                 if len(layers) <= i:
                     layers.append(layer_class(len(rows), layer.keys, layer.values, capacity, width))
                 layers[i].write_rows(target, layer.keys[source], layer.values[source])
@@ -353,14 +396,7 @@ class SamplingClient:
         active = list(range(len(rows)))  # the row of each batch slot
         length = width
         while True:
-            batch_rows = [rows[i] for i in active]
-            tokens, logprobs = self._choose(logits, batch_rows)
-            for row, token, logprob in zip(batch_rows, tokens.tolist(), logprobs.tolist()):
-                if row.stop_reason is None:
-                    row.tokens.append(token)
-                    row.logprobs.append(logprob)
-                    self._finished(row)
-            alive = [slot for slot, row in enumerate(batch_rows) if row.stop_reason is None]
+            tokens, alive = self._advance(logits, [rows[i] for i in active])
             if not alive:
                 return
             if 8 * (len(active) - len(alive)) >= len(active):
@@ -372,9 +408,44 @@ class SamplingClient:
             length += 1
             with self.precision.autocast:
                 out = self.model(input_ids=tokens[:, None], attention_mask=mask[:, :length],
-                                 position_ids=next_position[:, None], past_key_values=cache, use_cache=True)
+                                 position_ids=next_position[:, None], cache=cache, use_cache=True)
             logits = out.logits[:, -1]
             next_position = next_position + 1
+
+    @torch.inference_mode()
+    def _generate_unpadded(self, rows: list[_Row]) -> None:
+        """The general decode loop, for any causal LM: all rows have prompts of one length, so nothing is padded
+        (padding would enter a recurrent layer's state). Each distinct prompt is prefilled once into the model's
+        own cache, whose rows are then repeated for the samples (reorder_cache); finished rows leave the batch
+        once they are an eighth of it. A cache that cannot select rows gets one prefill row per sample and keeps
+        finished rows (their tokens are not recorded)."""
+        device = self.precision.device
+        selects = self._cache.selects_rows
+        distinct: dict[tuple[int, ...], int] = {}
+        prompt_of_row = [distinct.setdefault(tuple(r.prompt), len(distinct)) if selects else i
+                         for i, r in enumerate(rows)]
+        prompts = list(distinct) if selects else [r.prompt for r in rows]
+        with self.precision.autocast:
+            out = self.model(input_ids=torch.tensor(prompts, device=device), use_cache=True, logits_to_keep=1)
+        cache, index = out.cache, torch.tensor(prompt_of_row, device=device)
+        if selects and len(prompts) < len(rows):
+            cache.reorder_cache(index)
+        logits = out.logits[index, -1]
+        position = len(rows[0].prompt)
+        active = list(range(len(rows)))  # the row of each batch slot
+        while True:
+            tokens, alive = self._advance(logits, [rows[i] for i in active])
+            if not alive:
+                return
+            if selects and 8 * (len(active) - len(alive)) >= len(active):
+                index = torch.tensor(alive, device=device)
+                cache.reorder_cache(index)
+                tokens, active = tokens[index], [active[slot] for slot in alive]
+            with self.precision.autocast:
+                out = self.model(input_ids=tokens[:, None], position_ids=torch.full_like(tokens[:, None], position),
+                                 cache=cache, use_cache=True)
+            logits = out.logits[:, -1]
+            position += 1
 
     def sample(self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
                ) -> APIFuture[SampleResponse]:
@@ -400,11 +471,32 @@ class SamplingClient:
                 results[i] = logits[row, -1] if keep_last_only else logits[row, ids.shape[1] - len(sequences[i]):]
         return results  # type: ignore[return-value]
 
+    def _forward_right_padded(self, sequences: Sequence[list[int]], keep_last_only: bool) -> list[torch.Tensor]:
+        """The general path's _forward_left_padded: right padding comes after each row's tokens, so it changes
+        none of their logits in any causal model; with keep_last_only the head sees each row's last position only
+        (last_positions_only)."""
+        results: list[torch.Tensor | None] = [None] * len(sequences)
+        for batch in plan_microbatches([len(s) for s in sequences]):
+            ids, mask = pad_right([sequences[i] for i in batch], self._pad_id, self.precision.device)
+            last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=ids.device)
+            with torch.inference_mode(), self.precision.autocast, \
+                    (last_positions_only(self.model, last) if keep_last_only else contextlib.nullcontext()):
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False,
+                                    logits_to_keep=1 if keep_last_only else 0).logits
+            for row, i in enumerate(batch):
+                results[i] = logits[row, -1] if keep_last_only else logits[row, :len(sequences[i])]
+        return results  # type: ignore[return-value]
+
+    def _forward(self, sequences: Sequence[list[int]], keep_last_only: bool) -> list[torch.Tensor]:
+        if self._cache.fast_paths:
+            return self._forward_left_padded(sequences, keep_last_only)
+        return self._forward_right_padded(sequences, keep_last_only)
+
     def _compute_logprobs_many(self, prompts: list[ModelInput]) -> list[list[float | None]]:
         sequences = [p.to_ints() for p in prompts]
         out = []
-        for tokens, logits in zip(sequences, self._forward_left_padded(sequences, keep_last_only=False)):
-            target = torch.as_tensor(tokens[1:], device=logits.device)
+        for tokens, logits in zip(sequences, self._forward(sequences, keep_last_only=False)):
+            target = torch.as_tensor(tokens[1:], dtype=torch.long, device=logits.device)
             out.append([None] + token_logprobs(logits[:-1], target).tolist())
         return out
 
@@ -432,7 +524,7 @@ class SamplingClient:
             ids, mask, positions = pad_left(prefixes, self._pad_id, device)
             with self.precision.autocast:
                 prefix_cache = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                          use_cache=True, logits_to_keep=1).past_key_values
+                                          use_cache=True, logits_to_keep=1).cache
             members = [(j, i) for j, k in enumerate(batch) for i in shared[k][1]]
             # rows x (prefix width + suffix width) within the token budget bounds the copied cache too
             lengths = [ids.shape[1] + len(sequences[i]) - shared[batch[j]][0] for j, i in members]
@@ -447,18 +539,50 @@ class SamplingClient:
                 with self.precision.autocast:
                     logits = self.model(input_ids=suffix_ids,
                                          attention_mask=torch.cat([mask[[j for j, _ in rows]], suffix_mask], dim=1),
-                                         position_ids=suffix_positions + starts[:, None], past_key_values=cache,
+                                         position_ids=suffix_positions + starts[:, None], cache=cache,
                                          use_cache=True, logits_to_keep=1).logits
                 for row, (_, i) in enumerate(rows):
                     results[i] = logits[row, -1]
         return results  # type: ignore[return-value]
 
+    @torch.inference_mode()
+    def _last_logits_sharing_prefixes_unpadded(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """The general path's _last_logits_sharing_prefixes: each shared prefix is run alone (no padding) into
+        the model's own cache, whose row is repeated for the sequences that share it (reorder_cache on a copy);
+        their suffixes follow right-padded, and the head reads each row's last real position."""
+        groups = shared_prefix_groups(sequences)
+        results: list[torch.Tensor | None] = [None] * len(sequences)
+        alone = [g[1][0] for g in groups if g[0] == 0]
+        for i, logits in zip(alone, self._forward_right_padded([sequences[i] for i in alone], keep_last_only=True)):
+            results[i] = logits
+        device = self.precision.device
+        for common, members in (g for g in groups if g[0] > 0):
+            with self.precision.autocast:
+                prefix_cache = self.model(input_ids=torch.tensor([sequences[members[0]][:common]], device=device),
+                                          use_cache=True, logits_to_keep=1).cache
+            for chunk in plan_microbatches([len(sequences[i]) for i in members]):
+                rows = [members[c] for c in chunk]
+                cache = copy.deepcopy(prefix_cache)
+                cache.reorder_cache(torch.zeros(len(rows), dtype=torch.long, device=device))
+                ids, mask = pad_right([sequences[i][common:] for i in rows], self._pad_id, device)
+                mask = torch.cat([mask.new_ones((len(rows), common)), mask], dim=1)
+                positions = torch.arange(common, common + ids.shape[1], device=device).expand(len(rows), -1)
+                last = torch.tensor([len(sequences[i]) - common - 1 for i in rows], device=device)
+                with self.precision.autocast, last_positions_only(self.model, last):
+                    logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                        cache=cache, use_cache=True, logits_to_keep=1).logits
+                for row, i in enumerate(rows):
+                    results[i] = logits[row, -1]
+        return results  # type: ignore[return-value]
+
     def _score_many(self, prompts: list[ModelInput], candidates: Sequence[int]) -> list[NextTokenScores]:
         sequences = [p.to_ints() for p in prompts]
-        if share_prefixes():
+        if share_prefixes() and self._cache.fast_paths:
             last = self._last_logits_sharing_prefixes(sequences)
+        elif share_prefixes() and self._cache.selects_rows:
+            last = self._last_logits_sharing_prefixes_unpadded(sequences)
         else:
-            last = self._forward_left_padded(sequences, keep_last_only=True)
+            last = self._forward(sequences, keep_last_only=True)
         logits = torch.stack(last).float()
         logp = torch.log_softmax(logits, dim=-1)
         argmax = logits.argmax(-1).tolist()

@@ -8,6 +8,12 @@ text after the last end-of-turn token is dropped. So an assistant message render
 header `"\\n<|im_start|>assistant\\n"` (no leading newline for the first message) and output
 `content + "<|im_end|>"`: the end-of-turn token is the last trained token, and it is the stop token.
 Content is inserted verbatim (a template that trims or rewrites content is not reproduced).
+
+System messages after the first message: many templates accept a system message only first (Qwen's raise an
+error or drop it). For such a template, a later system message (the comparison's "==== Completion A ===="
+separators, spec 4.3) is rendered as a user message with the same text, so the separators become user-side
+text; its role for training weights stays "system". Whether the template places a later system message is
+found once, when the renderer is built.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class ChatTemplateRenderer(Renderer):
                                 "use 'role_colon' for base models")
         self.end_of_turn_id = self._find_end_of_turn_token()
         self.end_of_turn_text = tokenizer.decode([self.end_of_turn_id])
+        self.later_system_role = "system" if self._places_later_system_messages() else "user"
 
     def _render_text(self, conversation: list[dict]) -> str:
         try:
@@ -51,6 +58,16 @@ class ChatTemplateRenderer(Renderer):
             raise RendererError("cannot find the chat template's end-of-turn token")
         return self.tokenizer.eos_token_id
 
+    def _places_later_system_messages(self) -> bool:
+        """Whether the template renders a system message that follows a user message."""
+        try:
+            text = self._render_text([{"role": "user", "content": _sentinel(0)},
+                                      {"role": "system", "content": _sentinel(1)},
+                                      {"role": "assistant", "content": _sentinel(2)}])
+        except RendererError:  # the template rejects it
+            return False
+        return _sentinel(1) in text
+
     def _split_after_end_of_turn(self, gap: str, last: bool = False) -> tuple[str, str]:
         """Split template text between two contents into (end of previous output, next header)."""
         marker = self.end_of_turn_text
@@ -62,7 +79,8 @@ class ChatTemplateRenderer(Renderer):
     def render(self, messages: list[Message], next_role: str | None = None) -> RenderedConversation:
         contents = [text_only_content(m) for m in messages]
         roles = [m["role"] for m in messages] + ([next_role] if next_role is not None else [])
-        skeleton = [{"role": role, "content": _sentinel(i)} for i, role in enumerate(roles)]
+        skeleton = [{"role": self.later_system_role if role == "system" and i > 0 else role, "content": _sentinel(i)}
+                    for i, role in enumerate(roles)]
         text = self._render_text(skeleton)
         gaps = []
         cursor = 0
