@@ -12,11 +12,17 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special
                    "added_tokens.json", "generation_config.json")
 
 
-def build_tiny_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
-    """Write a tiny random Qwen2-architecture model with the real Qwen tokenizer to `out_dir`. Like any base
-    model it has no chat template (so its recommended renderer is role_colon)."""
+def build_tiny_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
+                     architecture: str = "qwen2") -> Path:
+    """Write a tiny random model with the real Qwen tokenizer to `out_dir`: the Qwen2 architecture, or with
+    architecture="llama" the Llama one (same sizes and tied embeddings; vLLM can put a LoRA adapter on a Llama
+    unembedding, not on a Qwen2 one). Like any base model it has no chat template (so its recommended renderer
+    is role_colon)."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    if architecture not in ("qwen2", "llama"):
+        raise ValueError(f"build_tiny_model: architecture={architecture!r}, expected 'qwen2' or 'llama'")
 
     out_dir = Path(out_dir)
     if (out_dir / "model.safetensors").exists():
@@ -29,7 +35,12 @@ def build_tiny_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int
     config.pop("_name_or_path", None)
     config.pop("transformers_version", None)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**config))
+    if architecture == "llama":
+        config = {key: value for key, value in config.items() if key not in ("model_type", "architectures")}
+        config_class = LlamaConfig
+    else:
+        config_class = Qwen2Config
+    model = AutoModelForCausalLM.from_config(config_class(**config))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     for name in TOKENIZER_FILES:
