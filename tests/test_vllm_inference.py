@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
                                          ("reference", "Once upon a time there was a tiny model.", 3))}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     actor = vllm_actor(model_dir, str(tmp_path_factory.mktemp("engine")), python=python, dtype="float32",
-                       max_lora_rank=8, max_loras=2, max_cpu_loras=8)
+                       max_lora_rank=8, max_loras=2)  # fewer slots and cache places than adapters
     yield ray, actor, local, tokenizer, model_dir, adapters
     ray.shutdown()
 
