@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def child(settings: dict) -> dict:
              "seed": SAMPLE_SEED + i, "stop_strings": [], "stop_ids": []} for i, p in enumerate(settings["prompts"])]
     results: dict = {}
     if settings["mode"] == "merged":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # as VLLMCore does (else vLLM reserves most RAM)
         from vllm import LLM, SamplingParams
 
         started = time.time()
@@ -69,7 +71,7 @@ def run_child(settings: dict) -> dict:
     from rlhfkit.engine.vllm_sampling import vllm_python
 
     env = {**os.environ, **vllm_environment(), "PYTHONPATH": package_path()}
-    done = subprocess.run([vllm_python(), __file__, "--child", json.dumps(settings)], env=env, check=True,
+    done = subprocess.run([vllm_python(), __file__, "--child"], input=json.dumps(settings), env=env, check=True,
                           stdout=subprocess.PIPE, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -111,16 +113,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per reply (default 64; tiny 8)")
     parser.add_argument("--dtype", default="bfloat16", help="engine dtype (bfloat16 or float32)")
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank of the adapter")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # settings on stdin
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        print(json.dumps(child(json.loads(sys.stdin.read()))))
         return
     from common import lima_prompts, machine_info, markdown_table, warn_if_busy, write_results
     from rlhfkit.engine.models import load_tokenizer
     from rlhfkit.paths import cache_dir
 
     warn_if_busy()
+    folder = cache_dir() / "bench" / "vllm-lora"
+    folder.mkdir(parents=True, exist_ok=True)
     count = args.prompts if args.prompts is not None else (4 if args.tiny else 32)
     new_tokens = args.new_tokens if args.new_tokens is not None else (8 if args.tiny else 64)
     model, adapter, merged = build_workload(args.tiny, args.dtype, args.rank)
@@ -128,7 +132,7 @@ def main() -> None:
     settings = {"model": model, "adapter": adapter, "merged": merged, "dtype": args.dtype, "context": 2048,
                 "prompts": lima_prompts(model, count, max_prompt_tokens=256), "new_tokens": new_tokens,
                 "labels": [tokenizer.encode("A")[0], tokenizer.encode("B")[0]],
-                "max_lora_rank": max(64, args.rank), "work_dir": str(cache_dir() / "bench" / "vllm-lora" / "engine")}
+                "max_lora_rank": max(64, args.rank), "work_dir": tempfile.mkdtemp(prefix="engine-", dir=folder)}
     lora = run_child({**settings, "mode": "lora"})
     plain = run_child({**settings, "mode": "merged"})
     rows = [["base model (zero adapter)", f"{lora['base_tokens_per_s']:.1f}"],
