@@ -1,5 +1,7 @@
-"""The vLLM sampling backend against the local one, on a small random model. Runs where a Python with vLLM is
-found (scripts/setup-vllm.sh makes .venv-vllm; .ci/run makes it too); skipped elsewhere."""
+"""The vLLM sampling backend against the local one, on a small random Qwen2 model (adapters served with vLLM's
+native LoRA; vLLM cannot adapt a Qwen2 unembedding, so these adapters leave it out, and one that does not is
+refused). Runs where a Python with vLLM is found (scripts/setup-vllm.sh makes .venv-vllm; .ci/run makes it
+too); skipped elsewhere."""
 
 import asyncio
 
@@ -36,9 +38,9 @@ def services(tmp_path_factory):
     close_engines()  # the worker's memory and threads are not left to the tests that follow
 
 
-def trained_adapter(service, model_dir, tokenizer, name):
-    """A LoRA adapter a few steps away from zero (so merging it changes the weights)."""
-    trainer = service.create_lora_training_client(model_dir, rank=8, seed=1)
+def trained_adapter(service, model_dir, tokenizer, name, train_unembed=False):
+    """A LoRA adapter a few steps away from zero (so it changes the model's outputs)."""
+    trainer = service.create_lora_training_client(model_dir, rank=8, seed=1, train_unembed=train_unembed)
     tokens = tokenizer.encode("The quick brown fox jumps over the lazy dog, again and again.")
     datum = Datum(ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:],
                                                      "weights": [1.0] * (len(tokens) - 1)})
@@ -55,7 +57,7 @@ def test_vllm_samples_carry_the_adapters_logprobs(services, model_dir):
     prompt = ModelInput.from_ints(tokenizer.encode("Once upon a time"))
     params = SamplingParams(max_tokens=12, temperature=1.0, stop=[], seed=3)
 
-    for model_path in (path, None):  # the adapter, then the base model again (the merge must be undone)
+    for model_path in (path, None):  # the adapter, then the base model again (the adapter must not stick)
         vllm_client = (remote.create_sampling_client(model_path=model_path) if model_path
                        else remote.create_sampling_client(base_model=model_dir))
         local_client = (local.create_sampling_client(model_path=model_path) if model_path
@@ -95,8 +97,22 @@ def test_vllm_stop_rules_and_batching_match_the_local_sampler(services, model_di
     responses = asyncio.run(many())
     assert [len(r.sequences) for r in responses] == [2, 2, 2]
     assert all(len(s.tokens) == 5 for r in responses for s in r.sequences)
-    # scoring goes to the local backend and agrees with it
-    assert vllm_client.score_next_token(prompt, [1, 2]).result() == local_client.score_next_token(prompt, [1, 2]).result()
+    # next-token scores come from the engine: the greedy token and full-vocabulary logprobs of the candidates
+    remote_scores = vllm_client.score_next_token(prompt, [1, 2, 50]).result()
+    local_scores = local_client.score_next_token(prompt, [1, 2, 50]).result()
+    assert remote_scores.argmax_token == local_scores.argmax_token
+    assert remote_scores.candidate_logprobs == pytest.approx(local_scores.candidate_logprobs, abs=2e-3)
+
+
+def test_an_adapter_the_engine_cannot_apply_is_refused_with_the_setting_to_change(services, model_dir):
+    local, remote = services
+    tokenizer = local.create_sampling_client(base_model=model_dir).get_tokenizer()
+    _, path = trained_adapter(local, model_dir, tokenizer, "with-unembedding", train_unembed=True)
+    client = remote.create_sampling_client(model_path=path)
+    with pytest.raises(RuntimeError, match="lm_head.*train_unembed=False"):
+        client.sample(ModelInput.from_ints(tokenizer.encode("Hi")), 1, SamplingParams(max_tokens=2)).result()
+    with pytest.raises(RuntimeError, match="train_unembed=False"):
+        client.score_next_token(ModelInput.from_ints(tokenizer.encode("Hi")), [1, 2]).result()
 
 
 def test_training_client_hands_out_vllm_samplers_on_its_current_weights(services, model_dir):

@@ -60,9 +60,10 @@ def _architecture_config(name: str, hidden_size: int, num_layers: int | None) ->
 
 
 def build_tiny_architecture(out_dir: str | Path, name: str, hidden_size: int = 64, num_layers: int | None = None,
-                            seed: int = 0) -> Path:
+                            seed: int = 0, overrides: dict[str, Any] | None = None) -> Path:
     """Write a tiny random model of architecture `name` (see ARCHITECTURES) with the real Qwen tokenizer to
-    `out_dir` (once: an existing model there is kept)."""
+    `out_dir` (once: an existing model there is kept). `overrides`: config fields to change (e.g.
+    tie_word_embeddings). vLLM's CPU build needs a head size of 64 or 128: hidden_size=256 (4 heads)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -80,6 +81,7 @@ def build_tiny_architecture(out_dir: str | Path, name: str, hidden_size: int = 6
     config.update(hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, dtype="float32")
     config.update(fields)
+    config.update(overrides or {})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(getattr(transformers, class_name)(**config))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,13 @@
 
 `ServiceClient(sampler="vllm")` (or RLHFKIT_SAMPLER=vllm) makes every sampling client generate through one
 vLLM engine per base model, started on first use with the Python named by RLHFKIT_VLLM_PYTHON (default: the
-`.venv-vllm` that scripts/setup-vllm.sh makes, else this Python if it has vLLM). The engine keeps one set of
-weights: a sampling client's LoRA adapter is merged into them when that client samples (vllm_worker.py).
-Scoring (`compute_logprobs`, `score_next_token*`) stays on the local backend, which computes only the
-positions it needs; the local model is built the first time a client scores.
+`.venv-vllm` that scripts/setup-vllm.sh makes, else this Python if it has vLLM). The engine loads the base
+weights once and serves every sampling client's LoRA adapter by name with vLLM's native LoRA (vllm_core.py;
+nothing is merged, switching adapters reloads nothing). Sampling and next-token scoring (the preference model's
+judgement) run on the engine; `compute_logprobs` stays on the local backend (vLLM 0.32's prompt logprobs crash
+an engine with LoRA on), whose model is built the first time a client needs it.
+Settings: RLHFKIT_VLLM_MAX_LORA_RANK (default 64: adapters of a higher rank are refused), RLHFKIT_VLLM_MAX_LORAS
+(adapters in one batch, default 4), RLHFKIT_VLLM_KV_GB, RLHFKIT_VLLM_COMPILE.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from typing import Any, Sequence
 from rlhfkit.engine.futures import APIFuture
 from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors
 from rlhfkit.engine.models import Precision, load_tokenizer, resolve_base_model
-from rlhfkit.engine.sampling import SamplingClient, _Batcher, find_eos_ids, make_rows, max_sampling_batch
-from rlhfkit.engine.types import ModelInput, NextTokenScores, SampledSequence, SampleResponse, SamplingParams
+from rlhfkit.engine.sampling import SamplingClient, _Batcher, max_sampling_batch
+from rlhfkit.engine.types import ModelInput, NextTokenScores, SampleResponse, SamplingParams
+from rlhfkit.engine.vllm_inference import responses_from, sample_rows, sampling_limits, vllm_environment
 from rlhfkit.paths import cache_dir
 
 WORKER_SCRIPT = Path(__file__).with_name("vllm_worker.py")
@@ -53,13 +57,9 @@ def vllm_python() -> str:
                                ".venv-vllm), or set RLHFKIT_VLLM_PYTHON to a Python that has vLLM")
 
 
-def _cpu_bind() -> str:
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    return ",".join(str(c) for c in cpus) if cpus != list(range(cpus[0], cpus[-1] + 1)) else f"{cpus[0]}-{cpus[-1]}"
-
-
 class VLLMEngine:
-    """One vLLM worker process serving one base model. Requests are serialised (one at a time)."""
+    """One vLLM worker process serving one base model and any LoRA adapters. Requests are serialised (one at a
+    time)."""
 
     def __init__(self, model_dir: str, dtype: str, context: int, seed: int = 0):
         self.model_dir = model_dir
@@ -69,9 +69,7 @@ class VLLMEngine:
         self._lock = threading.Lock()
         address = str(Path(tempfile.mkdtemp(prefix="rlhfkit-vllm-")) / "socket")
         authkey = secrets.token_bytes(16)
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_bind())
-        env.setdefault("HF_HUB_OFFLINE", "1")
+        env = {**vllm_environment(), **os.environ}
         env.pop("PYTHONPATH", None)  # the worker's environment has its own packages
         with open(self.log_path, "ab") as log:
             # run_path, not `python vllm_worker.py`: the script's folder first on sys.path would let this
@@ -84,13 +82,16 @@ class VLLMEngine:
         self.process.stdin.close()
         self.connection = self._connect(address, authkey)
         enforce_eager = os.environ.get("RLHFKIT_VLLM_COMPILE", "0") != "1"  # compiling: ~80 s start, ~10% faster
-        self.connection.send({"model_dir": model_dir, "cache_dir": str(folder), "dtype": dtype,
-                              "max_model_len": context, "seed": seed, "enforce_eager": enforce_eager,
-                              "kv_cache_gb": int(os.environ.get("RLHFKIT_VLLM_KV_GB", "2"))})
+        self.connection.send({"model_dir": model_dir, "work_dir": tempfile.mkdtemp(prefix="engine-", dir=folder),
+                              "dtype": dtype, "max_model_len": context, "seed": seed, "enforce_eager": enforce_eager,
+                              "kv_cache_gb": int(os.environ.get("RLHFKIT_VLLM_KV_GB", "2")),
+                              "max_loras": int(os.environ.get("RLHFKIT_VLLM_MAX_LORAS", "4")),
+                              "max_lora_rank": int(os.environ.get("RLHFKIT_VLLM_MAX_LORA_RANK", "64"))})
         reply = self._receive(START_TIMEOUT)
         if "error" in reply:
             raise VLLMUnavailableError(f"the vLLM worker failed to start: {reply['error']} (log: {self.log_path})")
         self.start_seconds = reply["ready"]
+        self.adapters: set[str] = set()  # adapter ids loaded into this engine
         atexit.register(self.close)
 
     def _connect(self, address: str, authkey: bytes):
@@ -124,6 +125,19 @@ class VLLMEngine:
                 if timeout <= 0:
                     raise VLLMUnavailableError(f"the vLLM worker did not answer in time; see {self.log_path}")
         return self.connection.recv()
+
+    def use_adapter(self, adapter_path: str | None) -> str | None:
+        """The engine's id of the adapter saved at `adapter_path` (loaded on first use), None for the base
+        model. The id names the folder and the time its weights were written: a folder saved again under the
+        same name is a new adapter to vLLM (which caches adapters by id)."""
+        if adapter_path is None:
+            return None
+        folder = Path(adapter_path)
+        adapter_id = f"{folder}@{(folder / 'adapter_model.safetensors').stat().st_mtime_ns}"
+        if adapter_id not in self.adapters:
+            self.request({"op": "load_adapter", "adapter_id": adapter_id, "path": str(folder)})
+            self.adapters.add(adapter_id)
+        return adapter_id
 
     def request(self, request: dict) -> Any:
         with self._lock:
@@ -165,17 +179,18 @@ def close_engines() -> None:
 
 
 class VLLMSamplingClient:
-    """The SamplingClient interface, generating with vLLM: a base model, or a base model with the LoRA adapter
-    saved at `adapter_path` (a save_weights_for_sampler / save_state directory)."""
+    """The SamplingClient interface, generating and scoring with vLLM: a base model, or a base model with the LoRA
+    adapter saved at `adapter_path` (a save_weights_for_sampler / save_state directory)."""
 
     def __init__(self, spec: LoraSpec | None, base_model: str, adapter_path: str | None, precision: Precision):
         self.spec, self.base_model, self.adapter_path, self.precision = spec, base_model, adapter_path, precision
         self.tokenizer = load_tokenizer(base_model)
-        config = _model_config(base_model)
-        self._context = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), 8192)
-        self._eos_ids = find_eos_ids(self.tokenizer, getattr(_generation_config(base_model), "eos_token_id", None))
-        self._engine: VLLMEngine | None = None  # started on the first sample (scoring alone needs none)
+        self._eos_ids, self._context = sampling_limits(resolve_base_model(base_model))
+        self._engine: VLLMEngine | None = None  # started on the first request
         self._sample_batcher = _Batcher(self._sample_many)
+        self._score_batcher = _Batcher(lambda reqs: self._score_many([r[0] for r in reqs], reqs[0][1])
+                                       if len({tuple(r[1]) for r in reqs}) == 1
+                                       else [self._score_many([p], c)[0] for p, c in reqs])
         self._local_client: SamplingClient | None = None
 
     def get_tokenizer(self):
@@ -183,30 +198,20 @@ class VLLMSamplingClient:
 
     @property
     def engine(self) -> VLLMEngine:
-        if self._engine is None:
+        if self._engine is None or self._engine.process.poll() is not None:
             self._engine = engine_for(self.base_model, self.precision, self._context)
         return self._engine
 
     def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
-        per_request = [make_rows(prompt, n, params or SamplingParams(), self._eos_ids, self._context)
-                       for prompt, n, params in requests]
-        rows = [row for group in per_request for row in group]
-        payload = [{"prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": r.temperature,
-                    "top_p": r.top_p, "top_k": r.top_k if r.top_k > 0 else 0, "seed": r.seed,
-                    "stop_strings": r.stop_strings, "stop_ids": sorted(r.stop_ids)} for r in rows]
+        counts, rows = sample_rows([(prompt.to_ints(), n, params) for prompt, n, params in requests], self._eos_ids,
+                                   self._context)
+        adapter_id = self.engine.use_adapter(self.adapter_path)
         results = []
         limit = max(max_sampling_batch(), 1) * 4  # vLLM schedules its own batches; this bounds one message
-        for start in range(0, len(payload), limit):
-            results += self.engine.request({"op": "sample", "adapter": self.adapter_path,
-                                            "scale": self.spec.scale if self.spec else 1.0,
-                                            "rows": payload[start:start + limit]})
-        out, k = [], 0
-        for group in per_request:
-            sequences = [SampledSequence(r["tokens"], r["logprobs"], r["stop_reason"])
-                         for r in results[k:k + len(group)]]
-            out.append(SampleResponse(sequences))
-            k += len(group)
-        return out
+        for start in range(0, len(rows), limit):
+            results += self.engine.request({"op": "sample", "adapter_id": adapter_id,
+                                            "rows": rows[start:start + limit]})
+        return responses_from(counts, results)
 
     def sample(self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
                ) -> APIFuture[SampleResponse]:
@@ -216,7 +221,23 @@ class VLLMSamplingClient:
                            sampling_params: SamplingParams | None = None) -> SampleResponse:
         return await self._sample_batcher.submit((prompt, num_samples, sampling_params))
 
-    # Scoring runs on the local backend (only the needed positions are unembedded there).
+    def _score_many(self, prompts: list[ModelInput], candidates: Sequence[int]) -> list[NextTokenScores]:
+        adapter_id = self.engine.use_adapter(self.adapter_path)
+        scores = self.engine.request({"op": "score_next_token", "adapter_id": adapter_id,
+                                      "prompts": [p.to_ints() for p in prompts], "candidates": list(candidates)})
+        return [NextTokenScores(argmax, logprobs) for argmax, logprobs in scores]
+
+    def score_next_token_batch(self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
+                               ) -> list[NextTokenScores]:
+        return self._score_many(list(prompts), list(candidate_tokens))
+
+    def score_next_token(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> APIFuture[NextTokenScores]:
+        return APIFuture(self._score_many([prompt], list(candidate_tokens))[0])
+
+    async def score_next_token_async(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> NextTokenScores:
+        return await self._score_batcher.submit((prompt, list(candidate_tokens)))
+
+    # Per-token logprobs of given text run on the local backend (see the module docstring).
 
     def local_client(self) -> SamplingClient:
         if self._local_client is None:
@@ -232,28 +253,3 @@ class VLLMSamplingClient:
 
     async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
         return await self.local_client().compute_logprobs_async(prompt)
-
-    def score_next_token_batch(self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
-                               ) -> list[NextTokenScores]:
-        return self.local_client().score_next_token_batch(prompts, candidate_tokens)
-
-    def score_next_token(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> APIFuture[NextTokenScores]:
-        return self.local_client().score_next_token(prompt, candidate_tokens)
-
-    async def score_next_token_async(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> NextTokenScores:
-        return await self.local_client().score_next_token_async(prompt, candidate_tokens)
-
-
-def _model_config(base_model: str):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(resolve_base_model(base_model))
-
-
-def _generation_config(base_model: str):
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(resolve_base_model(base_model))
-    except OSError:
-        return None

