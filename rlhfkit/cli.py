@@ -71,11 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     if command == "report":
         return report_main(rest)
     if command in ("pipeline", "sft", "rm", "rl"):
-        from rlhfkit.recipes.preference.rlhf import rlhf_pipeline
+        from rlhfkit.recipes.preference.rlhf.pipeline_config import parse_command
 
         if command != "pipeline":
             rest = [f"run_sft={command == 'sft'}", f"run_rm={command == 'rm'}", f"run_rl={command == 'rl'}", *rest]
-        return rlhf_pipeline.cli_main(rest, command=command)
+        cfg = parse_command(rest, command)  # settings checked before anything heavy is imported
+        if isinstance(cfg, int):
+            return cfg
+        import asyncio
+
+        from rlhfkit.recipes.preference.rlhf import rlhf_pipeline
+
+        asyncio.run(rlhf_pipeline.main_async(cfg))
+        return 0
     print(f"rlhfkit: unknown command {command!r}\n{__doc__}", file=sys.stderr)
     return 2
 

@@ -112,7 +112,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 .cols{{display:flex;gap:1em}}.cols>div{{flex:1}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:.5em}}
 .prompt{{font-weight:bold;white-space:pre-wrap;margin-top:1.5em}}img{{max-width:100%}}</style></head><body>
 <h1>RLHF pipeline report — {esc(base_model)}</h1>
-<p>Log root <code>{esc(str(root))}</code>; renderer <code>{esc(renderer_name)}</code>. Wall time: {esc(time_line or 'n/a')}.</p>
+<p>Log root <code>{esc(str(root))}</code>; renderer <code>{esc(renderer_name)}</code>.
+Wall time: {esc(time_line or 'n/a')}.</p>
 <table><tr><th>stage</th><th>metric</th><th>tutorial (Qwen3.5-9B-Base)</th><th>this run</th></tr>{table}</table>
 <h2>Preference model (held out)</h2><ul>{''.join(f'<li>{esc(line)}</li>' for line in pm_lines)}</ul>
 <h2>Curves</h2>{''.join(f'<h3>{esc(s)}</h3><img src="{esc(p)}">' for s, p in plots.items())}

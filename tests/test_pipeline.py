@@ -42,7 +42,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_smoke_preset_runs_all_stages_and_writes_the_report(smoke_run):
-    root, result = smoke_run
+    root, _result = smoke_run
     for stage in ("sft", "rm", "rl"):
         records = read_jsonl(root / stage / "metrics.jsonl")
         assert [r["step"] for r in records] == list(range(len(records))) and records

@@ -51,7 +51,7 @@ def trained_adapter(service, model_dir, tokenizer, name):
 def test_vllm_samples_carry_the_adapters_logprobs(services, model_dir):
     local, remote = services
     tokenizer = local.create_sampling_client(base_model=model_dir).get_tokenizer()
-    trainer, path = trained_adapter(local, model_dir, tokenizer, "trained")
+    _trainer, path = trained_adapter(local, model_dir, tokenizer, "trained")
     prompt = ModelInput.from_ints(tokenizer.encode("Once upon a time"))
     params = SamplingParams(max_tokens=12, temperature=1.0, stop=[], seed=3)
 
@@ -96,7 +96,8 @@ def test_vllm_stop_rules_and_batching_match_the_local_sampler(services, model_di
     assert [len(r.sequences) for r in responses] == [2, 2, 2]
     assert all(len(s.tokens) == 5 for r in responses for s in r.sequences)
     # scoring goes to the local backend and agrees with it
-    assert vllm_client.score_next_token(prompt, [1, 2]).result() == local_client.score_next_token(prompt, [1, 2]).result()
+    scored = vllm_client.score_next_token(prompt, [1, 2]).result()
+    assert scored == local_client.score_next_token(prompt, [1, 2]).result()
 
 
 def test_training_client_hands_out_vllm_samplers_on_its_current_weights(services, model_dir):

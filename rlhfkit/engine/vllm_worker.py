@@ -70,8 +70,8 @@ def replace_weights(model, weights: dict, base: dict) -> None:
         module_path = name.removesuffix(".weight")
         parent, _, leaf = module_path.rpartition(".")
         if leaf in packed:
-            stacked, index = packed[leaf]
-            parts = getattr(model, "packed_modules_mapping")[stacked]
+            stacked, _index = packed[leaf]
+            parts = model.packed_modules_mapping[stacked]
             target = f"{parent}.{stacked}" if parent else stacked
             layers[target] = [(i, f"{parent}.{part}.weight" if parent else f"{part}.weight")
                               for i, part in enumerate(parts)]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from rlhfkit.compat import warn_ignored
 from rlhfkit.completers import TinkerMessageCompleter
 from rlhfkit.evaluators import SamplingClientEvaluator
+from rlhfkit.preference.preference_datasets import ComparisonDatasetBuilder
 from rlhfkit.preference.types import Comparison, PreferenceModelBuilder
 from rlhfkit.renderers import get_renderer
 from rlhfkit.tokenizer_utils import get_tokenizer
@@ -36,7 +39,7 @@ class ComparisonEvaluator(SamplingClientEvaluator):
         self.preference_model_builder = preference_model_builder
         self.comparisons = list(comparisons)
         self.renderer = get_renderer(renderer_name, get_tokenizer(model_name_for_tokenizer))
-        self.both_ways = both_ways
+        warn_ignored("ComparisonEvaluator", both_ways=both_ways)
         self.max_tokens = max_tokens
         self.content_preprocessor = content_preprocessor
 
@@ -47,7 +50,8 @@ class ComparisonEvaluator(SamplingClientEvaluator):
         replies = await asyncio.gather(*(policy(c.prompt_conversation) for c in self.comparisons))
         if self.content_preprocessor is not None:
             replies = [{**r, "content": self.content_preprocessor(r["content"])} for r in replies]
-        policy_as_b = [Comparison(c.prompt_conversation, c.completion_A, [r]) for c, r in zip(self.comparisons, replies)]
+        policy_as_b = [Comparison(c.prompt_conversation, c.completion_A, [r])
+                       for c, r in zip(self.comparisons, replies, strict=True)]
         policy_as_a = [c.swap() for c in policy_as_b]
         verdicts = await preference_model.judge_batch(policy_as_b + policy_as_a)  # one batched judge pass
         n = len(self.comparisons)
@@ -55,3 +59,20 @@ class ComparisonEvaluator(SamplingClientEvaluator):
         win_rate = float(scores.mean())
         stderr = float(scores.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
         return {"test/win_rate": win_rate, "test/stderr": stderr, "win_rate": win_rate, "stderr": stderr}
+
+
+@dataclass(frozen=True)
+class ComparisonEvaluatorBuilder:
+    """A ComparisonEvaluator on the held-out comparisons of a comparison builder (e.g. HH-RLHF's win-rate prompts,
+    the first `test_size` of them), recorded by its settings rather than by the comparisons themselves."""
+
+    preference_model_builder: PreferenceModelBuilder
+    comparison_builder: ComparisonDatasetBuilder
+    renderer_name: str
+    model_name_for_tokenizer: str
+    max_tokens: int = 1024
+
+    def __call__(self) -> ComparisonEvaluator:
+        comparisons = [c.comparison for c in self.comparison_builder.held_out_comparisons()]
+        return ComparisonEvaluator(self.preference_model_builder, comparisons, self.renderer_name,
+                                   self.model_name_for_tokenizer, max_tokens=self.max_tokens)

@@ -8,6 +8,7 @@ the command line, `--help`, the config files and the validation pick it up from 
 from __future__ import annotations
 
 import json
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,8 @@ class PipelineConfig:
 
     base_model: str = setting("smollm2-135m-instruct", "base model: the embedded 'smollm2-135m-instruct', 'tiny' "
                               "(a random test model), a model folder, a .gguf file or a Hub id")
-    renderer_name: str | None = setting(None, "chat renderer ('chat_template' or 'role_colon'); None: the base "
-                                        "model's recommended one")
+    renderer_name: Literal["chat_template", "role_colon"] | None = setting(
+        None, "chat renderer; None: the base model's recommended one")
     log_root: str = setting("runs/demo", "run folder: stages write log_root/{sft,rm,rl}; starting again resumes")
     run_sft: bool = setting(True, "run stage 1 (supervised fine-tuning)")
     run_rm: bool = setting(True, "run stage 2 (the pairwise preference model)")
@@ -122,7 +123,7 @@ def check_pipeline_files(cfg: PipelineConfig) -> None:
         raise ConfigError("sft_data", cfg.sft_data, f"expected one of {', '.join(SFT_DATA_NAMES)} or an existing "
                                                     ".jsonl file")
     if cfg.hh_data is not None:
-        from rlhfkit.recipes.preference.datasets import hh_data_files
+        from rlhfkit.recipes.preference.hh_files import hh_data_files
 
         try:
             files = hh_data_files(cfg.hh_data)
@@ -141,11 +142,6 @@ def check_pipeline_files(cfg: PipelineConfig) -> None:
                 model_info.get_recommended_renderer_name(cfg.base_model)
             except (model_info.ConfigurationError, KeyError) as e:
                 raise ConfigError("base_model", cfg.base_model, f"{e}; or set renderer_name") from None
-    if cfg.renderer_name is not None:
-        from rlhfkit.renderers import RENDERERS
-
-        if cfg.renderer_name not in RENDERERS:
-            raise ConfigError("renderer_name", cfg.renderer_name, f"expected one of {', '.join(sorted(RENDERERS))}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -167,8 +163,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  hh_data="harmless-base", save_every=5),
     # A tiny random model: every stage runs in about a minute (for tests and quick checks).
     "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
-                  max_steps=3, rm_max_steps=12, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4, pm_test_size=8,
-                  win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3, hh_max_chars=300),
+                  max_steps=3, rm_max_steps=12, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4,
+                  pm_test_size=8, win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3, hh_max_chars=300),
 }
 
 
@@ -197,9 +193,22 @@ def parse_args(argv: list[str]) -> PipelineConfig:
     for key, value in pairs:
         if key == "config":
             values.update(load_config_file(value))
-    overrides = dict((k, v) for k, v in pairs if k not in ("preset", "config"))
+    overrides = {k: v for k, v in pairs if k not in ("preset", "config")}
     values.update(parse_values(PipelineConfig, overrides))
     return PipelineConfig(**values)
+
+
+def parse_command(argv: list[str], command: str = "pipeline") -> PipelineConfig | int:
+    """The settings of `rlhfkit COMMAND argv...`, or an exit code: 0 after printing --help, 2 after printing a bad
+    setting as one line on stderr (nothing loaded or written)."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(help_text(command, [a for a in argv if a not in ("-h", "--help")]))
+        return 0
+    try:
+        return parse_args(argv)
+    except ConfigError as e:
+        print(f"rlhfkit {command}: {e}", file=sys.stderr)
+        return 2
 
 
 def help_text(command: str, argv: list[str]) -> str:

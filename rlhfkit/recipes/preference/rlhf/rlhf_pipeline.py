@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit import checkpoint_utils, model_info
-from rlhfkit.config import ConfigError, environment
-from rlhfkit.recipes.preference.rlhf.pipeline_config import PRESETS, PipelineConfig, help_text, parse_args
+from rlhfkit.config import environment
+from rlhfkit.recipes.preference.rlhf.pipeline_config import PRESETS, PipelineConfig, parse_args, parse_command
 from rlhfkit.recipes.preference.rlhf.pipeline_data import hh_builder, held_out_comparisons, sft_dataset_builder
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.atomic import read_jsonl, write_json_atomic
@@ -189,14 +189,9 @@ def main(cfg: PipelineConfig) -> Any:
 def cli_main(argv: list[str], command: str = "pipeline") -> int:
     """`--help` prints every setting; a bad setting prints one line naming it and returns 2 (nothing is
     written or loaded)."""
-    if any(arg in ("-h", "--help", "help") for arg in argv):
-        print(help_text(command, [a for a in argv if a not in ("-h", "--help", "help")]))
-        return 0
-    try:
-        cfg = parse_args(argv)
-    except ConfigError as e:
-        print(f"rlhfkit {command}: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_command(argv, command)
+    if isinstance(cfg, int):
+        return cfg
     asyncio.run(main_async(cfg))
     return 0
 
