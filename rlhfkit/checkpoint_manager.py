@@ -50,7 +50,7 @@ class CheckpointManager:
         LoRA adapter on `model_name`."""
         resume = self.last()
         if resume is not None:
-            logger.info("resuming from checkpoint %s (%s)", resume.name, resume.to_dict())
+            logger.info("resuming from checkpoint %s", resume.to_dict())
             self._last_save_tokens = resume.get("elapsed_tokens", 0)
             return service.create_training_client_from_state_with_optimizer(resume.state_path), resume
         if load_checkpoint_path:

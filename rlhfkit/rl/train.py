@@ -242,6 +242,8 @@ async def _train(config: Config, log_path: str, checkpoints: CheckpointManager, 
     service = ServiceClient(base_url=config.base_url, sampler=config.sampler)
     training_client, resume = checkpoints.training_client(service, config.model_name, config.lora_rank,
                                                           config.load_checkpoint_path, seed=config.seed)
+    if resume is not None:
+        logger.info("Resuming at iteration %d from %s", resume.batch, resume.state_path)
     init_client = _init_sampling_client(config, service, training_client, log_path, resumed=resume is not None)
     kl_reference_client = _kl_reference_client(config, service)
     tokenizer = training_client.get_tokenizer()
