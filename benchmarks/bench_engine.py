@@ -160,7 +160,7 @@ def main() -> None:
     limits = common.remeasure_limits(limits, dtypes, args.tiny)
     payload = {"machine": info, "load_at_end": load_at_end, "model": model, "matmul_params": n_params,
                "matmul_limit_flops": limits, "flops_per_unit": flops_per_unit,
-               "settings": {k: v for k, v in vars(args).items()},
+               "settings": dict(vars(args).items()),
                "results": {d: {k: s.as_dict() for k, s in series.items()} for d, series in results.items()}}
     header = ["workload", "unit", *dtypes]
     if len(dtypes) == 2:

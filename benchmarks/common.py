@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,7 +76,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     import peft
     import transformers
 
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_name(),
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_name(),
             "cores": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "load_at_start": load_snapshot()}
@@ -347,8 +347,8 @@ def machine_markdown(info: dict[str, Any], load_at_end: dict[str, Any], limits: 
              + (f", trl {info['trl']}" if "trl" in info else ""),
              f"- load average at start {start['loadavg_1m']:.2f}, at end {load_at_end['loadavg_1m']:.2f}"
              + (" — **the machine was shared: figures are unreliable**" if busy else " (machine otherwise idle)"),
-             "- matmul limit (2048x2048, best of runs at the start and at the end): " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
-                                                                 for k, v in limits.items() if k in dtypes)]
+             "- matmul limit (2048x2048, best of runs at the start and at the end): "
+             + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in limits.items() if k in dtypes)]
     if not bf16_native():
         lines.append(f"- bf16 is not native on this CPU (no avx512_bf16/amx_bf16 flag): the engine computes in fp32 "
                      f"here, as bf16 matmuls are emulated ({limits['bfloat16'] / 1e9:,.1f} GFLOP/s at 512x512)")

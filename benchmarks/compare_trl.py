@@ -536,7 +536,8 @@ def main() -> None:
             mean_flops = sum(flops) / len(flops)
             row[f"mfu_{side}"] = row[side]["median"] * mean_flops / limit
 
-    payload = {"machine": info, "load_at_end": load_at_end, "model": base_model, "dtype": dtype, "sampler": args.sampler,
+    payload = {"machine": info, "load_at_end": load_at_end, "model": base_model, "dtype": dtype,
+               "sampler": args.sampler,
                "matmul_params": n_params, "unembedding_params": n_head, "matmul_limit_flops": limits,
                "settings": s.__dict__, "results": rows, **extra}
     table = common.markdown_table(

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from rlhfkit import renderers
 from rlhfkit.engine import ServiceClient, types
-from rlhfkit.recipes.preference.rlhf.rlhf_pipeline import held_out_comparisons, parse_args
+from rlhfkit.recipes.preference.rlhf.pipeline_config import parse_args
+from rlhfkit.recipes.preference.rlhf.pipeline_data import held_out_comparisons
 from rlhfkit.sampling_cli import resolve_model
 
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhfkit.compat import warn_ignored
 from rlhfkit.utils.atomic import append_jsonl, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class CheckpointRecord:
         return row
 
     @staticmethod
-    def from_dict(row: dict[str, Any]) -> "CheckpointRecord":
+    def from_dict(row: dict[str, Any]) -> CheckpointRecord:
         known = {k: row[k] for k in _FIELDS if k in row}
         return CheckpointRecord(**known, extra={k: v for k, v in row.items() if k not in _FIELDS})
 
@@ -78,6 +79,7 @@ def save_checkpoint(training_client: Any, name: str, log_path: str | os.PathLike
     """Save `training_client` to `log_path/checkpoints/<name>/{state,sampler}` and append the record
     {name, **loop_state, state_path?, sampler_path?}. Returns the paths. (`ttl_seconds` and `store` are
     accepted for API compatibility; local checkpoints never expire.)"""
+    warn_ignored("save_checkpoint", ttl_seconds=ttl_seconds, store=store)
     if kind not in ("state", "sampler", "both"):
         raise ValueError(f"kind must be 'state', 'sampler' or 'both', got {kind!r}")
     log_path = Path(log_path).expanduser().resolve()
@@ -89,13 +91,6 @@ def save_checkpoint(training_client: Any, name: str, log_path: str | os.PathLike
         paths["sampler_path"] = training_client.save_weights_for_sampler(str(directory / "sampler")).result().path
     _record(log_path, name, loop_state, paths)
     return paths
-
-
-async def save_checkpoint_async(training_client: Any, name: str, log_path: str | os.PathLike,
-                                loop_state: dict[str, Any], kind: CheckpointKind = "both",
-                                ttl_seconds: int | None = None, store: Any = None) -> dict[str, str]:
-    """Async form of `save_checkpoint` (the local engine completes requests in order, so it is the same call)."""
-    return save_checkpoint(training_client, name, log_path, loop_state, kind, ttl_seconds, store)
 
 
 def _record(log_path: Path, name: str, loop_state: dict[str, Any], paths: dict[str, str]) -> None:

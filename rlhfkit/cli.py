@@ -1,12 +1,14 @@
 """The `rlhfkit` command.
 
-  rlhfkit pipeline [preset=demo|smoke|tutorial] [config=FILE] [key=value ...]   all three stages
-  rlhfkit sft|rm|rl [key=value ...]                                                one stage alone
-  rlhfkit dpo [preset=...] [key=value ...]                   DPO from the SFT policy in log_root/sft (method=dpo)
-  rlhfkit sample --model PATH_OR_NAME [--base-model NAME] "prompt" | --prompts-file FILE   replies
+  rlhfkit pipeline [preset=demo|smoke|tutorial] [config=FILE] [key=value ...]   the whole pipeline
+  rlhfkit sft|rm|rl|dpo [key=value ...]                 one stage alone (dpo: from the SFT policy in log_root/sft)
+  rlhfkit sample --model PATH_OR_NAME "prompt" | --prompts-file FILE               replies of a model
   rlhfkit export CHECKPOINT OUT [--merge]                                          a PEFT adapter / merged model
   rlhfkit eval pm|winrate ...                                                      evaluate a judge / a policy
+  rlhfkit report RUN_FOLDER                                                        the report of a finished run
   rlhfkit --version
+
+`rlhfkit COMMAND --help` explains a command; the settings of pipeline, sft, rm, rl and dpo follow.
 """
 
 from __future__ import annotations
@@ -50,10 +52,30 @@ def sample_main(argv: list[str]) -> int:
     return 0
 
 
+def report_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rlhfkit report", description="Write report.{html,md} of a finished run "
+                                     "from its folder alone (no model is loaded).")
+    parser.add_argument("run_folder", help="a pipeline's log_root (holding pipeline_config.json)")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from rlhfkit.report import write_report
+
+    if not (Path(args.run_folder) / "pipeline_config.json").is_file():
+        print(f"rlhfkit report: run_folder={args.run_folder!r}: no pipeline_config.json there", file=sys.stderr)
+        return 2
+    paths = write_report(args.run_folder)
+    print(f"report: {paths['html']}  and  {paths['markdown']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
+        from rlhfkit.recipes.preference.rlhf.pipeline_config import help_text
+
         print(__doc__)
+        print(help_text("pipeline", []))
         return 0
     if argv[0] == "--version":
         from rlhfkit import __version__
@@ -71,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         from rlhfkit.eval_cli import eval_main
 
         return eval_main(rest)
+    if command == "report":
+        return report_main(rest)
     if command in ("pipeline", "sft", "rm", "rl", "dpo"):
-        from rlhfkit.recipes.preference.rlhf import rlhf_pipeline
+        from rlhfkit.recipes.preference.rlhf.pipeline_config import parse_command
 
         from rlhfkit.data_sources import DatasetUnavailableError
         from rlhfkit.supervised.data import DataFormatError
@@ -80,11 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         if command != "pipeline":
             rest = [f"run_sft={command == 'sft'}", f"run_rm={command == 'rm'}", f"run_rl={command == 'rl'}",
                     f"run_dpo={command == 'dpo'}", *(["method=dpo"] if command == "dpo" else []), *rest]
+        cfg = parse_command(rest, command)  # settings checked before anything heavy is imported
+        if isinstance(cfg, int):
+            return cfg
+        import asyncio
+
+        from rlhfkit.recipes.preference.rlhf import rlhf_pipeline
+
         try:
-            return rlhf_pipeline.cli_main(rest)
+            asyncio.run(rlhf_pipeline.main_async(cfg))
         except (DataFormatError, DatasetUnavailableError, FileNotFoundError) as e:  # bad data: no traceback
             print(f"rlhfkit: error: {e}", file=sys.stderr)
             return 1
+        return 0
     print(f"rlhfkit: unknown command {command!r}\n{__doc__}", file=sys.stderr)
     return 2
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 
 class TrainingClientEvaluator(ABC):
@@ -22,5 +22,5 @@ class SamplingClientEvaluator(ABC):
         ...
 
 
-Evaluator = Union[TrainingClientEvaluator, SamplingClientEvaluator]
+Evaluator = TrainingClientEvaluator | SamplingClientEvaluator
 EvaluatorBuilder = Callable[[], Evaluator]

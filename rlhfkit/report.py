@@ -1,4 +1,10 @@
-"""The pipeline's report: one HTML page with PNG plots and a Markdown summary (log_root/report.{html,md})."""
+"""The pipeline's report: one HTML page with PNG plots and a Markdown summary (log_root/report.{html,md}).
+
+It only reads the run folder: the stages' metrics.jsonl, rm/pm_eval.json, stage_times.json and the replies the
+pipeline sampled into report_replies.json. No model is loaded.
+
+    python -m rlhfkit.report RUN_FOLDER
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rlhfkit import checkpoint_utils
 from rlhfkit.utils.atomic import read_jsonl, write_text_atomic
 from rlhfkit.utils.plots import plot_metrics
 
-TUTORIAL_PROMPT = "What is the most important thing to consider when learning a new programming language?"
+REPLIES_FILE = "report_replies.json"  # written by the pipeline (recipes/preference/rlhf/report_replies.py)
 
 PANELS = {
     "sft": [["train_mean_nll", "test/nll"], ["learning_rate"]],
@@ -38,38 +43,6 @@ def _fmt(value: Any, key: str) -> str:
     if value is None:
         return "–"
     return f"{100 * value:.1f}%" if "win_rate" in key else f"{value:.3f}"
-
-
-def report_prompts(cfg: Any) -> list[list[dict]]:
-    """The tutorial's prompt, then the first `report_prompts` held-out win-rate prompts of the run's HH data."""
-    from rlhfkit.recipes.preference.rlhf.rlhf_pipeline import held_out_comparisons
-
-    held_out = held_out_comparisons(cfg, "rl", cfg.report_prompts)
-    return [[{"role": "user", "content": TUTORIAL_PROMPT}]] + [c.comparison.prompt_conversation for c in held_out]
-
-
-async def sample_comparison_replies(cfg: Any, base_model: str, renderer_name: str) -> list[dict]:
-    """Replies of the base model and the RLHF policy to the tutorial's prompt and a few held-out prompts."""
-    import asyncio
-
-    from rlhfkit.engine import ServiceClient, types
-    from rlhfkit.renderers import get_renderer, get_text_content
-
-    prompts = report_prompts(cfg)
-    service = ServiceClient()
-    rl = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/rl", required_key="sampler_path")
-    samplers = {"base": service.create_sampling_client(base_model=base_model),
-                "rlhf": service.create_sampling_client(model_path=rl.sampler_path, base_model=base_model)}
-    renderer = get_renderer(renderer_name, samplers["base"].get_tokenizer())
-    params = types.SamplingParams(max_tokens=200, temperature=0.7, stop=renderer.get_stop_sequences(), seed=cfg.seed)
-    out = [{"prompt": p} for p in prompts]
-    for name, sampler in samplers.items():
-        responses = await asyncio.gather(*(sampler.sample_async(renderer.build_generation_prompt(p), 1, params)
-                                           for p in prompts))
-        for item, response in zip(out, responses):
-            text = get_text_content(renderer.parse_response(response.sequences[0].tokens)[0])
-            item[name] = text if text.strip() else "(empty reply: the model stopped at once)"
-    return out
 
 
 def _conversation_text(messages: list[dict]) -> str:
@@ -120,8 +93,18 @@ def comparison_section(root: Path, out_dir: Path, times: dict[str, float]) -> tu
     return md, page
 
 
-async def write_report(cfg: Any, base_model: str, renderer_name: str) -> dict[str, str]:
-    root = Path(cfg.log_root)
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_report(log_root: str | Path) -> dict[str, str]:
+    """Write log_root/report.{html,md} and the plots in log_root/report/ from the run folder's files."""
+    root = Path(log_root)
+    replies_file = _read_json(root / REPLIES_FILE)
+    settings = _read_json(root / "pipeline_config.json")
+    base_model = replies_file.get("base_model") or settings.get("base_model", "?")
+    renderer_name = replies_file.get("renderer_name") or settings.get("renderer_name") or "?"
+    replies = replies_file.get("replies", [])
     out_dir = root / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     records = {stage: read_jsonl(root / stage / "metrics.jsonl") for stage in ("sft", "rm", "rl")}
@@ -129,11 +112,8 @@ async def write_report(cfg: Any, base_model: str, renderer_name: str) -> dict[st
     for stage, panels in PANELS.items():
         if plot_metrics(records[stage], out_dir / f"{stage}.png", panels=panels, title=f"{stage} ({base_model})"):
             plots[stage] = f"report/{stage}.png"
-    pm_eval_path = root / "rm" / "pm_eval.json"
-    pm = json.loads(pm_eval_path.read_text()) if pm_eval_path.exists() else {}
-    times_path = root / "stage_times.json"
-    times = json.loads(times_path.read_text()) if times_path.exists() else {}
-    replies = await sample_comparison_replies(cfg, base_model, renderer_name)
+    pm = _read_json(root / "rm" / "pm_eval.json")
+    times = _read_json(root / "stage_times.json")
 
     rows = []
     for label, stage, key, t_start, t_end in TUTORIAL_TABLE:
@@ -178,10 +158,20 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 .cols{{display:flex;gap:1em}}.cols>div{{flex:1}}pre{{white-space:pre-wrap;background:#f6f6f6;padding:.5em}}
 .prompt{{font-weight:bold;white-space:pre-wrap;margin-top:1.5em}}img{{max-width:100%}}</style></head><body>
 <h1>RLHF pipeline report — {esc(base_model)}</h1>
-<p>Log root <code>{esc(str(root))}</code>; renderer <code>{esc(renderer_name)}</code>. Wall time: {esc(time_line or 'n/a')}.</p>
+<p>Log root <code>{esc(str(root))}</code>; renderer <code>{esc(renderer_name)}</code>.
+Wall time: {esc(time_line or 'n/a')}.</p>
 <table><tr><th>stage</th><th>metric</th><th>tutorial (Qwen3.5-9B-Base)</th><th>this run</th></tr>{table}</table>
 <h2>Preference model (held out)</h2><ul>{''.join(f'<li>{esc(line)}</li>' for line in pm_lines)}</ul>
 <h2>Curves</h2>{''.join(f'<h3>{esc(s)}</h3><img src="{esc(p)}">' for s, p in plots.items())}
 <h2>Base model vs RLHF model</h2>{reply_html}{comparison_html}</body></html>"""
     write_text_atomic(root / "report.html", page)
     return {"html": str(root / "report.html"), "markdown": str(root / "report.md")}
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2 or not Path(sys.argv[1], "pipeline_config.json").exists():
+        sys.exit("usage: python -m rlhfkit.report RUN_FOLDER (a folder with pipeline_config.json)")
+    paths = write_report(sys.argv[1])
+    print(f"report: {paths['html']}  and  {paths['markdown']}")

@@ -6,7 +6,7 @@ import functools
 from typing import Any
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_tokenizer(model_name: str) -> Any:
     """The model's Hugging Face tokenizer, loaded once per name by the engine's resolver."""
     from rlhfkit.engine import load_tokenizer

@@ -2,7 +2,6 @@
 
 import asyncio
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -111,7 +110,7 @@ def test_thirty_cross_entropy_steps_drive_the_loss_down(service, tiny_model_dir,
     trainer = service.create_lora_training_client(tiny_model_dir, rank=8, seed=0)
     batch = [ce_datum(tokenizer.encode(t)) for t in ("The cat sat on the mat.", "Dogs bark at night, loudly.")]
     first = last = None
-    for step in range(30):
+    for _step in range(30):
         loss = trainer.forward_backward(batch, "cross_entropy").result().metrics["loss:sum"]
         trainer.optim_step(AdamParams(learning_rate=1e-2)).result()
         first = loss if first is None else first

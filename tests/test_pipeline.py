@@ -42,7 +42,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_smoke_preset_runs_all_stages_and_writes_the_report(smoke_run):
-    root, result = smoke_run
+    root, _result = smoke_run
     for stage in ("sft", "rm", "rl"):
         records = read_jsonl(root / stage / "metrics.jsonl")
         assert [r["step"] for r in records] == list(range(len(records))) and records
@@ -54,6 +54,17 @@ def test_smoke_preset_runs_all_stages_and_writes_the_report(smoke_run):
     report = (root / "report.html").read_text()
     assert "SFT" in report and "win_rate" in report and "Base model vs RLHF model" in report
     assert (root / "report.md").exists() and (root / "report" / "rl.png").exists()
+    replies = json.loads((root / "report_replies.json").read_text())["replies"]
+    assert len(replies) == 2 and all(item["base"] and item["rlhf"] for item in replies)  # tutorial + 1 prompt
+    settings = json.loads((root / "pipeline_config.json").read_text())
+    from rlhfkit.recipes.preference.rlhf.pipeline_config import parse_args
+
+    assert parse_args([f"config={root / 'pipeline_config.json'}"]) == parse_args(["preset=smoke",
+                                                                                 f"log_root={root}"])
+    assert settings["log_root"] == str(root)
+    rl_config = json.loads((root / "rl" / "config.json").read_text())
+    assert rl_config["dataset_builder"]["comparison_builder"]["max_chars"] == 300
+    assert rl_config["evaluator_builders"][0]["comparison_builder"]["test_size"] == 4
     assert list((root / "rl").glob("iteration_*/train.html"))
 
 
@@ -96,7 +107,7 @@ def test_tutorial_transcription_runs(tiny_model_dir, tmp_path):
 
 
 def test_stage_clock_counts_time_while_the_stage_runs(tmp_path):
-    from rlhfkit.recipes.preference.rlhf.rlhf_pipeline import StageClock
+    from rlhfkit.utils.timing import StageClock
 
     path = tmp_path / "stage_times.json"
     timings = {"sft": 5.0, "rm": 2.0}
@@ -108,9 +119,10 @@ def test_stage_clock_counts_time_while_the_stage_runs(tmp_path):
 
 
 def test_report_prompts_come_from_the_runs_hh_data():
-    from rlhfkit.recipes.preference.datasets import load_hh_rlhf_rows, hh_data_files
-    from rlhfkit.recipes.preference.rlhf.rlhf_pipeline import held_out_comparisons, parse_args
-    from rlhfkit.report import TUTORIAL_PROMPT, report_prompts
+    from rlhfkit.recipes.preference.datasets import hh_data_files, load_hh_rlhf_rows
+    from rlhfkit.recipes.preference.rlhf.pipeline_data import held_out_comparisons
+    from rlhfkit.recipes.preference.rlhf.rlhf_pipeline import parse_args
+    from rlhfkit.recipes.preference.rlhf.report_replies import TUTORIAL_PROMPT, report_prompts
 
     cfg = parse_args(["preset=demo", "report_prompts=3"])
     assert cfg.hh_data == "harmless-base"

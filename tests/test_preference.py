@@ -129,7 +129,7 @@ def test_bad_file_errors_name_file_row_and_field(tmp_path):
     path.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b"}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl, row 1, field 'rejected'"):
         hh.load_hh_rlhf_rows([path])
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
         hh.load_hh_rlhf_rows([tmp_path / "missing.jsonl"])
 
 

@@ -176,7 +176,8 @@ def test_tournament_pairs():
     chunked = get_pairs_chunked(10, TournamentPattern.ALL_PAIRS_BOTH_WAYS, 4)
     assert len(chunked) == 12 + 12 + 2  # chunks {0..3}, {4..7}, {8, 9}
     assert all(i // 4 == j // 4 for i, j in chunked)
-    assert get_pairs_chunked(4, TournamentPattern.ALL_PAIRS_ONE_WAY, 4) == get_pairs(4, TournamentPattern.ALL_PAIRS_ONE_WAY)
+    one_way = TournamentPattern.ALL_PAIRS_ONE_WAY
+    assert get_pairs_chunked(4, one_way, 4) == get_pairs(4, one_way)
 
 
 def _trajectory(renderer, text: str, stop: bool) -> Trajectory:
@@ -206,7 +207,7 @@ def test_worked_example_rewards_and_advantages(tiny_model_dir):
     assert advantages == pytest.approx([7 / 12, -1.75, 1.25, -1 / 12], abs=1e-12)  # reward - mean(-0.25)
 
     # Datums (spec 5.5): shifted by one; prompt positions get logprob 0, advantage 0, mask 0.
-    data, metadata = assemble_training_data([group], [advantages])
+    _data, metadata = assemble_training_data([group], [advantages])
     assert [m["traj_idx"] for m in metadata] == [0, 1, 2, 3]
     datum = trajectory_to_data(trajectories[2], advantages[2])[0]
     ob, ac = trajectories[2].transitions[0].ob.to_ints(), trajectories[2].transitions[0].ac.tokens

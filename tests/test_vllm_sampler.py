@@ -53,7 +53,7 @@ def trained_adapter(service, model_dir, tokenizer, name, train_unembed=False):
 def test_vllm_samples_carry_the_adapters_logprobs(services, model_dir):
     local, remote = services
     tokenizer = local.create_sampling_client(base_model=model_dir).get_tokenizer()
-    trainer, path = trained_adapter(local, model_dir, tokenizer, "trained")
+    _trainer, path = trained_adapter(local, model_dir, tokenizer, "trained")
     prompt = ModelInput.from_ints(tokenizer.encode("Once upon a time"))
     params = SamplingParams(max_tokens=12, temperature=1.0, stop=[], seed=3)
 

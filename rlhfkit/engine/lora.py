@@ -84,7 +84,7 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     # PEFT records the local folder the weights came from; record the portable name the user gave instead.
     peft_model.peft_config["default"].base_model_name_or_path = spec.base_model
-    for name, param in peft_model.named_parameters():
+    for _name, param in peft_model.named_parameters():
         if param.requires_grad:
             param.data = param.data.float()
     return peft_model
@@ -94,7 +94,8 @@ def adapter_state(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA tensors, keyed as PEFT saves them (PeftModel.from_pretrained can read the files we write)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone().contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    return {k: v.detach().clone().contiguous().cpu() for k, v in state.items()}
 
 
 def load_adapter_state(peft_model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -58,7 +58,8 @@ class ModelNotFoundError(ValueError):
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def _gguf_cache_folder(gguf_path: Path) -> Path:
@@ -85,7 +86,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve_base_model(base_model: str) -> str:
     """Map a base_model value to a local model folder."""
     name = base_model
@@ -130,7 +131,7 @@ def resolve_base_model(base_model: str) -> str:
                                  f"{ACCEPTED}") from e
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_tokenizer(base_model: str):
     from transformers import AutoTokenizer
 

@@ -88,6 +88,7 @@ class _Batcher:
         self.run = run
         self.pending: list[tuple[Any, asyncio.Future]] = []
         self.flushing = False
+        self.flush_task: asyncio.Task | None = None
 
     async def submit(self, request: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -95,7 +96,7 @@ class _Batcher:
         self.pending.append((request, future))
         if not self.flushing:
             self.flushing = True
-            loop.create_task(self._flush())
+            self.flush_task = loop.create_task(self._flush())  # kept referenced until it is done
         return await future
 
     async def _flush(self) -> None:
@@ -265,11 +266,11 @@ class SamplingClient:
                                        else [self._score_many([p], c)[0] for p, c in reqs])
 
     @classmethod
-    def from_base(cls, base_model: str, precision: Precision) -> "SamplingClient":
+    def from_base(cls, base_model: str, precision: Precision) -> SamplingClient:
         return cls(base_model, load_base_model(base_model, precision), precision)
 
     @classmethod
-    def from_adapter(cls, spec: LoraSpec, tensors: dict[str, torch.Tensor], precision: Precision) -> "SamplingClient":
+    def from_adapter(cls, spec: LoraSpec, tensors: dict[str, torch.Tensor], precision: Precision) -> SamplingClient:
         model = load_base_model(spec.base_model, precision)
         merge_adapter(model, tensors, spec.scale)
         return cls(spec.base_model, model, precision)

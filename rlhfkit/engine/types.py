@@ -30,11 +30,11 @@ class ModelInput:
     chunks: tuple[EncodedTextChunk, ...] = ()
 
     @staticmethod
-    def from_ints(tokens: Sequence[int]) -> "ModelInput":
+    def from_ints(tokens: Sequence[int]) -> ModelInput:
         return ModelInput((EncodedTextChunk(tuple(int(t) for t in tokens)),))
 
     @staticmethod
-    def empty() -> "ModelInput":
+    def empty() -> ModelInput:
         return ModelInput(())
 
     def to_ints(self) -> list[int]:
@@ -44,10 +44,10 @@ class ModelInput:
     def length(self) -> int:
         return sum(chunk.length for chunk in self.chunks)
 
-    def append(self, chunk: EncodedTextChunk) -> "ModelInput":
+    def append(self, chunk: EncodedTextChunk) -> ModelInput:
         return ModelInput(self.chunks + (chunk,))
 
-    def append_int(self, token: int) -> "ModelInput":
+    def append_int(self, token: int) -> ModelInput:
         return self.append(EncodedTextChunk((int(token),)))
 
 
@@ -63,17 +63,17 @@ class TensorData:
     shape: tuple[int, ...] | None = None
 
     @staticmethod
-    def from_numpy(array: np.ndarray) -> "TensorData":
+    def from_numpy(array: np.ndarray) -> TensorData:
         dtype = "int64" if np.issubdtype(array.dtype, np.integer) else "float32"
         return TensorData(array.reshape(-1).tolist(), dtype, tuple(array.shape))
 
     @staticmethod
-    def from_torch(tensor: Any) -> "TensorData":
+    def from_torch(tensor: Any) -> TensorData:
         return TensorData.from_numpy(tensor.detach().cpu().float().numpy()
                                      if tensor.is_floating_point() else tensor.detach().cpu().numpy())
 
     @staticmethod
-    def from_list(values: Sequence[float] | Sequence[int], dtype: Literal["int64", "float32"]) -> "TensorData":
+    def from_list(values: Sequence[float] | Sequence[int], dtype: Literal["int64", "float32"]) -> TensorData:
         return TensorData(list(values), dtype, (len(values),))
 
     def to_numpy(self) -> np.ndarray:

@@ -106,7 +106,8 @@ class VLLMEngine:
                 return Client(address, authkey=authkey)
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.time() > deadline:
-                    raise VLLMUnavailableError(f"the vLLM worker did not listen within 120 s; see {self.log_path}")
+                    raise VLLMUnavailableError(
+                        f"the vLLM worker did not listen within 120 s; see {self.log_path}") from None
                 time.sleep(0.2)
 
     def _log_tail(self, lines: int = 20) -> str:

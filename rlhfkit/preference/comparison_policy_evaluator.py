@@ -8,8 +8,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from rlhfkit.compat import warn_ignored
 from rlhfkit.completers import TinkerMessageCompleter
 from rlhfkit.evaluators import SamplingClientEvaluator
+from rlhfkit.preference.preference_datasets import ComparisonDatasetBuilder
 from rlhfkit.preference.types import (Comparison, PreferenceModel, PreferenceModelBuilder,
                                      PreferenceModelFromChatRenderer, symmetric_p_b)
 from rlhfkit.renderers import Message, get_renderer
@@ -89,7 +91,7 @@ class ComparisonEvaluator(SamplingClientEvaluator):
         self.preference_model_builder = preference_model_builder
         self.comparisons = list(comparisons)
         self.renderer = get_renderer(renderer_name, get_tokenizer(model_name_for_tokenizer))
-        self.both_ways = both_ways
+        warn_ignored("ComparisonEvaluator", both_ways=both_ways)
         self.max_tokens = max_tokens
         self.content_preprocessor = content_preprocessor
         self.seed = seed
@@ -106,3 +108,21 @@ class ComparisonEvaluator(SamplingClientEvaluator):
 
     async def __call__(self, sampling_client: Any) -> dict[str, float]:
         return (await self.matchups(sampling_client)).metrics()
+
+
+@dataclass(frozen=True)
+class ComparisonEvaluatorBuilder:
+    """A ComparisonEvaluator on the held-out comparisons of a comparison builder (e.g. HH-RLHF's win-rate prompts,
+    the first `test_size` of them), recorded by its settings rather than by the comparisons themselves."""
+
+    preference_model_builder: PreferenceModelBuilder
+    comparison_builder: ComparisonDatasetBuilder
+    renderer_name: str
+    model_name_for_tokenizer: str
+    max_tokens: int = 1024
+    seed: int | None = None
+
+    def __call__(self) -> ComparisonEvaluator:
+        comparisons = [c.comparison for c in self.comparison_builder.held_out_comparisons()]
+        return ComparisonEvaluator(self.preference_model_builder, comparisons, self.renderer_name,
+                                   self.model_name_for_tokenizer, max_tokens=self.max_tokens, seed=self.seed)

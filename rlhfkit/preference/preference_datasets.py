@@ -5,23 +5,24 @@ from __future__ import annotations
 import logging
 import random
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 from rlhfkit.engine.types import Datum
 from rlhfkit.preference.types import ComparisonRendererFromChatRenderer, LabeledComparison
 from rlhfkit.supervised.common import datum_from_model_input_weights
 from rlhfkit.supervised.data import SupervisedDatasetFromList
-from rlhfkit.supervised.types import ChatDatasetBuilder, ChatDatasetBuilderCommonConfig, SupervisedDataset
+from rlhfkit.supervised.types import ChatDatasetBuilder, SupervisedDataset
 
 logger = logging.getLogger(__name__)
 
 
 class ComparisonDatasetBuilder(ABC):
     """Raw train/test rows plus a parser from a row to a LabeledComparison (None = unusable row).
-    `swap=True` makes get_labeled_comparisons() also emit each comparison with A and B exchanged."""
+    Subclasses are frozen dataclasses with a `swap: bool` field: True makes get_labeled_comparisons() also emit
+    each comparison with A and B exchanged."""
 
-    def __init__(self, swap: bool = False):
-        self.swap = swap
+    swap: bool
 
     @abstractmethod
     def get_train_and_test_datasets(self) -> tuple[list[Any], list[Any] | None]:
@@ -43,7 +44,14 @@ class ComparisonDatasetBuilder(ABC):
         train, test = self.get_train_and_test_datasets()
         return self._labeled(train), (self._labeled(test) if test is not None else None)
 
+    def held_out_comparisons(self) -> list[LabeledComparison]:
+        """The usable test rows as labelled comparisons, as given (never swapped)."""
+        _, test = self.get_train_and_test_datasets()
+        comparisons = [self.example_to_labeled_comparison(row) for row in test or []]
+        return [c for c in comparisons if c is not None]
 
+
+@dataclass(frozen=True)
 class ChatDatasetBuilderFromComparisons(ChatDatasetBuilder):
     """Preference-model training data: each comparison rendered as "... ==== Preference ====" followed by
     its label's first token (the only trained token), reduction "none".
@@ -55,12 +63,8 @@ class ChatDatasetBuilderFromComparisons(ChatDatasetBuilder):
     truncation; they are skipped (counted, logged once) instead of becoming datums with no trained token.
     """
 
-    def __init__(self, common_config: ChatDatasetBuilderCommonConfig,
-                 comparison_builder: "ComparisonDatasetBuilder", swap: bool = False):
-        super().__init__(common_config)
-        self.comparison_builder = comparison_builder
-        self.swap = swap
-        self._too_long = 0
+    comparison_builder: ComparisonDatasetBuilder
+    swap: bool = False
 
     @property
     def comparison_renderer(self) -> ComparisonRendererFromChatRenderer:
@@ -73,17 +77,19 @@ class ChatDatasetBuilderFromComparisons(ChatDatasetBuilder):
         train_items = self._orient(train_rows, rng)
         comparison_renderer = self.comparison_renderer
         max_length = self.common_config.max_length
+        too_long = 0
 
         def to_datums(item: list[LabeledComparison]) -> list[Datum]:
+            nonlocal too_long
             datums = []
             for labeled in item:
                 model_input, weights = comparison_renderer.to_model_input_weights(labeled)
                 if max_length is not None and model_input.length > max_length:
-                    if self._too_long == 0:
+                    if too_long == 0:
                         logger.warning("skipping comparisons longer than max_length=%d tokens (the label token "
                                        "would be cut off); first one has %d tokens", max_length,
                                        model_input.length)
-                    self._too_long += 1
+                    too_long += 1
                     continue
                 datums.append(datum_from_model_input_weights(model_input, weights, max_length, reduction="none"))
             return datums

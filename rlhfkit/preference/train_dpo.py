@@ -26,7 +26,6 @@ Local choices and deviations:
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -35,18 +34,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rlhfkit import checkpoint_utils
+from rlhfkit.checkpoint_manager import CheckpointManager
 from rlhfkit.engine import ServiceClient
 from rlhfkit.engine.types import AdamParams, Datum
 from rlhfkit.evaluators import EvaluatorBuilder
 from rlhfkit.model_info import warn_if_renderer_not_recommended
 from rlhfkit.rl.metrics import compute_reference_logprobs
 from rlhfkit.supervised.common import compute_mean_nll
-from rlhfkit.supervised.loop import Timer, describe_datum, open_training_client, run_evaluators
+from rlhfkit.supervised.loop import describe_datum, run_evaluators
 from rlhfkit.supervised.types import SupervisedDatasetBuilder
 from rlhfkit.utils import ml_log
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.lr_scheduling import compute_schedule_lr_multiplier
+from rlhfkit.utils.timing import Timer
 
 logger = logging.getLogger(__name__)
 
@@ -189,11 +189,6 @@ async def evaluate(training_client: Any, test_data: list[Datum], test_reference_
     return {"test/nll": nll, **{f"test/{k}": v for k, v in metrics.items()}}
 
 
-def save_due(config: Config, step: int, start_step: int) -> bool:
-    """A periodic checkpoint every save_every steps (not step 0, nor the step a resume starts from)."""
-    return config.save_every > 0 and step > 0 and step % config.save_every == 0 and step != start_step
-
-
 async def main_async(config: Config) -> None:
     log_path = Path(config.log_path).expanduser().resolve()
     log_path.mkdir(parents=True, exist_ok=True)
@@ -208,8 +203,9 @@ async def main_async(config: Config) -> None:
 async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger) -> None:
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
     service = ServiceClient(base_url=config.base_url)
-    training_client, resume = open_training_client(service, log_path, config.model_name, config.lora_rank,
-                                                   config.load_checkpoint_path)
+    checkpoints = CheckpointManager(log_path, config.save_every)
+    training_client, resume = checkpoints.training_client(service, config.model_name, config.lora_rank,
+                                                          config.load_checkpoint_path)
     start_epoch, start_batch = (resume.get("epoch", 0), resume.get("batch", 0)) if resume is not None else (0, 0)
     elapsed_tokens = resume.get("elapsed_tokens", 0) if resume is not None else 0
     reference = reference_sampler(service, training_client, log_path, resumed=resume is not None)
@@ -238,14 +234,13 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
         if step == start_step or batch_index == 0:
             train_dataset.set_epoch(seed=epoch)
         timer = Timer()
-        step_start = time.perf_counter()
         metrics: dict[str, Any] = {}
 
-        if save_due(config, step, start_step):
+        # the resumed-from checkpoint already holds the state before start_step
+        if step != start_step and checkpoints.due(step):
             with timer.span("save_checkpoint"):
-                checkpoint_utils.save_checkpoint(
-                    training_client, f"{step:06d}", log_path,
-                    {"epoch": epoch, "batch": batch_index, "elapsed_tokens": elapsed_tokens}, kind="both")
+                checkpoints.save(training_client, f"{step:06d}", {"epoch": epoch, "batch": batch_index},
+                                 elapsed_tokens)
         if (config.eval_every > 0 and step % config.eval_every == 0) or step == total_steps - 1:
             with timer.span("evals"):
                 if test_data:
@@ -277,8 +272,7 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
             "num_tokens": num_tokens,
             **output.metrics,
             **(optim.metrics or {}),
-            **timer.times,
-            "time/total": time.perf_counter() - step_start,
+            **timer.total(),
         })
         metrics["batch_time"] = metrics["time/total"]
         ml_logger.log_metrics(metrics, step=step)
@@ -287,9 +281,7 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
         progress.update(1)
     progress.close()
 
-    checkpoint_utils.save_checkpoint(training_client, "final", log_path,
-                                     {"epoch": config.num_epochs, "batch": 0, "elapsed_tokens": elapsed_tokens},
-                                     kind="both")
+    checkpoints.save(training_client, "final", {"epoch": config.num_epochs, "batch": 0}, elapsed_tokens)
     logger.info("DPO done: %d steps, %d tokens; final checkpoint in %s", total_steps, elapsed_tokens,
                 log_path / "checkpoints" / "final")
 

@@ -35,7 +35,7 @@ class Comparison:
     completion_A: list[Message]
     completion_B: list[Message]
 
-    def swap(self) -> "Comparison":
+    def swap(self) -> Comparison:
         return Comparison(self.prompt_conversation, self.completion_B, self.completion_A)
 
 
@@ -48,7 +48,7 @@ class LabeledComparison:
         if self.label not in VERDICT_OF_LABEL:
             raise ValueError(f"label must be 'A', 'B' or 'Tie', got {self.label!r}")
 
-    def swap(self) -> "LabeledComparison":
+    def swap(self) -> LabeledComparison:
         swapped_label = {"A": "B", "B": "A", "Tie": "Tie"}[self.label]
         return LabeledComparison(self.comparison.swap(), swapped_label)
 
@@ -231,16 +231,19 @@ class PreferenceModelFromChatRenderer(PreferenceModel):
         return [j.p_b for j in await self.judge_many(comparisons)]
 
 
+@dataclass(frozen=True)
 class PreferenceModelBuilderFromChatRenderer(PreferenceModelBuilder):
     """Builds the renderer from the base model's tokenizer and a sampling client on the PM's sampler weights."""
 
-    def __init__(self, renderer_name: str, model_name: str, rm_weights_path: str, base_url: str | None = None,
-                 reward_mode: RewardMode = "verdict"):
-        self.renderer_name = renderer_name
-        self.model_name = model_name
-        self.rm_weights_path = rm_weights_path
-        self.base_url = base_url
-        self.reward_mode = reward_mode
+    renderer_name: str
+    model_name: str
+    rm_weights_path: str
+    base_url: str | None = None
+    reward_mode: RewardMode = "verdict"
+
+    def __post_init__(self) -> None:
+        if self.reward_mode not in ("verdict", "probability"):
+            raise ValueError(f"reward_mode must be 'verdict' or 'probability', got {self.reward_mode!r}")
 
     def __call__(self) -> PreferenceModelFromChatRenderer:
         from rlhfkit.engine import ServiceClient

@@ -43,7 +43,8 @@ class ChatTemplateRenderer(Renderer):
         try:
             return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
         except Exception as e:  # template errors (jinja) for conversations the template rejects
-            raise RendererError(f"the chat template cannot render roles {[m['role'] for m in conversation]}: {e}")
+            raise RendererError(
+                f"the chat template cannot render roles {[m['role'] for m in conversation]}: {e}") from e
 
     def _find_end_of_turn_token(self) -> int:
         """The first special token the template writes after an assistant message's content."""

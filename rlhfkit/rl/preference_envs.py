@@ -8,6 +8,7 @@ the reply did not end on the renderer's stop sequence.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from rlhfkit.completers import StopCondition
@@ -170,23 +171,23 @@ class PairwisePreferenceDataset(RLDataset):
         return builders
 
 
+@dataclass(frozen=True)
 class PairwisePreferenceRLDatasetBuilder(RLDatasetBuilder):
     """Builds the RL prompt dataset and the (single, shared) preference model. There is no RL test set:
     the win rate is measured by ComparisonEvaluator."""
 
-    def __init__(self, comparison_builder: Any, batch_size: int, policy_renderer_name: str,
-                 policy_model_name: str, preference_model_builder: PreferenceModelBuilder, group_size: int,
-                 tournament_pattern: TournamentPattern = TournamentPattern.ALL_PAIRS_BOTH_WAYS,
-                 content_preprocessor: Callable[[str], str] | None = None, matchup_group_size: int = 4):
-        self.comparison_builder = comparison_builder
-        self.batch_size = batch_size
-        self.policy_renderer_name = policy_renderer_name
-        self.policy_model_name = policy_model_name
-        self.preference_model_builder = preference_model_builder
-        self.group_size = group_size
-        self.tournament_pattern = TournamentPattern(tournament_pattern)
-        self.content_preprocessor = content_preprocessor
-        self.matchup_group_size = matchup_group_size
+    comparison_builder: Any
+    batch_size: int
+    policy_renderer_name: str
+    policy_model_name: str
+    preference_model_builder: PreferenceModelBuilder
+    group_size: int
+    tournament_pattern: TournamentPattern = TournamentPattern.ALL_PAIRS_BOTH_WAYS
+    content_preprocessor: Callable[[str], str] | None = None
+    matchup_group_size: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tournament_pattern", TournamentPattern(self.tournament_pattern))
 
     async def __call__(self) -> tuple[PairwisePreferenceDataset, None]:
         renderer = get_renderer(self.policy_renderer_name, get_tokenizer(self.policy_model_name))

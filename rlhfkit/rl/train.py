@@ -11,17 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from rlhfkit.utils.async_utils import run_or_await
-from rlhfkit import checkpoint_utils
+from rlhfkit.checkpoint_manager import CheckpointManager
+from rlhfkit.compat import compat_setting, warn_ignored_fields
 from rlhfkit.completers import TinkerTokenCompleter
+from rlhfkit.config import ConfigError, at_least, between, positive, setting, validate
 from rlhfkit.engine import ServiceClient
 from rlhfkit.engine.types import AdamParams, Datum
 from rlhfkit.evaluators import EvaluatorBuilder, SamplingClientEvaluator
@@ -32,6 +32,8 @@ from rlhfkit.rl.rollout_logging import (iteration_dir, rollout_summary_records, 
 from rlhfkit.rl.rollouts import sample_group, score_group
 from rlhfkit.rl.types import EnvGroupBuilder, RLDatasetBuilder, TrajectoryGroup
 from rlhfkit.utils import ml_log
+from rlhfkit.utils.async_utils import run_or_await
+from rlhfkit.utils.timing import Timer
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ PLOT_PANELS = [  # metrics.png: one panel per list
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class KLReferenceConfig:
     """The reference model of the KL penalty: a base model, optionally with a saved state's weights."""
 
@@ -57,53 +59,56 @@ class KLReferenceConfig:
 
 @dataclass
 class Config:
-    learning_rate: float
-    dataset_builder: RLDatasetBuilder
-    model_name: str
-    recipe_name: str
-    max_tokens: int
-    log_path: str
-    eval_every: int = 20
-    save_every: int = 20
-    evaluator_builders: list[EvaluatorBuilder] = field(default_factory=list)
-    load_checkpoint_path: str | None = None  # initial weights (weights only, fresh optimizer)
-    renderer_name: str | None = None  # metadata only; envs use the dataset builder's renderer
-    wandb_project: str | None = None
-    wandb_name: str | None = None
-    kl_penalty_coef: float = 0.0
-    kl_discount_factor: float = 0.0
-    kl_reference_config: KLReferenceConfig | None = None
-    loss_fn: str = "importance_sampling"  # or "ppo", "cispo"
-    loss_fn_config: dict[str, Any] | None = None
-    num_substeps: int = 1
-    lora_rank: int = 32
-    temperature: float = 1.0
-    remove_constant_reward_groups: bool = False
-    num_groups_to_log: int = 4
-    rollout_json_export: bool = True
-    ttl_seconds: int | None = 604800
-    max_steps: int | None = None
-    base_url: str | None = None
-    # Local additions
-    seed: int | None = None  # seeds the LoRA init and every rollout's sampling (reproducible, also on resume)
-    policy_kl_num_sequences: int = 16  # sequences per iteration for kl/policy_vs_init (0 = off)
-    sampler: str | None = None  # rollouts: "local" or "vllm" (ServiceClient's sampler; None: RLHFKIT_SAMPLER)
+    """The RL loop's settings."""
+
+    learning_rate: float = setting(help="learning rate (constant)", check=positive)
+    dataset_builder: RLDatasetBuilder = setting(help="frozen-dataclass builder of the RL prompt dataset")
+    model_name: str = setting(help="base model (see rlhfkit pipeline --help, base_model)")
+    recipe_name: str = setting(help="name shown on the progress bar and in the logs")
+    max_tokens: int = setting(help="longest sampled reply in tokens", check=at_least(1))
+    log_path: str = setting(help="run folder: metrics.jsonl, checkpoints, rollouts, logs")
+    eval_every: int = setting(20, "evaluate every this many iterations (0: off)", check=at_least(0))
+    save_every: int = setting(20, "checkpoint every this many iterations (0: only the final one)", check=at_least(0))
+    evaluator_builders: list[EvaluatorBuilder] = setting(help="evaluators run every eval_every iterations",
+                                                         default_factory=list)
+    load_checkpoint_path: str | None = setting(None, "initial weights (weights only, fresh optimizer)")
+    renderer_name: str | None = setting(None, "metadata only; envs use the dataset builder's renderer")
+    wandb_project: str | None = setting(None, "Weights & Biases project (None: off)")
+    wandb_name: str | None = setting(None, "Weights & Biases run name")
+    kl_penalty_coef: float = setting(0.0, "> 0: penalise each reply token's log-ratio to the reference (spec 5.7)",
+                                     check=at_least(0))
+    kl_discount_factor: float = setting(0.0, "discount of the KL penalty over later tokens", check=between(0, 1))
+    kl_reference_config: KLReferenceConfig | None = setting(None, "the KL penalty's reference model")
+    loss_fn: Literal["importance_sampling", "ppo", "cispo"] = setting("importance_sampling", "policy-gradient loss")
+    loss_fn_config: dict[str, Any] | None = setting(None, "the loss's parameters (e.g. clip thresholds)")
+    num_substeps: int = setting(1, "optimizer steps per iteration (the batch split evenly)", check=at_least(1))
+    lora_rank: int = setting(32, "LoRA rank", check=at_least(1))
+    temperature: float = setting(1.0, "sampling temperature of the rollouts", check=positive)
+    remove_constant_reward_groups: bool = setting(False, "drop groups whose replies all got the same reward")
+    num_groups_to_log: int = setting(4, "groups per iteration written to train.html", check=at_least(0))
+    rollout_json_export: bool = setting(True, "write every iteration's train_rollout_summaries.jsonl")
+    max_steps: int | None = setting(None, "stop after this many iterations (None: the whole dataset)",
+                                    check=at_least(0))
+    base_url: str | None = setting(None, "the service address; only None (the local engine) is supported")
+    seed: int | None = setting(None, "seeds the LoRA init and every rollout's sampling (reproducible, also on "
+                                     "resume)")
+    policy_kl_num_sequences: int = setting(16, "sequences per iteration for kl/policy_vs_init (0: off)",
+                                           check=at_least(0))
+    sampler: Literal["local", "vllm"] | None = setting(None, "rollouts: 'local' or 'vllm' (None: $RLHFKIT_SAMPLER)")
+    ttl_seconds: int | None = compat_setting("ttl_seconds", 604800)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        warn_ignored_fields(self)
+        if self.kl_penalty_coef > 0 and self.kl_reference_config is None:
+            raise ConfigError("kl_reference_config", None, "kl_penalty_coef > 0 needs "
+                                                           "KLReferenceConfig(base_model=...)")
 
 
 def _rollout_seed(seed: int | None, iteration: int, group_idx: int, env_idx: int) -> int | None:
     if seed is None:
         return None
     return int(np.random.SeedSequence([seed, iteration, group_idx, env_idx]).generate_state(1)[0])
-
-
-def _create_training_client(config: Config, service: ServiceClient, resume: Any) -> Any:
-    if resume is not None:
-        logger.info("Resuming at iteration %d from %s", resume.batch, resume.state_path)
-        return service.create_training_client_from_state_with_optimizer(resume.state_path)
-    if config.load_checkpoint_path:
-        logger.info("Starting from the weights of %s (fresh optimizer)", config.load_checkpoint_path)
-        return service.create_training_client_from_state(config.load_checkpoint_path)
-    return service.create_lora_training_client(config.model_name, rank=config.lora_rank, seed=config.seed)
 
 
 def _init_sampling_client(config: Config, service: ServiceClient, training_client: Any, log_path: str,
@@ -124,8 +129,6 @@ def _kl_reference_client(config: Config, service: ServiceClient) -> Any:
     if config.kl_penalty_coef <= 0:
         return None
     ref = config.kl_reference_config
-    if ref is None:
-        raise ValueError("kl_penalty_coef > 0 needs kl_reference_config=KLReferenceConfig(base_model=...)")
     if ref.load_checkpoint_path is None:
         return service.create_sampling_client(base_model=ref.base_model)
     return service.create_training_client_from_state(ref.load_checkpoint_path).save_weights_and_get_sampling_client()
@@ -176,30 +179,27 @@ def _log_rollouts(config: Config, log_path: str, iteration: int, groups: list[Tr
 
 async def _run_iteration(config: Config, i: int, dataset: Any, sampling_client: Any, training_client: Any,
                          evaluators: list, init_client: Any, kl_reference_client: Any, tokenizer: Any,
-                         log_path: str) -> dict[str, float]:
+                         log_path: str, timer: Timer) -> dict[str, float]:
     """One RL iteration on the current weights; returns its metrics (the weights are updated in place)."""
     metrics: dict[str, float] = {"progress/batch": i, "optim/lr": config.learning_rate}
     if config.eval_every > 0 and i % config.eval_every == 0 and evaluators:
-        t0 = time.time()
-        metrics.update(await _evaluate(evaluators, sampling_client, training_client))
-        metrics["time/eval"] = time.time() - t0
+        with timer.span("eval"):
+            metrics.update(await _evaluate(evaluators, sampling_client, training_client))
 
     # Rollouts: every env of every group at once, so the engine samples them in one generation batch.
     builders = list(dataset.get_batch(i))
-    t0 = time.time()
 
     def policy_for(group_idx: int) -> Callable[[int], TinkerTokenCompleter]:
         return lambda env_idx: TinkerTokenCompleter(sampling_client, config.max_tokens, config.temperature,
                                                     seed=_rollout_seed(config.seed, i, group_idx, env_idx))
 
-    sampled = await asyncio.gather(*(sample_group(b, policy_for(g)) for g, b in enumerate(builders)))
-    metrics["time/sample"] = time.time() - t0
+    with timer.span("sample"):
+        sampled = await asyncio.gather(*(sample_group(b, policy_for(g)) for g, b in enumerate(builders)))
     # Rewards: every group's judging at once (batched preference-model passes).
-    t0 = time.time()
-    groups = list(await asyncio.gather(*(score_group(b, envs, trajectories)
-                                         for b, (envs, trajectories) in zip(builders, sampled))))
-    await asyncio.gather(*(b.cleanup() for b in builders))
-    metrics["time/judge"] = time.time() - t0
+    with timer.span("judge"):
+        groups = list(await asyncio.gather(*(score_group(b, envs, trajectories)
+                                             for b, (envs, trajectories) in zip(builders, sampled, strict=True))))
+        await asyncio.gather(*(b.cleanup() for b in builders))
 
     metrics.update(rl_metrics.compute_trajectory_metrics(groups, builders))
     _log_rollouts(config, log_path, i, groups, builders, data_processing.compute_advantages(groups), tokenizer)
@@ -216,32 +216,34 @@ async def _run_iteration(config: Config, i: int, dataset: Any, sampling_client: 
     if kl_reference_client is not None:
         metrics.update(await rl_metrics.incorporate_kl_penalty(data, kl_reference_client, config.kl_penalty_coef,
                                                                config.kl_discount_factor))
-    t0 = time.time()
-    metrics.update(_train_step(config, training_client, data))
-    metrics["time/train"] = time.time() - t0
+    with timer.span("train"):
+        metrics.update(_train_step(config, training_client, data))
     return metrics
 
 
 async def main_async(config: Config) -> None:
-    if config.num_substeps < 1:
-        raise ValueError(f"num_substeps must be >= 1, got {config.num_substeps}")
     log_path = str(Path(config.log_path).expanduser().resolve())
-    resume = checkpoint_utils.get_last_checkpoint(log_path)
+    checkpoints = CheckpointManager(Path(log_path), config.save_every)
+    resume = checkpoints.last()
     start_batch = int(resume.batch) if resume is not None else 0
     ml_logger = ml_log.setup_logging(log_path, wandb_project=config.wandb_project, wandb_name=config.wandb_name,
                                      config=config, start_step=start_batch, plot_panels=PLOT_PANELS)
     try:
-        await _train(config, log_path, resume, start_batch, ml_logger)
+        await _train(config, log_path, checkpoints, start_batch, ml_logger)
     finally:
         ml_logger.close()
 
 
-async def _train(config: Config, log_path: str, resume: Any, start_batch: int, ml_logger: Any) -> None:
+async def _train(config: Config, log_path: str, checkpoints: CheckpointManager, start_batch: int,
+                 ml_logger: Any) -> None:
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
     if config.seed is not None:
         random.seed(config.seed + start_batch)  # the engine's fallback sampling seeds (evaluators)
     service = ServiceClient(base_url=config.base_url, sampler=config.sampler)
-    training_client = _create_training_client(config, service, resume)
+    training_client, resume = checkpoints.training_client(service, config.model_name, config.lora_rank,
+                                                          config.load_checkpoint_path, seed=config.seed)
+    if resume is not None:
+        logger.info("Resuming at iteration %d from %s", resume.batch, resume.state_path)
     init_client = _init_sampling_client(config, service, training_client, log_path, resumed=resume is not None)
     kl_reference_client = _kl_reference_client(config, service)
     tokenizer = training_client.get_tokenizer()
@@ -256,25 +258,23 @@ async def _train(config: Config, log_path: str, resume: Any, start_batch: int, m
     progress = tqdm(range(start_batch, end_batch), initial=start_batch, total=end_batch, desc=config.recipe_name,
                     unit="it", dynamic_ncols=True)
     for i in progress:
-        t_start = time.time()
+        timer = Timer()
         metrics = await _run_iteration(config, i, dataset, sampling_client, training_client, evaluators,
-                                       init_client, kl_reference_client, tokenizer, log_path)
-        t0 = time.time()
-        sampling_client = training_client.save_weights_and_get_sampling_client()  # the updated weights
-        metrics["time/sync_weights"] = time.time() - t0
+                                       init_client, kl_reference_client, tokenizer, log_path, timer)
+        with timer.span("sync_weights"):
+            sampling_client = training_client.save_weights_and_get_sampling_client()  # the updated weights
         metrics["progress/done_frac"] = (i + 1) / end_batch
-        metrics["time/total"] = time.time() - t_start
+        metrics.update(timer.total())
         # Log first, then checkpoint: a kill in between re-runs this iteration and its record is replaced.
         ml_logger.log_metrics(metrics, step=i)
         progress.set_postfix(reward=f"{metrics['env/all/reward/total']:+.3f}",
                              ac_tokens=f"{metrics['env/all/ac_tokens_per_turn']:.0f}",
                              kl_init=f"{metrics.get('kl/policy_vs_init', float('nan')):.4f}")
-        # Periodic checkpoint (skipped when it would coincide with the final one).
-        if config.save_every > 0 and (i + 1) % config.save_every == 0 and i + 1 < end_batch:
-            checkpoint_utils.save_checkpoint(training_client, f"{i + 1:06d}", log_path, {"batch": i + 1},
-                                             kind="both", ttl_seconds=config.ttl_seconds)
+        # Periodic checkpoint of the state before iteration i + 1 (skipped when it would be the final one).
+        if i + 1 < end_batch and checkpoints.due(i + 1):
+            checkpoints.save(training_client, f"{i + 1:06d}", {"batch": i + 1})
     progress.close()
-    checkpoint_utils.save_checkpoint(training_client, "final", log_path, {"batch": end_batch}, kind="both")
+    checkpoints.save(training_client, "final", {"batch": end_batch})
 
 
 def main(config: Config) -> Any:

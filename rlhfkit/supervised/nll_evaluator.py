@@ -19,7 +19,7 @@ class NLLEvaluator(TrainingClientEvaluator):
         self.data, self.name, self.tokenizer = data, name, tokenizer
 
     @classmethod
-    def from_dataset(cls, dataset: SupervisedDataset, name: str = "test", tokenizer: Any = None) -> "NLLEvaluator":
+    def from_dataset(cls, dataset: SupervisedDataset, name: str = "test", tokenizer: Any = None) -> NLLEvaluator:
         return cls([datum for i in range(len(dataset)) for datum in dataset.get_batch(i)], name, tokenizer)
 
     async def __call__(self, training_client: Any) -> dict[str, float]:

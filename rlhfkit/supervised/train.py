@@ -13,62 +13,76 @@ metrics.jsonl record. A killed run resumes from its last checkpoint with the opt
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from tqdm import tqdm
 
-from rlhfkit.utils.async_utils import run_or_await
-from rlhfkit import checkpoint_utils
+from rlhfkit.checkpoint_manager import CheckpointManager
+from rlhfkit.compat import compat_setting, warn_ignored_fields
+from rlhfkit.config import at_least, between, positive, setting, validate
 from rlhfkit.engine import ServiceClient
 from rlhfkit.engine.types import AdamParams
 from rlhfkit.evaluators import EvaluatorBuilder
 from rlhfkit.model_info import warn_if_renderer_not_recommended
 from rlhfkit.supervised.common import compute_bpb, compute_mean_nll
-from rlhfkit.supervised.loop import Timer, describe_datum, open_training_client, run_evaluators
+from rlhfkit.supervised.loop import describe_datum, run_evaluators
 from rlhfkit.supervised.nll_evaluator import NLLEvaluator
 from rlhfkit.supervised.types import SupervisedDatasetBuilder
 from rlhfkit.utils import ml_log
+from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.lr_scheduling import compute_schedule_lr_multiplier
+from rlhfkit.utils.timing import Timer
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Config:
-    log_path: str
-    model_name: str
-    recipe_name: str
-    dataset_builder: SupervisedDatasetBuilder
-    load_checkpoint_path: str | None = None
-    renderer_name: str | None = None
-    learning_rate: float = 1e-4
-    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
-    num_epochs: int = 1
-    lora_rank: int = 32
-    evaluator_builders: list[EvaluatorBuilder] = field(default_factory=list)
-    infrequent_evaluator_builders: list[EvaluatorBuilder] = field(default_factory=list)
-    save_every: int = 20
-    save_every_tokens: int = 0  # also save once this many tokens were trained since the last save (0: off)
-    save_every_seconds: float = 0.0  # also save once this much wall time passed since the last save (0: off)
-    eval_every: int = 10
-    infrequent_eval_every: int = 100
-    ttl_seconds: int | None = 604800  # accepted for compatibility: local checkpoints never expire
-    rolling_save_every: int = 0  # accepted for compatibility (rolling checkpoints are not implemented)
-    rolling_ttl_seconds: int = 7200
-    async_periodic_saves: bool = False  # accepted; local saves are synchronous
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    wandb_project: str | None = None
-    wandb_name: str | None = None
-    enable_trace: bool = False  # accepted; tracing is not implemented
-    span_chart_every: int = 0
-    max_steps: int | None = None
-    submit_ahead: int = 1  # accepted; the local engine runs requests synchronously
-    base_url: str | None = None
+    """The supervised loop's settings (the SFT and preference-model stages)."""
+
+    log_path: str = setting(help="run folder: metrics.jsonl, checkpoints, logs")
+    model_name: str = setting(help="base model (see rlhfkit pipeline --help, base_model)")
+    recipe_name: str = setting(help="name shown on the progress bar and in the logs")
+    dataset_builder: SupervisedDatasetBuilder = setting(help="frozen-dataclass builder of (train, test) datasets")
+    load_checkpoint_path: str | None = setting(None, "start from these weights (fresh optimizer); None: a new LoRA")
+    renderer_name: str | None = setting(None, "metadata only (the dataset builder renders); warns if unusual")
+    learning_rate: float = setting(1e-4, "peak learning rate", check=positive)
+    lr_schedule: Literal["linear", "cosine", "constant"] = setting("linear", "learning-rate schedule over the steps")
+    num_epochs: int = setting(1, "passes over the training data", check=at_least(1))
+    lora_rank: int = setting(32, "LoRA rank", check=at_least(1))
+    evaluator_builders: list[EvaluatorBuilder] = setting(help="evaluators run every eval_every steps",
+                                                         default_factory=list)
+    infrequent_evaluator_builders: list[EvaluatorBuilder] = setting(
+        help="evaluators run every infrequent_eval_every steps", default_factory=list)
+    save_every: int = setting(20, "checkpoint every this many steps (0: only the final one)", check=at_least(0))
+    save_every_tokens: int = setting(0, "also checkpoint once this many tokens were trained since the last save "
+                                     "(0: off)", check=at_least(0))
+    save_every_seconds: float = setting(0.0, "also checkpoint once this much wall time passed since the last save "
+                                        "(0: off)", check=at_least(0))
+    eval_every: int = setting(10, "evaluate every this many steps (0: off)", check=at_least(0))
+    infrequent_eval_every: int = setting(100, "run the infrequent evaluators every this many steps (0: off)",
+                                         check=at_least(0))
+    adam_beta1: float = setting(0.9, "Adam beta1", check=between(0, 1))
+    adam_beta2: float = setting(0.95, "Adam beta2", check=between(0, 1))
+    adam_eps: float = setting(1e-8, "Adam epsilon", check=positive)
+    wandb_project: str | None = setting(None, "Weights & Biases project (None: off)")
+    wandb_name: str | None = setting(None, "Weights & Biases run name")
+    max_steps: int | None = setting(None, "stop after this many steps (None: num_epochs of the data)",
+                                    check=at_least(0))
+    base_url: str | None = setting(None, "the service address; only None (the local engine) is supported")
+    ttl_seconds: int | None = compat_setting("ttl_seconds", 604800)
+    rolling_save_every: int = compat_setting("rolling_save_every", 0)
+    rolling_ttl_seconds: int = compat_setting("rolling_ttl_seconds", 7200)
+    async_periodic_saves: bool = compat_setting("async_periodic_saves", False)
+    enable_trace: bool = compat_setting("enable_trace", False)
+    span_chart_every: int = compat_setting("span_chart_every", 0)
+    submit_ahead: int = compat_setting("submit_ahead", 1)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        warn_ignored_fields(self)
 
 
 def main(config: Config) -> Any:
@@ -89,13 +103,12 @@ async def main_async(config: Config) -> None:
 async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger) -> None:
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
     service = ServiceClient(base_url=config.base_url)
-    training_client, resume = open_training_client(service, log_path, config.model_name, config.lora_rank,
-                                                   config.load_checkpoint_path)
-    if resume is not None:
-        start_epoch, start_batch = resume.get("epoch", 0), resume.get("batch", 0)
-        elapsed_tokens = resume.get("elapsed_tokens", 0)
-    else:
-        start_epoch, start_batch, elapsed_tokens = 0, 0, 0
+    checkpoints = CheckpointManager(log_path, config.save_every, config.save_every_tokens, config.save_every_seconds)
+    training_client, resume = checkpoints.training_client(service, config.model_name, config.lora_rank,
+                                                          config.load_checkpoint_path)
+    start_epoch = resume.get("epoch", 0) if resume else 0
+    start_batch = resume.get("batch", 0) if resume else 0
+    elapsed_tokens = resume.get("elapsed_tokens", 0) if resume else 0
     tokenizer = training_client.get_tokenizer()
 
     train_dataset, test_dataset = config.dataset_builder()
@@ -117,25 +130,19 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
     logger.info("training %s for %d steps (%d batches per epoch, %d epochs), starting at step %d",
                 config.model_name, total_steps, n_batches, config.num_epochs, start_step)
 
-    last_save_time, last_save_tokens = time.monotonic(), elapsed_tokens
     progress = tqdm(total=total_steps, initial=start_step, desc=config.recipe_name, unit="step", dynamic_ncols=True)
     for step in range(start_step, total_steps):
         epoch, batch_index = divmod(step, n_batches)
         if step == start_step or batch_index == 0:
             train_dataset.set_epoch(seed=epoch)  # [quirk] epoch 0 shuffles the seed-0-shuffled rows again
         timer = Timer()
-        step_start = time.perf_counter()
         metrics: dict[str, Any] = {}
 
-        due = step > 0 and (step % config.save_every == 0 if config.save_every > 0 else False)
-        due |= config.save_every_tokens > 0 and elapsed_tokens - last_save_tokens >= config.save_every_tokens
-        due |= config.save_every_seconds > 0 and time.monotonic() - last_save_time >= config.save_every_seconds
-        if due and step != start_step:  # the resumed-from checkpoint already holds this state
+        # the resumed-from checkpoint already holds the state before start_step
+        if step != start_step and checkpoints.due(step, elapsed_tokens):
             with timer.span("save_checkpoint"):
-                checkpoint_utils.save_checkpoint(
-                    training_client, f"{step:06d}", log_path,
-                    {"epoch": epoch, "batch": batch_index, "elapsed_tokens": elapsed_tokens}, kind="both")
-            last_save_time, last_save_tokens = time.monotonic(), elapsed_tokens
+                checkpoints.save(training_client, f"{step:06d}", {"epoch": epoch, "batch": batch_index},
+                                 elapsed_tokens)
 
         if config.eval_every > 0 and step % config.eval_every == 0:
             with timer.span("evals"):
@@ -172,8 +179,7 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
             "train_mean_bpb": compute_bpb(logprobs, weights, targets, tokenizer),
             **output.metrics,
             **(optim.metrics or {}),
-            **timer.times,
-            "time/total": time.perf_counter() - step_start,
+            **timer.total(),
         })
         ml_logger.log_metrics(metrics, step=step)
         progress.set_postfix(loss=f"{train_nll:.4f}", lr=f"{learning_rate:.2e}",
@@ -181,9 +187,7 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
         progress.update(1)
     progress.close()
 
-    checkpoint_utils.save_checkpoint(training_client, "final", log_path,
-                                     {"epoch": config.num_epochs, "batch": 0, "elapsed_tokens": elapsed_tokens},
-                                     kind="both")
+    checkpoints.save(training_client, "final", {"epoch": config.num_epochs, "batch": 0}, elapsed_tokens)
     logger.info("training done: %d steps, %d tokens; final checkpoint in %s", total_steps, elapsed_tokens,
                 log_path / "checkpoints" / "final")
 

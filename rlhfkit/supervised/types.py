@@ -10,7 +10,7 @@ from rlhfkit.engine.types import Datum
 from rlhfkit.renderers import Renderer, TrainOnWhat, get_renderer
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatDatasetBuilderCommonConfig:
     model_name_for_tokenizer: str
     renderer_name: str | None
@@ -42,7 +42,7 @@ class SupervisedDatasetBuilder(ABC):
         ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatDatasetBuilder(SupervisedDatasetBuilder):
     """A builder of chat datasets, with the tokenizer and renderer its common config names."""
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlhfkit.config import environment
 from rlhfkit.utils.atomic import append_jsonl, read_jsonl, rewrite_jsonl_atomic, write_json_atomic, write_text_atomic
 from rlhfkit.utils.plots import plot_metrics
 
@@ -139,6 +140,7 @@ class MetricsLogger:
 
     def log_hparams(self, config: Any) -> None:
         write_json_atomic(self.log_dir / "config.json", dump_run_config(config))
+        write_json_atomic(self.log_dir / "environment.json", environment())  # what else changes the engine
         if self._wandb is not None:
             self._wandb.config.update(dump_run_config(config), allow_val_change=True)
 

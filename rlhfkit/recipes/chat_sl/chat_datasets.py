@@ -47,6 +47,7 @@ def split_train_test(items: Sequence[Any], test_size: int, seed: int = 0) -> tup
     return [items[i] for i in range(len(items)) if i not in test_set], [items[i] for i in test]
 
 
+@dataclass(frozen=True)
 class _ChatBuilderBase(ChatDatasetBuilder):
     """Turns lists of conversations into (train, test) datasets."""
 
@@ -102,7 +103,7 @@ def _required_str(row: dict, field: str) -> str:
 # ---------------------------------------------------------------- NoRobots (Hub only)
 
 
-@dataclass
+@dataclass(frozen=True)
 class NoRobotsBuilder(_ChatBuilderBase):
     """HuggingFaceH4/no_robots: train shuffled (seed 0); test unshuffled in batches of batch_size
     (spec 3.1: with batch 256 only its first 256 rows are evaluated)."""
@@ -157,7 +158,7 @@ def lima_row_to_messages(row: dict) -> list[Message]:
     return messages
 
 
-@dataclass
+@dataclass(frozen=True)
 class LimaBuilder(_ChatBuilderBase):
     """LIMA (instruction, input, output, history). `test_size` rows (a seeded split) form a one-batch test set."""
 
@@ -181,7 +182,7 @@ class LimaBuilder(_ChatBuilderBase):
 # ---------------------------------------------------------------- JSONL of {"messages": [...]}
 
 
-@dataclass
+@dataclass(frozen=True)
 class JsonlChatBuilder(_ChatBuilderBase):
     """JSONL files of {"messages": [{"role": ..., "content": ...}, ...]} (plain or .gz). Without a
     test_path there is no test set."""
@@ -225,13 +226,17 @@ def default_hh_paths() -> list[Path]:
     return sorted((shared_data_dir() / "hh-rlhf").glob("*.jsonl.gz"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class HHChosenBuilder(_ChatBuilderBase):
     """SFT on HH-RLHF "chosen" transcripts (default: every .jsonl.gz under shared_data_dir()/hh-rlhf).
     `test_size` conversations (a seeded split) form a one-batch test set."""
 
-    paths: Sequence[str] | None = None
+    paths: tuple[str, ...] | None = None
     test_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.paths is not None:
+            object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
 
     def __call__(self) -> tuple[SupervisedDataset, SupervisedDataset | None]:
         paths = [Path(p) for p in self.paths] if self.paths else default_hh_paths()
@@ -281,7 +286,7 @@ def chat_row_to_messages(row: dict) -> list[Message]:
                      f"(the row has {', '.join(map(repr, row)) or 'no fields'})")
 
 
-@dataclass  # not frozen: its base ChatDatasetBuilder is a plain dataclass (like the builders above)
+@dataclass(frozen=True)
 class ChatSourceBuilder(_ChatBuilderBase):
     """Conversations from any data source (`data`: a spec as rlhfkit.data_sources reads it: files, Hub names
     with an optional ":split") in the formats `chat_row_to_messages` reads; `columns` maps the format's field

@@ -16,20 +16,20 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from rlhfkit.data_sources import DataSource, parse_columns, parse_sources, read_tables
 from rlhfkit.paths import shared_data_dir
+from rlhfkit.recipes.preference.hh_files import HH_RLHF_FILES, HH_RLHF_HUB_NAME
+from rlhfkit.recipes.preference.hh_files import hh_data_files as hh_data_files
 from rlhfkit.preference.preference_datasets import ComparisonDatasetBuilder
 from rlhfkit.preference.types import Comparison, LabeledComparison
 from rlhfkit.supervised.data import SkippedRows, validate_messages
 
 logger = logging.getLogger(__name__)
 
-HH_RLHF_HUB_NAME = "Anthropic/hh-rlhf"
-HH_RLHF_FILES = ("harmless-base-test.jsonl.gz", "helpful-base-test.jsonl.gz", "helpful-online-test.jsonl.gz",
-                 "helpful-rejection-sampled-test.jsonl.gz")
 
 # Fractions of the rows in each role (by hash of the opening user message). With the 8,423 usable offline
 # rows: PM test ~505, win-rate eval ~337, RL prompts ~2,100, PM train ~5,480.
@@ -141,27 +141,6 @@ def load_hh_rlhf_rows(data_files: Sequence[str | Path] | str | None = None) -> l
     return rows
 
 
-def hh_data_files(spec: str | None) -> list[Path] | str | None:
-    """A comma-separated list of HH-RLHF files as `load_hh_rlhf_rows` takes it: each item a path or the name
-    of an offline split ("helpful-base" -> shared_data_dir()/hh-rlhf/helpful-base-test.jsonl.gz); None stays
-    None (all offline splits) and "Anthropic/hh-rlhf" stays the Hub name."""
-    if spec is None or spec == HH_RLHF_HUB_NAME:
-        return spec
-    offline = {name.removesuffix("-test.jsonl.gz"): name for name in HH_RLHF_FILES}
-    files = []
-    for item in (part.strip() for part in spec.split(",") if part.strip()):
-        if item in offline:
-            files.append(shared_data_dir() / "hh-rlhf" / offline[item])
-        elif Path(item).suffix in (".jsonl", ".gz"):
-            files.append(Path(item))
-        else:
-            raise ValueError(f"hh_data: {item!r} is neither an offline split ({', '.join(offline)}) nor a "
-                             ".jsonl/.jsonl.gz file path")
-    if not files:
-        raise ValueError(f"hh_data: no files in {spec!r}")
-    return files
-
-
 def _load_hh_rlhf_from_hub() -> list[dict[str, Any]]:
     tables = read_tables([DataSource("hub", HH_RLHF_HUB_NAME)])
     return [{"chosen": r["chosen"], "rejected": r["rejected"], "_source": table.name, "_row": name}
@@ -192,6 +171,7 @@ def _shuffled(rows: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]
     return rows
 
 
+@dataclass(frozen=True)
 class HHHComparisonBuilder(ComparisonDatasetBuilder):
     """Anthropic HH-RLHF comparisons (label always "A" = the human-chosen reply, before any swapping).
 
@@ -205,23 +185,25 @@ class HHHComparisonBuilder(ComparisonDatasetBuilder):
 
     ROLES = {"preference_model": ("pm_train", "pm_test"), "rl": ("rl", "winrate_eval")}
 
-    def __init__(self, test_size: int = 1024, swap: bool = False,
-                 role: Literal["preference_model", "rl"] = "preference_model",
-                 data_files: Sequence[str | Path] | str | None = None, max_chars: int | None = None):
-        if role not in self.ROLES:
-            raise ValueError(f"role must be one of {sorted(self.ROLES)}, got {role!r}")
-        super().__init__(swap=swap)
-        self.test_size = test_size
-        self.role = role
-        self.data_files = data_files
-        self.max_chars = max_chars
-        self._split: dict[Role, list[dict[str, Any]]] | None = None
+    test_size: int = 1024
+    swap: bool = False
+    role: Literal["preference_model", "rl"] = "preference_model"
+    data_files: tuple[str, ...] | str | None = None
+    max_chars: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in self.ROLES:
+            raise ValueError(f"role must be one of {sorted(self.ROLES)}, got {self.role!r}")
+        if self.data_files is not None and not isinstance(self.data_files, str):
+            object.__setattr__(self, "data_files", tuple(str(p) for p in self.data_files))
+
+    @cached_property
+    def _role_split(self) -> dict[Role, list[dict[str, Any]]]:
+        return split_hh_rlhf_rows(load_hh_rlhf_rows(self.data_files))
 
     def role_rows(self) -> dict[Role, list[dict[str, Any]]]:
         """All four roles' rows (unshuffled, in file order); computed once per builder."""
-        if self._split is None:
-            self._split = split_hh_rlhf_rows(load_hh_rlhf_rows(self.data_files))
-        return self._split
+        return self._role_split
 
     def get_train_and_test_datasets(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         train_role, test_role = self.ROLES[self.role]
@@ -272,13 +254,13 @@ def jsonl_row_to_labeled_comparison(row: dict[str, Any]) -> LabeledComparison:
         row, f"{row.get('_source', '<row>')}, row {row.get('_row', '?')}")
 
 
+@dataclass(frozen=True)
 class ComparisonBuilderFromJsonl(ComparisonDatasetBuilder):
     """Comparisons from JSONL files of {"prompt_conversation", "completion_A", "completion_B", "label"}."""
 
-    def __init__(self, train_path: str | Path, test_path: str | Path | None = None, swap: bool = False):
-        super().__init__(swap=swap)
-        self.train_path = train_path
-        self.test_path = test_path
+    train_path: str | Path
+    test_path: str | Path | None = None
+    swap: bool = False
 
     @staticmethod
     def _load(path: str | Path) -> list[dict[str, Any]]:
@@ -309,9 +291,8 @@ def held_out_comparisons(data: str | None, role: Literal["preference_model", "rl
     """The first `count` held-out labelled comparisons of a data spec (as ComparisonBuilderFromSource takes it;
     None: the offline HH-RLHF splits) for a role ("preference_model": the PM test rows, "rl": the win-rate rows);
     a larger count extends the list."""
-    builder = ComparisonBuilderFromSource(data=data, columns=columns, role=role, test_size=count, max_chars=max_chars)
-    _, test_rows = builder.get_train_and_test_datasets()
-    return [builder.example_to_labeled_comparison(row) for row in test_rows or []]
+    return ComparisonBuilderFromSource(data=data, columns=columns, role=role, test_size=count,
+                                       max_chars=max_chars).held_out_comparisons()
 
 
 def read_eval_comparisons(data: str | None, role: Literal["preference_model", "rl"], count: int,

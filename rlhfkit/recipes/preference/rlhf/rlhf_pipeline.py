@@ -2,10 +2,14 @@
 method=dpo|both also DPO from the SFT policy (spec §12).
 
     python -m rlhfkit.recipes.preference.rlhf.rlhf_pipeline [preset=demo] [config=FILE] [key=value ...]
-    rlhfkit pipeline ...                      (the same)
+    rlhfkit pipeline ...                      (the same; --help lists every setting)
 
-Stages live in `log_root/{sft,rm,rl,dpo}`. Starting again resumes: a finished stage (its checkpoints.jsonl has a
-"final" record) is skipped, a stopped one continues from its last checkpoint.
+This module only composes the stages: each one is the supervised or RL training loop with builders made from the
+settings (pipeline_config.py, pipeline_data.py). Stages live in `log_root/{sft,rm,rl,dpo}`. Starting again resumes: a
+finished stage (its checkpoints.jsonl has a "final" record) is skipped, a stopped one continues from its last
+checkpoint. After the preference model, its held-out evaluation is written to rm/pm_eval.json; after RL, the
+replies the report shows to report_replies.json (and with method=both the SFT/DPO/RLHF comparison to
+comparison.json); the report is then written from the run folder alone.
 """
 
 from __future__ import annotations
@@ -13,180 +17,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
 import sys
-import threading
-import time
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit import checkpoint_utils, model_info
+from rlhfkit.config import environment
+from rlhfkit.recipes.preference.rlhf.pipeline_config import (METHODS, PRESETS, PipelineConfig, parse_args,
+                                                             parse_command)
+from rlhfkit.recipes.preference.rlhf.pipeline_data import comparison_builder, held_out_comparisons, sft_dataset_builder
+from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.atomic import read_jsonl, write_json_atomic
+from rlhfkit.utils.timing import StageClock
 
-logger = logging.getLogger(__name__)
+__all__ = ["PRESETS", "PipelineConfig", "cli_main", "main", "main_async", "parse_args"]
 
-
-@dataclass
-class PipelineConfig:
-    base_model: str = "smollm2-135m-instruct"
-    renderer_name: str | None = None  # None: model_info's recommendation for base_model
-    log_root: str = "runs/demo"
-    run_sft: bool = True
-    run_rm: bool = True
-    run_rl: bool = True
-    lora_rank: int = 64
-    max_length: int = 16384
-    batch_size: int = 256  # SFT rows, RM rows and RL groups per step, unless a stage's own value is set
-    sft_learning_rate: float = 2e-4
-    rm_learning_rate: float = 3e-4
-    rl_learning_rate: float = 1e-5
-    rl_group_size: int = 4
-    rl_max_tokens: int = 1024
-    save_every: int = 100
-    eval_every: int = 20
-    max_steps: int | None = None  # all three stages, unless a stage's own value is set
-    wandb_project: str | None = None
-    wandb_name: str = "rlhf"
-    # Local additions (None: use the shared value above)
-    # SFT conversations: "lima" | "no_robots" (Hub) | "hh_chosen" | comma-separated files (.jsonl, .json, .parquet,
-    # .csv, .gz-ed too) or Hub names[:split] with rows of {"messages"}, {"prompt", "completion"} or
-    # {"instruction", "input", "output", "history"} (rlhfkit.recipes.chat_sl.chat_datasets.chat_builder)
-    sft_data: str = "lima"
-    sft_columns: str | None = None  # sft_data's column mapping, e.g. "prompt=question,completion=answer"
-    sft_batch_size: int | None = None
-    rm_batch_size: int | None = None
-    rl_batch_size: int | None = None
-    sft_max_steps: int | None = None
-    rm_max_steps: int | None = None
-    rl_max_steps: int | None = None
-    sft_eval_every: int | None = None
-    rm_eval_every: int | None = None
-    rl_eval_every: int | None = None
-    hh_max_chars: int | None = None  # keep only comparisons whose chosen conversation is this short (characters)
-    # Comparisons for the preference model, RL prompts and win-rate prompts (split disjointly by a hash of the
-    # opening message), comma-separated: names of the offline HH-RLHF splits ("helpful-base", "harmless-base",
-    # "helpful-online", "helpful-rejection-sampled"), files (.jsonl, .json, .parquet, .csv, .gz-ed too) or Hub
-    # names[:split] ("Anthropic/hh-rlhf") with HH transcripts, TRL prompt/chosen/rejected (strings or messages)
-    # or UltraFeedback-binarized rows; None: hh_data (rlhfkit.recipes.preference.datasets.ComparisonBuilderFromSource)
-    pref_data: str | None = None
-    pref_columns: str | None = None  # pref_data's column mapping, e.g. "prompt=question,chosen=good,rejected=bad"
-    hh_data: str | None = None  # the older name of pref_data (used when pref_data is None; None: all 4 HH splits)
-    sft_test_size: int = 256
-    pm_test_size: int = 1024  # held-out comparisons for test/nll and the preference-model evaluation
-    win_rate_prompts: int = 256  # held-out prompts for test/win_rate
-    rm_both_orders: bool = False  # train the preference model on each comparison in both A/B orders
-    reward_mode: str = "verdict"  # "verdict" (the reference's greedy A/B) or "probability" (2·P(B) − 1)
-    rl_loss_fn: str = "importance_sampling"
-    rl_kl_penalty_coef: float = 0.0  # > 0: penalise each reply token's log-ratio to the SFT policy (spec 5.7)
-    num_groups_to_log: int = 4
-    seed: int = 0
-    report: bool = True
-    report_prompts: int = 3  # held-out prompts (besides the tutorial's) in the report's reply comparison
-    sampler: str | None = None  # RL rollouts: "local" (in this process) or "vllm" (see README); None: RLHFKIT_SAMPLER
-    # Starting points (None: this run's own stage output). Each: an rlhfkit checkpoint directory (state or sampler),
-    # a stage log directory (its last checkpoint), or a PEFT adapter folder trained elsewhere.
-    sft_checkpoint: str | None = None  # the policy RL starts from (and its KL reference)
-    rm_checkpoint: str | None = None  # the preference model RL is judged by
-    # DPO (spec §12). method: "rlhf" (SFT -> preference model -> RL), "dpo" (SFT -> DPO from the SFT policy on the
-    # preference model's comparisons, in log_root/dpo) or "both" (all four stages, then SFT, DPO and RLHF compared
-    # on the win-rate prompts by the same preference model: log_root/comparison.json and the report)
-    method: str = "rlhf"
-    run_dpo: bool = True  # with method dpo|both: run the DPO stage (`rlhfkit dpo` runs only this one)
-    dpo_beta: float = 0.1  # β of the DPO loss (strength of the pull towards the SFT policy)
-    dpo_learning_rate: float = 1e-5
-    dpo_label_smoothing: float = 0.0  # ε in [0, 0.5): conservative DPO (assumed share of flipped labels)
-    dpo_loss_type: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
-    dpo_batch_size: int | None = None  # comparisons per DPO step (None: batch_size)
-    dpo_max_steps: int | None = None  # None: max_steps
-    dpo_eval_every: int | None = None  # None: eval_every
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
-
-
-METHODS = {"rlhf": ("sft", "rm", "rl"), "dpo": ("sft", "dpo"), "both": ("sft", "rm", "rl", "dpo")}
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The tutorial's exact values (Qwen3.5-9B-Base, NoRobots; needs a GPU and a network).
-    "tutorial": dict(base_model="Qwen/Qwen3.5-9B-Base", log_root="/tmp/tinker-tutorials/rlhf", sft_data="no_robots",
-                     rl_eval_every=10, rl_max_steps=40),
-    # The embedded SmolLM2-135M-Instruct and the offline data, sized for a 2-core CPU without bf16 (fp32):
-    # short HH-RLHF conversations (hh_max_chars) keep judging affordable. Only harmless-base: in 41 steps a
-    # preference model learns which reply is the less harmful (63.6% held-out accuracy in a trial run) but not
-    # which is the more helpful (56.3% on the three helpful splits, with 86% of verdicts "B"), and RL needs a
-    # judge whose verdicts follow the content. Rewards are the reference's greedy verdicts: in trial runs on the
-    # same judge, 13 RL iterations raised the win rate by 24 points with verdicts, by 10 with probabilities.
-    # A KL penalty to the SFT policy keeps replies fluent: without it the policy learned to say almost nothing.
-    "demo": dict(base_model="smollm2-135m-instruct", log_root="runs/demo", lora_rank=16, max_length=256,
-                 sft_batch_size=4, sft_max_steps=13, sft_learning_rate=3e-4, sft_test_size=16, sft_eval_every=6,
-                 rm_batch_size=8, rm_max_steps=41, rm_learning_rate=1e-3, rm_both_orders=True, pm_test_size=200,
-                 rm_eval_every=20, rl_batch_size=4, rl_max_steps=17, rl_learning_rate=2e-4, rl_max_tokens=48,
-                 rl_eval_every=4, rl_kl_penalty_coef=0.2, win_rate_prompts=32, hh_max_chars=400,
-                 hh_data="harmless-base", save_every=5, dpo_batch_size=8, dpo_max_steps=41, dpo_learning_rate=1e-4,
-                 dpo_eval_every=20),
-    # A tiny random model: every stage runs in about a minute (for tests and quick checks).
-    "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
-                  max_steps=3, rm_max_steps=12, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4, pm_test_size=8,
-                  win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3, hh_max_chars=300),
-}
-
-
-# --------------------------------------------------------------------------------------------------
-# Settings: preset, then config file, then key=value arguments
-
-
-def _coerce(field: dataclasses.Field, text: str) -> Any:
-    if text.lower() in ("none", "null") and ("None" in str(field.type)):
-        return None
-    kind = str(field.type).split("|")[0].strip()
-    if kind == "bool":
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{field.name}={text!r}: expected true or false")
-        return text.lower() in ("true", "1", "yes")
-    if kind == "int":
-        return int(text)
-    if kind == "float":
-        return float(text)
-    return text
-
-
-def parse_args(argv: list[str]) -> PipelineConfig:
-    fields = {f.name: f for f in dataclasses.fields(PipelineConfig)}
-    pairs = []
-    for arg in argv:
-        if "=" not in arg:
-            raise SystemExit(f"argument {arg!r}: expected key=value (keys: preset, config, {', '.join(fields)})")
-        pairs.append(arg.split("=", 1))
-    values: dict[str, Any] = {}
-    preset = next((v for k, v in pairs if k == "preset"), "demo")
-    if preset not in PRESETS:
-        raise SystemExit(f"preset={preset!r}: expected one of {', '.join(PRESETS)}")
-    values.update(PRESETS[preset])
-    for key, value in pairs:
-        if key == "config":
-            path = Path(value)
-            text = path.read_text()
-            loaded = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-            unknown = set(loaded) - set(fields)
-            if unknown:
-                raise SystemExit(f"{path}: unknown settings {sorted(unknown)}")
-            values.update(loaded)
-    for key, value in pairs:
-        if key in ("preset", "config"):
-            continue
-        if key not in fields:
-            raise SystemExit(f"unknown setting {key!r}; known: {', '.join(fields)}")
-        values[key] = _coerce(fields[key], value)
-    return PipelineConfig(**values)
-
-
-# --------------------------------------------------------------------------------------------------
-# Helpers
+CONFIG_FILE = "pipeline_config.json"  # the run's settings: `config=log_root/pipeline_config.json` re-creates them
+ENVIRONMENT_FILE = "environment.json"  # the environment variables that change the engine's behaviour
 
 
 def stage_finished(log_path: str) -> bool:
@@ -216,18 +63,8 @@ def starting_point(given: str | None, stage_log: str, key: str) -> str | None:
     return checkpoint
 
 
-def _steps(stage_value: int | None, cfg: PipelineConfig) -> int | None:
-    return stage_value if stage_value is not None else cfg.max_steps
-
-
-def _sft_dataset_builder(cfg: PipelineConfig, common: Any) -> Any:
-    from rlhfkit.recipes.chat_sl.chat_datasets import chat_builder
-
-    return chat_builder(common, cfg.sft_data, cfg.sft_columns, cfg.sft_test_size)
-
-
 # --------------------------------------------------------------------------------------------------
-# The three stages
+# The steps
 
 
 async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
@@ -236,32 +73,15 @@ async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
     common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model, renderer_name=renderer_name,
-                                            max_length=cfg.max_length, batch_size=cfg.sft_batch_size or cfg.batch_size,
+                                            max_length=cfg.max_length, batch_size=cfg.stage_value("sft", "batch_size"),
                                             train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES)
     await supervised_train.main(supervised_train.Config(
         log_path=f"{cfg.log_root}/sft", model_name=base_model, recipe_name="recipe_preference_rlhf_sft",
-        renderer_name=renderer_name, dataset_builder=_sft_dataset_builder(cfg, common),
+        renderer_name=renderer_name, dataset_builder=sft_dataset_builder(cfg, common),
         learning_rate=cfg.sft_learning_rate, lr_schedule="linear", num_epochs=1, lora_rank=cfg.lora_rank,
-        save_every=cfg.save_every, eval_every=cfg.sft_eval_every or cfg.eval_every,
-        wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-sft", max_steps=_steps(cfg.sft_max_steps, cfg)))
-
-
-def _pref_builder(cfg: PipelineConfig, role: str, test_size: int = 1024) -> Any:
-    """The run's comparisons for a role ("preference_model": PM train/test, "rl": RL prompts/win-rate prompts)."""
-    from rlhfkit.recipes.preference.datasets import ComparisonBuilderFromSource
-
-    data = cfg.pref_data if cfg.pref_data is not None else cfg.hh_data
-    return ComparisonBuilderFromSource(data=data, columns=cfg.pref_columns, role=role, test_size=test_size,
-                                       max_chars=cfg.hh_max_chars)
-
-
-def held_out_comparisons(cfg: PipelineConfig, role: str, count: int) -> list:
-    """The first `count` held-out labelled comparisons of the run's HH data for a role (the same ones at any
-    count: a larger count extends the list)."""
-    from rlhfkit.recipes.preference.datasets import held_out_comparisons as held_out
-
-    return held_out(cfg.pref_data if cfg.pref_data is not None else cfg.hh_data, role, count, cfg.hh_max_chars,
-                    cfg.pref_columns)
+        save_every=cfg.save_every, eval_every=cfg.stage_value("sft", "eval_every"),
+        wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-sft",
+        max_steps=cfg.stage_value("sft", "max_steps")))
 
 
 async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
@@ -270,16 +90,17 @@ async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
     common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model, renderer_name=renderer_name,
-                                            max_length=cfg.max_length, batch_size=cfg.rm_batch_size or cfg.batch_size)
-    comparisons = _pref_builder(cfg, "preference_model", cfg.pm_test_size)
+                                            max_length=cfg.max_length, batch_size=cfg.stage_value("rm", "batch_size"))
     await supervised_train.main(supervised_train.Config(
         log_path=f"{cfg.log_root}/rm", model_name=base_model, recipe_name="recipe_preference_rlhf_rm",
         renderer_name=renderer_name,
-        dataset_builder=ChatDatasetBuilderFromComparisons(common_config=common, comparison_builder=comparisons,
-                                                          swap=cfg.rm_both_orders),
+        dataset_builder=ChatDatasetBuilderFromComparisons(
+            common_config=common, comparison_builder=comparison_builder(cfg, "preference_model", cfg.pm_test_size),
+            swap=cfg.rm_both_orders),
         learning_rate=cfg.rm_learning_rate, lr_schedule="linear", num_epochs=1, lora_rank=cfg.lora_rank,
-        save_every=cfg.save_every, eval_every=cfg.rm_eval_every or cfg.eval_every,
-        wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-rm", max_steps=_steps(cfg.rm_max_steps, cfg)))
+        save_every=cfg.save_every, eval_every=cfg.stage_value("rm", "eval_every"),
+        wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-rm",
+        max_steps=cfg.stage_value("rm", "max_steps")))
 
 
 async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> dict:
@@ -306,7 +127,7 @@ async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) 
 
 
 async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
-    from rlhfkit.preference.comparison_policy_evaluator import ComparisonEvaluator
+    from rlhfkit.preference.comparison_policy_evaluator import ComparisonEvaluatorBuilder
     from rlhfkit.preference.types import PreferenceModelBuilderFromChatRenderer
     from rlhfkit.rl import preference_envs
     from rlhfkit.rl import train as rl_train
@@ -320,27 +141,24 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
     pm_builder = PreferenceModelBuilderFromChatRenderer(renderer_name=renderer_name, model_name=base_model,
                                                         rm_weights_path=rm_path, reward_mode=cfg.reward_mode)
     dataset_builder = preference_envs.PairwisePreferenceRLDatasetBuilder(
-        comparison_builder=_pref_builder(cfg, "rl"), policy_renderer_name=renderer_name,
+        comparison_builder=comparison_builder(cfg, "rl"), policy_renderer_name=renderer_name,
         policy_model_name=base_model, preference_model_builder=pm_builder,
-        batch_size=cfg.rl_batch_size or cfg.batch_size, group_size=cfg.rl_group_size,
+        batch_size=cfg.stage_value("rl", "batch_size"), group_size=cfg.rl_group_size,
         tournament_pattern=preference_envs.TournamentPattern.ALL_PAIRS_BOTH_WAYS)
-
-    def make_evaluator() -> ComparisonEvaluator:
-        labeled = held_out_comparisons(cfg, "rl", cfg.win_rate_prompts)
-        return ComparisonEvaluator(preference_model_builder=pm_builder, comparisons=[c.comparison for c in labeled],
-                                   renderer_name=renderer_name, model_name_for_tokenizer=base_model,
-                                   max_tokens=cfg.rl_max_tokens, seed=cfg.seed)
-
+    win_rate = ComparisonEvaluatorBuilder(preference_model_builder=pm_builder,
+                                          comparison_builder=comparison_builder(cfg, "rl", cfg.win_rate_prompts),
+                                          renderer_name=renderer_name, model_name_for_tokenizer=base_model,
+                                          max_tokens=cfg.rl_max_tokens, seed=cfg.seed)
     kl_reference = (rl_train.KLReferenceConfig(base_model, load_checkpoint_path=sft_path)
                     if cfg.rl_kl_penalty_coef > 0 else None)
     await rl_train.main(rl_train.Config(
         model_name=base_model, recipe_name="recipe_preference_rlhf_rl", renderer_name=renderer_name,
         dataset_builder=dataset_builder, load_checkpoint_path=sft_path, learning_rate=cfg.rl_learning_rate,
-        max_tokens=cfg.rl_max_tokens, log_path=f"{cfg.log_root}/rl", evaluator_builders=[make_evaluator],
+        max_tokens=cfg.rl_max_tokens, log_path=f"{cfg.log_root}/rl", evaluator_builders=[win_rate],
         wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-rl", lora_rank=cfg.lora_rank,
-        save_every=cfg.save_every, eval_every=cfg.rl_eval_every or cfg.eval_every,
-        num_groups_to_log=cfg.num_groups_to_log, max_steps=_steps(cfg.rl_max_steps, cfg), loss_fn=cfg.rl_loss_fn,
-        seed=cfg.seed, sampler=cfg.sampler, kl_penalty_coef=cfg.rl_kl_penalty_coef,
+        save_every=cfg.save_every, eval_every=cfg.stage_value("rl", "eval_every"),
+        num_groups_to_log=cfg.num_groups_to_log, max_steps=cfg.stage_value("rl", "max_steps"),
+        loss_fn=cfg.rl_loss_fn, seed=cfg.seed, sampler=cfg.sampler, kl_penalty_coef=cfg.rl_kl_penalty_coef,
         kl_reference_config=kl_reference))
 
 
@@ -350,21 +168,21 @@ async def run_dpo(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
     from rlhfkit.preference.dpo_datasets import DPODatasetBuilderFromComparisons
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
-    sft = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/sft")
-    if sft is None:
-        raise ValueError(f"DPO starts from the SFT policy in {cfg.log_root}/sft; run that stage first (run_sft=true)")
+    sft_path = starting_point(cfg.sft_checkpoint, f"{cfg.log_root}/sft", "state_path")
+    if sft_path is None:
+        raise ValueError(f"DPO starts from the SFT policy in {cfg.log_root}/sft; run that stage first (run_sft=true) "
+                         f"or name it (sft_checkpoint=PATH)")
     common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model, renderer_name=renderer_name,
-                                            max_length=cfg.max_length,
-                                            batch_size=cfg.dpo_batch_size or cfg.batch_size)
+                                            max_length=cfg.max_length, batch_size=cfg.stage_value("dpo", "batch_size"))
     await train_dpo.main(train_dpo.Config(
         log_path=f"{cfg.log_root}/dpo", model_name=base_model, recipe_name="recipe_preference_dpo",
-        renderer_name=renderer_name, load_checkpoint_path=sft.state_path,
-        dataset_builder=DPODatasetBuilderFromComparisons(common, _pref_builder(cfg, "preference_model",
-                                                                             cfg.pm_test_size)),
+        renderer_name=renderer_name, load_checkpoint_path=sft_path,
+        dataset_builder=DPODatasetBuilderFromComparisons(common, comparison_builder(cfg, "preference_model",
+                                                                                   cfg.pm_test_size)),
         learning_rate=cfg.dpo_learning_rate, dpo_beta=cfg.dpo_beta, label_smoothing=cfg.dpo_label_smoothing,
         loss_type=cfg.dpo_loss_type, lora_rank=cfg.lora_rank, save_every=cfg.save_every,
-        eval_every=cfg.dpo_eval_every or cfg.eval_every, wandb_project=cfg.wandb_project,
-        wandb_name=f"{cfg.wandb_name}-dpo", max_steps=_steps(cfg.dpo_max_steps, cfg)))
+        eval_every=cfg.stage_value("dpo", "eval_every"), wandb_project=cfg.wandb_project,
+        wandb_name=f"{cfg.wandb_name}-dpo", max_steps=cfg.stage_value("dpo", "max_steps")))
 
 
 async def compare_sft_dpo_rlhf(cfg: PipelineConfig, base_model: str, renderer_name: str) -> dict:
@@ -400,40 +218,18 @@ async def compare_sft_dpo_rlhf(cfg: PipelineConfig, base_model: str, renderer_na
     return result
 
 
-class StageClock:
-    """Adds a stage's wall time to stage_times.json, summed over resumed runs. A thread rewrites the file every
-    `every` seconds while the stage runs, so a killed run's time is counted too (to within `every`)."""
-
-    def __init__(self, path: Path, timings: dict[str, float], name: str, every: float = 10.0):
-        self.path, self.timings, self.name, self.every = path, timings, name, every
-        self.before = timings.get(name, 0.0)
-        self._stop = threading.Event()
-
-    def _write(self) -> None:
-        self.timings[self.name] = self.before + time.time() - self.start
-        write_json_atomic(self.path, self.timings)
-
-    def _tick(self) -> None:
-        while not self._stop.wait(self.every):
-            self._write()
-
-    def __enter__(self) -> "StageClock":
-        self.start = time.time()
-        self._thread = threading.Thread(target=self._tick, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._write()
+def write_settings(cfg: PipelineConfig) -> None:
+    """pipeline_config.json (every setting) and environment.json (the engine's environment variables)."""
+    root = Path(cfg.log_root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(root / CONFIG_FILE, dataclasses.asdict(cfg))
+    write_json_atomic(root / ENVIRONMENT_FILE, environment())
 
 
 async def main_async(cfg: PipelineConfig) -> dict[str, float]:
     """Run the configured stages (skipping finished ones) and write the report; returns stage wall times."""
+    write_settings(cfg)
     root = Path(cfg.log_root)
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / "pipeline_config.json", dataclasses.asdict(cfg))
     base_model = resolve_base_model(cfg)
     renderer_name = cfg.renderer_name or model_info.get_recommended_renderer_name(base_model)
     timings_path = root / "stage_times.json"
@@ -441,7 +237,7 @@ async def main_async(cfg: PipelineConfig) -> dict[str, float]:
     stages = [("sft", cfg.run_sft, run_sft), ("rm", cfg.run_rm, run_rm), ("rl", cfg.run_rl, run_rl),
               ("dpo", cfg.run_dpo, run_dpo)]
     if (cfg.run_rm or cfg.run_rl or cfg.run_dpo) and not stage_finished(f"{cfg.log_root}/rl"):
-        _pref_builder(cfg, "rl").role_examples()  # unreadable comparison data stops the run before any training
+        comparison_builder(cfg, "rl").role_examples()  # unreadable comparison data stops the run before training
     for name, enabled, run in stages:
         if not enabled or name not in METHODS[cfg.method]:
             continue
@@ -456,9 +252,11 @@ async def main_async(cfg: PipelineConfig) -> dict[str, float]:
     if cfg.method == "both" and all(stage_finished(f"{cfg.log_root}/{s}") for s in METHODS["both"]):
         await compare_sft_dpo_rlhf(cfg, base_model, renderer_name)
     if cfg.report and all(stage_finished(f"{cfg.log_root}/{s}") for s in ("sft", "rm", "rl")):
+        from rlhfkit.recipes.preference.rlhf.report_replies import sample_report_replies
         from rlhfkit.report import write_report
 
-        paths = await write_report(cfg, base_model, renderer_name)
+        await sample_report_replies(cfg, base_model, renderer_name)
+        paths = write_report(cfg.log_root)
         print(f"[rlhfkit] report: {paths['html']}  and  {paths['markdown']}")
     return timings
 
@@ -468,8 +266,12 @@ def main(cfg: PipelineConfig) -> Any:
     return run_or_await(main_async(cfg))
 
 
-def cli_main(argv: list[str]) -> int:
-    cfg = parse_args(argv)
+def cli_main(argv: list[str], command: str = "pipeline") -> int:
+    """`--help` prints every setting; a bad setting prints one line naming it and returns 2 (nothing is
+    written or loaded)."""
+    cfg = parse_command(argv, command)
+    if isinstance(cfg, int):
+        return cfg
     asyncio.run(main_async(cfg))
     return 0
 
