@@ -3,6 +3,9 @@
   rlhfkit pipeline [preset=demo|smoke|tutorial] [config=FILE] [key=value ...]   all three stages
   rlhfkit sft|rm|rl [key=value ...]                                                one stage alone
   rlhfkit sample --model PATH_OR_NAME [--base-model NAME] "prompt"                 a quick look at a model
+
+A mistake in a data file, model path or checkpoint is reported in one line (exit 2); add --debug anywhere to
+see the traceback.
 """
 
 from __future__ import annotations
@@ -38,7 +41,22 @@ def sample_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a UserError becomes one line on stderr and exit code 2 (unless --debug is given)."""
+    from rlhfkit.errors import UserError
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return run_command(argv)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"rlhfkit: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_command(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0

@@ -15,12 +15,14 @@ import logging
 import os
 from pathlib import Path
 
+from rlhfkit.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODELS = {"smollm2-135m-instruct": "chat_template"}
 
 
-class ConfigurationError(ValueError):
+class ConfigurationError(UserError, ValueError):
     """A model name that does not follow `org/name` or names an unknown organisation."""
 
 

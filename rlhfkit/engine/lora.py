@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhfkit.engine.integrity import verify_checkpoint
+from rlhfkit.errors import CheckpointError
+
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 META_FILE = "rlhfkit_state.json"
@@ -96,16 +99,30 @@ def save_adapter(folder: Path, tensors: dict[str, torch.Tensor], spec: LoraSpec,
 
 
 def read_meta(folder: str | Path) -> dict:
+    """The checkpoint's metadata, after checking every file of the checkpoint against its checksums (every
+    load starts here, so a damaged checkpoint is never loaded)."""
     folder = Path(folder)
+    verify_checkpoint(folder, legacy_marker=META_FILE)
     meta_path = folder / META_FILE
     if not meta_path.exists():
-        raise FileNotFoundError(f"{folder} is not an rlhfkit checkpoint (no {META_FILE}); expected a directory "
-                                f"written by save_state or save_weights_for_sampler")
-    return json.loads(meta_path.read_text())
+        raise CheckpointError(f"{folder} is not an rlhfkit checkpoint (no {META_FILE}); expected a directory "
+                              f"written by save_state or save_weights_for_sampler")
+    try:
+        return json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: damaged ({e})") from None
 
 
 def load_adapter_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(folder) / ADAPTER_FILE))
+    """The adapter tensors of a checkpoint whose files match their checksums."""
+    verify_checkpoint(folder, legacy_marker=META_FILE)
+    path = Path(folder) / ADAPTER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({e})") from None
 
 
 def merge_adapter(model: torch.nn.Module, tensors: dict[str, torch.Tensor], scale: float) -> None:

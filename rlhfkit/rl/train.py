@@ -32,6 +32,8 @@ from rlhfkit.rl.rollout_logging import (iteration_dir, rollout_summary_records, 
 from rlhfkit.rl.rollouts import sample_group, score_group
 from rlhfkit.rl.types import EnvGroupBuilder, RLDatasetBuilder, TrajectoryGroup
 from rlhfkit.utils import ml_log
+from rlhfkit.utils.nonfinite import NonFiniteGuard, describe_rows
+from rlhfkit.utils.run_lock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class Config:
     seed: int | None = None  # seeds the LoRA init and every rollout's sampling (reproducible, also on resume)
     policy_kl_num_sequences: int = 16  # sequences per iteration for kl/policy_vs_init (0 = off)
     sampler: str | None = None  # rollouts: "local" or "vllm" (ServiceClient's sampler; None: RLHFKIT_SAMPLER)
+    max_nonfinite_in_a_row: int = 3  # stop after this many iterations in a row with a NaN/inf loss or gradient
 
 
 def _rollout_seed(seed: int | None, iteration: int, group_idx: int, env_idx: int) -> int | None:
@@ -145,7 +148,7 @@ def _train_step(config: Config, training_client: Any, data: list[Datum]) -> dict
     splits = [s for s in np.array_split(np.arange(len(batch)), config.num_substeps) if len(s)]
     adam = AdamParams(learning_rate=config.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8)
     train_logprobs: list[Any] = [None] * len(batch)
-    metrics: dict[str, float] = {"optim/loss:sum": 0.0}
+    metrics: dict[str, float] = {"optim/loss:sum": 0.0, "optim/skipped_nonfinite": 0.0}
     for substep, indices in enumerate(splits):
         output = training_client.forward_backward([batch[j] for j in indices], config.loss_fn,
                                                   config.loss_fn_config).result()
@@ -158,7 +161,8 @@ def _train_step(config: Config, training_client: Any, data: list[Datum]) -> dict
                      for j in indices]
             metrics["optim/first_substep_max_abs_logratio"] = float(np.concatenate(diffs).max(initial=0.0))
         step = training_client.optim_step(adam).result()
-        metrics.update(step.metrics or {})
+        skipped = metrics["optim/skipped_nonfinite"] + (step.metrics or {}).get("optim/skipped_nonfinite", 0.0)
+        metrics.update({**(step.metrics or {}), "optim/skipped_nonfinite": skipped})
     metrics.update(rl_metrics.compute_kl_sample_train(data, train_logprobs))
     return metrics
 
@@ -176,7 +180,7 @@ def _log_rollouts(config: Config, log_path: str, iteration: int, groups: list[Tr
 
 async def _run_iteration(config: Config, i: int, dataset: Any, sampling_client: Any, training_client: Any,
                          evaluators: list, init_client: Any, kl_reference_client: Any, tokenizer: Any,
-                         log_path: str) -> dict[str, float]:
+                         log_path: str, nonfinite: NonFiniteGuard) -> dict[str, float]:
     """One RL iteration on the current weights; returns its metrics (the weights are updated in place)."""
     metrics: dict[str, float] = {"progress/batch": i, "optim/lr": config.learning_rate}
     if config.eval_every > 0 and i % config.eval_every == 0 and evaluators:
@@ -219,6 +223,7 @@ async def _run_iteration(config: Config, i: int, dataset: Any, sampling_client: 
     t0 = time.time()
     metrics.update(_train_step(config, training_client, data))
     metrics["time/train"] = time.time() - t0
+    nonfinite.check(i, metrics["optim/loss:sum"], metrics, lambda: describe_rows(data, tokenizer))
     return metrics
 
 
@@ -226,14 +231,16 @@ async def main_async(config: Config) -> None:
     if config.num_substeps < 1:
         raise ValueError(f"num_substeps must be >= 1, got {config.num_substeps}")
     log_path = str(Path(config.log_path).expanduser().resolve())
-    resume = checkpoint_utils.get_last_checkpoint(log_path)
-    start_batch = int(resume.batch) if resume is not None else 0
-    ml_logger = ml_log.setup_logging(log_path, wandb_project=config.wandb_project, wandb_name=config.wandb_name,
-                                     config=config, start_step=start_batch, plot_panels=PLOT_PANELS)
-    try:
-        await _train(config, log_path, resume, start_batch, ml_logger)
-    finally:
-        ml_logger.close()
+    with RunLock(log_path):
+        resume = checkpoint_utils.get_last_checkpoint(log_path)
+        start_batch = int(resume.batch) if resume is not None else 0
+        ml_logger = ml_log.setup_logging(log_path, wandb_project=config.wandb_project,
+                                         wandb_name=config.wandb_name, config=config, start_step=start_batch,
+                                         plot_panels=PLOT_PANELS)
+        try:
+            await _train(config, log_path, resume, start_batch, ml_logger)
+        finally:
+            ml_logger.close()
 
 
 async def _train(config: Config, log_path: str, resume: Any, start_batch: int, ml_logger: Any) -> None:
@@ -253,12 +260,13 @@ async def _train(config: Config, log_path: str, resume: Any, start_batch: int, m
         return
 
     sampling_client = training_client.save_weights_and_get_sampling_client()
+    nonfinite = NonFiniteGuard(config.max_nonfinite_in_a_row, log_path)
     progress = tqdm(range(start_batch, end_batch), initial=start_batch, total=end_batch, desc=config.recipe_name,
                     unit="it", dynamic_ncols=True)
     for i in progress:
         t_start = time.time()
         metrics = await _run_iteration(config, i, dataset, sampling_client, training_client, evaluators,
-                                       init_client, kl_reference_client, tokenizer, log_path)
+                                       init_client, kl_reference_client, tokenizer, log_path, nonfinite)
         t0 = time.time()
         sampling_client = training_client.save_weights_and_get_sampling_client()  # the updated weights
         metrics["time/sync_weights"] = time.time() - t0

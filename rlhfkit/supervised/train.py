@@ -33,6 +33,8 @@ from rlhfkit.supervised.nll_evaluator import NLLEvaluator
 from rlhfkit.supervised.types import SupervisedDatasetBuilder
 from rlhfkit.utils import ml_log
 from rlhfkit.utils.lr_scheduling import compute_schedule_lr_multiplier
+from rlhfkit.utils.nonfinite import NonFiniteGuard, describe_rows
+from rlhfkit.utils.run_lock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class Config:
     max_steps: int | None = None
     submit_ahead: int = 1  # accepted; the local engine runs requests synchronously
     base_url: str | None = None
+    max_nonfinite_in_a_row: int = 3  # stop after this many steps in a row with a NaN/inf loss or gradient
 
 
 def main(config: Config) -> Any:
@@ -117,12 +120,12 @@ async def _run_evaluators(evaluators: list, training_client: Any) -> dict[str, f
 
 async def main_async(config: Config) -> None:
     log_path = Path(config.log_path).expanduser().resolve()
-    log_path.mkdir(parents=True, exist_ok=True)
-    ml_logger = ml_log.setup_logging(log_path, config.wandb_project, config.wandb_name, config=config)
-    try:
-        await _train(config, log_path, ml_logger)
-    finally:
-        ml_logger.close()
+    with RunLock(log_path):
+        ml_logger = ml_log.setup_logging(log_path, config.wandb_project, config.wandb_name, config=config)
+        try:
+            await _train(config, log_path, ml_logger)
+        finally:
+            ml_logger.close()
 
 
 async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger) -> None:
@@ -163,6 +166,7 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
                 config.model_name, total_steps, n_batches, config.num_epochs, start_step)
 
     last_save_time, last_save_tokens = time.monotonic(), elapsed_tokens
+    nonfinite = NonFiniteGuard(config.max_nonfinite_in_a_row, str(log_path))
     progress = tqdm(total=total_steps, initial=start_step, desc=config.recipe_name, unit="step", dynamic_ncols=True)
     for step in range(start_step, total_steps):
         epoch, batch_index = divmod(step, n_batches)
@@ -221,6 +225,7 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
             "time/total": time.perf_counter() - step_start,
         })
         ml_logger.log_metrics(metrics, step=step)
+        nonfinite.check(step, output.metrics.get("loss:sum", 0.0), metrics, lambda: describe_rows(batch, tokenizer))
         progress.set_postfix(loss=f"{train_nll:.4f}", lr=f"{learning_rate:.2e}",
                              **({"test_nll": f"{metrics['test/nll']:.4f}"} if "test/nll" in metrics else {}))
         progress.update(1)

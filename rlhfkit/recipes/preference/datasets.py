@@ -8,9 +8,7 @@ preference-model test, RL prompts and win-rate evaluation prompts.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import logging
 import random
 import re
@@ -18,9 +16,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from rlhfkit.errors import DataError, DataFileNotFoundError
 from rlhfkit.paths import shared_data_dir
 from rlhfkit.preference.preference_datasets import ComparisonDatasetBuilder
 from rlhfkit.preference.types import Comparison, LabeledComparison
+from rlhfkit.supervised.data import DataFormatError, read_jsonl_rows
 
 logger = logging.getLogger(__name__)
 
@@ -88,19 +88,11 @@ def role_of(key: str) -> Role:
 
 
 def _read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, row {line_no}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, row {line_no}: expected a JSON object, got {type(row).__name__}")
-            rows.append({**row, "_source": str(path), "_row": line_no})
+    for line_no, row in read_jsonl_rows(path):
+        if not isinstance(row, dict):
+            raise DataFormatError(f"{path}, row {line_no}: expected a JSON object, got {type(row).__name__}")
+        rows.append({**row, "_source": str(path), "_row": line_no})
     return rows
 
 
@@ -117,13 +109,13 @@ def load_hh_rlhf_rows(data_files: Sequence[str | Path] | str | None = None) -> l
     rows = []
     for path in map(Path, data_files):
         if not path.is_file():
-            raise FileNotFoundError(f"HH-RLHF file not found: {path} (expected .jsonl or .jsonl.gz files of "
+            raise DataFileNotFoundError(f"HH-RLHF file not found: {path} (expected .jsonl or .jsonl.gz files of "
                                     f"{{'chosen', 'rejected'}} transcripts, or data_files={HH_RLHF_HUB_NAME!r})")
         file_rows = _read_jsonl_rows(path)
         for row in file_rows:
             for field in ("chosen", "rejected"):
                 if not isinstance(row.get(field), str):
-                    raise ValueError(f"{path}, row {row['_row']}, field {field!r}: expected a transcript string, "
+                    raise DataFormatError(f"{path}, row {row['_row']}, field {field!r}: expected a transcript string, "
                                      f"got {row.get(field)!r:.100}")
         rows += file_rows
     return rows
@@ -143,10 +135,10 @@ def hh_data_files(spec: str | None) -> list[Path] | str | None:
         elif Path(item).suffix in (".jsonl", ".gz"):
             files.append(Path(item))
         else:
-            raise ValueError(f"hh_data: {item!r} is neither an offline split ({', '.join(offline)}) nor a "
+            raise DataError(f"hh_data: {item!r} is neither an offline split ({', '.join(offline)}) nor a "
                              ".jsonl/.jsonl.gz file path")
     if not files:
-        raise ValueError(f"hh_data: no files in {spec!r}")
+        raise DataError(f"hh_data: no files in {spec!r}")
     return files
 
 
@@ -238,7 +230,7 @@ def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in value):
-        raise ValueError(f"{where}: expected a list of {{'role': str, 'content': str}} messages, got {value!r:.200}")
+        raise DataFormatError(f"{where}: expected a list of {{'role': str, 'content': str}} messages, got {value!r:.200}")
     return value
 
 
@@ -247,14 +239,14 @@ def jsonl_row_to_labeled_comparison(row: dict[str, Any]) -> LabeledComparison:
     where = f"{row.get('_source', '<row>')}, row {row.get('_row', '?')}"
     for field in ("prompt_conversation", "completion_A", "completion_B", "label"):
         if field not in row:
-            raise ValueError(f"{where}: missing field {field!r}")
+            raise DataFormatError(f"{where}: missing field {field!r}")
     messages = {field: _check_messages(row[field], f"{where}, field {field!r}")
                 for field in ("prompt_conversation", "completion_A", "completion_B")}
     for field in ("completion_A", "completion_B"):
         if not messages[field]:
-            raise ValueError(f"{where}, field {field!r}: a completion needs at least one message")
+            raise DataFormatError(f"{where}, field {field!r}: a completion needs at least one message")
     if row["label"] not in ("A", "B", "Tie"):
-        raise ValueError(f"{where}, field 'label': expected 'A', 'B' or 'Tie', got {row['label']!r}")
+        raise DataFormatError(f"{where}, field 'label': expected 'A', 'B' or 'Tie', got {row['label']!r}")
     return LabeledComparison(Comparison(messages["prompt_conversation"], messages["completion_A"],
                                         messages["completion_B"]), row["label"])
 
@@ -271,7 +263,7 @@ class ComparisonBuilderFromJsonl(ComparisonDatasetBuilder):
     def _load(path: str | Path) -> list[dict[str, Any]]:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"comparison file not found: {path}")
+            raise DataFileNotFoundError(f"comparison file not found: {path}")
         rows = _read_jsonl_rows(path)
         for row in rows:
             jsonl_row_to_labeled_comparison(row)  # validate up front: fail before any training

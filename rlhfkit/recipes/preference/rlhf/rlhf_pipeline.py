@@ -23,7 +23,9 @@ from typing import Any
 
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit import checkpoint_utils, model_info
-from rlhfkit.utils.atomic import read_jsonl, write_json_atomic
+from rlhfkit.utils.atomic import write_json_atomic
+from rlhfkit.utils.faults import set_phase
+from rlhfkit.utils.run_lock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +98,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                  rl_eval_every=4, rl_kl_penalty_coef=0.2, win_rate_prompts=32, hh_max_chars=400,
                  hh_data="harmless-base", save_every=5),
     # A tiny random model: every stage runs in about a minute (for tests and quick checks).
+    # Its random judge never answers "A" or "B" greedily, so verdict rewards would all be ties and RL would do
+    # nothing; with reward_mode="probability" the replies' rewards differ and every RL step changes the weights.
     "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
                   max_steps=3, rm_max_steps=12, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4, pm_test_size=8,
-                  win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3, hh_max_chars=300),
+                  win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3, hh_max_chars=300,
+                  reward_mode="probability"),
 }
 
 
@@ -156,7 +161,9 @@ def parse_args(argv: list[str]) -> PipelineConfig:
 
 
 def stage_finished(log_path: str) -> bool:
-    return any(r.get("name") == "final" for r in read_jsonl(Path(log_path) / "checkpoints.jsonl"))
+    """The stage's last intact checkpoint is its final one (a damaged final checkpoint is redone)."""
+    last = checkpoint_utils.get_last_checkpoint(log_path)
+    return last is not None and last.name == "final"
 
 
 def resolve_base_model(cfg: PipelineConfig) -> str:
@@ -165,6 +172,13 @@ def resolve_base_model(cfg: PipelineConfig) -> str:
     from rlhfkit.engine.testing import build_tiny_model  # the smoke preset's random model
 
     return str(build_tiny_model(Path(cfg.log_root) / "tiny_model"))
+
+
+def check_model(base_model: str) -> None:
+    """Raise ModelNotFoundError (one clear line) if `base_model` names no loadable model."""
+    from rlhfkit.engine.models import resolve_base_model as resolve_engine_model
+
+    resolve_engine_model(base_model)
 
 
 def _steps(stage_value: int | None, cfg: PipelineConfig) -> int | None:
@@ -330,10 +344,15 @@ class StageClock:
 
 async def main_async(cfg: PipelineConfig) -> dict[str, float]:
     """Run the configured stages (skipping finished ones) and write the report; returns stage wall times."""
+    with RunLock(cfg.log_root):
+        return await _run_stages(cfg)
+
+
+async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
     root = Path(cfg.log_root)
-    root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "pipeline_config.json", dataclasses.asdict(cfg))
     base_model = resolve_base_model(cfg)
+    check_model(base_model)  # a bad model path fails here, before any stage starts
     renderer_name = cfg.renderer_name or model_info.get_recommended_renderer_name(base_model)
     timings_path = root / "stage_times.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
@@ -341,6 +360,7 @@ async def main_async(cfg: PipelineConfig) -> dict[str, float]:
     for name, enabled, run in stages:
         if not enabled:
             continue
+        set_phase(name)
         if stage_finished(f"{cfg.log_root}/{name}"):
             print(f"[rlhfkit] stage {name}: already finished in {cfg.log_root}/{name}, skipping")
         else:
@@ -348,7 +368,9 @@ async def main_async(cfg: PipelineConfig) -> dict[str, float]:
             with StageClock(timings_path, timings, name):
                 await run(cfg, base_model, renderer_name)
         if name == "rm":
+            set_phase("pm_eval")
             await evaluate_rm(cfg, base_model, renderer_name)
+    set_phase("report")
     if cfg.report and all(stage_finished(f"{cfg.log_root}/{s}") for s in ("sft", "rm", "rl")):
         from rlhfkit.report import write_report
 
@@ -369,4 +391,6 @@ def cli_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))
+    from rlhfkit.cli import main as rlhfkit_main
+
+    sys.exit(rlhfkit_main(["pipeline", *sys.argv[1:]]))
