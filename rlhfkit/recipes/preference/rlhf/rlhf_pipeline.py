@@ -23,6 +23,7 @@ from typing import Any
 
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit import checkpoint_utils, model_info
+from rlhfkit.paths import shared_data_dir
 from rlhfkit.utils.atomic import write_json_atomic
 from rlhfkit.utils.faults import set_phase
 from rlhfkit.utils.run_lock import RunLock
@@ -181,8 +182,33 @@ def check_model(base_model: str) -> None:
     resolve_engine_model(base_model)
 
 
+def check_data_files(cfg: PipelineConfig) -> None:
+    """Read the user's own data files (sft_data, hh_data paths) once before any stage starts, so a missing file,
+    a truncated .gz or a bad row fails at once with a DataError naming the file, row and field."""
+    from rlhfkit.errors import DataFileNotFoundError
+    from rlhfkit.recipes.preference.datasets import hh_data_files, load_hh_rlhf_rows
+    from rlhfkit.supervised.data import read_jsonl_rows
+
+    if cfg.run_sft and cfg.sft_data not in SFT_DATASETS:
+        if not Path(cfg.sft_data).expanduser().is_file():
+            raise DataFileNotFoundError(f"sft_data={cfg.sft_data!r}: no such file; expected one of "
+                                        f"{', '.join(SFT_DATASETS)} or a .jsonl file of {{\"messages\": [...]}} rows")
+        for _ in read_jsonl_rows(Path(cfg.sft_data).expanduser()):
+            pass
+    files = hh_data_files(cfg.hh_data)
+    if (cfg.run_rm or cfg.run_rl or cfg.sft_data == "hh_chosen") and isinstance(files, list):
+        for path in files:
+            if not Path(path).expanduser().is_file():
+                raise DataFileNotFoundError(f"hh_data: no such file {str(path)!r}; expected offline split names "
+                                            f"or .jsonl/.jsonl.gz files of {{'chosen', 'rejected'}} transcripts")
+        load_hh_rlhf_rows([p for p in files if not str(p).startswith(str(shared_data_dir()))])
+
+
 def _steps(stage_value: int | None, cfg: PipelineConfig) -> int | None:
     return stage_value if stage_value is not None else cfg.max_steps
+
+
+SFT_DATASETS = ("lima", "no_robots", "hh_chosen")
 
 
 def _sft_dataset_builder(cfg: PipelineConfig, common: Any) -> Any:
@@ -352,7 +378,8 @@ async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
     root = Path(cfg.log_root)
     write_json_atomic(root / "pipeline_config.json", dataclasses.asdict(cfg))
     base_model = resolve_base_model(cfg)
-    check_model(base_model)  # a bad model path fails here, before any stage starts
+    check_model(base_model)  # a bad model path or data file fails here, before any stage starts
+    check_data_files(cfg)
     renderer_name = cfg.renderer_name or model_info.get_recommended_renderer_name(base_model)
     timings_path = root / "stage_times.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
