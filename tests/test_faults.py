@@ -421,3 +421,19 @@ def test_an_sft_run_whose_loss_is_nan_stops_and_keeps_its_checkpoints(tmp_path, 
     assert all(np.isfinite(w).all() for w in weights.values())
     step1 = load_file(str(tmp_path / "run" / "checkpoints" / "000002" / "sampler" / "adapter_model.safetensors"))
     assert all(np.array_equal(weights[k], step1[k]) for k in weights)  # the skipped step 2 changed nothing
+
+
+def test_the_smoke_presets_rl_learns(references):
+    """Rewards differ between the replies of a group and every RL step changes the weights, so the kill-and-
+    resume comparisons of Stage 3 compare runs in which RL did something."""
+    from safetensors.numpy import load_file
+
+    rl = references["rl"] / "rl"
+    records = jsonl(rl / "metrics.jsonl")
+    assert all(r["optim/grad_norm"] > 0 and r["optim/skipped_nonfinite"] == 0 for r in records)
+    rewards = [r["total_reward"]
+               for r in jsonl(rl / "iteration_000000" / "train_rollout_summaries.jsonl")]
+    assert len(set(rewards)) > 1, rewards
+    start = load_file(str(rl / "init_sampler" / "adapter_model.safetensors"))
+    final = load_file(str(rl / "checkpoints" / "final" / "sampler" / "adapter_model.safetensors"))
+    assert any(not np.array_equal(start[k], final[k]) for k in start)
