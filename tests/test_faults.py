@@ -114,7 +114,8 @@ def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def assert_same_as_reference(root: Path, reference: Path, stage: Stage) -> None:
+def assert_same_as_reference(root: Path, reference: Path, stage: Stage, redone: bool = False) -> None:
+    """`redone`: a checkpoint was saved again after its first copy was damaged (its name is listed twice)."""
     partial = [p for p in root.rglob("*") if p.name.endswith((".tmp", ".old"))]
     assert not partial, f"partial files left: {partial}"
     for folder in stage.folders:
@@ -122,7 +123,8 @@ def assert_same_as_reference(root: Path, reference: Path, stage: Stage) -> None:
         records = jsonl(got / "metrics.jsonl")
         assert [r["step"] for r in records] == list(range(len(records))) and records  # one record per step
         assert without_timing(records) == without_timing(jsonl(expected / "metrics.jsonl"))
-        assert [c["name"] for c in jsonl(got / "checkpoints.jsonl")] == \
+        names = [c["name"] for c in jsonl(got / "checkpoints.jsonl")]
+        assert (list(dict.fromkeys(names)) if redone else names) == \
             [c["name"] for c in jsonl(expected / "checkpoints.jsonl")]
         got_weights, expected_weights = adapters(got), adapters(expected)
         assert got_weights.keys() == expected_weights.keys()
@@ -224,7 +226,7 @@ def test_a_damaged_final_checkpoint_is_redone_from_the_previous_one(references, 
     result = run_pipeline(root, *BY_NAME["sft"].args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "not using checkpoint 'final'" in result.stderr and "adapter_model.safetensors" in result.stderr
-    assert_same_as_reference(root, references["sft"], BY_NAME["sft"])
+    assert_same_as_reference(root, references["sft"], BY_NAME["sft"], redone=True)
 
 
 def test_damaged_log_lines_are_reported_with_file_and_line_and_skipped(tmp_path, caplog):
