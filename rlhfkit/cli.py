@@ -9,6 +9,9 @@
   rlhfkit --version
 
 `rlhfkit COMMAND --help` explains a command; the settings of pipeline, sft, rm, rl and dpo follow.
+
+A mistake in a setting, data file, model path or checkpoint is reported in one line (exit 2); add --debug anywhere
+to see the traceback.
 """
 
 from __future__ import annotations
@@ -70,7 +73,22 @@ def report_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a UserError becomes one line on stderr and exit code 2 (unless --debug is given)."""
+    from rlhfkit.errors import UserError
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return run_command(argv)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"rlhfkit: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_command(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         from rlhfkit.recipes.preference.rlhf.pipeline_config import help_text
 
@@ -98,9 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("pipeline", "sft", "rm", "rl", "dpo"):
         from rlhfkit.recipes.preference.rlhf.pipeline_config import parse_command
 
-        from rlhfkit.data_sources import DatasetUnavailableError
-        from rlhfkit.supervised.data import DataFormatError
-
         if command != "pipeline":
             rest = [f"run_sft={command == 'sft'}", f"run_rm={command == 'rm'}", f"run_rl={command == 'rl'}",
                     f"run_dpo={command == 'dpo'}", *(["method=dpo"] if command == "dpo" else []), *rest]
@@ -111,11 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from rlhfkit.recipes.preference.rlhf import rlhf_pipeline
 
-        try:
-            asyncio.run(rlhf_pipeline.main_async(cfg))
-        except (DataFormatError, DatasetUnavailableError, FileNotFoundError) as e:  # bad data: no traceback
-            print(f"rlhfkit: error: {e}", file=sys.stderr)
-            return 1
+        asyncio.run(rlhf_pipeline.main_async(cfg))  # bad data, models, checkpoints: UserError (one line)
         return 0
     print(f"rlhfkit: unknown command {command!r}\n{__doc__}", file=sys.stderr)
     return 2

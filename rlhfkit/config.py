@@ -25,6 +25,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
+from rlhfkit.errors import UserError
+
 Check = Callable[[Any], "str | None"]  # returns what is accepted when the value is bad, None when it is fine
 
 # Environment variables that change the engine's or the data's behaviour (recorded beside each run's config).
@@ -32,7 +34,7 @@ ENVIRONMENT_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE",
                          "HF_DATASETS_OFFLINE", "PYTHONHASHSEED", "VLLM_CPU_KVCACHE_SPACE")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad setting: `key`, the offending `value`, and what is `accepted`."""
 
     def __init__(self, key: str, value: Any, accepted: str):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping
 
+from rlhfkit.errors import DataError
 from rlhfkit.paths import cache_dir
 from rlhfkit.supervised.data import DataFormatError, read_json_file, read_jsonl_rows
 
@@ -35,7 +36,7 @@ _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 _SPLIT = re.compile(r"^[\w.-]+$")
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(DataError, RuntimeError):
     """A Hub dataset that cannot be loaded here (no `datasets` package, the Hub switched off, no network)."""
 
 

@@ -18,13 +18,15 @@ import logging
 import os
 from pathlib import Path
 
+from rlhfkit.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODELS = {"smollm2-135m-instruct": "chat_template"}
 TUTORIAL_FAMILY_PREFIX = "qwen3_5"  # config.json model_type of Qwen3.5 models (qwen3_5, qwen3_5_text, qwen3_5_moe...)
 
 
-class ConfigurationError(ValueError):
+class ConfigurationError(UserError, ValueError):
     """A model name that does not follow `org/name` or names an unknown organisation."""
 
 

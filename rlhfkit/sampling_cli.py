@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rlhfkit.engine import ServiceClient, types
 from rlhfkit.engine.lora import is_adapter_folder, read_spec
+from rlhfkit.errors import CheckpointError
 
 
 def resolve_model(model: str, base_model: str | None = None) -> tuple[str | None, str, str | None]:
@@ -19,7 +20,8 @@ def resolve_model(model: str, base_model: str | None = None) -> tuple[str | None
     if path.is_dir() and (path / "checkpoints.jsonl").exists():  # a stage's log directory
         record = checkpoint_utils.get_last_checkpoint(str(path), required_key="sampler_path")
         if record is None:
-            raise ValueError(f"{path}: checkpoints.jsonl has no sampler checkpoint yet")
+            raise CheckpointError(f"{path}: checkpoints.jsonl lists no intact sampler checkpoint (none saved yet, "
+                                  f"or all damaged: see the warnings above)")
         config_file = path / "config.json"
         if config_file.exists():
             renderer = json.loads(config_file.read_text()).get("renderer_name")

@@ -22,13 +22,17 @@ def test_record_round_trip_and_accessors():
 
 def test_get_last_checkpoint_filters_by_key(tmp_path):
     assert get_last_checkpoint(tmp_path) is None  # no file
-    append_jsonl(tmp_path / "checkpoints.jsonl", {"name": "000010", "batch": 10, "state_path": "/s10",
-                                                  "sampler_path": "/p10"})
-    append_jsonl(tmp_path / "checkpoints.jsonl", {"name": "000020", "batch": 20, "state_path": "/s20"})
+    for name in ("s10", "p10", "s20"):  # stand-ins for checkpoint directories (older ones without checksums)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "rlhfkit_state.json").write_text("{}")
+    append_jsonl(tmp_path / "checkpoints.jsonl", {"name": "000010", "batch": 10, "state_path": "s10",
+                                                  "sampler_path": "p10"})
+    append_jsonl(tmp_path / "checkpoints.jsonl", {"name": "000020", "batch": 20, "state_path": "s20"})
     with open(tmp_path / "checkpoints.jsonl", "a") as f:
         f.write('{"name": "000030", "batch": 30, "state_pa')  # torn line of a killed writer
     assert [r.name for r in load_checkpoints_file(tmp_path)] == ["000010", "000020"]
     assert get_last_checkpoint(tmp_path).name == "000020"
+    assert get_last_checkpoint(tmp_path).state_path == str(tmp_path.resolve() / "s20")  # relative to the folder
     assert get_last_checkpoint(tmp_path, required_key="sampler_path").name == "000010"
 
 
@@ -41,7 +45,10 @@ def test_save_checkpoint_writes_directories_then_record(tmp_path, tiny_model_dir
     assert paths == {"state_path": str(directory / "state"), "sampler_path": str(directory / "sampler")}
     assert all(Path(p).is_dir() and any(Path(p).iterdir()) for p in paths.values())
     rows = [json.loads(line) for line in (tmp_path / "run" / "checkpoints.jsonl").read_text().splitlines()]
-    assert rows == [{"name": "000004", "epoch": 0, "batch": 4, "elapsed_tokens": 99, **paths}]
+    # stored relative to the run folder (a copied folder uses its own files), returned absolute
+    assert rows == [{"name": "000004", "epoch": 0, "batch": 4, "elapsed_tokens": 99,
+                     "state_path": "checkpoints/000004/state", "sampler_path": "checkpoints/000004/sampler"}]
+    assert get_last_checkpoint(tmp_path / "run").state_path == paths["state_path"]
 
     sampler_only = save_checkpoint(client, "final", tmp_path / "run", {"batch": 8}, kind="sampler")
     assert list(sampler_only) == ["sampler_path"]

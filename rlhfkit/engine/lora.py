@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhfkit.engine.integrity import verify_checkpoint
+from rlhfkit.errors import CheckpointError
+
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 META_FILE = "rlhfkit_state.json"
@@ -135,17 +138,22 @@ def is_adapter_folder(folder: str | Path) -> bool:
 
 
 def read_meta(folder: str | Path) -> dict:
-    """rlhfkit_state.json of an rlhfkit checkpoint; for a plain PEFT adapter folder, the same keys derived from
-    its adapter_config.json ({"kind": "peft", "lora": ...})."""
+    """rlhfkit_state.json of an rlhfkit checkpoint, after checking every file of the checkpoint against its
+    checksums (every load starts here, so a damaged checkpoint is never loaded); for a plain PEFT adapter folder,
+    the same keys derived from its adapter_config.json ({"kind": "peft", "lora": ...})."""
     folder = Path(folder)
+    verify_checkpoint(folder, legacy_marker=META_FILE)
     meta_path = folder / META_FILE
     if meta_path.exists():
-        return json.loads(meta_path.read_text())
+        try:
+            return json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{meta_path}: damaged ({e})") from None
     if (folder / ADAPTER_CONFIG_FILE).exists():
         return {"kind": "peft", "lora": asdict(spec_from_peft_config(folder))}
-    raise FileNotFoundError(f"{folder} is neither an rlhfkit checkpoint (no {META_FILE}) nor a PEFT adapter "
-                            f"folder (no {ADAPTER_CONFIG_FILE}); expected a directory written by save_state, "
-                            f"save_weights_for_sampler or peft's save_pretrained")
+    raise CheckpointError(f"{folder} is neither an rlhfkit checkpoint (no {META_FILE}) nor a PEFT adapter folder "
+                          f"(no {ADAPTER_CONFIG_FILE}); expected a directory written by save_state, "
+                          f"save_weights_for_sampler or peft's save_pretrained")
 
 
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "dense")
@@ -191,7 +199,15 @@ def read_spec(folder: str | Path) -> LoraSpec:
 
 
 def load_adapter_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(folder) / ADAPTER_FILE))
+    """The adapter tensors of a checkpoint whose files match their checksums."""
+    verify_checkpoint(folder, legacy_marker=META_FILE)
+    path = Path(folder) / ADAPTER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({e})") from None
 
 
 def merge_adapter(model: torch.nn.Module, tensors: dict[str, torch.Tensor], scale: float) -> None:

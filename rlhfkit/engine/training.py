@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -12,12 +13,15 @@ import torch
 from rlhfkit.engine import losses
 from rlhfkit.engine.batching import microbatch_token_budget, pad_right, plan_microbatches, token_logprobs
 from rlhfkit.engine.futures import APIFuture
+from rlhfkit.engine.integrity import write_manifest
 from rlhfkit.engine.lora import (LoraSpec, adapter_state, load_adapter_state, load_adapter_tensors, read_meta,
                                  read_spec, save_adapter)
 from rlhfkit.engine.models import Precision, load_tokenizer
 from rlhfkit.engine.types import (AdamParams, Datum, ForwardBackwardOutput, OptimStepResponse, SaveWeightsResponse,
                                   TensorData)
+from rlhfkit.errors import CheckpointError
 from rlhfkit.utils.atomic import atomic_directory
+from rlhfkit.utils.faults import fault_point
 
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
@@ -35,6 +39,7 @@ class TrainingClient:
         self.storage = storage
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_steps = 0
+        self._nonfinite_loss = False  # set by a backward pass whose loss was NaN/inf; the next optim_step skips
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._pad_id = self.get_tokenizer().pad_token_id or 0
 
@@ -116,6 +121,7 @@ class TrainingClient:
             total += float(value.detach())
 
         logprobs = self._run_batches(data, per_microbatch, grad=backward)
+        self._nonfinite_loss |= backward and not math.isfinite(total)
         return ForwardBackwardOutput(
             loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp)} for lp in logprobs],
             metrics={"loss:sum": total},
@@ -141,6 +147,7 @@ class TrainingClient:
         logprobs = [collected[i] for i in range(len(data))]
         loss, metrics = fn(list(data), logprobs)
         loss.backward()
+        self._nonfinite_loss |= not math.isfinite(float(loss.detach()))
         metrics = {"loss:sum": float(loss.detach()), **{k: float(v) for k, v in (metrics or {}).items()}}
         return APIFuture(ForwardBackwardOutput(
             loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp.detach().float().cpu())} for lp in logprobs],
@@ -161,12 +168,17 @@ class TrainingClient:
         grads = [p.grad for p in self._params if p.grad is not None]
         grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
             if grads else 0.0
+        fault_point("optim_step")
+        if self._nonfinite_loss or not math.isfinite(grad_norm):  # skip: weights and Adam state unchanged
+            self._nonfinite_loss = False
+            self.optimizer.zero_grad(set_to_none=True)
+            return APIFuture(OptimStepResponse(metrics={"optim/grad_norm": grad_norm, "optim/skipped_nonfinite": 1.0}))
         if params.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self._params, params.grad_clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
-        return APIFuture(OptimStepResponse(metrics={"optim/grad_norm": grad_norm}))
+        return APIFuture(OptimStepResponse(metrics={"optim/grad_norm": grad_norm, "optim/skipped_nonfinite": 0.0}))
 
     # ---------------------------------------------------------------------------------------------
     # States and sampler weights on disk
@@ -185,6 +197,7 @@ class TrainingClient:
                 optimizer = self.optimizer.state_dict() if self.optimizer is not None else None
                 torch.save(optimizer, tmp / OPTIMIZER_FILE)
                 torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
+            write_manifest(tmp)  # last: its presence means every file above was written
         return APIFuture(SaveWeightsResponse(path=str(path.resolve())))
 
     def save_state(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveWeightsResponse]:
@@ -218,9 +231,12 @@ class TrainingClient:
         load_adapter_state(self.model, load_adapter_tensors(path))
         optimizer_path = Path(path) / OPTIMIZER_FILE
         if not optimizer_path.exists():
-            raise FileNotFoundError(f"{path} has no optimizer state ({OPTIMIZER_FILE}): it is a sampler checkpoint; "
-                                    f"use a path written by save_state")
-        state = torch.load(optimizer_path, weights_only=False)
+            raise CheckpointError(f"{path} has no optimizer state ({OPTIMIZER_FILE}): it is a sampler checkpoint; "
+                                  f"use a path written by save_state")
+        try:
+            state = torch.load(optimizer_path, weights_only=False)
+        except Exception as e:  # a damaged file of an older checkpoint without checksums
+            raise CheckpointError(f"checkpoint file {optimizer_path} cannot be read ({e})") from None
         self.optimizer = self._make_optimizer() if state is not None else None
         if state is not None:
             self.optimizer.load_state_dict(state)

@@ -34,6 +34,8 @@ from rlhfkit.rl.types import EnvGroupBuilder, RLDatasetBuilder, TrajectoryGroup
 from rlhfkit.utils import ml_log
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.timing import Timer
+from rlhfkit.utils.nonfinite import NonFiniteGuard, describe_rows
+from rlhfkit.utils.run_lock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,8 @@ class Config:
     policy_kl_num_sequences: int = setting(16, "sequences per iteration for kl/policy_vs_init (0: off)",
                                            check=at_least(0))
     sampler: Literal["local", "vllm"] | None = setting(None, "rollouts: 'local' or 'vllm' (None: $RLHFKIT_SAMPLER)")
+    max_nonfinite_in_a_row: int = setting(3, "stop after this many iterations in a row with a NaN/inf loss or "
+                                          "gradient (each such update is skipped)", check=at_least(1))
     ttl_seconds: int | None = compat_setting("ttl_seconds", 604800)
 
     def __post_init__(self) -> None:
@@ -148,7 +152,7 @@ def _train_step(config: Config, training_client: Any, data: list[Datum]) -> dict
     splits = [s for s in np.array_split(np.arange(len(batch)), config.num_substeps) if len(s)]
     adam = AdamParams(learning_rate=config.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8)
     train_logprobs: list[Any] = [None] * len(batch)
-    metrics: dict[str, float] = {"optim/loss:sum": 0.0}
+    metrics: dict[str, float] = {"optim/loss:sum": 0.0, "optim/skipped_nonfinite": 0.0}
     for substep, indices in enumerate(splits):
         output = training_client.forward_backward([batch[j] for j in indices], config.loss_fn,
                                                   config.loss_fn_config).result()
@@ -161,7 +165,8 @@ def _train_step(config: Config, training_client: Any, data: list[Datum]) -> dict
                      for j in indices]
             metrics["optim/first_substep_max_abs_logratio"] = float(np.concatenate(diffs).max(initial=0.0))
         step = training_client.optim_step(adam).result()
-        metrics.update(step.metrics or {})
+        skipped = metrics["optim/skipped_nonfinite"] + (step.metrics or {}).get("optim/skipped_nonfinite", 0.0)
+        metrics.update({**(step.metrics or {}), "optim/skipped_nonfinite": skipped})
     metrics.update(rl_metrics.compute_kl_sample_train(data, train_logprobs))
     return metrics
 
@@ -179,7 +184,7 @@ def _log_rollouts(config: Config, log_path: str, iteration: int, groups: list[Tr
 
 async def _run_iteration(config: Config, i: int, dataset: Any, sampling_client: Any, training_client: Any,
                          evaluators: list, init_client: Any, kl_reference_client: Any, tokenizer: Any,
-                         log_path: str, timer: Timer) -> dict[str, float]:
+                         log_path: str, timer: Timer, nonfinite: NonFiniteGuard) -> dict[str, float]:
     """One RL iteration on the current weights; returns its metrics (the weights are updated in place)."""
     metrics: dict[str, float] = {"progress/batch": i, "optim/lr": config.learning_rate}
     if config.eval_every > 0 and i % config.eval_every == 0 and evaluators:
@@ -218,20 +223,23 @@ async def _run_iteration(config: Config, i: int, dataset: Any, sampling_client: 
                                                                config.kl_discount_factor))
     with timer.span("train"):
         metrics.update(_train_step(config, training_client, data))
+    nonfinite.check(i, metrics["optim/loss:sum"], metrics, lambda: describe_rows(data, tokenizer))
     return metrics
 
 
 async def main_async(config: Config) -> None:
     log_path = str(Path(config.log_path).expanduser().resolve())
     checkpoints = CheckpointManager(Path(log_path), config.save_every)
-    resume = checkpoints.last()
-    start_batch = int(resume.batch) if resume is not None else 0
-    ml_logger = ml_log.setup_logging(log_path, wandb_project=config.wandb_project, wandb_name=config.wandb_name,
-                                     config=config, start_step=start_batch, plot_panels=PLOT_PANELS)
-    try:
-        await _train(config, log_path, checkpoints, start_batch, ml_logger)
-    finally:
-        ml_logger.close()
+    with RunLock(log_path):
+        resume = checkpoints.last()
+        start_batch = int(resume.batch) if resume is not None else 0
+        ml_logger = ml_log.setup_logging(log_path, wandb_project=config.wandb_project,
+                                         wandb_name=config.wandb_name, config=config, start_step=start_batch,
+                                         plot_panels=PLOT_PANELS)
+        try:
+            await _train(config, log_path, checkpoints, start_batch, ml_logger)
+        finally:
+            ml_logger.close()
 
 
 async def _train(config: Config, log_path: str, checkpoints: CheckpointManager, start_batch: int,
@@ -255,12 +263,14 @@ async def _train(config: Config, log_path: str, checkpoints: CheckpointManager, 
         return
 
     sampling_client = training_client.save_weights_and_get_sampling_client()
+    nonfinite = NonFiniteGuard(config.max_nonfinite_in_a_row, log_path)
     progress = tqdm(range(start_batch, end_batch), initial=start_batch, total=end_batch, desc=config.recipe_name,
                     unit="it", dynamic_ncols=True)
     for i in progress:
         timer = Timer()
         metrics = await _run_iteration(config, i, dataset, sampling_client, training_client, evaluators,
-                                       init_client, kl_reference_client, tokenizer, log_path, timer)
+                                       init_client, kl_reference_client, tokenizer, log_path, timer,
+                                       nonfinite)
         with timer.span("sync_weights"):
             sampling_client = training_client.save_weights_and_get_sampling_client()  # the updated weights
         metrics["progress/done_frac"] = (i + 1) / end_batch

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from rlhfkit.engine.types import Datum
+from rlhfkit.errors import DataError, DataFileNotFoundError
 from rlhfkit.renderers import Message, Renderer, RendererError, TrainOnWhat
 from rlhfkit.supervised.common import datum_from_model_input_weights
 from rlhfkit.supervised.types import SupervisedDataset
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(DataError, ValueError):
     """A data file that cannot be parsed; the message names the file and line."""
 
 
@@ -76,7 +77,7 @@ def read_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     not JSON raises DataFormatError naming the file and line."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise DataFileNotFoundError(f"data file not found: {path}")
     line_no = 0
     try:
         with _open_text(path) as f:
@@ -95,7 +96,7 @@ def read_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
 def read_json_file(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise DataFileNotFoundError(f"data file not found: {path}")
     try:
         with _open_text(path) as f:
             return json.load(f)

@@ -34,6 +34,8 @@ from rlhfkit.utils import ml_log
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.lr_scheduling import compute_schedule_lr_multiplier
 from rlhfkit.utils.timing import Timer
+from rlhfkit.utils.nonfinite import NonFiniteGuard, describe_rows
+from rlhfkit.utils.run_lock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ class Config:
     enable_trace: bool = compat_setting("enable_trace", False)
     span_chart_every: int = compat_setting("span_chart_every", 0)
     submit_ahead: int = compat_setting("submit_ahead", 1)
+    max_nonfinite_in_a_row: int = setting(3, "stop after this many steps in a row with a NaN/inf loss or gradient "
+                                          "(each such update is skipped)", check=at_least(1))
 
     def __post_init__(self) -> None:
         validate(self)
@@ -92,12 +96,12 @@ def main(config: Config) -> Any:
 
 async def main_async(config: Config) -> None:
     log_path = Path(config.log_path).expanduser().resolve()
-    log_path.mkdir(parents=True, exist_ok=True)
-    ml_logger = ml_log.setup_logging(log_path, config.wandb_project, config.wandb_name, config=config)
-    try:
-        await _train(config, log_path, ml_logger)
-    finally:
-        ml_logger.close()
+    with RunLock(log_path):
+        ml_logger = ml_log.setup_logging(log_path, config.wandb_project, config.wandb_name, config=config)
+        try:
+            await _train(config, log_path, ml_logger)
+        finally:
+            ml_logger.close()
 
 
 async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger) -> None:
@@ -130,6 +134,7 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
     logger.info("training %s for %d steps (%d batches per epoch, %d epochs), starting at step %d",
                 config.model_name, total_steps, n_batches, config.num_epochs, start_step)
 
+    nonfinite = NonFiniteGuard(config.max_nonfinite_in_a_row, str(log_path))
     progress = tqdm(total=total_steps, initial=start_step, desc=config.recipe_name, unit="step", dynamic_ncols=True)
     for step in range(start_step, total_steps):
         epoch, batch_index = divmod(step, n_batches)
@@ -182,6 +187,7 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
             **timer.total(),
         })
         ml_logger.log_metrics(metrics, step=step)
+        nonfinite.check(step, output.metrics.get("loss:sum", 0.0), metrics, lambda: describe_rows(batch, tokenizer))
         progress.set_postfix(loss=f"{train_nll:.4f}", lr=f"{learning_rate:.2e}",
                              **({"test_nll": f"{metrics['test/nll']:.4f}"} if "test/nll" in metrics else {}))
         progress.update(1)

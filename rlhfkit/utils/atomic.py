@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from rlhfkit.utils.faults import fault_point
+
+logger = logging.getLogger(__name__)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -21,6 +26,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("write_file")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -33,29 +39,73 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line and fsync it. A kill can at worst leave a torn last line, which
-    `read_jsonl` skips, so every earlier record survives."""
+    """Append one JSON line and fsync it. A kill can at worst leave a torn last line: the next append cuts
+    it off first, and `read_jsonl` skips it, so every earlier record survives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, default=str) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
+    with open(path, "a+b") as f:
+        _cut_torn_last_line(f, path)
+        half = len(line) // 2
+        f.write(line[:half].encode("utf-8"))
+        f.flush()
+        fault_point("append_jsonl")  # a kill here leaves a torn line
+        f.write(line[half:].encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
 
+def _cut_torn_last_line(f: Any, path: Path) -> None:
+    """Truncate an unterminated last line (left by a killed writer) of a file opened in "a+b" mode."""
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+        return
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+        return
+    block = 1 << 16
+    end = size
+    while end > 0:  # find the last newline
+        start = max(0, end - block)
+        f.seek(start)
+        chunk = f.read(end - start)
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            keep = start + cut + 1
+            break
+        end = start
+    else:
+        keep = 0
+    logger.warning("%s: cutting off its unfinished last line (%d bytes, left by a killed writer)", path, size - keep)
+    f.truncate(keep)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL log, ignoring a torn (unterminated) final line left by a killed writer."""
+    """The records of a JSONL log. A damaged line (not a JSON object, or a torn last line left by a killed
+    writer) is skipped with a warning naming the file and line; the rest are kept."""
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
             if not line.endswith("\n"):
-                break  # torn final line
-            if line.strip():
-                records.append(json.loads(line))
+                logger.warning("%s, line %d: skipping an unfinished last line (left by a killed writer)", path,
+                               line_no)
+                break
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                logger.warning("%s, line %d: skipping a damaged line (not valid JSON: %s): %.80s", path, line_no,
+                               e.msg, line.strip())
+                continue
+            if not isinstance(record, dict):
+                logger.warning("%s, line %d: skipping a damaged line (a JSON %s, not an object)", path, line_no,
+                               type(record).__name__)
+                continue
+            records.append(record)
     return records
 
 
@@ -71,10 +121,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        fault_point("directory_written")
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
+            fault_point("directory_swap")  # a kill here leaves only .<name>.old: clean_partial_writes restores it
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -82,3 +134,35 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def clean_partial_writes(folder: str | os.PathLike, skip: tuple[Path, ...] = ()) -> list[Path]:
+    """Remove what killed writers left under `folder` (temporary `.<name>.*.tmp` files and directories), and
+    put back a directory whose replacement was interrupted (`.<name>.old` without `<name>`), except under the
+    folders in `skip`. Call it only while holding the folder's run lock. Returns the paths removed or restored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+
+    def skipped(p: Path) -> bool:
+        return any(p.is_relative_to(s) for s in skip)
+
+    touched = []
+    for tmp in sorted(p for p in folder.rglob(".*.tmp") if not skipped(p)):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        touched.append(tmp)
+    for old in sorted(p for p in folder.rglob(".*.old") if not skipped(p)):
+        target = old.with_name(old.name[1:-len(".old")])
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
+        touched.append(old)
+    if touched:
+        logger.warning("%s: removed or restored %d files left by a killed run: %s", folder, len(touched),
+                       ", ".join(str(p.relative_to(folder)) for p in touched[:5]))
+    return touched

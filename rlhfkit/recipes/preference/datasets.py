@@ -8,9 +8,7 @@ preference-model test, RL prompts and win-rate evaluation prompts.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import logging
 import random
 import re
@@ -21,12 +19,13 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from rlhfkit.data_sources import DataSource, parse_columns, parse_sources, read_tables
+from rlhfkit.errors import DataError, DataFileNotFoundError
 from rlhfkit.paths import shared_data_dir
 from rlhfkit.recipes.preference.hh_files import HH_RLHF_FILES, HH_RLHF_HUB_NAME
 from rlhfkit.recipes.preference.hh_files import hh_data_files as hh_data_files
 from rlhfkit.preference.preference_datasets import ComparisonDatasetBuilder
 from rlhfkit.preference.types import Comparison, LabeledComparison
-from rlhfkit.supervised.data import SkippedRows, validate_messages
+from rlhfkit.supervised.data import DataFormatError, SkippedRows, read_jsonl_rows, validate_messages
 
 logger = logging.getLogger(__name__)
 
@@ -100,19 +99,11 @@ def role_of(key: str) -> Role:
 
 
 def _read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, row {line_no}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, row {line_no}: expected a JSON object, got {type(row).__name__}")
-            rows.append({**row, "_source": str(path), "_row": line_no})
+    for line_no, row in read_jsonl_rows(path):
+        if not isinstance(row, dict):
+            raise DataFormatError(f"{path}, row {line_no}: expected a JSON object, got {type(row).__name__}")
+        rows.append({**row, "_source": str(path), "_row": line_no})
     return rows
 
 
@@ -129,13 +120,13 @@ def load_hh_rlhf_rows(data_files: Sequence[str | Path] | str | None = None) -> l
     rows = []
     for path in map(Path, data_files):
         if not path.is_file():
-            raise FileNotFoundError(f"HH-RLHF file not found: {path} (expected .jsonl or .jsonl.gz files of "
+            raise DataFileNotFoundError(f"HH-RLHF file not found: {path} (expected .jsonl or .jsonl.gz files of "
                                     f"{{'chosen', 'rejected'}} transcripts, or data_files={HH_RLHF_HUB_NAME!r})")
         file_rows = _read_jsonl_rows(path)
         for row in file_rows:
             for field in ("chosen", "rejected"):
                 if not isinstance(row.get(field), str):
-                    raise ValueError(f"{path}, row {row['_row']}, field {field!r}: expected a transcript string, "
+                    raise DataFormatError(f"{path}, row {row['_row']}, field {field!r}: expected a transcript string, "
                                      f"got {row.get(field)!r:.100}")
         rows += file_rows
     return rows
@@ -223,7 +214,7 @@ def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in value):
-        raise ValueError(f"{where}: expected a list of {{'role': str, 'content': str}} messages, got {value!r:.200}")
+        raise DataFormatError(f"{where}: expected a list of {{'role': str, 'content': str}} messages, got {value!r:.200}")
     return value
 
 
@@ -236,14 +227,14 @@ def comparison_fields_to_labeled_comparison(row: dict[str, Any], where: str = ""
     prefix = f"{where}, " if where else ""
     for field in COMPARISON_FIELDS:
         if field not in row:
-            raise ValueError(f"{where or 'row'}: missing field {field!r}")
+            raise DataFormatError(f"{where or 'row'}: missing field {field!r}")
     messages = {field: _check_messages(row[field], f"{prefix}field {field!r}")
                 for field in ("prompt_conversation", "completion_A", "completion_B")}
     for field in ("completion_A", "completion_B"):
         if not messages[field]:
-            raise ValueError(f"{prefix}field {field!r}: a completion needs at least one message")
+            raise DataFormatError(f"{prefix}field {field!r}: a completion needs at least one message")
     if row["label"] not in ("A", "B", "Tie"):
-        raise ValueError(f"{prefix}field 'label': expected 'A', 'B' or 'Tie', got {row['label']!r}")
+        raise DataFormatError(f"{prefix}field 'label': expected 'A', 'B' or 'Tie', got {row['label']!r}")
     return LabeledComparison(Comparison(messages["prompt_conversation"], messages["completion_A"],
                                         messages["completion_B"]), row["label"])
 
@@ -266,7 +257,7 @@ class ComparisonBuilderFromJsonl(ComparisonDatasetBuilder):
     def _load(path: str | Path) -> list[dict[str, Any]]:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"comparison file not found: {path}")
+            raise DataFileNotFoundError(f"comparison file not found: {path}")
         rows = _read_jsonl_rows(path)
         for row in rows:
             jsonl_row_to_labeled_comparison(row)  # validate up front: fail before any training

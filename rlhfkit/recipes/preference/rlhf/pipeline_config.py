@@ -210,9 +210,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                  hh_data="harmless-base", save_every=5, dpo_batch_size=8, dpo_max_steps=41, dpo_learning_rate=1e-4,
                  dpo_eval_every=20),
     # A tiny random model: every stage runs in about a minute (for tests and quick checks).
+    # Its random judge never answers "A" or "B" greedily, so verdict rewards would all be ties and RL would do
+    # nothing; with reward_mode="probability" the replies' rewards differ and every RL step changes the weights.
     "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
                   max_steps=3, rm_max_steps=12, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4,
-                  pm_test_size=8, win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3, hh_max_chars=300),
+                  pm_test_size=8, win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3, hh_max_chars=300,
+                  reward_mode="probability"),
 }
 
 

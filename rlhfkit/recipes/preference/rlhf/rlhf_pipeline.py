@@ -29,6 +29,8 @@ from rlhfkit.recipes.preference.rlhf.pipeline_data import comparison_builder, he
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.atomic import read_jsonl, write_json_atomic
 from rlhfkit.utils.timing import StageClock
+from rlhfkit.utils.faults import set_phase
+from rlhfkit.utils.run_lock import RunLock
 
 __all__ = ["PRESETS", "PipelineConfig", "cli_main", "main", "main_async", "parse_args"]
 
@@ -37,7 +39,9 @@ ENVIRONMENT_FILE = "environment.json"  # the environment variables that change t
 
 
 def stage_finished(log_path: str) -> bool:
-    return any(r.get("name") == "final" for r in read_jsonl(Path(log_path) / "checkpoints.jsonl"))
+    """The stage's last intact checkpoint is its final one (a damaged final checkpoint is redone)."""
+    last = checkpoint_utils.get_last_checkpoint(log_path)
+    return last is not None and last.name == "final"
 
 
 def resolve_base_model(cfg: PipelineConfig) -> str:
@@ -61,6 +65,26 @@ def starting_point(given: str | None, stage_log: str, key: str) -> str | None:
     if checkpoint is None or not is_adapter_folder(checkpoint):
         raise ValueError(f"{given!r}: not an rlhfkit checkpoint, stage log directory or PEFT adapter folder")
     return checkpoint
+
+
+def check_model(base_model: str) -> None:
+    """Raise ModelNotFoundError (one clear line) if `base_model` names no loadable model."""
+    from rlhfkit.engine.models import resolve_base_model as resolve_engine_model
+
+    resolve_engine_model(base_model)
+
+
+def check_data(cfg: PipelineConfig) -> None:
+    """Read the run's data once before any stage starts, so a missing file, a truncated .gz or a bad file fails at
+    once with an error naming the file and line: the SFT files (named data sets are read by their stage) and the
+    comparisons of every role."""
+    from rlhfkit.data_sources import parse_sources, read_tables
+    from rlhfkit.recipes.chat_sl.chat_datasets import NAMED_CHAT_DATA
+
+    if cfg.run_sft and cfg.sft_data not in NAMED_CHAT_DATA and not stage_finished(f"{cfg.log_root}/sft"):
+        read_tables(parse_sources(cfg.sft_data))
+    if (cfg.run_rm or cfg.run_rl or cfg.run_dpo) and not stage_finished(f"{cfg.log_root}/rl"):
+        comparison_builder(cfg, "rl").role_examples()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,19 +252,25 @@ def write_settings(cfg: PipelineConfig) -> None:
 
 async def main_async(cfg: PipelineConfig) -> dict[str, float]:
     """Run the configured stages (skipping finished ones) and write the report; returns stage wall times."""
+    with RunLock(cfg.log_root):
+        return await _run_stages(cfg)
+
+
+async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
     write_settings(cfg)
     root = Path(cfg.log_root)
     base_model = resolve_base_model(cfg)
+    check_model(base_model)  # a bad model path or data file fails here, before any stage starts
+    check_data(cfg)
     renderer_name = cfg.renderer_name or model_info.get_recommended_renderer_name(base_model)
     timings_path = root / "stage_times.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     stages = [("sft", cfg.run_sft, run_sft), ("rm", cfg.run_rm, run_rm), ("rl", cfg.run_rl, run_rl),
               ("dpo", cfg.run_dpo, run_dpo)]
-    if (cfg.run_rm or cfg.run_rl or cfg.run_dpo) and not stage_finished(f"{cfg.log_root}/rl"):
-        comparison_builder(cfg, "rl").role_examples()  # unreadable comparison data stops the run before training
     for name, enabled, run in stages:
         if not enabled or name not in METHODS[cfg.method]:
             continue
+        set_phase(name)
         if stage_finished(f"{cfg.log_root}/{name}"):
             print(f"[rlhfkit] stage {name}: already finished in {cfg.log_root}/{name}, skipping")
         else:
@@ -248,9 +278,11 @@ async def main_async(cfg: PipelineConfig) -> dict[str, float]:
             with StageClock(timings_path, timings, name):
                 await run(cfg, base_model, renderer_name)
         if name == "rm":
+            set_phase("pm_eval")
             await evaluate_rm(cfg, base_model, renderer_name)
     if cfg.method == "both" and all(stage_finished(f"{cfg.log_root}/{s}") for s in METHODS["both"]):
         await compare_sft_dpo_rlhf(cfg, base_model, renderer_name)
+    set_phase("report")
     if cfg.report and all(stage_finished(f"{cfg.log_root}/{s}") for s in ("sft", "rm", "rl")):
         from rlhfkit.recipes.preference.rlhf.report_replies import sample_report_replies
         from rlhfkit.report import write_report
@@ -277,4 +309,6 @@ def cli_main(argv: list[str], command: str = "pipeline") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))
+    from rlhfkit.cli import main as rlhfkit_main
+
+    sys.exit(rlhfkit_main(["pipeline", *sys.argv[1:]]))
