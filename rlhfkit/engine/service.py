@@ -6,8 +6,8 @@ import os
 import uuid
 from pathlib import Path
 
-from rlhfkit.engine.lora import LoraSpec, add_lora, load_adapter_tensors, read_meta
-from rlhfkit.engine.models import load_base_model, pick_precision
+from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors, read_meta
+from rlhfkit.engine.models import pick_precision
 from rlhfkit.engine.sampling import SamplingClient
 from rlhfkit.engine.training import TrainingClient
 from rlhfkit.paths import cache_dir
@@ -33,8 +33,7 @@ class ServiceClient:
             raise ValueError(f"sampler={self.sampler!r}: expected 'local' or 'vllm'")
 
     def _training_client(self, spec: LoraSpec) -> TrainingClient:
-        model = add_lora(load_base_model(spec.base_model, self.precision), spec)
-        return TrainingClient(self, spec, model, self.precision, self.storage_dir / uuid.uuid4().hex[:12])
+        return TrainingClient(self, spec, self.precision, self.storage_dir / uuid.uuid4().hex[:12])
 
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
                                     train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from rlhfkit.engine.futures import APIFuture
+from rlhfkit.engine.futures import APIFuture, RequestBatcher, RequestQueue
 from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors
 from rlhfkit.engine.models import Precision, load_tokenizer, resolve_base_model
-from rlhfkit.engine.sampling import SamplingClient, _Batcher, find_eos_ids, make_rows, max_sampling_batch
+from rlhfkit.engine.sampling import SamplingClient, find_eos_ids, make_rows, max_sampling_batch
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampledSequence, SampleResponse, SamplingParams
 from rlhfkit.paths import cache_dir
 
@@ -175,7 +175,8 @@ class VLLMSamplingClient:
         self._context = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), 8192)
         self._eos_ids = find_eos_ids(self.tokenizer, getattr(_generation_config(base_model), "eos_token_id", None))
         self._engine: VLLMEngine | None = None  # started on the first sample (scoring alone needs none)
-        self._sample_batcher = _Batcher(self._sample_many)
+        self._queue = RequestQueue("rlhfkit-vllm-sampling")
+        self._sample_batcher = RequestBatcher(self._sample_many, self._queue)
         self._local_client: SamplingClient | None = None
 
     def get_tokenizer(self):
@@ -210,7 +211,7 @@ class VLLMSamplingClient:
 
     def sample(self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
                ) -> APIFuture[SampleResponse]:
-        return APIFuture(self._sample_many([(prompt, num_samples, sampling_params)])[0])
+        return self._queue.submit(lambda: self._sample_many([(prompt, num_samples, sampling_params)])[0])
 
     async def sample_async(self, prompt: ModelInput, num_samples: int = 1,
                            sampling_params: SamplingParams | None = None) -> SampleResponse:
