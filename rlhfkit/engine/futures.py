@@ -53,6 +53,19 @@ class APIFuture(Generic[T]):
     def __await__(self) -> Any:
         return self.result_async().__await__()
 
+    def then(self, fn: Callable[[T], Any]) -> "APIFuture":
+        """A future of `fn(result)` (or of this request's error)."""
+        chained: concurrent.futures.Future = concurrent.futures.Future()
+
+        def done(future: concurrent.futures.Future) -> None:
+            try:
+                chained.set_result(fn(future.result()))
+            except BaseException as e:  # handed to the caller's .result()
+                chained.set_exception(e)
+
+        self._future.add_done_callback(done)
+        return APIFuture(chained)
+
 
 class RequestQueue:
     """Runs submitted calls one at a time, in submission order, on a worker thread of its own (a training

@@ -124,6 +124,10 @@ class LoraTrainer:
             metrics={"loss:sum": total},
         )
 
+    def logprobs(self, data: Sequence[Datum]) -> list[torch.Tensor]:
+        """Target-token logprobs of every datum, without gradient."""
+        return self._run_batches(data, lambda batch, rows: None, grad=False)
+
     def forward_backward_custom(self, data: Sequence[Datum], fn: Callable) -> ForwardBackwardOutput:
         """`fn(data, logprobs_list) -> (loss, metrics)` over the whole batch's target logprobs (with grad)."""
         self.check(data, "custom")
