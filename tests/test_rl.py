@@ -337,6 +337,23 @@ def test_killed_run_resumes_without_gap_or_duplicate(stop_model_dir, tmp_path):
         [("000001", 1), ("final", 2)]
 
 
+def test_a_sampler_without_the_policys_adapter_stops_the_run(stop_model_dir, tmp_path, monkeypatch):
+    """Simulates an inference engine that silently did not apply the adapter: after the first update, the
+    rollouts come from the base model while the trainer holds a non-zero adapter."""
+    from rlhfkit.engine import ServiceClient
+    from rlhfkit.engine.training import TrainingClient
+
+    def base_model_sampler(self, name=None):
+        return ServiceClient().create_sampling_client(base_model=self.spec.base_model)
+
+    monkeypatch.setattr(TrainingClient, "save_weights_and_get_sampling_client", base_model_sampler)
+    log_path = tmp_path / "rl"
+    with pytest.raises(train.SamplerMismatchError, match=r"sampler_logprob_tolerance=0.001") as error:
+        train.main(rl_config(str(log_path), stop_model_dir, max_steps=3, sampler_logprob_tolerance=1e-3))
+    assert "SamplingClient on the policy's current weights" in str(error.value)
+    assert [r["step"] for r in read_jsonl(log_path / "metrics.jsonl")] == [0]  # iteration 0 is on-policy (B = 0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Win-rate evaluator
 

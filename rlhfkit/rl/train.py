@@ -88,6 +88,21 @@ class Config:
     seed: int | None = None  # seeds the LoRA init and every rollout's sampling (reproducible, also on resume)
     policy_kl_num_sequences: int = 16  # sequences per iteration for kl/policy_vs_init (0 = off)
     sampler: str | None = None  # rollouts: "local" or "vllm" (ServiceClient's sampler; None: RLHFKIT_SAMPLER)
+    # Guard against a sampler that did not apply the policy's adapter: the largest |trainer logprob - sampler
+    # logprob| over the first substep's sampled tokens (optim/first_substep_max_abs_logratio) above this stops
+    # the run (nats; 0 = off). fp32 engines agree to ~1e-6; bf16 engines differ by up to a few tenths on rare
+    # tokens; an unapplied adapter differs by whatever training has moved the policy.
+    sampler_logprob_tolerance: float = 1.0
+    # Engine backend (ServiceClient): "local" or "ray" (None: RLHFKIT_BACKEND), the Ray cluster's address (None:
+    # a local instance; "auto": join), data-parallel training workers and inference engines (None: defaults).
+    backend: str | None = None
+    ray_address: str | None = None
+    num_train_workers: int | None = None
+    num_samplers: int | None = None
+
+
+class SamplerMismatchError(RuntimeError):
+    """The sampler's logprobs of its own tokens differ from the trainer's: its weights are not the policy's."""
 
 
 def _rollout_seed(seed: int | None, iteration: int, group_idx: int, env_idx: int) -> int | None:
@@ -139,8 +154,27 @@ async def _evaluate(evaluators: Sequence[Any], sampling_client: Any, training_cl
     return {key: value for result in results for key, value in result.items()}
 
 
-def _train_step(config: Config, training_client: Any, data: list[Datum]) -> dict[str, float]:
-    """`num_substeps` equal splits of the batch, each one forward_backward and one Adam step."""
+def _check_sampler(config: Config, max_abs_logratio: float, sampler_name: str) -> None:
+    if 0 < config.sampler_logprob_tolerance < max_abs_logratio:
+        raise SamplerMismatchError(
+            f"the sampler ({sampler_name}) gave its sampled tokens logprobs up to {max_abs_logratio:.4g} nats away "
+            f"from the trainer's, above sampler_logprob_tolerance={config.sampler_logprob_tolerance}: the "
+            f"sampler is not running the policy's weights (an adapter the inference engine did not apply, e.g. "
+            f"on a module it does not support; check the engine's warnings, or train without that module). "
+            f"Raise sampler_logprob_tolerance only if the engines legitimately differ (low precision).")
+
+
+def sampler_name(sampling_client: Any) -> str:
+    """How the error names a sampler: its adapter (id and checkpoint folder) where it has one."""
+    parts = [f"{k}={getattr(sampling_client, k)}" for k in ("adapter_id", "adapter_path")
+             if getattr(sampling_client, k, None) is not None]
+    return ", ".join(parts) if parts else f"{type(sampling_client).__name__} on the policy's current weights"
+
+
+def _train_step(config: Config, training_client: Any, data: list[Datum], sampler: str) -> dict[str, float]:
+    """`num_substeps` equal splits of the batch, each one forward_backward and one Adam step. Before the first
+    step, the trainer's logprobs of the sampled tokens are checked against the sampler's (on-policy they are
+    equal): a mismatch stops the run (`sampler_logprob_tolerance`)."""
     batch = [data_processing.remove_mask(d) for d in data]
     splits = [s for s in np.array_split(np.arange(len(batch)), config.num_substeps) if len(s)]
     adam = AdamParams(learning_rate=config.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8)
@@ -157,6 +191,7 @@ def _train_step(config: Config, training_client: Any, data: list[Datum]) -> dict
                             - train_logprobs[j].to_numpy()[data[j].loss_fn_inputs["mask"].to_numpy() > 0])
                      for j in indices]
             metrics["optim/first_substep_max_abs_logratio"] = float(np.concatenate(diffs).max(initial=0.0))
+            _check_sampler(config, metrics["optim/first_substep_max_abs_logratio"], sampler)
         step = training_client.optim_step(adam).result()
         metrics.update(step.metrics or {})
     metrics.update(rl_metrics.compute_kl_sample_train(data, train_logprobs))
@@ -217,7 +252,7 @@ async def _run_iteration(config: Config, i: int, dataset: Any, sampling_client: 
         metrics.update(await rl_metrics.incorporate_kl_penalty(data, kl_reference_client, config.kl_penalty_coef,
                                                                config.kl_discount_factor))
     t0 = time.time()
-    metrics.update(_train_step(config, training_client, data))
+    metrics.update(_train_step(config, training_client, data, sampler_name(sampling_client)))
     metrics["time/train"] = time.time() - t0
     return metrics
 
@@ -240,7 +275,9 @@ async def _train(config: Config, log_path: str, resume: Any, start_batch: int, m
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
     if config.seed is not None:
         random.seed(config.seed + start_batch)  # the engine's fallback sampling seeds (evaluators)
-    service = ServiceClient(base_url=config.base_url, sampler=config.sampler)
+    service = ServiceClient(base_url=config.base_url, sampler=config.sampler, backend=config.backend,
+                            ray_address=config.ray_address, num_train_workers=config.num_train_workers,
+                            num_samplers=config.num_samplers)
     training_client = _create_training_client(config, service, resume)
     init_client = _init_sampling_client(config, service, training_client, log_path, resumed=resume is not None)
     kl_reference_client = _kl_reference_client(config, service)

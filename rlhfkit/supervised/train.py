@@ -70,6 +70,12 @@ class Config:
     max_steps: int | None = None
     submit_ahead: int = 1  # accepted; the local engine runs requests synchronously
     base_url: str | None = None
+    # Engine backend (ServiceClient): "local" or "ray" (None: RLHFKIT_BACKEND), the Ray cluster's address (None:
+    # a local instance; "auto": join), data-parallel training workers and inference engines (None: defaults).
+    backend: str | None = None
+    ray_address: str | None = None
+    num_train_workers: int | None = None
+    num_samplers: int | None = None
 
 
 def main(config: Config) -> Any:
@@ -127,7 +133,8 @@ async def main_async(config: Config) -> None:
 
 async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger) -> None:
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
-    service = ServiceClient(base_url=config.base_url)
+    service = ServiceClient(base_url=config.base_url, backend=config.backend, ray_address=config.ray_address,
+                            num_train_workers=config.num_train_workers, num_samplers=config.num_samplers)
     resume = checkpoint_utils.get_last_checkpoint(log_path)
     if resume is not None:
         logger.info("resuming from checkpoint %s (epoch %s, batch %s)", resume.name, resume.epoch, resume.batch)

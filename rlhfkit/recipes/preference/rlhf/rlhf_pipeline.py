@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -76,6 +77,11 @@ class PipelineConfig:
     report: bool = True
     report_prompts: int = 3  # held-out prompts (besides the tutorial's) in the report's reply comparison
     sampler: str | None = None  # RL rollouts: "local" (in this process) or "vllm" (see README); None: RLHFKIT_SAMPLER
+    # Engine backend of every stage: "local" (one process) or "ray" (docs/cluster.md); None: RLHFKIT_BACKEND
+    backend: str | None = None
+    ray_address: str | None = None  # backend=ray: None starts a local Ray instance; "auto" joins a running cluster
+    num_train_workers: int | None = None  # backend=ray: data-parallel training workers (None: one per GPU, else 1)
+    num_samplers: int | None = None  # backend=ray: inference-engine actors (None: 1)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -328,8 +334,21 @@ class StageClock:
         self._write()
 
 
+ENGINE_ENV = {"backend": "RLHFKIT_BACKEND", "ray_address": "RLHFKIT_RAY_ADDRESS",
+              "num_train_workers": "RLHFKIT_NUM_TRAIN_WORKERS", "num_samplers": "RLHFKIT_NUM_SAMPLERS"}
+
+
+def apply_engine_settings(cfg: PipelineConfig) -> None:
+    """The engine settings reach every ServiceClient of the stages, the evaluators and the report through the
+    engine's environment variables (ServiceClient's defaults)."""
+    for name, variable in ENGINE_ENV.items():
+        if getattr(cfg, name) is not None:
+            os.environ[variable] = str(getattr(cfg, name))
+
+
 async def main_async(cfg: PipelineConfig) -> dict[str, float]:
     """Run the configured stages (skipping finished ones) and write the report; returns stage wall times."""
+    apply_engine_settings(cfg)
     root = Path(cfg.log_root)
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "pipeline_config.json", dataclasses.asdict(cfg))
