@@ -2,7 +2,8 @@
 
 `ray_address`: None starts a private local Ray instance (bound to 127.0.0.1, small object store, no
 dashboard); "auto" joins the cluster this machine belongs to (`ray start`); any other value is passed to
-`ray.init(address=...)`. Actors get this package and the engine's settings through the runtime
+`ray.init(address=...)` (a loopback address, e.g. a test cluster on 127.0.0.2, makes the driver's node address
+loopback too). Actors get this package and the engine's settings through the runtime
 environment (PYTHONPATH and the RLHFKIT_* / HF_* variables of the driver), so a cluster started from the
 same checkout (or with rlhfkit installed on every node) runs them.
 """
@@ -57,7 +58,9 @@ def connect(address: str | None) -> Any:
                      _node_ip_address="127.0.0.1", runtime_env=runtime_env, log_to_driver=False,
                      configure_logging=False)
         else:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
+            host = address.rsplit(":", 1)[0]
+            local = {"_node_ip_address": host} if host.startswith("127.") else {}  # a cluster on loopback
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False, **local)
     return ray
 
 

@@ -53,7 +53,7 @@ class TrainWorker:
     def join_group(self, init_method: str) -> None:
         import torch.distributed as dist
 
-        if init_method.startswith("tcp://127.0.0.1:"):
+        if init_method.startswith("tcp://127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a one-machine cluster stays on loopback
         backend = "nccl" if self.trainer.precision.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
