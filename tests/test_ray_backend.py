@@ -2,12 +2,22 @@
 a two-node cluster running the pipeline, faults."""
 
 import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rlhfkit.engine import AdamParams, Datum, ModelInput, SamplingParams, ServiceClient, load_tokenizer
 from rlhfkit.engine.lora import load_adapter_tensors
+from rlhfkit.utils.atomic import read_jsonl
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]' or scripts/setup.sh)")
 pytestmark = pytest.mark.ray
@@ -110,3 +120,123 @@ def test_inference_engine_serves_adapters_like_the_local_sampler(ray_service, ti
 
         assert np.allclose(asyncio.run(judged(remote)).candidate_logprobs,
                            asyncio.run(judged(local)).candidate_logprobs, atol=1e-4)
+
+
+# -------------------------------------------------------------------------------------------------
+# A two-node cluster on this machine (loopback addresses 127.0.0.2 and 127.0.0.3, one CPU each)
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER_ENV = {**os.environ, "RLHFKIT_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0",
+               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(REPO)}
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _processes_of(marker: str) -> list[int]:
+    """The processes whose command line contains `marker` (the cluster's temp folder), and their descendants."""
+    parents: dict[int, int] = {}
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.add(int(entry.name))
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    grown = True
+    while grown:
+        more = {pid for pid, parent in parents.items() if parent in found and pid not in found}
+        found |= more
+        grown = bool(more)
+    return sorted(found - {os.getpid()})
+
+
+def _stop_cluster(marker: str) -> None:
+    """Stops this test's Ray processes by pid (`ray stop` would stop every Ray on the machine)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _processes_of(marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """`ray start --head` plus a second `ray start --address=...`, one CPU each, on loopback."""
+    temp = Path(tempfile.mkdtemp(prefix="rlhfkit-ray-"))  # short: Ray's socket paths have a length limit
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    port = _free_port("127.0.0.2")
+    common = ["--num-cpus=1", "--object-store-memory=100000000", f"--temp-dir={temp}", "--disable-usage-stats"]
+    try:
+        subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.2",
+                        "--include-dashboard=false", *common], env=CLUSTER_ENV, check=True, capture_output=True,
+                       timeout=180)
+        subprocess.run([ray_cli, "start", f"--address=127.0.0.2:{port}", "--node-ip-address=127.0.0.3", *common],
+                       env=CLUSTER_ENV, check=True, capture_output=True, timeout=180)
+        yield f"127.0.0.2:{port}"
+    finally:
+        _stop_cluster(str(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow  # about 2 minutes here, plus the cluster's start
+def test_two_node_cluster_runs_the_smoke_pipeline(two_node_cluster, tmp_path):
+    root = tmp_path / "smoke"
+    command = [sys.executable, "-m", "rlhfkit.recipes.preference.rlhf.rlhf_pipeline", "preset=smoke",
+               f"log_root={root}", "backend=ray", f"ray_address={two_node_cluster}", "num_train_workers=2"]
+    result = subprocess.run(command, env=CLUSTER_ENV, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert (root / "report.html").exists() and (root / "report.md").exists()
+    steps = [r["step"] for r in read_jsonl(root / "rl" / "metrics.jsonl")]
+    assert steps == [0, 1, 2]
+
+
+# -------------------------------------------------------------------------------------------------
+# Faults
+
+
+def test_a_killed_inference_actor_is_replaced_and_its_requests_retried(ray_service, tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    sampler = ray_service.create_sampling_client(base_model=tiny_model_dir)
+    prompts = [ModelInput.from_ints(tokenizer.encode(t)) for t in TEXTS]
+    params = SamplingParams(max_tokens=64, seed=5, stop=[])
+
+    async def iteration():
+        return await asyncio.gather(*(sampler.sample_async(p, 4, params) for p in prompts))
+
+    expected = asyncio.run(iteration())
+    pool = sampler.pool
+    restarts = pool.restarts
+
+    async def iteration_with_a_kill():
+        pending = asyncio.ensure_future(iteration())
+        await asyncio.sleep(1.0)  # the engine is generating
+        ray.kill(pool.actors[0], no_restart=True)
+        return await pending
+
+    got = asyncio.run(iteration_with_a_kill())
+    assert pool.restarts == restarts + 1
+    assert [[s.tokens for s in r.sequences] for r in got] == [[s.tokens for s in r.sequences] for r in expected]
+
+
+def test_a_killed_driver_resumes_on_ray_without_gap_or_duplicate(tiny_model_dir, tmp_path):
+    from test_rl import kill_and_resume
+
+    temp = tempfile.mkdtemp(prefix="rlhfkit-ray-")  # the children's private Ray instances live here
+    try:
+        kill_and_resume(tmp_path / "rl", tiny_model_dir, {"RLHFKIT_BACKEND": "ray", "RLHFKIT_NUM_TRAIN_WORKERS": "2",
+                                                          "RAY_TMPDIR": temp, "PYTHONPATH": str(REPO)},
+                        timeout=300)
+        assert not _processes_of(temp), "the killed driver's Ray processes outlived it"
+    finally:
+        _stop_cluster(temp)
+        shutil.rmtree(temp, ignore_errors=True)
