@@ -188,7 +188,7 @@ def two_node_cluster(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.slow  # about 2 minutes here, plus the cluster's start
+# about 1.5 minutes here (cluster start 16 s, pipeline 64 s, stop 6 s)
 def test_two_node_cluster_runs_the_smoke_pipeline(two_node_cluster, tmp_path):
     root = tmp_path / "smoke"
     command = [sys.executable, "-m", "rlhfkit.recipes.preference.rlhf.rlhf_pipeline", "preset=smoke",
