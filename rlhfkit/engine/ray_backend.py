@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.engine.lora import LoraSpec
-from rlhfkit.engine.ray_cluster import connect, default_num_train_workers
+from rlhfkit.engine.ray_cluster import actor_resources, connect, default_num_train_workers
 from rlhfkit.engine.ray_sampling import InferencePool, RaySamplingClient
 from rlhfkit.engine.ray_training import RayTrainingClient, start_workers
 
@@ -24,12 +24,16 @@ class RayBackend:
             raise ValueError(f"num_train_workers={self.num_train_workers}, num_samplers={self.num_samplers}: "
                              f"both must be >= 1")
         self.inference_engine = inference_engine
+        # Placement: every training worker and inference engine gets an equal share of the cluster's GPUs (one
+        # each when there are enough); with vLLM, one more torch engine may serve what vLLM cannot.
+        fallback = 1 if inference_engine == "vllm" else 0
+        self.resources = actor_resources(self.num_train_workers + self.num_samplers + fallback)
         self.device, self.dtype = device, dtype
         self._pools: dict[str, InferencePool] = {}
         self._lock = threading.Lock()
 
     def training_client(self, service: Any, spec: LoraSpec, storage: Path) -> RayTrainingClient:
-        workers = start_workers(spec, self.device, self.dtype, self.num_train_workers)
+        workers = start_workers(spec, self.device, self.dtype, self.num_train_workers, self.resources)
         return RayTrainingClient(service, spec, workers, storage)
 
     def pool(self, base_model: str) -> InferencePool:
@@ -37,7 +41,7 @@ class RayBackend:
         with self._lock:
             if base_model not in self._pools:
                 self._pools[base_model] = InferencePool(base_model, self.device, self.dtype, self.num_samplers,
-                                                        self.inference_engine)
+                                                        self.inference_engine, self.resources)
             return self._pools[base_model]
 
     def sampling_client(self, base_model: str, adapter_path: str | None) -> RaySamplingClient:

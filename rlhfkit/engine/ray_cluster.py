@@ -70,8 +70,9 @@ def cluster_gpus() -> int:
 
 
 def actor_resources(num_actors: int) -> dict[str, float]:
-    """Resources of each of `num_actors` engine actors: one GPU each when the cluster has that many, a share
-    of the GPUs when it has fewer (actors colocated), else a small CPU share (Ray does not pin CPUs; a share
+    """Resources of each of `num_actors` engine actors (all training workers and inference engines of a run):
+    one GPU each when the cluster has that many, an equal share of the GPUs when it has fewer (a training
+    worker and an inference engine then share a device), else a small CPU share (Ray does not pin CPUs; a share
     lets a one-CPU node hold a training worker and an inference engine)."""
     gpus = cluster_gpus()
     if gpus > 0:

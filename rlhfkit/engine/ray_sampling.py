@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 from rlhfkit.engine.futures import APIFuture, RequestBatcher, RequestQueue
 from rlhfkit.engine.models import load_tokenizer
-from rlhfkit.engine.ray_cluster import actor_resources, import_ray
+from rlhfkit.engine.ray_cluster import import_ray
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampleResponse, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -108,8 +108,10 @@ def _engine_class(kind: str) -> tuple[type, dict]:
 class InferencePool:
     """K engine actors on one base model (see the module docstring)."""
 
-    def __init__(self, base_model: str, device: str | None, dtype: str | None, num_engines: int, kind: str):
+    def __init__(self, base_model: str, device: str | None, dtype: str | None, num_engines: int, kind: str,
+                 resources: dict[str, float]):
         self.base_model, self.device, self.dtype, self.kind = base_model, device, dtype, kind
+        self.resources = resources
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.paths: dict[str, str] = {}
@@ -118,13 +120,13 @@ class InferencePool:
         self.restarts = 0
         ray = import_ray()
         unsupported = set(ray.get(self.actors[0].health.remote()).get("unsupported", []))
-        self.fallback = (InferencePool(base_model, device, dtype, 1, "torch") if unsupported else None)
+        self.fallback = InferencePool(base_model, device, dtype, 1, "torch", resources) if unsupported else None
         self.unsupported = unsupported
 
     def _start(self) -> Any:
         ray = import_ray()
         engine, options = _engine_class(self.kind)
-        return ray.remote(engine).options(**actor_resources(1), max_restarts=0, **options).remote(
+        return ray.remote(engine).options(**self.resources, max_restarts=0, **options).remote(
             self.base_model, self.device, self.dtype)
 
     def register(self, path: str) -> str:

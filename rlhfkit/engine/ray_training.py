@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 from rlhfkit.engine.futures import APIFuture
 from rlhfkit.engine.lora import LoraSpec
 from rlhfkit.engine.models import load_tokenizer
-from rlhfkit.engine.ray_cluster import actor_resources, gather, import_ray
+from rlhfkit.engine.ray_cluster import gather, import_ray
 from rlhfkit.engine.types import (AdamParams, Datum, ForwardBackwardOutput, OptimStepResponse, SaveWeightsResponse,
                                   TensorData)
 
@@ -122,11 +122,11 @@ def _worker_death(error: BaseException) -> BaseException:
     return error
 
 
-def start_workers(spec: LoraSpec, device: str | None, dtype: str | None, num_workers: int) -> list[Any]:
-    """The worker actors of one training client, joined in one process group."""
+def start_workers(spec: LoraSpec, device: str | None, dtype: str | None, num_workers: int,
+                  resources: dict[str, float]) -> list[Any]:
+    """The worker actors of one training client (each with `resources`), joined in one process group."""
     ray = import_ray()
     actor = ray.remote(TrainWorker)
-    resources = actor_resources(num_workers)
     workers = [actor.options(**resources, max_restarts=0).remote(spec, device, dtype, rank, num_workers)
                for rank in range(num_workers)]
     if num_workers > 1:

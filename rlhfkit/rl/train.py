@@ -143,7 +143,7 @@ def _kl_reference_client(config: Config, service: ServiceClient) -> Any:
         raise ValueError("kl_penalty_coef > 0 needs kl_reference_config=KLReferenceConfig(base_model=...)")
     if ref.load_checkpoint_path is None:
         return service.create_sampling_client(base_model=ref.base_model)
-    return service.create_training_client_from_state(ref.load_checkpoint_path).save_weights_and_get_sampling_client()
+    return service.create_sampling_client(model_path=ref.load_checkpoint_path)  # a state folder holds the adapter
 
 
 async def _evaluate(evaluators: Sequence[Any], sampling_client: Any, training_client: Any) -> dict[str, float]:
