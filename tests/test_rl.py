@@ -313,12 +313,14 @@ def test_rl_shortens_replies_under_a_shorter_is_better_judge(stop_model_dir, tmp
     assert (log_path / "metrics.png").exists()
 
 
-def test_killed_run_resumes_without_gap_or_duplicate(stop_model_dir, tmp_path):
-    log_path = tmp_path / "rl"
-    command = [sys.executable, __file__, str(log_path), stop_model_dir, "2"]
-    env = {**os.environ, "RLHFKIT_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def kill_and_resume(log_path: Path, model_dir: str, env: dict[str, str], timeout: float = 120) -> None:
+    """Runs a 2-iteration RL run in a child process, SIGKILLs it right after its first periodic checkpoint
+    (after iteration 0), runs it again, and checks that it resumed at iteration 1 with no gap or duplicate in
+    metrics.jsonl and without re-running iteration 0."""
+    command = [sys.executable, __file__, str(log_path), model_dir, "2"]
+    env = {**os.environ, "RLHFKIT_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
     child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + timeout
     while not read_jsonl(log_path / "checkpoints.jsonl") and child.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)  # right after the first periodic checkpoint (after iteration 0 of 2)
@@ -327,7 +329,7 @@ def test_killed_run_resumes_without_gap_or_duplicate(stop_model_dir, tmp_path):
     assert [c["name"] for c in checkpoints] == ["000001"], checkpoints
     restart_time = time.time()
 
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout + 60)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resuming at iteration 1" in second.stdout + second.stderr
     assert [r["step"] for r in read_jsonl(log_path / "metrics.jsonl")] == [0, 1]
@@ -336,6 +338,10 @@ def test_killed_run_resumes_without_gap_or_duplicate(stop_model_dir, tmp_path):
     assert (log_path / "iteration_000001" / "train.html").stat().st_mtime > restart_time
     assert [(c["name"], c["batch"]) for c in read_jsonl(log_path / "checkpoints.jsonl")] == \
         [("000001", 1), ("final", 2)]
+
+
+def test_killed_run_resumes_without_gap_or_duplicate(stop_model_dir, tmp_path):
+    kill_and_resume(tmp_path / "rl", stop_model_dir, {})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,26 +1,162 @@
-"""Futures returned by the `_async` client methods (awaitable, or `.result()` / `await .result_async()`)."""
+"""Futures of the engine's requests, and the engine's execution contract (stated once, here and in
+docs/engine-api.md).
+
+Execution contract (every backend):
+- Every client method submits its request and returns at once: a sync method returns a pending `APIFuture`;
+  an `_async` method returns after submission too (`fut = await tc.forward_backward_async(...)`), except the
+  sampling client's `sample_async` / `compute_logprobs_async` / `score_next_token_async`, which are coroutines
+  resolving to the result (concurrent calls are gathered into one batched computation).
+- `fut.result(timeout)` blocks until the result (or raises the request's error, or TimeoutError);
+  `await fut` and `await fut.result_async()` wait without blocking the event loop.
+- The requests of one training client run one at a time in submission order: a `save_state` submitted after
+  an `optim_step` sees that step, whether or not the caller waited for the step. Sampling clients are frozen
+  (a sampler on given weights), so their requests may run in any order or together.
+- An error is raised by `.result()` of the request that failed; later requests of the same training client
+  still run (they see the state the failed request left).
+
+The local backend runs each client's requests on a worker thread of its own; the Ray backend runs them on
+actors and completes the future when the actors' results arrive.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class APIFuture(Generic[T]):
-    """A request result. The local backend runs requests in submission order, so it is always complete."""
+    """The result of one submitted request (wraps a `concurrent.futures.Future`)."""
 
-    def __init__(self, value: T):
-        self._value = value
+    def __init__(self, future: concurrent.futures.Future):
+        self._future = future
+
+    @staticmethod
+    def completed(value: T) -> "APIFuture[T]":
+        """A future that already holds its value (for requests with nothing to run)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_result(value)
+        return APIFuture(future)
+
+    def done(self) -> bool:
+        return self._future.done()
 
     def result(self, timeout: float | None = None) -> T:
-        return self._value
+        return self._future.result(timeout)
 
     async def result_async(self, timeout: float | None = None) -> T:
-        return self._value
+        return await asyncio.wait_for(asyncio.wrap_future(self._future), timeout)
 
     def __await__(self) -> Any:
-        async def _get() -> T:
-            return self._value
+        return self.result_async().__await__()
 
-        return _get().__await__()
+    def then(self, fn: Callable[[T], Any]) -> "APIFuture":
+        """A future of `fn(result)` (or of this request's error)."""
+        chained: concurrent.futures.Future = concurrent.futures.Future()
+
+        def done(future: concurrent.futures.Future) -> None:
+            try:
+                chained.set_result(fn(future.result()))
+            except BaseException as e:  # handed to the caller's .result()
+                chained.set_exception(e)
+
+        self._future.add_done_callback(done)
+        return APIFuture(chained)
+
+
+class RequestQueue:
+    """Runs submitted calls one at a time, in submission order, on a worker thread of its own (a training
+    client's requests; a sampling client's batches). The thread is a daemon: an idle queue never keeps the
+    interpreter alive."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._lock = threading.Lock()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> APIFuture[T]:
+        return APIFuture(self.submit_raw(fn, *args, **kwargs))
+
+    def submit_raw(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        with self._lock:
+            if self._executor is None:
+                self._executor = _DaemonExecutor(self._name)
+            return self._executor.submit(fn, *args, **kwargs)
+
+    def __del__(self) -> None:
+        if self._executor is not None:
+            self._executor.stop()
+
+
+class _DaemonExecutor(concurrent.futures.Executor):
+    """A one-thread executor whose thread is a daemon (ThreadPoolExecutor's threads are joined at exit)."""
+
+    def __init__(self, name: str):
+        import queue
+
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((future, fn, args, kwargs))
+        return future
+
+    def stop(self) -> None:
+        """The thread ends after the calls already submitted."""
+        self._queue.put(None)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to the caller's .result()
+                future.set_exception(e)
+
+
+class RequestBatcher:
+    """Gathers requests submitted concurrently on the running event loop and serves them with one call of
+    `run(requests) -> results` on `queue` (the event loop stays free meanwhile). It waits until a full loop
+    turn brings no new request, so nested gathers (groups of envs, pairs of orders) land in the same batch."""
+
+    def __init__(self, run: Callable[[list[Any]], list[Any]], queue: RequestQueue):
+        self.run = run
+        self.queue = queue
+        self.pending: list[tuple[Any, asyncio.Future]] = []
+        self.flushing = False
+
+    async def submit(self, request: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.pending.append((request, future))
+        if not self.flushing:
+            self.flushing = True
+            loop.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        seen = -1
+        while seen != len(self.pending):
+            seen = len(self.pending)
+            for _ in range(3):
+                await asyncio.sleep(0)
+        batch, self.pending, self.flushing = self.pending, [], False
+        try:
+            results = await asyncio.wrap_future(self.queue.submit_raw(self.run, [request for request, _ in batch]))
+        except BaseException as e:  # hand the error to every waiter
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)

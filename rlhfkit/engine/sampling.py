@@ -12,20 +12,19 @@ windows): decode batches of equal-length prompts in the model's own cache, right
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import functools
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from rlhfkit.engine.batching import pad_left, pad_right, plan_microbatches, token_logprobs
 from rlhfkit.engine.capabilities import cache_capabilities
-from rlhfkit.engine.futures import APIFuture
+from rlhfkit.engine.futures import APIFuture, RequestBatcher, RequestQueue
 from rlhfkit.engine.lora import LoraSpec, merge_adapter
 from rlhfkit.engine.models import Precision, load_base_model, load_tokenizer
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampledSequence, SampleResponse, SamplingParams
@@ -77,45 +76,6 @@ def shared_prefix_groups(sequences: Sequence[Sequence[int]]) -> list[tuple[int, 
     if members:
         close()
     return groups
-
-
-class _Batcher:
-    """Collects requests submitted concurrently on the running event loop and serves them in one call of
-    `run(requests) -> results`. It waits until a full loop turn brings no new request, so nested gathers
-    (groups of envs, pairs of orders) all land in the same batch."""
-
-    def __init__(self, run: Callable[[list[Any]], list[Any]]):
-        self.run = run
-        self.pending: list[tuple[Any, asyncio.Future]] = []
-        self.flushing = False
-        self.flush_task: asyncio.Task | None = None
-
-    async def submit(self, request: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.pending.append((request, future))
-        if not self.flushing:
-            self.flushing = True
-            self.flush_task = loop.create_task(self._flush())  # kept referenced until it is done
-        return await future
-
-    async def _flush(self) -> None:
-        seen = -1
-        while seen != len(self.pending):
-            seen = len(self.pending)
-            for _ in range(3):
-                await asyncio.sleep(0)
-        batch, self.pending, self.flushing = self.pending, [], False
-        try:
-            results = self.run([request for request, _ in batch])
-        except BaseException as e:  # hand the error to every waiter
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(e)
-            return
-        for (_, future), result in zip(batch, results):
-            if not future.done():
-                future.set_result(result)
 
 
 @contextlib.contextmanager
@@ -259,11 +219,10 @@ class SamplingClient:
                                                              None))
         self._context = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
         self._cache = cache_capabilities(base_model, self.model)
-        self._sample_batcher = _Batcher(self._sample_many)
-        self._logprob_batcher = _Batcher(self._compute_logprobs_many)
-        self._score_batcher = _Batcher(lambda reqs: self._score_many([r[0] for r in reqs], reqs[0][1])
-                                       if len({tuple(r[1]) for r in reqs}) == 1
-                                       else [self._score_many([p], c)[0] for p, c in reqs])
+        self._queue = RequestQueue("rlhfkit-sampling")  # every computation of this client runs on its thread
+        self._sample_batcher = RequestBatcher(self.sample_batch, self._queue)
+        self._logprob_batcher = RequestBatcher(self.compute_logprobs_batch, self._queue)
+        self._score_batcher = RequestBatcher(self._score_requests, self._queue)
 
     @classmethod
     def from_base(cls, base_model: str, precision: Precision) -> SamplingClient:
@@ -281,7 +240,8 @@ class SamplingClient:
     # ---------------------------------------------------------------------------------------------
     # Generation
 
-    def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
+    def sample_batch(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
+        """Serve (prompt, num_samples, params) requests together, in this thread (blocking)."""
         per_request = [make_rows(prompt, n, params, self._eos_ids, self._context) for prompt, n, params in requests]
         rows = [row for group in per_request for row in group]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
@@ -450,7 +410,8 @@ class SamplingClient:
 
     def sample(self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
                ) -> APIFuture[SampleResponse]:
-        return APIFuture(self._sample_many([(prompt, num_samples, sampling_params or SamplingParams())])[0])
+        return self._queue.submit(lambda: self.sample_batch([(prompt, num_samples,
+                                                              sampling_params or SamplingParams())])[0])
 
     async def sample_async(self, prompt: ModelInput, num_samples: int = 1,
                            sampling_params: SamplingParams | None = None) -> SampleResponse:
@@ -493,7 +454,8 @@ class SamplingClient:
             return self._forward_left_padded(sequences, keep_last_only)
         return self._forward_right_padded(sequences, keep_last_only)
 
-    def _compute_logprobs_many(self, prompts: list[ModelInput]) -> list[list[float | None]]:
+    def compute_logprobs_batch(self, prompts: list[ModelInput]) -> list[list[float | None]]:
+        """compute_logprobs of every prompt, in this thread (blocking)."""
         sequences = [p.to_ints() for p in prompts]
         out = []
         for tokens, logits in zip(sequences, self._forward(sequences, keep_last_only=False)):
@@ -503,7 +465,7 @@ class SamplingClient:
 
     def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
         """log p(token_t | tokens_<t) for every token of the prompt (None for the first)."""
-        return APIFuture(self._compute_logprobs_many([prompt])[0])
+        return self._queue.submit(lambda: self.compute_logprobs_batch([prompt])[0])
 
     async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
         return await self._logprob_batcher.submit(prompt)
@@ -590,13 +552,19 @@ class SamplingClient:
         chosen = logp[:, list(candidates)].tolist() if len(candidates) else [[] for _ in prompts]
         return [NextTokenScores(a, c) for a, c in zip(argmax, chosen)]
 
+    def _score_requests(self, requests: list[tuple[ModelInput, list[int]]]) -> list[NextTokenScores]:
+        """Batched (prompt, candidates) requests: one pass when they share their candidates."""
+        if len({tuple(c) for _, c in requests}) == 1:
+            return self._score_many([p for p, _ in requests], requests[0][1])
+        return [self._score_many([p], c)[0] for p, c in requests]
+
     def score_next_token_batch(self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
                                ) -> list[NextTokenScores]:
         """For each prompt: the greedy next token and the logprobs of `candidate_tokens`, in batched passes."""
-        return self._score_many(list(prompts), list(candidate_tokens))
+        return self._queue.submit(self._score_many, list(prompts), list(candidate_tokens)).result()
 
     def score_next_token(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> APIFuture[NextTokenScores]:
-        return APIFuture(self._score_many([prompt], list(candidate_tokens))[0])
+        return self._queue.submit(lambda: self._score_many([prompt], list(candidate_tokens))[0])
 
     async def score_next_token_async(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> NextTokenScores:
         return await self._score_batcher.submit((prompt, list(candidate_tokens)))

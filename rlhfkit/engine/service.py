@@ -1,4 +1,5 @@
-"""The entry point of the engine: creates training and sampling clients (local, in-process backend)."""
+"""The entry point of the engine: creates training and sampling clients, on the local (in-process) backend or
+the Ray backend (ray_backend.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import os
 import uuid
 from pathlib import Path
 
-from rlhfkit.engine.lora import LoraSpec, add_lora, load_adapter_tensors, read_spec
-from rlhfkit.engine.models import load_base_model, pick_precision
+from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors, read_spec
+from rlhfkit.engine.models import pick_precision
 from rlhfkit.engine.sampling import SamplingClient
 from rlhfkit.engine.training import TrainingClient
 from rlhfkit.paths import cache_dir
@@ -19,11 +20,20 @@ class ServiceClient:
     `storage_dir` (default ~/.cache/rlhfkit/runs); absolute paths are used as given.
 
     `sampler`: "local" (default; generation in this process) or "vllm" (generation by a vLLM engine in its own
-    process, see vllm_sampling.py); default from RLHFKIT_SAMPLER. Training and scoring are always local."""
+    process, see vllm_sampling.py); default from RLHFKIT_SAMPLER. Training and scoring are always local.
+
+    `backend`: "local" (default) or "ray" (default from RLHFKIT_BACKEND): training clients become groups of
+    `num_train_workers` data-parallel Ray actors (default: one per GPU of the cluster, else 1) and sampling
+    clients are served by `num_samplers` inference-engine actors (default 1) of kind `inference_engine`
+    ("torch" or "vllm"; default RLHFKIT_INFERENCE_ENGINE, else torch). `ray_address`: None starts a local Ray
+    instance, "auto" joins a running cluster (default RLHFKIT_RAY_ADDRESS). RLHFKIT_NUM_TRAIN_WORKERS and
+    RLHFKIT_NUM_SAMPLERS give the counts' defaults. The storage folder must be shared by the cluster's nodes."""
 
     def __init__(self, base_url: str | None = None, user_metadata: dict | None = None, *,
                  device: str | None = None, dtype: str | None = None, storage_dir: str | None = None,
-                 sampler: str | None = None):
+                 sampler: str | None = None, backend: str | None = None, ray_address: str | None = None,
+                 num_train_workers: int | None = None, num_samplers: int | None = None,
+                 inference_engine: str | None = None):
         if base_url is not None:
             raise ValueError(f"base_url={base_url!r}: only the local in-process backend exists; pass None")
         self.precision = pick_precision(device, dtype)
@@ -31,10 +41,24 @@ class ServiceClient:
         self.sampler = sampler or os.environ.get("RLHFKIT_SAMPLER") or "local"
         if self.sampler not in ("local", "vllm"):
             raise ValueError(f"sampler={self.sampler!r}: expected 'local' or 'vllm'")
+        self.backend = backend or os.environ.get("RLHFKIT_BACKEND") or "local"
+        if self.backend not in ("local", "ray"):
+            raise ValueError(f"backend={self.backend!r}: expected 'local' or 'ray'")
+        self._ray = None
+        if self.backend == "ray":
+            from rlhfkit.engine.ray_backend import ray_backend
+
+            self._ray = ray_backend(
+                ray_address if ray_address is not None else os.environ.get("RLHFKIT_RAY_ADDRESS"),
+                num_train_workers if num_train_workers is not None else _env_int("RLHFKIT_NUM_TRAIN_WORKERS"),
+                num_samplers if num_samplers is not None else _env_int("RLHFKIT_NUM_SAMPLERS"),
+                inference_engine or os.environ.get("RLHFKIT_INFERENCE_ENGINE") or "torch", device, dtype)
 
     def _training_client(self, spec: LoraSpec) -> TrainingClient:
-        model = add_lora(load_base_model(spec.base_model, self.precision), spec)
-        return TrainingClient(self, spec, model, self.precision, self.storage_dir / uuid.uuid4().hex[:12])
+        storage = self.storage_dir / uuid.uuid4().hex[:12]
+        if self._ray is not None:
+            return self._ray.training_client(self, spec, storage)  # type: ignore[return-value]
+        return TrainingClient(self, spec, self.precision, storage)
 
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
                                     train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,
@@ -45,13 +69,13 @@ class ServiceClient:
     def create_training_client_from_state(self, path: str, user_metadata: dict | None = None) -> TrainingClient:
         """Adapter weights from a saved state (or sampler weights); a fresh optimizer."""
         client = self._training_client(read_spec(path))
-        client.load_state(path)
+        client.load_state(path).result()
         return client
 
     def create_training_client_from_state_with_optimizer(self, path: str, user_metadata: dict | None = None
                                                          ) -> TrainingClient:
         client = self._training_client(read_spec(path))
-        client.load_state_with_optimizer(path)
+        client.load_state_with_optimizer(path).result()
         return client
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
@@ -65,6 +89,8 @@ class ServiceClient:
             if base_model is not None and base_model != spec.base_model:
                 spec = LoraSpec(**{**spec.__dict__, "base_model": base_model})
             base_model, adapter = spec.base_model, str(Path(model_path).resolve())
+        if self._ray is not None:
+            return self._ray.sampling_client(base_model, adapter)  # type: ignore[return-value]
         if self.sampler == "vllm":
             from rlhfkit.engine.vllm_sampling import VLLMSamplingClient
 
@@ -85,3 +111,8 @@ class ServiceClient:
 
     async def create_sampling_client_async(self, model_path=None, base_model=None) -> SamplingClient:
         return self.create_sampling_client(model_path, base_model)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None

@@ -1,204 +1,75 @@
-"""The local training client: LoRA forward/backward with named losses, Adam steps, states on disk."""
+"""The local training client: a LoRA trainer (trainer.py) in this process, behind the engine's futures."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-import torch
-
-from rlhfkit.engine import losses
-from rlhfkit.engine.batching import microbatch_token_budget, pad_right, plan_microbatches, token_logprobs
-from rlhfkit.engine.futures import APIFuture
-from rlhfkit.engine.integrity import write_manifest
-from rlhfkit.engine.lora import (LoraSpec, adapter_state, load_adapter_state, load_adapter_tensors, read_meta,
-                                 read_spec, save_adapter)
+from rlhfkit.engine.futures import APIFuture, RequestQueue
+from rlhfkit.engine.lora import LoraSpec, read_meta, read_spec
 from rlhfkit.engine.models import Precision, load_tokenizer
-from rlhfkit.engine.types import (AdamParams, Datum, ForwardBackwardOutput, OptimStepResponse, SaveWeightsResponse,
-                                  TensorData)
-from rlhfkit.errors import CheckpointError
-from rlhfkit.utils.atomic import atomic_directory
-from rlhfkit.utils.faults import fault_point
+from rlhfkit.engine.trainer import LoraTrainer
+from rlhfkit.engine.types import AdamParams, Datum, ForwardBackwardOutput, OptimStepResponse, SaveWeightsResponse
 
-OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng.pt"
+
+def resolve_checkpoint_path(storage: Path, name: str, kind: str) -> Path:
+    """A plain name goes under the client's storage folder (`storage/kind/name`); a path is used as given."""
+    path = Path(name).expanduser()
+    return path if path.is_absolute() or len(path.parts) > 1 else storage / kind / name
 
 
 class TrainingClient:
-    """A LoRA model being trained. Requests run in submission order; every method returns an APIFuture
-    (call `.result()`), and each has an awaitable `_async` twin."""
+    """A LoRA model being trained, in this process. Every method submits its request to the client's own
+    worker thread and returns an APIFuture at once; requests run in submission order (futures.py states the
+    contract). Each method has an `_async` twin that returns the future after submission."""
 
-    def __init__(self, service: Any, spec: LoraSpec, model: torch.nn.Module, precision: Precision, storage: Path):
+    def __init__(self, service: Any, spec: LoraSpec, precision: Precision, storage: Path):
         self.service = service
         self.spec = spec
-        self.model = model
         self.precision = precision
         self.storage = storage
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.optimizer_steps = 0
-        self._nonfinite_loss = False  # set by a backward pass whose loss was NaN/inf; the next optim_step skips
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        self._pad_id = self.get_tokenizer().pad_token_id or 0
+        self.trainer = LoraTrainer(spec, precision)
+        self._queue = RequestQueue("rlhfkit-training")
+
+    @property
+    def model(self):
+        """The PEFT model (local backend only)."""
+        return self.trainer.model
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.trainer.optimizer_steps
 
     # ---------------------------------------------------------------------------------------------
-    # Forward and backward
-
-    def _check(self, data: Sequence[Datum], loss_fn: str) -> None:
-        for index, datum in enumerate(data):
-            n = datum.model_input.length
-            for key in losses.REQUIRED_INPUTS.get(loss_fn, ("target_tokens",)):
-                if key not in datum.loss_fn_inputs:
-                    raise ValueError(f"datum {index}: loss {loss_fn!r} needs loss_fn_inputs[{key!r}]")
-            for key, value in datum.loss_fn_inputs.items():
-                if len(value) != n:
-                    raise ValueError(f"datum {index}: loss_fn_inputs[{key!r}] has {len(value)} entries but the "
-                                     f"model input has {n} tokens")
-
-    @staticmethod
-    def _first_active_position(datum: Datum) -> int:
-        """The first target position that any loss input (weights, advantages, sampler logprobs) touches.
-        Positions before it (a prompt no loss looks at) need the decoder but not the unembedding, which is
-        the costliest layer with a large vocabulary; their logprobs are reported as 0."""
-        start = datum.model_input.length
-        for key, value in datum.loss_fn_inputs.items():
-            if key != "target_tokens":
-                nonzero = np.flatnonzero(value.to_numpy())
-                if nonzero.size:
-                    start = min(start, int(nonzero[0]))
-        return start
-
-    def _run_batches(self, data: Sequence[Datum], per_microbatch: Callable[[list[int], list[torch.Tensor]], None],
-                     grad: bool) -> list[torch.Tensor]:
-        """Forward the data in length-sorted microbatches; hand each microbatch's per-datum target logprobs
-        to `per_microbatch` (which may call backward). Returns detached logprobs in data order."""
-        sequences = [d.model_input.to_ints() for d in data]
-        targets = [d.loss_fn_inputs["target_tokens"].to_numpy().astype("int64").tolist() for d in data]
-        starts = [self._first_active_position(d) for d in data]
-        results: list[torch.Tensor | None] = [None] * len(data)
-        base = self.model.get_base_model()
-        decoder, unembedding = base.get_decoder(), base.get_output_embeddings()
-        softcap = getattr(base.config, "final_logit_softcapping", None)
-        device = self.precision.device
-        self.model.train(grad)
-        budget = microbatch_token_budget(device, training=True)
-        for batch in plan_microbatches([len(s) for s in sequences], budget):
-            ids, mask = pad_right([sequences[i] for i in batch], self._pad_id, device)
-            with torch.set_grad_enabled(grad):
-                with self.precision.autocast:
-                    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                    active = torch.cat([hidden[row, starts[i]:len(sequences[i])] for row, i in enumerate(batch)])
-                    logits = unembedding(active)
-                if softcap:
-                    logits = torch.tanh(logits.float() / softcap) * softcap
-                active_targets = torch.tensor([t for i in batch for t in targets[i][starts[i]:]], device=device)
-                logprobs = token_logprobs(logits, active_targets).split([len(sequences[i]) - starts[i] for i in batch])
-                rows = [torch.cat([logprobs[row].new_zeros(starts[i]), logprobs[row]]) for row, i in enumerate(batch)]
-                per_microbatch(batch, rows)
-            for row, i in zip(rows, batch):
-                results[i] = row.detach().float().cpu()
-        return results  # type: ignore[return-value]
-
-    def _forward_backward(self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None,
-                          backward: bool) -> ForwardBackwardOutput:
-        self._check(data, loss_fn)
-        loss = losses.get_loss(loss_fn)
-        config = loss_fn_config or {}
-        device = self.precision.device
-        total = 0.0
-
-        def per_microbatch(batch: list[int], rows: list[torch.Tensor]) -> None:
-            nonlocal total
-            value = torch.zeros((), device=device)
-            for i, logprobs in zip(batch, rows):
-                inputs = {k: v.to_torch().to(device).float() for k, v in data[i].loss_fn_inputs.items()
-                          if k != "target_tokens"}
-                value = value + loss(logprobs, inputs, config)
-            if backward:
-                value.backward()
-            total += float(value.detach())
-
-        logprobs = self._run_batches(data, per_microbatch, grad=backward)
-        self._nonfinite_loss |= backward and not math.isfinite(total)
-        return ForwardBackwardOutput(
-            loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp)} for lp in logprobs],
-            metrics={"loss:sum": total},
-        )
+    # Requests
 
     def forward_backward(self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None = None
                          ) -> APIFuture[ForwardBackwardOutput]:
-        return APIFuture(self._forward_backward(data, loss_fn, loss_fn_config, backward=True))
+        LoraTrainer.check(data, loss_fn)  # bad input fails at submission
+        return self._queue.submit(self.trainer.forward_backward, list(data), loss_fn, loss_fn_config, True)
 
     def forward(self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None = None
                 ) -> APIFuture[ForwardBackwardOutput]:
-        return APIFuture(self._forward_backward(data, loss_fn, loss_fn_config, backward=False))
+        LoraTrainer.check(data, loss_fn)
+        return self._queue.submit(self.trainer.forward_backward, list(data), loss_fn, loss_fn_config, False)
 
     def forward_backward_custom(self, data: Sequence[Datum], fn: Callable) -> APIFuture[ForwardBackwardOutput]:
         """`fn(data, logprobs_list) -> (loss, metrics)` over the whole batch's target logprobs (with grad)."""
-        self._check(data, "custom")
-        collected: dict[int, torch.Tensor] = {}
-
-        def keep(batch: list[int], rows: list[torch.Tensor]) -> None:
-            collected.update(zip(batch, rows))
-
-        self._run_batches(data, keep, grad=True)
-        logprobs = [collected[i] for i in range(len(data))]
-        loss, metrics = fn(list(data), logprobs)
-        loss.backward()
-        self._nonfinite_loss |= not math.isfinite(float(loss.detach()))
-        metrics = {"loss:sum": float(loss.detach()), **{k: float(v) for k, v in (metrics or {}).items()}}
-        return APIFuture(ForwardBackwardOutput(
-            loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp.detach().float().cpu())} for lp in logprobs],
-            metrics=metrics))
-
-    # ---------------------------------------------------------------------------------------------
-    # Optimizer
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self._params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+        LoraTrainer.check(data, "custom")
+        return self._queue.submit(self.trainer.forward_backward_custom, list(data), fn)
 
     def optim_step(self, params: AdamParams) -> APIFuture[OptimStepResponse]:
-        if self.optimizer is None:
-            self.optimizer = self._make_optimizer()
-        for group in self.optimizer.param_groups:
-            group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2), eps=params.eps,
-                         weight_decay=params.weight_decay)
-        grads = [p.grad for p in self._params if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
-            if grads else 0.0
-        fault_point("optim_step")
-        if self._nonfinite_loss or not math.isfinite(grad_norm):  # skip: weights and Adam state unchanged
-            self._nonfinite_loss = False
-            self.optimizer.zero_grad(set_to_none=True)
-            return APIFuture(OptimStepResponse(metrics={"optim/grad_norm": grad_norm, "optim/skipped_nonfinite": 1.0}))
-        if params.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self._params, params.grad_clip_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer_steps += 1
-        return APIFuture(OptimStepResponse(metrics={"optim/grad_norm": grad_norm, "optim/skipped_nonfinite": 0.0}))
+        return self._queue.submit(self.trainer.optim_step, params)
 
-    # ---------------------------------------------------------------------------------------------
-    # States and sampler weights on disk
+    def _save(self, name: str | None, kind: str) -> APIFuture[SaveWeightsResponse]:
+        """name None: `for-sampler-<optimizer steps>` (counted when the request runs)."""
+        def run() -> SaveWeightsResponse:
+            folder = name if name is not None else f"for-sampler-{self.trainer.optimizer_steps:06d}"
+            return SaveWeightsResponse(path=self.trainer.save(resolve_checkpoint_path(self.storage, folder, kind),
+                                                              kind))
 
-    def _resolve_path(self, name: str, kind: str) -> Path:
-        path = Path(name).expanduser()
-        return path if path.is_absolute() or len(path.parts) > 1 else self.storage / kind / name
-
-    def _save(self, name: str, kind: str) -> APIFuture[SaveWeightsResponse]:
-        path = self._resolve_path(name, kind)
-        peft_config = self.model.peft_config["default"].to_dict()
-        with atomic_directory(path) as tmp:
-            save_adapter(tmp, adapter_state(self.model), self.spec, peft_config, kind,
-                         extra={"optimizer_steps": self.optimizer_steps})
-            if kind == "state":
-                optimizer = self.optimizer.state_dict() if self.optimizer is not None else None
-                torch.save(optimizer, tmp / OPTIMIZER_FILE)
-                torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
-            write_manifest(tmp)  # last: its presence means every file above was written
-        return APIFuture(SaveWeightsResponse(path=str(path.resolve())))
+        return self._queue.submit(run)
 
     def save_state(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveWeightsResponse]:
         """Adapter weights + optimizer state + RNG state, in a directory written atomically."""
@@ -209,42 +80,26 @@ class TrainingClient:
         return self._save(name, "sampler")
 
     def save_weights_and_get_sampling_client(self, name: str | None = None):
-        """A sampling client on the current weights: built in memory with the local sampler; with the vLLM
-        sampler, the weights are saved first (vLLM's process reads them from disk)."""
+        """A sampling client on the current weights (after every request submitted before): built in memory
+        with the local sampler; with the vLLM sampler, the weights are saved first (vLLM's process reads them
+        from disk)."""
         from rlhfkit.engine.sampling import SamplingClient
 
         if getattr(self.service, "sampler", "local") == "vllm":
-            path = self.save_weights_for_sampler(name or f"for-sampler-{self.optimizer_steps:06d}").result().path
+            path = self._save(name, "sampler").result().path
             return self.service.create_sampling_client(model_path=path)
-        return SamplingClient.from_adapter(self.spec, adapter_state(self.model), self.precision)
+        tensors = self._queue.submit(self.trainer.adapter_tensors).result()
+        return SamplingClient.from_adapter(self.spec, tensors, self.precision)
 
     def create_sampling_client(self, model_path: str):
         return self.service.create_sampling_client(model_path=model_path)
 
     def load_state(self, path: str) -> APIFuture[None]:
         """Load adapter weights only (the optimizer starts fresh)."""
-        load_adapter_state(self.model, load_adapter_tensors(path))
-        self.optimizer, self.optimizer_steps = None, 0
-        return APIFuture(None)
+        return self._queue.submit(self.trainer.load, path, False)
 
     def load_state_with_optimizer(self, path: str) -> APIFuture[None]:
-        load_adapter_state(self.model, load_adapter_tensors(path))
-        optimizer_path = Path(path) / OPTIMIZER_FILE
-        if not optimizer_path.exists():
-            raise CheckpointError(f"{path} has no optimizer state ({OPTIMIZER_FILE}): it is a sampler checkpoint; "
-                                  f"use a path written by save_state")
-        try:
-            state = torch.load(optimizer_path, weights_only=False)
-        except Exception as e:  # a damaged file of an older checkpoint without checksums
-            raise CheckpointError(f"checkpoint file {optimizer_path} cannot be read ({e})") from None
-        self.optimizer = self._make_optimizer() if state is not None else None
-        if state is not None:
-            self.optimizer.load_state_dict(state)
-        rng_path = Path(path) / RNG_FILE
-        if rng_path.exists():
-            torch.set_rng_state(torch.load(rng_path, weights_only=False)["torch"])
-        self.optimizer_steps = read_meta(path).get("optimizer_steps", 0)
-        return APIFuture(None)
+        return self._queue.submit(self.trainer.load, path, True)
 
     def get_tokenizer(self):
         return load_tokenizer(self.spec.base_model)
@@ -254,7 +109,7 @@ class TrainingClient:
                 "device": str(self.precision.device), "dtype": str(self.precision.compute_dtype)}
 
     # ---------------------------------------------------------------------------------------------
-    # Awaitable forms (the tutorial awaits them)
+    # Awaitable forms (the tutorial awaits them): each returns the request's future once submitted
 
     async def forward_backward_async(self, data, loss_fn, loss_fn_config=None):
         return self.forward_backward(data, loss_fn, loss_fn_config)

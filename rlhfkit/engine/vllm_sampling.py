@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from rlhfkit.engine.futures import APIFuture
+from rlhfkit.engine.futures import APIFuture, RequestBatcher, RequestQueue
 from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors
 from rlhfkit.engine.models import Precision, load_tokenizer, resolve_base_model
-from rlhfkit.engine.sampling import SamplingClient, _Batcher, max_sampling_batch
+from rlhfkit.engine.sampling import SamplingClient, max_sampling_batch
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampleResponse, SamplingParams
 from rlhfkit.engine.vllm_inference import responses_from, sample_rows, sampling_limits, vllm_environment
 from rlhfkit.paths import cache_dir
@@ -188,10 +188,9 @@ class VLLMSamplingClient:
         self.tokenizer = load_tokenizer(base_model)
         self._eos_ids, self._context = sampling_limits(resolve_base_model(base_model))
         self._engine: VLLMEngine | None = None  # started on the first request
-        self._sample_batcher = _Batcher(self._sample_many)
-        self._score_batcher = _Batcher(lambda reqs: self._score_many([r[0] for r in reqs], reqs[0][1])
-                                       if len({tuple(r[1]) for r in reqs}) == 1
-                                       else [self._score_many([p], c)[0] for p, c in reqs])
+        self._queue = RequestQueue("rlhfkit-vllm-sampling")  # requests to the engine go one at a time
+        self._sample_batcher = RequestBatcher(self._sample_many, self._queue)
+        self._score_batcher = RequestBatcher(self._score_requests, self._queue)
         self._local_client: SamplingClient | None = None
 
     def get_tokenizer(self):
@@ -216,7 +215,7 @@ class VLLMSamplingClient:
 
     def sample(self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
                ) -> APIFuture[SampleResponse]:
-        return APIFuture(self._sample_many([(prompt, num_samples, sampling_params)])[0])
+        return self._queue.submit(lambda: self._sample_many([(prompt, num_samples, sampling_params)])[0])
 
     async def sample_async(self, prompt: ModelInput, num_samples: int = 1,
                            sampling_params: SamplingParams | None = None) -> SampleResponse:
@@ -228,12 +227,18 @@ class VLLMSamplingClient:
                                       "prompts": [p.to_ints() for p in prompts], "candidates": list(candidates)})
         return [NextTokenScores(argmax, logprobs) for argmax, logprobs in scores]
 
+    def _score_requests(self, requests: list[tuple[ModelInput, list[int]]]) -> list[NextTokenScores]:
+        """Batched score_next_token_async calls: one engine request when they share the candidates."""
+        if len({tuple(c) for _, c in requests}) == 1:
+            return self._score_many([p for p, _ in requests], requests[0][1])
+        return [self._score_many([p], c)[0] for p, c in requests]
+
     def score_next_token_batch(self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
                                ) -> list[NextTokenScores]:
-        return self._score_many(list(prompts), list(candidate_tokens))
+        return self._queue.submit(self._score_many, list(prompts), list(candidate_tokens)).result()
 
     def score_next_token(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> APIFuture[NextTokenScores]:
-        return APIFuture(self._score_many([prompt], list(candidate_tokens))[0])
+        return self._queue.submit(lambda: self._score_many([prompt], list(candidate_tokens))[0])
 
     async def score_next_token_async(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> NextTokenScores:
         return await self._score_batcher.submit((prompt, list(candidate_tokens)))

@@ -99,6 +99,15 @@ class Config:
     sampler: Literal["local", "vllm"] | None = setting(None, "rollouts: 'local' or 'vllm' (None: $RLHFKIT_SAMPLER)")
     max_nonfinite_in_a_row: int = setting(3, "stop after this many iterations in a row with a NaN/inf loss or "
                                           "gradient (each such update is skipped)", check=at_least(1))
+    sampler_logprob_tolerance: float = setting(
+        1.0, "guard against a sampler that did not apply the policy's adapter: stop when the largest |trainer "
+        "logprob - sampler logprob| of the first substep's sampled tokens (optim/first_substep_max_abs_logratio) "
+        "exceeds this many nats (0: off; fp32 engines agree to ~1e-6, bf16 ones to a few tenths)", check=at_least(0))
+    backend: Literal["local", "ray"] | None = setting(None, "engine backend: 'local' or 'ray' (None: $RLHFKIT_BACKEND)")
+    ray_address: str | None = setting(None, "backend=ray: None starts a local Ray instance; 'auto' joins a cluster")
+    num_train_workers: int | None = setting(None, "backend=ray: data-parallel training workers (None: one per GPU, "
+                                            "else 1)", check=at_least(1))
+    num_samplers: int | None = setting(None, "backend=ray: inference-engine actors (None: 1)", check=at_least(1))
     ttl_seconds: int | None = compat_setting("ttl_seconds", 604800)
 
     def __post_init__(self) -> None:
@@ -107,6 +116,10 @@ class Config:
         if self.kl_penalty_coef > 0 and self.kl_reference_config is None:
             raise ConfigError("kl_reference_config", None, "kl_penalty_coef > 0 needs "
                                                            "KLReferenceConfig(base_model=...)")
+
+
+class SamplerMismatchError(RuntimeError):
+    """The sampler's logprobs of its own tokens differ from the trainer's: its weights are not the policy's."""
 
 
 def _rollout_seed(seed: int | None, iteration: int, group_idx: int, env_idx: int) -> int | None:
@@ -135,7 +148,7 @@ def _kl_reference_client(config: Config, service: ServiceClient) -> Any:
     ref = config.kl_reference_config
     if ref.load_checkpoint_path is None:
         return service.create_sampling_client(base_model=ref.base_model)
-    return service.create_training_client_from_state(ref.load_checkpoint_path).save_weights_and_get_sampling_client()
+    return service.create_sampling_client(model_path=ref.load_checkpoint_path)  # a state folder holds the adapter
 
 
 async def _evaluate(evaluators: Sequence[Any], sampling_client: Any, training_client: Any) -> dict[str, float]:
@@ -146,8 +159,27 @@ async def _evaluate(evaluators: Sequence[Any], sampling_client: Any, training_cl
     return {key: value for result in results for key, value in result.items()}
 
 
-def _train_step(config: Config, training_client: Any, data: list[Datum]) -> dict[str, float]:
-    """`num_substeps` equal splits of the batch, each one forward_backward and one Adam step."""
+def _check_sampler(config: Config, max_abs_logratio: float, sampler_name: str) -> None:
+    if 0 < config.sampler_logprob_tolerance < max_abs_logratio:
+        raise SamplerMismatchError(
+            f"the sampler ({sampler_name}) gave its sampled tokens logprobs up to {max_abs_logratio:.4g} nats away "
+            f"from the trainer's, above sampler_logprob_tolerance={config.sampler_logprob_tolerance}: the "
+            f"sampler is not running the policy's weights (an adapter the inference engine did not apply, e.g. "
+            f"on a module it does not support; check the engine's warnings, or train without that module). "
+            f"Raise sampler_logprob_tolerance only if the engines legitimately differ (low precision).")
+
+
+def sampler_name(sampling_client: Any) -> str:
+    """How the error names a sampler: its adapter (id and checkpoint folder) where it has one."""
+    parts = [f"{k}={getattr(sampling_client, k)}" for k in ("adapter_id", "adapter_path")
+             if getattr(sampling_client, k, None) is not None]
+    return ", ".join(parts) if parts else f"{type(sampling_client).__name__} on the policy's current weights"
+
+
+def _train_step(config: Config, training_client: Any, data: list[Datum], sampler: str) -> dict[str, float]:
+    """`num_substeps` equal splits of the batch, each one forward_backward and one Adam step. Before the first
+    step, the trainer's logprobs of the sampled tokens are checked against the sampler's (on-policy they are
+    equal): a mismatch stops the run (`sampler_logprob_tolerance`)."""
     batch = [data_processing.remove_mask(d) for d in data]
     splits = [s for s in np.array_split(np.arange(len(batch)), config.num_substeps) if len(s)]
     adam = AdamParams(learning_rate=config.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8)
@@ -164,6 +196,7 @@ def _train_step(config: Config, training_client: Any, data: list[Datum]) -> dict
                             - train_logprobs[j].to_numpy()[data[j].loss_fn_inputs["mask"].to_numpy() > 0])
                      for j in indices]
             metrics["optim/first_substep_max_abs_logratio"] = float(np.concatenate(diffs).max(initial=0.0))
+            _check_sampler(config, metrics["optim/first_substep_max_abs_logratio"], sampler)
         step = training_client.optim_step(adam).result()
         skipped = metrics["optim/skipped_nonfinite"] + (step.metrics or {}).get("optim/skipped_nonfinite", 0.0)
         metrics.update({**(step.metrics or {}), "optim/skipped_nonfinite": skipped})
@@ -222,7 +255,7 @@ async def _run_iteration(config: Config, i: int, dataset: Any, sampling_client: 
         metrics.update(await rl_metrics.incorporate_kl_penalty(data, kl_reference_client, config.kl_penalty_coef,
                                                                config.kl_discount_factor))
     with timer.span("train"):
-        metrics.update(_train_step(config, training_client, data))
+        metrics.update(_train_step(config, training_client, data, sampler_name(sampling_client)))
     nonfinite.check(i, metrics["optim/loss:sum"], metrics, lambda: describe_rows(data, tokenizer))
     return metrics
 
@@ -247,7 +280,9 @@ async def _train(config: Config, log_path: str, checkpoints: CheckpointManager, 
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
     if config.seed is not None:
         random.seed(config.seed + start_batch)  # the engine's fallback sampling seeds (evaluators)
-    service = ServiceClient(base_url=config.base_url, sampler=config.sampler)
+    service = ServiceClient(base_url=config.base_url, sampler=config.sampler, backend=config.backend,
+                            ray_address=config.ray_address, num_train_workers=config.num_train_workers,
+                            num_samplers=config.num_samplers)
     training_client, resume = checkpoints.training_client(service, config.model_name, config.lora_rank,
                                                           config.load_checkpoint_path, seed=config.seed)
     if resume is not None:

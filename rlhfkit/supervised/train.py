@@ -81,6 +81,11 @@ class Config:
     enable_trace: bool = compat_setting("enable_trace", False)
     span_chart_every: int = compat_setting("span_chart_every", 0)
     submit_ahead: int = compat_setting("submit_ahead", 1)
+    backend: Literal["local", "ray"] | None = setting(None, "engine backend: 'local' or 'ray' (None: $RLHFKIT_BACKEND)")
+    ray_address: str | None = setting(None, "backend=ray: None starts a local Ray instance; 'auto' joins a cluster")
+    num_train_workers: int | None = setting(None, "backend=ray: data-parallel training workers (None: one per GPU, "
+                                            "else 1)", check=at_least(1))
+    num_samplers: int | None = setting(None, "backend=ray: inference-engine actors (None: 1)", check=at_least(1))
     max_nonfinite_in_a_row: int = setting(3, "stop after this many steps in a row with a NaN/inf loss or gradient "
                                           "(each such update is skipped)", check=at_least(1))
 
@@ -106,7 +111,8 @@ async def main_async(config: Config) -> None:
 
 async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger) -> None:
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
-    service = ServiceClient(base_url=config.base_url)
+    service = ServiceClient(base_url=config.base_url, backend=config.backend, ray_address=config.ray_address,
+                            num_train_workers=config.num_train_workers, num_samplers=config.num_samplers)
     checkpoints = CheckpointManager(log_path, config.save_every, config.save_every_tokens, config.save_every_seconds)
     training_client, resume = checkpoints.training_client(service, config.model_name, config.lora_rank,
                                                           config.load_checkpoint_path)

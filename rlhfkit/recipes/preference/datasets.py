@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from rlhfkit.data_sources import DataSource, parse_columns, parse_sources, read_tables
-from rlhfkit.errors import DataError, DataFileNotFoundError
+from rlhfkit.errors import DataFileNotFoundError
 from rlhfkit.paths import shared_data_dir
 from rlhfkit.recipes.preference.hh_files import HH_RLHF_FILES, HH_RLHF_HUB_NAME
 from rlhfkit.recipes.preference.hh_files import hh_data_files as hh_data_files

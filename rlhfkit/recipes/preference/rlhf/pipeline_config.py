@@ -136,6 +136,15 @@ class PipelineConfig:
     sampler: Literal["local", "vllm"] | None = setting(
         None, "RL rollouts: 'local' (in this process) or 'vllm' (see README); None: $RLHFKIT_SAMPLER or local",
         group="engine")
+    backend: Literal["local", "ray"] | None = setting(
+        None, "engine backend of every stage: 'local' (this process) or 'ray' (training workers and inference "
+        "engines as Ray actors, docs/cluster.md); None: $RLHFKIT_BACKEND or local", group="engine")
+    ray_address: str | None = setting(None, "backend=ray: None starts a local Ray instance; 'auto' joins a running "
+                                      "cluster; or HOST:PORT", group="engine")
+    num_train_workers: int | None = setting(None, "backend=ray: data-parallel training workers (None: one per GPU "
+                                            "of the cluster, else 1)", group="engine", check=at_least(1))
+    num_samplers: int | None = setting(None, "backend=ray: inference-engine actors (None: 1)", group="engine",
+                                       check=at_least(1))
     # report
     report: bool = setting(True, "when all three stages are finished, write log_root/report.{html,md}",
                            group="report")

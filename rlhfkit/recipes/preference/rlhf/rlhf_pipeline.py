@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from rlhfkit.recipes.preference.rlhf.pipeline_config import (METHODS, PRESETS, P
                                                              parse_command)
 from rlhfkit.recipes.preference.rlhf.pipeline_data import comparison_builder, held_out_comparisons, sft_dataset_builder
 from rlhfkit.utils.async_utils import run_or_await
-from rlhfkit.utils.atomic import read_jsonl, write_json_atomic
+from rlhfkit.utils.atomic import write_json_atomic
 from rlhfkit.utils.timing import StageClock
 from rlhfkit.utils.faults import set_phase
 from rlhfkit.utils.run_lock import RunLock
@@ -242,6 +243,18 @@ async def compare_sft_dpo_rlhf(cfg: PipelineConfig, base_model: str, renderer_na
     return result
 
 
+ENGINE_ENV = {"backend": "RLHFKIT_BACKEND", "ray_address": "RLHFKIT_RAY_ADDRESS",
+              "num_train_workers": "RLHFKIT_NUM_TRAIN_WORKERS", "num_samplers": "RLHFKIT_NUM_SAMPLERS"}
+
+
+def apply_engine_settings(cfg: PipelineConfig) -> None:
+    """The engine settings reach every ServiceClient of the stages, the evaluators and the report through the
+    engine's environment variables (ServiceClient's defaults)."""
+    for name, variable in ENGINE_ENV.items():
+        if getattr(cfg, name) is not None:
+            os.environ[variable] = str(getattr(cfg, name))
+
+
 def write_settings(cfg: PipelineConfig) -> None:
     """pipeline_config.json (every setting) and environment.json (the engine's environment variables)."""
     root = Path(cfg.log_root)
@@ -258,6 +271,7 @@ async def main_async(cfg: PipelineConfig) -> dict[str, float]:
 
 async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
     write_settings(cfg)
+    apply_engine_settings(cfg)
     root = Path(cfg.log_root)
     base_model = resolve_base_model(cfg)
     check_model(base_model)  # a bad model path or data file fails here, before any stage starts

@@ -1,0 +1,270 @@
+"""Inference on Ray: a pool of inference-engine actors serving every model of the pipeline as a LoRA adapter
+of one base, and the sampling client of the Ray backend.
+
+An inference-engine actor implements:
+    load_adapter(adapter_id, path)                        # a checkpoint folder with PEFT files; idempotent
+    sample(adapter_id, [(prompt tokens, num_samples, SamplingParams)]) -> [SampleResponse]
+    score_next_token(adapter_id, prompts, candidates) -> [NextTokenScores]
+    compute_logprobs(adapter_id, prompts) -> [[float | None]]
+    health() -> {"engine": name, "unsupported": [methods it cannot serve], ...}
+(adapter_id None = the base model). `TorchInferenceWorker` (here) runs the local sampler's code; the vLLM
+engine is `vllm_inference.VLLMInferenceWorker`. A method an engine lists as unsupported (e.g. prompt
+logprobs with LoRA on vLLM's CPU build) is served by a torch engine of the same pool.
+
+The pool gives each checkpoint a fresh adapter id (a new version never reuses an id), loads it into an engine
+lazily before the engine's first request for it, sends the samples of one prompt to one engine (a group's
+replies share their prompt's prefix), and, when an engine actor dies, starts a new one and retries its
+requests there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, Sequence
+
+from rlhfkit.engine.futures import APIFuture, RequestBatcher, RequestQueue
+from rlhfkit.engine.models import load_tokenizer
+from rlhfkit.engine.ray_cluster import import_ray
+from rlhfkit.engine.types import ModelInput, NextTokenScores, SampleResponse, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+MAX_ADAPTERS = 4  # merged adapter copies a torch engine keeps (policy, initial policy, reference, judge)
+RETRIES = 3  # attempts of a request whose engine died
+
+
+class TorchInferenceWorker:
+    """An inference engine running the local sampler (sampling.py) on one base model: the base weights are
+    loaded once per process; an adapter is merged into a copy of them on first use and kept (least recently
+    used first out), so switching adapters between requests loads no weights from disk."""
+
+    def __init__(self, base_model: str, device: str | None, dtype: str | None):
+        import torch
+
+        from rlhfkit.engine.models import pick_precision
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        self.base_model = base_model
+        self.precision = pick_precision(device, dtype)
+        self.paths: dict[str, str] = {}
+        self.clients: OrderedDict[str | None, Any] = OrderedDict()
+
+    def load_adapter(self, adapter_id: str, path: str) -> None:
+        self.paths[adapter_id] = path
+
+    def _client(self, adapter_id: str | None) -> Any:
+        from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors, read_meta
+        from rlhfkit.engine.sampling import SamplingClient
+
+        if adapter_id not in self.clients:
+            if adapter_id is None:
+                self.clients[None] = SamplingClient.from_base(self.base_model, self.precision)
+            else:
+                if adapter_id not in self.paths:
+                    raise KeyError(f"adapter {adapter_id!r} was not loaded into this engine")
+                path = self.paths[adapter_id]
+                spec = LoraSpec(**{**read_meta(path)["lora"], "base_model": self.base_model})
+                self.clients[adapter_id] = SamplingClient.from_adapter(spec, load_adapter_tensors(path),
+                                                                       self.precision)
+            while len(self.clients) > MAX_ADAPTERS:
+                self.clients.popitem(last=False)
+        self.clients.move_to_end(adapter_id)
+        return self.clients[adapter_id]
+
+    def sample(self, adapter_id: str | None, requests: list[tuple[list[int], int, SamplingParams]]
+               ) -> list[SampleResponse]:
+        return self._client(adapter_id).sample_batch([(ModelInput.from_ints(p), n, params)
+                                                      for p, n, params in requests])
+
+    def score_next_token(self, adapter_id: str | None, prompts: list[list[int]], candidates: list[int]
+                         ) -> list[NextTokenScores]:
+        return self._client(adapter_id).score_next_token_batch([ModelInput.from_ints(p) for p in prompts],
+                                                               candidates)
+
+    def compute_logprobs(self, adapter_id: str | None, prompts: list[list[int]]) -> list[list[float | None]]:
+        return self._client(adapter_id).compute_logprobs_batch([ModelInput.from_ints(p) for p in prompts])
+
+    def health(self) -> dict:
+        return {"engine": "torch", "pid": os.getpid(), "unsupported": [],
+                "adapters_loaded": [a for a in self.clients if a is not None]}
+
+
+def _engine_class(kind: str) -> tuple[type, dict]:
+    """The engine class of `inference_engine` and its extra actor options (e.g. its own runtime environment)."""
+    if kind == "torch":
+        return TorchInferenceWorker, {}
+    if kind == "vllm":
+        from rlhfkit.engine import vllm_inference
+
+        options = vllm_inference.ray_actor_options() if hasattr(vllm_inference, "ray_actor_options") else {}
+        return vllm_inference.VLLMInferenceWorker, options
+    raise ValueError(f"inference_engine={kind!r}: expected 'torch' or 'vllm'")
+
+
+class InferencePool:
+    """K engine actors on one base model (see the module docstring)."""
+
+    def __init__(self, base_model: str, device: str | None, dtype: str | None, num_engines: int, kind: str,
+                 resources: dict[str, float]):
+        self.base_model, self.device, self.dtype, self.kind = base_model, device, dtype, kind
+        self.resources = resources
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.paths: dict[str, str] = {}
+        self.actors = [self._start() for _ in range(num_engines)]
+        self.loaded: list[set[str]] = [set() for _ in self.actors]
+        self.restarts = 0
+        ray = import_ray()
+        unsupported = set(ray.get(self.actors[0].health.remote()).get("unsupported", []))
+        self.fallback = InferencePool(base_model, device, dtype, 1, "torch", resources) if unsupported else None
+        self.unsupported = unsupported
+
+    def _start(self) -> Any:
+        ray = import_ray()
+        engine, options = _engine_class(self.kind)
+        return ray.remote(engine).options(**self.resources, max_restarts=0, **options).remote(
+            self.base_model, self.device, self.dtype)
+
+    def register(self, path: str) -> str:
+        """A fresh adapter id for the checkpoint folder `path`."""
+        with self._lock:
+            adapter_id = f"adapter-{next(self._ids)}"
+            self.paths[adapter_id] = path
+        if self.fallback is not None:
+            self.fallback.paths[adapter_id] = path
+        return adapter_id
+
+    def _submit(self, engine: int, method: str, adapter_id: str | None, *args: Any) -> tuple[Any, Any]:
+        """Submit to one engine (loading the adapter first if it has not got it); returns (actor, ref)."""
+        with self._lock:
+            actor = self.actors[engine]
+            if adapter_id is not None and adapter_id not in self.loaded[engine]:
+                actor.load_adapter.remote(adapter_id, self.paths[adapter_id])  # runs before the request below
+                self.loaded[engine].add(adapter_id)
+            return actor, getattr(actor, method).remote(adapter_id, *args)
+
+    def _replace(self, engine: int, dead: Any) -> None:
+        ray = import_ray()
+        with self._lock:
+            if self.actors[engine] is not dead:
+                return  # another request replaced it already
+            logger.warning("inference engine %d died; starting a new one and retrying its requests", engine)
+            try:
+                ray.kill(dead, no_restart=True)
+            except Exception:  # already gone
+                pass
+            self.actors[engine] = self._start()
+            self.loaded[engine] = set()
+            self.restarts += 1
+
+    def _run_on(self, engine: int, method: str, adapter_id: str | None, *args: Any) -> list[Any]:
+        ray = import_ray()
+        for attempt in range(RETRIES):
+            actor, ref = self._submit(engine, method, adapter_id, *args)
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayActorError:
+                if attempt == RETRIES - 1:
+                    raise
+                self._replace(engine, actor)
+        raise AssertionError("unreachable")
+
+    def run(self, method: str, adapter_id: str | None, items: list[Any], *args: Any, keys: Sequence[Any] = ()
+            ) -> list[Any]:
+        """`method` over `items` split across the engines (items with the same key on one engine; without
+        keys, contiguous chunks); results in item order."""
+        if method in self.unsupported:
+            return self.fallback.run(method, adapter_id, items, *args, keys=keys)  # type: ignore[union-attr]
+        engines = len(self.actors)
+        if keys:
+            slots = {key: i % engines for i, key in enumerate(dict.fromkeys(keys))}
+            assignment = [slots[key] for key in keys]
+        else:
+            assignment = [i * engines // max(len(items), 1) for i in range(len(items))]
+        parts = [[i for i, e in enumerate(assignment) if e == engine] for engine in range(engines)]
+        refs = []
+        for engine, indices in enumerate(parts):
+            if indices:
+                refs.append((indices, _pool_executor().submit(self._run_on, engine, method, adapter_id,
+                                                              [items[i] for i in indices], *args)))
+        results: list[Any] = [None] * len(items)
+        for indices, future in refs:
+            for i, value in zip(indices, future.result()):
+                results[i] = value
+        return results
+
+
+_executor_lock = threading.Lock()
+_executor: Any = None
+
+
+def _pool_executor() -> Any:
+    """Threads that wait for the engines' results (one request per engine at a time per client batch)."""
+    global _executor
+    import concurrent.futures
+
+    with _executor_lock:
+        if _executor is None:
+            _executor = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rlhfkit-pool")
+        return _executor
+
+
+class RaySamplingClient:
+    """The sampling client of the Ray backend: a base model or one adapter version, served by a pool."""
+
+    def __init__(self, pool: InferencePool, base_model: str, adapter_path: str | None):
+        self.pool = pool
+        self.base_model = base_model
+        self.adapter_path = adapter_path
+        self.adapter_id = pool.register(adapter_path) if adapter_path is not None else None
+        self.tokenizer = load_tokenizer(base_model)
+        self._queue = RequestQueue("rlhfkit-ray-sampling")
+        self._sample_batcher = RequestBatcher(self._sample_many, self._queue)
+        self._logprob_batcher = RequestBatcher(self._logprobs_many, self._queue)
+        self._score_batcher = RequestBatcher(self._score_requests, self._queue)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams | None]]) -> list[SampleResponse]:
+        items = [(p.to_ints(), n, params or SamplingParams()) for p, n, params in requests]
+        return self.pool.run("sample", self.adapter_id, items, keys=[tuple(p) for p, _, _ in items])
+
+    def _logprobs_many(self, prompts: list[ModelInput]) -> list[list[float | None]]:
+        return self.pool.run("compute_logprobs", self.adapter_id, [p.to_ints() for p in prompts])
+
+    def _score_many(self, prompts: list[ModelInput], candidates: list[int]) -> list[NextTokenScores]:
+        return self.pool.run("score_next_token", self.adapter_id, [p.to_ints() for p in prompts], candidates)
+
+    def _score_requests(self, requests: list[tuple[ModelInput, list[int]]]) -> list[NextTokenScores]:
+        if len({tuple(c) for _, c in requests}) == 1:
+            return self._score_many([p for p, _ in requests], requests[0][1])
+        return [self._score_many([p], c)[0] for p, c in requests]
+
+    def sample(self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
+               ) -> APIFuture[SampleResponse]:
+        return self._queue.submit(lambda: self._sample_many([(prompt, num_samples, sampling_params)])[0])
+
+    async def sample_async(self, prompt: ModelInput, num_samples: int = 1,
+                           sampling_params: SamplingParams | None = None) -> SampleResponse:
+        return await self._sample_batcher.submit((prompt, num_samples, sampling_params))
+
+    def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
+        return self._queue.submit(lambda: self._logprobs_many([prompt])[0])
+
+    async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
+        return await self._logprob_batcher.submit(prompt)
+
+    def score_next_token_batch(self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
+                               ) -> list[NextTokenScores]:
+        return self._score_many(list(prompts), list(candidate_tokens))
+
+    def score_next_token(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> APIFuture[NextTokenScores]:
+        return self._queue.submit(lambda: self._score_many([prompt], list(candidate_tokens))[0])
+
+    async def score_next_token_async(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> NextTokenScores:
+        return await self._score_batcher.submit((prompt, list(candidate_tokens)))
