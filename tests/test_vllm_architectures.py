@@ -49,8 +49,8 @@ def trained_adapter(service, model_dir, name, train_unembed):
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_vllm_serves_the_architecture_or_says_why_not(name, local, tmp_path_factory):
-    from rlhfkit.engine.vllm_sampling import VLLMUnavailableError, check_lora_targets, close_engines
     from rlhfkit.engine.vllm_core import UnsupportedAdapterError
+    from rlhfkit.engine.vllm_sampling import VLLMUnavailableError, check_lora_targets, close_engines
 
     model_dir = str(build_tiny_architecture(tmp_path_factory.mktemp(name), name, hidden_size=256))
     remote = ServiceClient(storage_dir=str(local.storage_dir), sampler="vllm")
