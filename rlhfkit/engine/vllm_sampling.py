@@ -4,9 +4,12 @@
 vLLM engine per base model, started on first use with the Python named by RLHFKIT_VLLM_PYTHON (default: the
 `.venv-vllm` that scripts/setup-vllm.sh makes, else this Python if it has vLLM). The engine loads the base
 weights once and serves every sampling client's LoRA adapter by name with vLLM's native LoRA (vllm_core.py;
-nothing is merged, switching adapters reloads nothing). Sampling and next-token scoring (the preference model's
-judgement) run on the engine; `compute_logprobs` stays on the local backend (vLLM 0.32's prompt logprobs crash
-an engine with LoRA on), whose model is built the first time a client needs it.
+nothing is merged, switching adapters reloads nothing). A sampling client on an adapter checks, when it is
+created, that the engine can put LoRA on every module its LoraSpec adapts (`check_lora_targets`, callable before
+training too); an architecture vLLM cannot serve stops the engine's start with the reason (VLLMUnavailableError).
+Sampling and next-token scoring (the preference model's judgement) run on the engine; `compute_logprobs` stays
+on the local backend (vLLM 0.32's prompt logprobs crash an engine with LoRA on), whose model is built the first
+time a client needs it.
 Settings: RLHFKIT_VLLM_MAX_LORA_RANK (default 64: adapters of a higher rank are refused), RLHFKIT_VLLM_MAX_LORAS
 (adapters in one batch, default 4), RLHFKIT_VLLM_KV_GB, RLHFKIT_VLLM_COMPILE.
 """
@@ -14,6 +17,7 @@ Settings: RLHFKIT_VLLM_MAX_LORA_RANK (default 64: adapters of a higher rank are 
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import secrets
 import subprocess
@@ -25,10 +29,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rlhfkit.engine.futures import APIFuture, RequestBatcher, RequestQueue
-from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors
+from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors, target_module_names
 from rlhfkit.engine.models import Precision, load_tokenizer, resolve_base_model
 from rlhfkit.engine.sampling import SamplingClient, max_sampling_batch
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampleResponse, SamplingParams
+from rlhfkit.engine.vllm_core import UnsupportedAdapterError
 from rlhfkit.engine.vllm_inference import responses_from, sample_rows, sampling_limits, vllm_environment
 from rlhfkit.paths import cache_dir
 
@@ -92,6 +97,7 @@ class VLLMEngine:
             raise VLLMUnavailableError(f"the vLLM worker failed to start: {reply['error']} (log: {self.log_path})")
         self.start_seconds = reply["ready"]
         self.adapters: set[str] = set()  # adapter ids loaded into this engine
+        self.checked_targets: set[frozenset[str]] = set()  # LoRA target sets the engine can adapt
         atexit.register(self.close)
 
     def _connect(self, address: str, authkey: bytes):
@@ -140,10 +146,19 @@ class VLLMEngine:
             self.adapters.add(adapter_id)
         return adapter_id
 
+    def check_targets(self, modules: set[str], where: str) -> None:
+        """Raise UnsupportedAdapterError (naming the setting to change) unless the engine can put LoRA on every
+        one of `modules` (leaf names such as q_proj, lm_head)."""
+        if frozenset(modules) not in self.checked_targets:
+            self.request({"op": "check_targets", "modules": set(modules), "where": where})
+            self.checked_targets.add(frozenset(modules))
+
     def request(self, request: dict) -> Any:
         with self._lock:
             self.connection.send(request)
             reply = self._receive()
+        if reply.get("error_type") == UnsupportedAdapterError.__name__:
+            raise UnsupportedAdapterError(f"vLLM worker: {reply['error']}")
         if "error" in reply:
             raise RuntimeError(f"vLLM worker: {reply['error']}")
         return reply["result"]
@@ -179,15 +194,46 @@ def close_engines() -> None:
         _engines.clear()
 
 
+@functools.lru_cache(maxsize=64)
+def lora_target_leaves(spec: LoraSpec) -> tuple[str, ...]:
+    """The modules a training client with `spec` adapts (lora.target_module_names), found on the model's
+    structure built on the meta device (no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_base_model(spec.base_model))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return tuple(target_module_names(model, spec))
+
+
+def targets_description(spec: LoraSpec) -> str:
+    return (f"LoRA targets of {spec.base_model} (train_mlp={spec.train_mlp}, train_attn={spec.train_attn}, "
+            f"train_unembed={spec.train_unembed})")
+
+
+def check_lora_targets(spec: LoraSpec, precision: Precision) -> None:
+    """Stop with UnsupportedAdapterError, naming the setting to change (train_unembed=False, train_attn=False,
+    ... or sampler=local), when the vLLM engine for `spec.base_model` cannot put a LoRA adapter on a module that
+    a training client with `spec` adapts: call it before training. Starts that engine (the one sampling uses);
+    raises VLLMUnavailableError when vLLM cannot serve the architecture at all."""
+    context = sampling_limits(resolve_base_model(spec.base_model))[1]
+    engine_for(spec.base_model, precision, context).check_targets(set(lora_target_leaves(spec)),
+                                                                  targets_description(spec))
+
+
 class VLLMSamplingClient:
     """The SamplingClient interface, generating and scoring with vLLM: a base model, or a base model with the LoRA
-    adapter saved at `adapter_path` (a save_weights_for_sampler / save_state directory)."""
+    adapter saved at `adapter_path` (a save_weights_for_sampler / save_state directory). With an adapter, its
+    LoraSpec's targets are checked against the engine first (check_lora_targets)."""
 
     def __init__(self, spec: LoraSpec | None, base_model: str, adapter_path: str | None, precision: Precision):
         self.spec, self.base_model, self.adapter_path, self.precision = spec, base_model, adapter_path, precision
         self.tokenizer = load_tokenizer(base_model)
         self._eos_ids, self._context = sampling_limits(resolve_base_model(base_model))
-        self._engine: VLLMEngine | None = None  # started on the first request
+        self._engine: VLLMEngine | None = None  # started on the first request, or now to check an adapter's spec
+        if spec is not None:
+            self.engine.check_targets(set(lora_target_leaves(spec)), targets_description(spec))
         self._queue = RequestQueue("rlhfkit-vllm-sampling")  # requests to the engine go one at a time
         self._sample_batcher = RequestBatcher(self._sample_many, self._queue)
         self._score_batcher = RequestBatcher(self._score_requests, self._queue)
