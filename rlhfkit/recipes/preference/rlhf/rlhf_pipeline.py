@@ -75,6 +75,19 @@ def check_model(base_model: str) -> None:
     resolve_engine_model(base_model)
 
 
+def check_sampler(cfg: PipelineConfig, base_model: str) -> None:
+    """With sampler=vllm: the vLLM engine can serve the base model and put a LoRA adapter on every module the RL
+    policy trains, checked before any stage trains (else an error naming the setting to change)."""
+    sampler = cfg.sampler if cfg.sampler is not None else os.environ.get("RLHFKIT_SAMPLER", "local")
+    if sampler != "vllm" or not cfg.run_rl or stage_finished(f"{cfg.log_root}/rl"):
+        return
+    from rlhfkit.engine.lora import LoraSpec
+    from rlhfkit.engine.models import pick_precision
+    from rlhfkit.engine.vllm_sampling import check_lora_targets
+
+    check_lora_targets(LoraSpec(base_model, rank=cfg.lora_rank), pick_precision())
+
+
 def check_data(cfg: PipelineConfig) -> None:
     """Read the run's data once before any stage starts, so a missing file, a truncated .gz or a bad file fails at
     once with an error naming the file and line: the SFT files (named data sets are read by their stage) and the
@@ -276,6 +289,7 @@ async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
     base_model = resolve_base_model(cfg)
     check_model(base_model)  # a bad model path or data file fails here, before any stage starts
     check_data(cfg)
+    check_sampler(cfg, base_model)
     renderer_name = cfg.renderer_name or model_info.get_recommended_renderer_name(base_model)
     timings_path = root / "stage_times.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
