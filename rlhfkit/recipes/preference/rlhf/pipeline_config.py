@@ -90,8 +90,13 @@ class PipelineConfig:
                                        check=at_least(0))
     rm_eval_every: int | None = setting(None, "preference-model test NLL every this many steps (0: off; None: "
                                         "eval_every)", group="preference model", check=at_least(0))
-    pm_test_size: int = setting(1024, "held-out comparisons for test/nll and the preference-model evaluation",
-                                group="preference model", check=at_least(1))
+    pm_test_size: int = setting(1024, "held-out comparisons for the test/nll curve while the preference model "
+                                "trains", group="preference model", check=at_least(1))
+    pm_eval_size: int = setting(400, "held-out comparisons for the final evaluation (rm/pm_eval.json), in "
+                                "distribution and, when the data names only some offline HH-RLHF splits, out of "
+                                "distribution on the others; capped by the PM-test rows that exist (6% of the "
+                                "rows). 400: a 95% interval of about +-5 points", group="preference model",
+                                check=at_least(1))
     rm_both_orders: bool = setting(False, "train on each comparison in both A/B orders (else one random order)",
                                    group="preference model")
     # RL
@@ -118,6 +123,10 @@ class PipelineConfig:
                                         "log folder or a PEFT adapter folder (None: this run's preference model)",
                                         group="RL", check=existing_path)
     win_rate_prompts: int = setting(256, "held-out prompts for test/win_rate", group="RL", check=at_least(1))
+    seeds: int = setting(1, "RL runs from the same SFT policy and judge, with seeds seed, seed+1, ...: the first in "
+                         "log_root/rl, the others in log_root/rl_seed1, ...; with 2 or more, the win-rate gain (last "
+                         "minus first test/win_rate) as a mean with a 95% t-interval over seeds goes to "
+                         "log_root/seeds.json and the report", group="RL", check=at_least(1))
     num_groups_to_log: int = setting(4, "groups per iteration written to train.html", group="RL",
                                      check=at_least(0))
     # DPO
@@ -144,6 +153,8 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.seeds > 1 and self.stage_value("rl", "eval_every") == 0:
+            raise ConfigError("seeds", self.seeds, "a win-rate gain per seed needs the RL win rate (rl_eval_every > 0)")
         check_pipeline_files(self)
 
     def stage_value(self, stage: Literal["sft", "rm", "rl", "dpo"], name: str) -> Any:
@@ -214,7 +225,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # nothing; with reward_mode="probability" the replies' rewards differ and every RL step changes the weights.
     "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
                   max_steps=3, rm_max_steps=12, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4,
-                  pm_test_size=8, win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3, hh_max_chars=300,
+                  pm_test_size=8, pm_eval_size=8, win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3, hh_max_chars=300,
                   reward_mode="probability"),
 }
 
