@@ -225,8 +225,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # nothing; with reward_mode="probability" the replies' rewards differ and every RL step changes the weights.
     "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
                   max_steps=3, rm_max_steps=12, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4,
-                  pm_test_size=8, pm_eval_size=8, win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3, hh_max_chars=300,
-                  reward_mode="probability"),
+                  pm_test_size=8, pm_eval_size=8, win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3,
+                  hh_max_chars=300, reward_mode="probability"),
 }
 
 

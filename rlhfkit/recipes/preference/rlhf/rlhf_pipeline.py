@@ -202,8 +202,8 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str, folde
         wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-{folder}", lora_rank=cfg.lora_rank,
         save_every=cfg.save_every, eval_every=cfg.stage_value("rl", "eval_every"),
         num_groups_to_log=cfg.num_groups_to_log, max_steps=cfg.stage_value("rl", "max_steps"),
-        loss_fn=cfg.rl_loss_fn, seed=cfg.seed if seed is None else seed, sampler=cfg.sampler, kl_penalty_coef=cfg.rl_kl_penalty_coef,
-        kl_reference_config=kl_reference))
+        loss_fn=cfg.rl_loss_fn, seed=cfg.seed if seed is None else seed, sampler=cfg.sampler,
+        kl_penalty_coef=cfg.rl_kl_penalty_coef, kl_reference_config=kl_reference))
 
 
 async def run_dpo(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
