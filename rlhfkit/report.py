@@ -1,7 +1,7 @@
 """The pipeline's report: one HTML page with PNG plots and a Markdown summary (log_root/report.{html,md}).
 
-It only reads the run folder: the stages' metrics.jsonl, rm/pm_eval.json, stage_times.json and the replies the
-pipeline sampled into report_replies.json. No model is loaded.
+It only reads the run folder: the stages' metrics.jsonl, rm/pm_eval.json, stage_times.json, seeds.json (RL over
+seeds) and the replies the pipeline sampled into report_replies.json. No model is loaded.
 
     python -m rlhfkit.report RUN_FOLDER
 """
@@ -93,6 +93,66 @@ def comparison_section(root: Path, out_dir: Path, times: dict[str, float]) -> tu
     return md, page
 
 
+JUDGE_HEADER = ("held-out comparisons", "n", "accuracy (both orders, 95% CI)", "order-symmetric accuracy (95% CI)",
+                "verdicts 'A' (50% = no position bias)", "judge picks the longer reply", "people preferred the longer")
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
+
+
+def judge_section(pm: dict, settings: dict) -> tuple[list[str], str]:
+    """Markdown lines and HTML of the judge table from rm/pm_eval.json: accuracy in distribution (`pm/`) and out
+    of distribution (`ood/`, HH-RLHF splits the preference model never trained on), order-symmetric accuracy,
+    position bias and length bias; nothing if the file has no evaluation."""
+    data = settings.get("pref_data") or settings.get("hh_data") or "all four offline HH-RLHF splits"
+    sets = [("pm", f"in distribution ({data})"), ("ood", f"out of distribution ({pm.get('ood/splits', '')})")]
+    rows = []
+    for prefix, label in sets:
+        if f"{prefix}/accuracy" not in pm:
+            continue
+        m = {key.removeprefix(f"{prefix}/"): value for key, value in pm.items() if key.startswith(f"{prefix}/")}
+        rows.append((label, f"{int(m['n'])}",
+                     f"{_pct(m['accuracy'])} [{_pct(m.get('accuracy_ci_low'))}, {_pct(m.get('accuracy_ci_high'))}]",
+                     f"{_pct(m.get('accuracy_symmetric'))} [{_pct(m.get('accuracy_symmetric_ci_low'))}, "
+                     f"{_pct(m.get('accuracy_symmetric_ci_high'))}]",
+                     _pct(m.get("frac_A")), _pct(m.get("frac_longer_picked")), _pct(m.get("frac_longer_preferred"))))
+    if not rows:
+        return [], ""
+    note = ("Each comparison is judged in both A/B orders. Order-symmetric: both orders' probabilities combined (a "
+            "judge that only reads the position scores 50%). A judge that follows length rather than content picks "
+            "the longer reply more often than people preferred it.")
+    md = ["### Judge: content or position?", "", note, "", "| " + " | ".join(JUDGE_HEADER) + " |",
+          "|---" * len(JUDGE_HEADER) + "|", *["| " + " | ".join(row) + " |" for row in rows], ""]
+    esc = html.escape
+    page = (f"<h3>Judge: content or position?</h3><p>{esc(note)}</p><table><tr>"
+            + "".join(f"<th>{esc(h)}</th>" for h in JUDGE_HEADER) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+    return md, page
+
+
+def seeds_section(root: Path) -> tuple[list[str], str]:
+    """Markdown lines and HTML of the RL win-rate gain over seeds in root/seeds.json (written by the pipeline
+    with seeds >= 2); nothing if the file is absent."""
+    summary = _read_json(root / "seeds.json")
+    if not summary:
+        return [], ""
+    header = ("RL run", "seed", "first win rate (step)", "last win rate (step)", "gain (points)")
+    rows = [(r["folder"], str(r["seed"]), f"{_pct(r['first'])} ({r['first_step']})",
+             f"{_pct(r['last'])} ({r['last_step']})", f"{100 * r['gain']:+.1f}") for r in summary["runs"]]
+    line = (f"Win-rate gain (last minus first test/win_rate) over {summary['n']} seeds: "
+            f"{100 * summary['mean_gain']:+.1f} points, {100 * summary['confidence']:.0f}% t-interval "
+            f"[{100 * summary['ci_low']:+.1f}, {100 * summary['ci_high']:+.1f}]. Every run starts from the same SFT "
+            f"policy and is judged by the same preference model on the same prompts.")
+    md = ["## RL over seeds", "", line, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+          *["| " + " | ".join(row) + " |" for row in rows], ""]
+    esc = html.escape
+    page = (f"<h2>RL over seeds</h2><p>{esc(line)}</p><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header)
+            + "</tr>" + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+            + "</table>")
+    return md, page
+
+
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -130,13 +190,15 @@ def write_report(log_root: str | Path) -> dict[str, str]:
             f"position bias: {100 * pm['pm/frac_A']:.1f}% of verdicts are 'A' (50% = none); order agreement "
             f"{100 * pm['pm/order_agreement']:.1f}%; mean P(correct) {pm['pm/mean_p_correct']:.3f}",
         ]
+    judge_md, judge_html = judge_section(pm, settings)
+    seeds_md, seeds_html = seeds_section(root)
     time_line = ", ".join(f"{stage} {times[stage] / 60:.1f} min" for stage in ("sft", "rm", "rl") if stage in times)
 
     md = [f"# RLHF pipeline report — {base_model}", "",
           f"Log root `{root}`; renderer `{renderer_name}`. Wall time: {time_line or 'n/a'}.", "",
           "| stage | metric | tutorial (Qwen3.5-9B-Base) | this run |", "|---|---|---|---|",
           *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows], "", "## Preference model (held out)", "",
-          *[f"- {line}" for line in pm_lines], "", "## Curves", "",
+          *[f"- {line}" for line in pm_lines], "", *judge_md, *seeds_md, "## Curves", "",
           *[f"![{stage}]({path})" for stage, path in plots.items()], "", "## Base model vs RLHF model", ""]
     for item in replies:
         md += [f"**Prompt:** {_conversation_text(item['prompt'])}", "", f"- **base:** {item['base']}",
@@ -162,6 +224,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 Wall time: {esc(time_line or 'n/a')}.</p>
 <table><tr><th>stage</th><th>metric</th><th>tutorial (Qwen3.5-9B-Base)</th><th>this run</th></tr>{table}</table>
 <h2>Preference model (held out)</h2><ul>{''.join(f'<li>{esc(line)}</li>' for line in pm_lines)}</ul>
+{judge_html}{seeds_html}
 <h2>Curves</h2>{''.join(f'<h3>{esc(s)}</h3><img src="{esc(p)}">' for s, p in plots.items())}
 <h2>Base model vs RLHF model</h2>{reply_html}{comparison_html}</body></html>"""
     write_text_atomic(root / "report.html", page)

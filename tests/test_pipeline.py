@@ -205,7 +205,7 @@ def test_eval_command_reproduces_the_runs_accuracy_and_win_rate(smoke_run, tmp_p
     root, _ = smoke_run
     cfg = json.loads((root / "pipeline_config.json").read_text())
     assert cfg["hh_data"] is None and cfg["hh_max_chars"] == 300  # the smoke preset's data: all offline splits
-    assert main(["eval", "pm", "--model", str(root / "rm"), "--n", str(cfg["pm_test_size"]), "--max-chars", "300",
+    assert main(["eval", "pm", "--model", str(root / "rm"), "--n", str(cfg["pm_eval_size"]), "--max-chars", "300",
                  "--out", str(tmp_path)]) == 0
     got = json.loads((tmp_path / "pm_eval.json").read_text())["metrics"]
     assert got == json.loads((root / "rm" / "pm_eval.json").read_text())
@@ -270,3 +270,88 @@ def test_method_both_adds_dpo_and_compares_sft_dpo_rlhf_in_the_report(smoke_run,
     sft = comparison["policies"]["sft"]
     assert f"{100 * sft['win_rate']:.1f}% ± {100 * sft['stderr']:.1f}%" in report
     assert "SFT vs DPO vs RLHF" in (root / "report.html").read_text()
+
+
+def copy_stages(reference: Path, root: Path, *stages: str) -> None:
+    import shutil
+
+    for stage in (*stages, "tiny_model"):
+        shutil.copytree(reference / stage, root / stage)
+
+
+def test_student_t_quantiles_match_the_tables():
+    from rlhfkit.utils.stats import student_t_quantile, t_interval
+
+    for df, t in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)]:
+        assert student_t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+    mean, low, high = t_interval([0.1, 0.3])  # stderr 0.1, t(0.975, 1) = 12.706
+    assert mean == pytest.approx(0.2) and (low, high) == pytest.approx((0.2 - 1.27062, 0.2 + 1.27062), abs=1e-4)
+
+
+def test_out_of_distribution_splits_are_the_offline_splits_the_data_leaves_out():
+    from rlhfkit.recipes.preference.rlhf.pipeline_config import parse_args
+    from rlhfkit.recipes.preference.rlhf.pipeline_data import out_of_distribution_splits
+
+    def ood(*args: str) -> tuple[str, ...]:
+        return out_of_distribution_splits(parse_args(["preset=smoke", *args]))
+
+    assert ood() == ()  # the smoke preset: all four splits
+    assert ood("hh_data=harmless-base") == ("helpful-base", "helpful-online", "helpful-rejection-sampled")
+    assert ood("pref_data=helpful-base, helpful-online", "hh_data=harmless-base") == (
+        "harmless-base", "helpful-rejection-sampled")  # pref_data wins over hh_data
+    assert ood("hh_data=harmless-base,helpful-base,helpful-online,helpful-rejection-sampled") == ()
+
+
+def test_preference_model_is_evaluated_out_of_distribution_on_the_splits_it_never_saw(smoke_run, tmp_path):
+    """The smoke run's preference model evaluated as if trained on harmless-base only: the other three splits'
+    PM-test rows are its out-of-distribution set, the same comparisons `rlhfkit eval pm` reads from them."""
+    from rlhfkit.cli import main
+    from rlhfkit.report import write_report
+
+    reference, _ = smoke_run
+    root = tmp_path / "ood"
+    copy_stages(reference, root, "rm")
+    (root / "rm" / "pm_eval.json").unlink()
+    run_pipeline(root, "run_sft=false", "run_rl=false", "hh_data=harmless-base", "pm_eval_size=6")
+    pm_eval = json.loads((root / "rm" / "pm_eval.json").read_text())
+    splits = "helpful-base,helpful-online,helpful-rejection-sampled"
+    assert pm_eval["ood/splits"] == splits and pm_eval["pm/n"] == 6 and pm_eval["ood/n"] == 6
+    for prefix in ("pm", "ood"):
+        assert 0 <= pm_eval[f"{prefix}/accuracy_symmetric"] <= 1 and 0 <= pm_eval[f"{prefix}/frac_A"] <= 1
+    for data, prefix in (("harmless-base", "pm"), (splits, "ood")):
+        out = tmp_path / prefix
+        assert main(["eval", "pm", "--model", str(root / "rm"), "--data", data, "--n", "6", "--max-chars", "300",
+                     "--out", str(out)]) == 0
+        expected = json.loads((out / "pm_eval.json").read_text())["metrics"]
+        assert {f"{prefix}/{k.removeprefix('pm/')}": v for k, v in expected.items()} == {
+            k: v for k, v in pm_eval.items() if k.startswith(f"{prefix}/") and k != "ood/splits"}
+    report = (Path(write_report(root)["markdown"])).read_text()
+    assert "### Judge: content or position?" in report
+    assert f"| out of distribution ({splits}) | 6 | {100 * pm_eval['ood/accuracy']:.1f}% [" in report
+    assert "| in distribution (harmless-base) | 6 |" in report
+
+
+def test_rl_over_two_seeds_gives_the_win_rate_gain_with_a_t_interval(smoke_run, tmp_path):
+    from rlhfkit.utils.stats import t_interval
+
+    reference, _ = smoke_run
+    root = tmp_path / "seeds"
+    copy_stages(reference, root, "sft", "rm")
+    result = run_pipeline(root, "run_sft=false", "run_rm=false", "seeds=2")
+    assert "stage rl_seed1: starting" in result.stdout and "win-rate gain over 2 seeds" in result.stdout
+    # seed 0 is the run's own RL stage, exactly as in the single-seed run
+    assert without_timing(read_jsonl(root / "rl" / "metrics.jsonl")) == \
+        without_timing(read_jsonl(reference / "rl" / "metrics.jsonl"))
+    summary = json.loads((root / "seeds.json").read_text())
+    runs = summary["runs"]
+    assert [(r["folder"], r["seed"]) for r in runs] == [("rl", 0), ("rl_seed1", 1)] and summary["n"] == 2
+    assert runs[0]["first"] == runs[1]["first"]  # both start from the SFT policy, judged on the same samples
+    for run in runs:
+        wins = [r["test/win_rate"] for r in read_jsonl(root / run["folder"] / "metrics.jsonl") if "test/win_rate" in r]
+        assert run["gain"] == pytest.approx(wins[-1] - wins[0])
+    mean, low, high = t_interval([r["gain"] for r in runs])
+    assert (summary["mean_gain"], summary["ci_low"], summary["ci_high"]) == pytest.approx((mean, low, high))
+    report = (root / "report.md").read_text()
+    assert "## RL over seeds" in report and f"{100 * summary['mean_gain']:+.1f} points" in report
+    again = run_pipeline(root, "run_sft=false", "run_rm=false", "seeds=2", "report=false")
+    assert again.stdout.count("already finished") == 2  # rl and rl_seed1 resume as finished stages

@@ -90,8 +90,13 @@ class PipelineConfig:
                                        check=at_least(0))
     rm_eval_every: int | None = setting(None, "preference-model test NLL every this many steps (0: off; None: "
                                         "eval_every)", group="preference model", check=at_least(0))
-    pm_test_size: int = setting(1024, "held-out comparisons for test/nll and the preference-model evaluation",
-                                group="preference model", check=at_least(1))
+    pm_test_size: int = setting(1024, "held-out comparisons for the test/nll curve while the preference model "
+                                "trains", group="preference model", check=at_least(1))
+    pm_eval_size: int = setting(400, "held-out comparisons for the final evaluation (rm/pm_eval.json), in "
+                                "distribution and, when the data names only some offline HH-RLHF splits, out of "
+                                "distribution on the others; capped by the PM-test rows that exist (6% of the "
+                                "rows). 400: a 95% interval of about +-5 points", group="preference model",
+                                check=at_least(1))
     rm_both_orders: bool = setting(False, "train on each comparison in both A/B orders (else one random order)",
                                    group="preference model")
     # RL
@@ -118,6 +123,10 @@ class PipelineConfig:
                                         "log folder or a PEFT adapter folder (None: this run's preference model)",
                                         group="RL", check=existing_path)
     win_rate_prompts: int = setting(256, "held-out prompts for test/win_rate", group="RL", check=at_least(1))
+    seeds: int = setting(1, "RL runs from the same SFT policy and judge, with seeds seed, seed+1, ...: the first in "
+                         "log_root/rl, the others in log_root/rl_seed1, ...; with 2 or more, the win-rate gain (last "
+                         "minus first test/win_rate) as a mean with a 95% t-interval over seeds goes to "
+                         "log_root/seeds.json and the report", group="RL", check=at_least(1))
     num_groups_to_log: int = setting(4, "groups per iteration written to train.html", group="RL",
                                      check=at_least(0))
     # DPO
@@ -153,6 +162,8 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.seeds > 1 and self.stage_value("rl", "eval_every") == 0:
+            raise ConfigError("seeds", self.seeds, "a win-rate gain per seed needs the RL win rate (rl_eval_every > 0)")
         check_pipeline_files(self)
 
     def stage_value(self, stage: Literal["sft", "rm", "rl", "dpo"], name: str) -> Any:
@@ -218,13 +229,39 @@ PRESETS: dict[str, dict[str, Any]] = {
                  rl_eval_every=4, rl_kl_penalty_coef=0.2, win_rate_prompts=32, hh_max_chars=400,
                  hh_data="harmless-base", save_every=5, dpo_batch_size=8, dpo_max_steps=41, dpo_learning_rate=1e-4,
                  dpo_eval_every=20),
+    # The most the embedded 135M judge can learn in about 2 hours on a 2-core CPU (fp32). UNMEASURED: the times
+    # below are estimates from the demo's per-step costs (README, AMD EPYC: SFT 8.8 s per step of 4 rows; preference
+    # model 0.77 s per trained sequence at 354 characters per comparison; RL 38 s per iteration).
+    # * Data: all four offline HH-RLHF splits (hh_data None) up to 500 characters: 1,775 training comparisons (3x
+    #   the demo's 585), 164 PM-test comparisons (so pm_eval_size=400 is capped at 164: 95% CI about +-7.5
+    #   points) and 104 win-rate prompts. The demo already measures generalisation to unseen splits (it trains on
+    #   harmless-base; rm/pm_eval.json's ood/ metrics cover the helpful splits); here the judge gets every kind of
+    #   conversation. 600 characters would give 2,188 comparisons but one epoch would take ~80 min alone.
+    # * Preference model: both A/B orders of every comparison (a judge that learns the content, not the slot),
+    #   110 steps of 16 comparisons = one epoch (3,520 sequences at ~446 characters, ~0.97 s each: ~57 min), the
+    #   demo's learning rate and LoRA rank (measured to learn on this model); test/nll on all 164 held-out
+    #   comparisons every 37 steps (~3 min); the final evaluation in both orders ~2 min.
+    # * SFT: twice the demo's steps (26 of 4 rows, ~4 min); it shapes the policy, not the judge.
+    # * RL: reward_mode="symmetric" (both orders judged and combined, so position bias cannot be rewarded; ~1.4x
+    #   the judging), 24 iterations with the demo's learning rate and KL penalty, win rate on 64 prompts every 4
+    #   iterations (95% CI about +-12 points instead of +-17): ~38 s x 1.26 (longer prompts) x 1.4 (symmetric)
+    #   + the larger evaluation = ~80 s per iteration, ~32 min.
+    # * Expected total ~100 min (+ model loading and the report's replies), under the 2-hour budget.
+    "quality": dict(base_model="smollm2-135m-instruct", log_root="runs/quality", lora_rank=16, max_length=384,
+                    hh_data=None, hh_max_chars=500, save_every=10,
+                    sft_batch_size=4, sft_max_steps=26, sft_learning_rate=3e-4, sft_test_size=16, sft_eval_every=13,
+                    rm_batch_size=16, rm_max_steps=110, rm_learning_rate=1e-3, rm_both_orders=True,
+                    pm_test_size=164, rm_eval_every=37, pm_eval_size=400,
+                    rl_batch_size=4, rl_max_steps=24, rl_learning_rate=2e-4, rl_max_tokens=48, rl_eval_every=4,
+                    rl_kl_penalty_coef=0.2, reward_mode="symmetric", win_rate_prompts=64,
+                    dpo_batch_size=16, dpo_max_steps=110, dpo_learning_rate=1e-4, dpo_eval_every=37),
     # A tiny random model: every stage runs in about a minute (for tests and quick checks).
     # Its random judge never answers "A" or "B" greedily, so verdict rewards would all be ties and RL would do
     # nothing; with reward_mode="probability" the replies' rewards differ and every RL step changes the weights.
     "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
                   max_steps=3, rm_max_steps=12, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4,
-                  pm_test_size=8, win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3, hh_max_chars=300,
-                  reward_mode="probability"),
+                  pm_test_size=8, pm_eval_size=8, win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3,
+                  hh_max_chars=300, reward_mode="probability"),
 }
 
 

@@ -7,7 +7,8 @@ method=dpo|both also DPO from the SFT policy (spec §12).
 This module only composes the stages: each one is the supervised or RL training loop with builders made from the
 settings (pipeline_config.py, pipeline_data.py). Stages live in `log_root/{sft,rm,rl,dpo}`. Starting again resumes: a
 finished stage (its checkpoints.jsonl has a "final" record) is skipped, a stopped one continues from its last
-checkpoint. After the preference model, its held-out evaluation is written to rm/pm_eval.json; after RL, the
+checkpoint. After the preference model, its held-out evaluation is written to rm/pm_eval.json; with seeds=N, RL
+runs N times (log_root/rl, rl_seed1, ...) and the win-rate gain over seeds goes to seeds.json; after RL, the
 replies the report shows to report_replies.json (and with method=both the SFT/DPO/RLHF comparison to
 comparison.json); the report is then written from the run folder alone.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -26,7 +28,10 @@ from rlhfkit import checkpoint_utils, model_info
 from rlhfkit.config import environment
 from rlhfkit.recipes.preference.rlhf.pipeline_config import (METHODS, PRESETS, PipelineConfig, parse_args,
                                                              parse_command)
-from rlhfkit.recipes.preference.rlhf.pipeline_data import comparison_builder, held_out_comparisons, sft_dataset_builder
+from rlhfkit.recipes.preference.rlhf.pipeline_data import (comparison_builder, held_out_comparisons,
+                                                           held_out_ood_comparisons, out_of_distribution_splits,
+                                                           sft_dataset_builder)
+from rlhfkit.recipes.preference.rlhf.seeds import format_seeds, rl_runs, summarize_seeds
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.atomic import write_json_atomic
 from rlhfkit.utils.timing import StageClock
@@ -142,8 +147,11 @@ async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
 
 
 async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> dict:
-    """Held-out accuracy (both orders), position bias and P(correct) of the final preference model; saved
-    to rm/pm_eval.json and printed."""
+    """The final preference model on held-out comparisons, each judged in both orders: accuracy, order-symmetric
+    accuracy, position bias, length bias and P(correct) (pm_eval.PMEvalResult). `pm/...`: up to pm_eval_size
+    PM-test comparisons of the run's own data (in distribution); `ood/...`: up to pm_eval_size PM-test comparisons
+    of the offline HH-RLHF splits the run's data leaves out (out of distribution, named in `ood/splits`; only
+    when the data names some of the offline splits). Saved to rm/pm_eval.json (computed once) and printed."""
     from rlhfkit.engine import ServiceClient
     from rlhfkit.preference.pm_eval import evaluate_preference_model, format_pm_eval
     from rlhfkit.preference.types import PreferenceModelFromChatRenderer
@@ -157,14 +165,26 @@ async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) 
     sampler = ServiceClient().create_sampling_client(model_path=record.sampler_path)
     renderer = get_renderer(renderer_name, get_tokenizer(base_model))
     pm = PreferenceModelFromChatRenderer(renderer, sampler)
-    result = await evaluate_preference_model(pm, held_out_comparisons(cfg, "preference_model", cfg.pm_test_size))
-    print(format_pm_eval(result))
-    metrics = result.metrics()
+    ood_splits = out_of_distribution_splits(cfg)
+    held_out = {"pm": ("in distribution", held_out_comparisons(cfg, "preference_model", cfg.pm_eval_size))}
+    if ood_splits:
+        held_out["ood"] = (f"out of distribution: {', '.join(ood_splits)}",
+                           held_out_ood_comparisons(cfg, cfg.pm_eval_size))
+    metrics: dict[str, Any] = {}
+    for prefix, (title, comparisons) in held_out.items():
+        result = await evaluate_preference_model(pm, comparisons)
+        print(f"[rlhfkit] {title}\n{format_pm_eval(result)}")
+        metrics.update(result.metrics(prefix))
+    if ood_splits:
+        metrics["ood/splits"] = ",".join(ood_splits)
     write_json_atomic(out, metrics)
     return metrics
 
 
-async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
+async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str, folder: str = "rl",
+                 seed: int | None = None) -> None:
+    """RL in log_root/`folder` with RL seed `seed` (None: cfg.seed); the win-rate evaluation always uses cfg.seed
+    (the same prompts and samples in every seed's run)."""
     from rlhfkit.preference.comparison_policy_evaluator import ComparisonEvaluatorBuilder
     from rlhfkit.preference.types import PreferenceModelBuilderFromChatRenderer
     from rlhfkit.rl import preference_envs
@@ -192,12 +212,12 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
     await rl_train.main(rl_train.Config(
         model_name=base_model, recipe_name="recipe_preference_rlhf_rl", renderer_name=renderer_name,
         dataset_builder=dataset_builder, load_checkpoint_path=sft_path, learning_rate=cfg.rl_learning_rate,
-        max_tokens=cfg.rl_max_tokens, log_path=f"{cfg.log_root}/rl", evaluator_builders=[win_rate],
-        wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-rl", lora_rank=cfg.lora_rank,
+        max_tokens=cfg.rl_max_tokens, log_path=f"{cfg.log_root}/{folder}", evaluator_builders=[win_rate],
+        wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-{folder}", lora_rank=cfg.lora_rank,
         save_every=cfg.save_every, eval_every=cfg.stage_value("rl", "eval_every"),
         num_groups_to_log=cfg.num_groups_to_log, max_steps=cfg.stage_value("rl", "max_steps"),
-        loss_fn=cfg.rl_loss_fn, seed=cfg.seed, sampler=cfg.sampler, kl_penalty_coef=cfg.rl_kl_penalty_coef,
-        kl_reference_config=kl_reference))
+        loss_fn=cfg.rl_loss_fn, seed=cfg.seed if seed is None else seed, sampler=cfg.sampler,
+        kl_penalty_coef=cfg.rl_kl_penalty_coef, kl_reference_config=kl_reference))
 
 
 async def run_dpo(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
@@ -293,10 +313,13 @@ async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
     renderer_name = cfg.renderer_name or model_info.get_recommended_renderer_name(base_model)
     timings_path = root / "stage_times.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    stages = [("sft", cfg.run_sft, run_sft), ("rm", cfg.run_rm, run_rm), ("rl", cfg.run_rl, run_rl),
-              ("dpo", cfg.run_dpo, run_dpo)]
-    for name, enabled, run in stages:
-        if not enabled or name not in METHODS[cfg.method]:
+    rl_seeds = rl_runs(cfg.seed, cfg.seeds)
+    stages = [("sft", "sft", cfg.run_sft, run_sft), ("rm", "rm", cfg.run_rm, run_rm),
+              *[(folder, "rl", cfg.run_rl, functools.partial(run_rl, folder=folder, seed=seed))
+                for folder, seed in rl_seeds],
+              ("dpo", "dpo", cfg.run_dpo, run_dpo)]
+    for name, stage, enabled, run in stages:
+        if not enabled or stage not in METHODS[cfg.method]:
             continue
         set_phase(name)
         if stage_finished(f"{cfg.log_root}/{name}"):
@@ -308,6 +331,8 @@ async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
         if name == "rm":
             set_phase("pm_eval")
             await evaluate_rm(cfg, base_model, renderer_name)
+    if len(rl_seeds) > 1 and all(stage_finished(f"{cfg.log_root}/{folder}") for folder, _ in rl_seeds):
+        print(f"[rlhfkit] {format_seeds(summarize_seeds(cfg.log_root, rl_seeds))}")
     if cfg.method == "both" and all(stage_finished(f"{cfg.log_root}/{s}") for s in METHODS["both"]):
         await compare_sft_dpo_rlhf(cfg, base_model, renderer_name)
     set_phase("report")
