@@ -154,14 +154,14 @@ def test_a_run_is_recreated_from_its_written_config(tmp_path):
 def test_stage_config_json_records_the_builders_completely(tmp_path):
     from rlhfkit.preference.comparison_policy_evaluator import ComparisonEvaluatorBuilder
     from rlhfkit.preference.types import PreferenceModelBuilderFromChatRenderer
-    from rlhfkit.recipes.preference.rlhf.pipeline_data import hh_builder
+    from rlhfkit.recipes.preference.rlhf.pipeline_data import comparison_builder
     from rlhfkit.rl.preference_envs import PairwisePreferenceRLDatasetBuilder
     from rlhfkit.utils.ml_log import dump_run_config
 
     cfg = parse_args(["preset=demo"])
     pm = PreferenceModelBuilderFromChatRenderer("chat_template", "m", "/weights", reward_mode="probability")
-    builder = PairwisePreferenceRLDatasetBuilder(hh_builder(cfg, "rl"), 4, "chat_template", "m", pm, 4)
-    evaluator = ComparisonEvaluatorBuilder(pm, hh_builder(cfg, "rl", 32), "chat_template", "m", 48)
+    builder = PairwisePreferenceRLDatasetBuilder(comparison_builder(cfg, "rl"), 4, "chat_template", "m", pm, 4)
+    evaluator = ComparisonEvaluatorBuilder(pm, comparison_builder(cfg, "rl", 32), "chat_template", "m", 48)
     dumped = dump_run_config({"dataset_builder": builder, "evaluator_builders": [evaluator]})
     text = json.dumps(dumped)
     assert '"reward_mode": "probability"' in text and '"max_chars": 400' in text and '"test_size": 32' in text
