@@ -181,7 +181,7 @@ def eval_main(argv: list[str]) -> int:
     win.add_argument("--n", type=int, default=256, help="prompts (the pipeline's win_rate_prompts)")
     win.add_argument("--max-tokens", type=int, default=1024, help="reply length (the pipeline's rl_max_tokens)")
     win.add_argument("--seed", type=int, default=0, help="prompt k's reply is sampled with seed + k (the run's seed)")
-    win.add_argument("--reward-mode", default="verdict", choices=["verdict", "probability"])
+    win.add_argument("--reward-mode", default="verdict", choices=["verdict", "probability", "symmetric"])
     win.add_argument("--judge-renderer", default=None, help="the judge's renderer (default: the one it was trained with)")
     for sub in (pm, win):
         sub.add_argument("--max-chars", type=int, default=None, help="HH-RLHF: the run's hh_max_chars")

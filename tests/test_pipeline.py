@@ -218,7 +218,7 @@ def test_eval_command_reproduces_the_runs_accuracy_and_win_rate(smoke_run, tmp_p
     assert main(["eval", "winrate", "--judge", str(root / "rm"),
                  "--policy", str(root / "rl" / "checkpoints" / f"{step:06d}" / "sampler"),
                  "--n", str(cfg["win_rate_prompts"]), "--max-chars", "300", "--max-tokens", str(cfg["rl_max_tokens"]),
-                 "--seed", str(cfg["seed"]), "--out", str(tmp_path)]) == 0
+                 "--seed", str(cfg["seed"]), "--reward-mode", cfg["reward_mode"], "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "winrate.json").read_text())
     assert result["metrics"]["win_rate"] == pytest.approx(win_rate, abs=1e-9)
     assert len(result["matchups"]) == cfg["win_rate_prompts"]
