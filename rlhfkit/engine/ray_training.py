@@ -23,6 +23,7 @@ from rlhfkit.engine.futures import APIFuture
 from rlhfkit.engine.lora import LoraSpec
 from rlhfkit.engine.models import load_tokenizer
 from rlhfkit.engine.ray_cluster import gather, import_ray
+from rlhfkit.engine.training import AwaitableTrainingMethods
 from rlhfkit.engine.types import (AdamParams, Datum, ForwardBackwardOutput, OptimStepResponse, SaveWeightsResponse,
                                   TensorData)
 
@@ -135,7 +136,7 @@ def start_workers(spec: LoraSpec, device: str | None, dtype: str | None, num_wor
     return workers
 
 
-class RayTrainingClient:
+class RayTrainingClient(AwaitableTrainingMethods):
     """The training client of the Ray backend (same methods as the local TrainingClient)."""
 
     def __init__(self, service: Any, spec: LoraSpec, workers: list[Any], storage: Path):
@@ -242,32 +243,3 @@ class RayTrainingClient:
     def get_info(self) -> dict:
         return {"base_model": self.spec.base_model, "lora_rank": self.spec.rank, "backend": "ray",
                 "num_train_workers": len(self.workers)}
-
-    # Awaitable forms: each returns the request's future once submitted
-
-    async def forward_backward_async(self, data, loss_fn, loss_fn_config=None):
-        return self.forward_backward(data, loss_fn, loss_fn_config)
-
-    async def forward_async(self, data, loss_fn, loss_fn_config=None):
-        return self.forward(data, loss_fn, loss_fn_config)
-
-    async def forward_backward_custom_async(self, data, fn):
-        return self.forward_backward_custom(data, fn)
-
-    async def optim_step_async(self, params):
-        return self.optim_step(params)
-
-    async def save_state_async(self, name, ttl_seconds=None):
-        return self.save_state(name, ttl_seconds)
-
-    async def save_weights_for_sampler_async(self, name, ttl_seconds=None):
-        return self.save_weights_for_sampler(name, ttl_seconds)
-
-    async def save_weights_and_get_sampling_client_async(self, name=None):
-        return self.save_weights_and_get_sampling_client(name)
-
-    async def load_state_async(self, path):
-        return self.load_state(path)
-
-    async def load_state_with_optimizer_async(self, path):
-        return self.load_state_with_optimizer(path)
