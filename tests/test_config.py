@@ -93,7 +93,7 @@ def test_a_bad_value_exits_2_naming_the_key_fast_and_writes_nothing(tmp_path, ar
 
 def test_the_stage_commands_report_bad_values_too():
     result = rlhfkit("rl", "reward_mode=verdit")
-    assert result.returncode == 2 and result.stderr.startswith("rlhfkit rl: reward_mode=")
+    assert result.returncode == 2 and result.stderr.startswith("rlhfkit: error: reward_mode=")
 
 
 def test_bad_values_in_python_raise_config_error():

@@ -274,7 +274,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
     from rlhfkit.utils.run_lock import RunLock
 
     with RunLock(tmp_path):
-        result = run_pipeline(tmp_path, "base_model=/nonexistent")
+        result = run_pipeline(tmp_path)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         line = result.stderr.strip().splitlines()[-1]
         assert line.startswith("rlhfkit: error:") and f"process {os.getpid()}" in line, result.stderr
@@ -334,18 +334,20 @@ def test_a_nonfinite_loss_skips_the_update_and_leaves_weights_and_optimizer_unch
     adam = AdamParams(learning_rate=1e-2)
     client.forward_backward([datum(1.0)], "cross_entropy").result()
     assert client.optim_step(adam).result().metrics["optim/skipped_nonfinite"] == 0.0
-    before = [p.detach().clone() for p in client._params]
+    trainer = client.trainer  # the local backend's trainer: its adapters and optimizer
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
     state = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)}
-             for k, v in client.optimizer.state_dict()["state"].items()}
+             for k, v in trainer.optimizer.state_dict()["state"].items()}
     output = client.forward_backward([datum(float("nan"))], "cross_entropy").result()
     assert not np.isfinite(output.metrics["loss:sum"])
     metrics = client.optim_step(adam).result().metrics
     assert metrics["optim/skipped_nonfinite"] == 1.0
-    assert all(torch.equal(a, b) for a, b in zip(before, client._params))
-    after = client.optimizer.state_dict()["state"]
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    after = trainer.optimizer.state_dict()["state"]
     assert all(torch.equal(state[k][n], after[k][n]) for k in state for n in state[k])
     assert client.optimizer_steps == 1
-    assert all(p.grad is None for p in client._params)
+    assert all(p.grad is None for p in params)
     # the next finite batch trains as usual
     client.forward_backward([datum(1.0)], "cross_entropy").result()
     assert client.optim_step(adam).result().metrics["optim/skipped_nonfinite"] == 0.0

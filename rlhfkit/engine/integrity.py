@@ -35,20 +35,22 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST_FILE).write_text(json.dumps({"files": manifest}, indent=2))
 
 
-def verify_checkpoint(folder: str | Path, legacy_marker: str) -> None:
+def verify_checkpoint(folder: str | Path, legacy_marker: str | tuple[str, ...]) -> None:
     """Raise CheckpointError naming the first missing, truncated or changed file of the checkpoint `folder`.
-    A folder without checksums.json but with `legacy_marker` (an older checkpoint) passes with a warning."""
+    A folder without checksums.json but with a `legacy_marker` file (an older rlhfkit checkpoint, or a PEFT
+    adapter folder made elsewhere) passes with a warning."""
+    markers = (legacy_marker,) if isinstance(legacy_marker, str) else legacy_marker
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder} does not exist (deleted or moved?)")
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.exists():
-        if (folder / legacy_marker).exists():
-            logger.warning("checkpoint %s has no %s (written by an older rlhfkit): its files are not verified",
-                           folder, MANIFEST_FILE)
+        if any((folder / marker).exists() for marker in markers):
+            logger.warning("checkpoint %s has no %s (an older rlhfkit checkpoint or an adapter made elsewhere): "
+                           "its files are not verified", folder, MANIFEST_FILE)
             return
         raise CheckpointError(f"{folder} is not a complete rlhfkit checkpoint (no {MANIFEST_FILE} or "
-                              f"{legacy_marker}); expected a directory written by save_state or "
+                              f"{' or '.join(markers)}); expected a directory written by save_state or "
                               f"save_weights_for_sampler")
     try:
         files = json.loads(manifest_path.read_text())["files"]

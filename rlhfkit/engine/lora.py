@@ -142,7 +142,7 @@ def read_meta(folder: str | Path) -> dict:
     checksums (every load starts here, so a damaged checkpoint is never loaded); for a plain PEFT adapter folder,
     the same keys derived from its adapter_config.json ({"kind": "peft", "lora": ...})."""
     folder = Path(folder)
-    verify_checkpoint(folder, legacy_marker=META_FILE)
+    verify_checkpoint(folder, legacy_marker=(META_FILE, ADAPTER_CONFIG_FILE))
     meta_path = folder / META_FILE
     if meta_path.exists():
         try:
@@ -200,7 +200,7 @@ def read_spec(folder: str | Path) -> LoraSpec:
 
 def load_adapter_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     """The adapter tensors of a checkpoint whose files match their checksums."""
-    verify_checkpoint(folder, legacy_marker=META_FILE)
+    verify_checkpoint(folder, legacy_marker=(META_FILE, ADAPTER_CONFIG_FILE))
     path = Path(folder) / ADAPTER_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} is missing")

@@ -6,8 +6,10 @@ append, an optimizer step, ...). Two environment variables drive it, both read a
     RLHFKIT_FAULT_TRACE=FILE   append "<index> <phase> <label>" to FILE for every point reached
     RLHFKIT_FAULT_KILL_AT=N    SIGKILL this process at the point with index N
 
-Points are counted on the main thread only (a background thread's timing must not shift the indices), so a
-deterministic run reaches the same indices every time. Without either variable a point does nothing.
+Points are counted on the main thread and on the engine's request threads (named "rlhfkit-...": they run one
+request at a time for a caller that waits on it), never on free-running background threads (a timer's ticks
+must not shift the indices), so a deterministic run reaches the same indices every time. Without either
+variable a point does nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ def set_phase(name: str) -> None:
 
 def fault_point(label: str) -> None:
     trace, kill_at = os.environ.get(TRACE_ENV), os.environ.get(KILL_ENV)
-    if (trace is None and kill_at is None) or threading.current_thread() is not threading.main_thread():
+    if trace is None and kill_at is None:
+        return
+    thread = threading.current_thread()
+    if thread is not threading.main_thread() and not thread.name.startswith("rlhfkit-"):
         return
     index = _state["count"]
     _state["count"] += 1

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from rlhfkit.data_sources import DataSource, parse_columns, parse_sources, read_tables
-from rlhfkit.errors import DataFileNotFoundError
+from rlhfkit.errors import DataError, DataFileNotFoundError
 from rlhfkit.paths import shared_data_dir
 from rlhfkit.recipes.preference.hh_files import HH_RLHF_FILES, HH_RLHF_HUB_NAME
 from rlhfkit.recipes.preference.hh_files import hh_data_files as hh_data_files
@@ -410,7 +410,7 @@ def load_comparison_examples(data: str | None = None, columns: str | None = None
             examples.append(ComparisonExample(labeled, f"{table.name}, {row_name}", chars))
         skipped.report(len(table.rows))
     if not examples:
-        raise ValueError(f"no usable comparisons in {spec!r}")
+        raise DataError(f"no usable comparisons in {spec!r} (every row was skipped: see the warnings above)")
     return examples
 
 

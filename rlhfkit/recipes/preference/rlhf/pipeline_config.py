@@ -8,7 +8,6 @@ the command line, `--help`, the config files and the validation pick it up from 
 from __future__ import annotations
 
 import json
-import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,16 +295,12 @@ def parse_args(argv: list[str]) -> PipelineConfig:
 
 
 def parse_command(argv: list[str], command: str = "pipeline") -> PipelineConfig | int:
-    """The settings of `rlhfkit COMMAND argv...`, or an exit code: 0 after printing --help, 2 after printing a bad
-    setting as one line on stderr (nothing loaded or written)."""
+    """The settings of `rlhfkit COMMAND argv...`, or 0 after printing --help. A bad setting raises ConfigError, a
+    UserError: `rlhfkit` prints it as one line and exits 2 (nothing loaded or written; --debug: the traceback)."""
     if any(arg in ("-h", "--help") for arg in argv):
         print(help_text(command, [a for a in argv if a not in ("-h", "--help")]))
         return 0
-    try:
-        return parse_args(argv)
-    except ConfigError as e:
-        print(f"rlhfkit {command}: {e}", file=sys.stderr)
-        return 2
+    return parse_args(argv)
 
 
 def help_text(command: str, argv: list[str]) -> str:

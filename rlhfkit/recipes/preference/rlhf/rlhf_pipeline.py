@@ -352,16 +352,12 @@ def main(cfg: PipelineConfig) -> Any:
 
 
 def cli_main(argv: list[str], command: str = "pipeline") -> int:
-    """`--help` prints every setting; a bad setting prints one line naming it and returns 2 (nothing is
-    written or loaded)."""
-    cfg = parse_command(argv, command)
-    if isinstance(cfg, int):
-        return cfg
-    asyncio.run(main_async(cfg))
-    return 0
+    """`rlhfkit COMMAND argv...` (see rlhfkit.cli): --help prints every setting; a bad setting, data file or model
+    is one line on stderr and exit code 2."""
+    from rlhfkit.cli import main as rlhfkit_main
+
+    return rlhfkit_main([command, *argv])
 
 
 if __name__ == "__main__":
-    from rlhfkit.cli import main as rlhfkit_main
-
-    sys.exit(rlhfkit_main(["pipeline", *sys.argv[1:]]))
+    sys.exit(cli_main(sys.argv[1:]))
