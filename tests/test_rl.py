@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rlhfkit import checkpoint_utils
+
 from rlhfkit.completers import TokensWithLogprobs
 from rlhfkit.engine.types import ModelInput
 from rlhfkit.preference.types import Comparison, LabeledComparison, PreferenceModel, PreferenceModelBuilder
@@ -287,10 +289,10 @@ def test_rl_shortens_replies_under_a_shorter_is_better_judge(stop_model_dir, tmp
     assert [r["step"] for r in records] == [0, 1, 2]
 
     # The policy moved the judged way: shorter replies than the starting weights, on the same seeds.
-    final = read_jsonl(log_path / "checkpoints.jsonl")[-1]
-    assert final["name"] == "final" and final["batch"] == 3
+    final = checkpoint_utils.get_last_checkpoint(log_path, required_key="sampler_path")
+    assert final.name == "final" and final.batch == 3
     before = _mean_reply_length(stop_model_dir, str(log_path / train.INIT_SAMPLER_DIR))
-    after = _mean_reply_length(stop_model_dir, final["sampler_path"])
+    after = _mean_reply_length(stop_model_dir, final.sampler_path)
     assert after < 0.6 * before, (before, after)
     assert records[-1]["env/all/ac_tokens_per_turn"] < records[0]["env/all/ac_tokens_per_turn"]
 
