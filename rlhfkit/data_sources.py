@@ -220,7 +220,7 @@ def hub_is_offline() -> bool:
 def _hub_tables(source: DataSource) -> list[SourceTable]:
     hint = "download it where the Hub is reachable and pass the local file (.jsonl, .json, .parquet or .csv)"
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:
         raise DatasetUnavailableError(f"{source}: loading a Hub dataset needs the `datasets` package "
                                       f"(pip install datasets); or {hint}") from None

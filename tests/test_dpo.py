@@ -225,7 +225,7 @@ def test_sigkill_then_resume_gives_identical_weights_and_one_record_per_step(ref
     assert expected.keys() == got.keys()
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
-    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/") and k != "batch_time"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time/") and k != "batch_time"}
     records = [strip(r) for r in read_jsonl(log_path / "metrics.jsonl")]
     assert [r["step"] for r in records] == list(range(6))  # one record per step: no gap, no duplicate
     assert records == [strip(r) for r in read_jsonl(reference_run / "metrics.jsonl")]

@@ -157,7 +157,7 @@ def test_killed_stage_resumes_to_the_same_result(stage_name, k, references, tmp_
     stage = BY_NAME[stage_name]
     points = trace(references[stage_name])
     index = kill_points(points, 1, SEED + STAGES.index(stage))[k]
-    kill_and_resume(tmp_path, references, stage, index, dict((i, lbl) for i, _, lbl in points)[index])
+    kill_and_resume(tmp_path, references, stage, index, {i: lbl for i, _, lbl in points}[index])
 
 
 @pytest.mark.faults_full
@@ -167,7 +167,7 @@ def test_full_sweep_killed_stage_resumes_to_the_same_result(stage_name, k, refer
     stage = BY_NAME[stage_name]
     points = trace(references[stage_name])
     index = kill_points(points, FULL_KILLS, SEED)[k]
-    kill_and_resume(tmp_path, references, stage, index, dict((i, lbl) for i, _, lbl in points)[index])
+    kill_and_resume(tmp_path, references, stage, index, {i: lbl for i, _, lbl in points}[index])
 
 
 def test_the_traces_cover_checkpoint_writes_metrics_and_the_report(references):

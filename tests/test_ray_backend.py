@@ -1,6 +1,7 @@
 """The Ray backend: data-parallel training equal to the local backend, inference engines serving adapters,
 a two-node cluster running the pipeline, faults."""
 
+import contextlib
 import asyncio
 import os
 import shutil
@@ -164,10 +165,8 @@ def _stop_cluster(marker: str) -> None:
     """Stops this test's Ray processes by pid (`ray stop` would stop every Ray on the machine)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in _processes_of(marker):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         time.sleep(3)
 
 

@@ -62,7 +62,7 @@ def test_vllm_serves_the_architecture_or_says_why_not(name, local, tmp_path_fact
                 remote.create_sampling_client(base_model=model_dir).sample(prompt, 1, SamplingParams(max_tokens=2))
             return
         if name not in UNEMBED_ADAPTED:  # the check before training names the setting to change
-            with pytest.raises(UnsupportedAdapterError, match="lm_head.*train_unembed=False"):
+            with pytest.raises(UnsupportedAdapterError, match=r"lm_head.*train_unembed=False"):
                 check_lora_targets(LoraSpec(model_dir), local.precision)
         path = trained_adapter(local, model_dir, name, train_unembed=name in UNEMBED_ADAPTED)
         check_lora_targets(LoraSpec(model_dir, train_unembed=name in UNEMBED_ADAPTED), local.precision)

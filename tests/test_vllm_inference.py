@@ -93,7 +93,7 @@ def test_unknown_adapters_and_prompt_logprobs_fail_loudly(setup):
 
 
 def test_a_killed_actor_restarts_with_its_adapters(setup):
-    ray, actor, local, tokenizer, model_dir, adapters = setup
+    ray, actor, _local, tokenizer, _model_dir, adapters = setup
     ray.get(actor.load_adapter.remote("policy", adapters["policy"]))
     prompt = tokenizer.encode("Once upon a time")
     greedy = SamplingParams(max_tokens=6, temperature=0.0, stop=[])

@@ -112,11 +112,11 @@ def test_an_adapter_the_engine_cannot_apply_is_refused_with_the_setting_to_chang
     tokenizer = local.create_sampling_client(base_model=model_dir).get_tokenizer()
     _, path = trained_adapter(local, model_dir, tokenizer, "with-unembedding", train_unembed=True)
     # the sampling client checks its LoraSpec's targets against the engine when it is created
-    with pytest.raises(UnsupportedAdapterError, match="lm_head.*train_unembed=False"):
+    with pytest.raises(UnsupportedAdapterError, match=r"lm_head.*train_unembed=False"):
         remote.create_sampling_client(model_path=path)
     # an adapter whose spec was not checked is refused when the engine loads it
     client = VLLMSamplingClient(None, model_dir, path, remote.precision)
-    with pytest.raises(UnsupportedAdapterError, match="lm_head.*train_unembed=False"):
+    with pytest.raises(UnsupportedAdapterError, match=r"lm_head.*train_unembed=False"):
         client.sample(ModelInput.from_ints(tokenizer.encode("Hi")), 1, SamplingParams(max_tokens=2)).result()
     with pytest.raises(UnsupportedAdapterError, match="train_unembed=False"):
         client.score_next_token(ModelInput.from_ints(tokenizer.encode("Hi")), [1, 2]).result()

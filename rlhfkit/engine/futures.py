@@ -35,7 +35,7 @@ class APIFuture(Generic[T]):
         self._future = future
 
     @staticmethod
-    def completed(value: T) -> "APIFuture[T]":
+    def completed(value: T) -> APIFuture[T]:
         """A future that already holds its value (for requests with nothing to run)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_result(value)
@@ -53,7 +53,7 @@ class APIFuture(Generic[T]):
     def __await__(self) -> Any:
         return self.result_async().__await__()
 
-    def then(self, fn: Callable[[T], Any]) -> "APIFuture":
+    def then(self, fn: Callable[[T], Any]) -> APIFuture:
         """A future of `fn(result)` (or of this request's error)."""
         chained: concurrent.futures.Future = concurrent.futures.Future()
 
@@ -133,6 +133,7 @@ class RequestBatcher:
         self.queue = queue
         self.pending: list[tuple[Any, asyncio.Future]] = []
         self.flushing = False
+        self.flush_task: asyncio.Task | None = None
 
     async def submit(self, request: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -140,7 +141,7 @@ class RequestBatcher:
         self.pending.append((request, future))
         if not self.flushing:
             self.flushing = True
-            loop.create_task(self._flush())
+            self.flush_task = loop.create_task(self._flush())  # kept referenced until it is done
         return await future
 
     async def _flush(self) -> None:

@@ -48,7 +48,7 @@ class RayBackend:
         return RaySamplingClient(self.pool(base_model), base_model, adapter_path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ray_backend(address: str | None, num_train_workers: int | None, num_samplers: int | None,
                 inference_engine: str, device: str | None, dtype: str | None) -> RayBackend:
     """One backend per setting in a process: the stages of a pipeline share its inference engines."""

@@ -19,6 +19,7 @@ requests there.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -153,10 +154,8 @@ class InferencePool:
             if self.actors[engine] is not dead:
                 return  # another request replaced it already
             logger.warning("inference engine %d died; starting a new one and retrying its requests", engine)
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 ray.kill(dead, no_restart=True)
-            except Exception:  # already gone
-                pass
             self.actors[engine] = self._start()
             self.loaded[engine] = set()
             self.restarts += 1

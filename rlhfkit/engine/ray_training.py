@@ -14,6 +14,7 @@ from the last checkpoint). Sharding the frozen base across devices would live in
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 from pathlib import Path
@@ -107,7 +108,7 @@ def split_by_tokens(lengths: Sequence[int], parts: int) -> list[tuple[int, int]]
             bounds.append(i + 1)
             k += 1
     bounds += [len(lengths)] * (parts + 1 - len(bounds))
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 class TrainingWorkerDied(RuntimeError):

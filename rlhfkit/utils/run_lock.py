@@ -28,7 +28,7 @@ class RunLock:
         self.path = self.folder / LOCK_FILE
         self._file: Any = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+", encoding="utf-8")
         try:

@@ -173,7 +173,7 @@ class PipelineConfig:
 
 def check_pipeline_files(cfg: PipelineConfig) -> None:
     """The files, split names and model names the settings point at exist (before any model or data loads)."""
-    check_data_spec("sft_data", cfg.sft_data, {name: None for name in SFT_DATA_NAMES})
+    check_data_spec("sft_data", cfg.sft_data, dict.fromkeys(SFT_DATA_NAMES))
     for key in ("pref_data", "hh_data"):
         if getattr(cfg, key) is not None:
             check_data_spec(key, getattr(cfg, key), offline_hh_splits())

@@ -15,7 +15,6 @@ comparison.json); the report is then written from the run folder alone.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import json
@@ -26,8 +25,7 @@ from typing import Any
 
 from rlhfkit import checkpoint_utils, model_info
 from rlhfkit.config import environment
-from rlhfkit.recipes.preference.rlhf.pipeline_config import (METHODS, PRESETS, PipelineConfig, parse_args,
-                                                             parse_command)
+from rlhfkit.recipes.preference.rlhf.pipeline_config import (METHODS, PRESETS, PipelineConfig, parse_args)
 from rlhfkit.recipes.preference.rlhf.pipeline_data import (comparison_builder, held_out_comparisons,
                                                            held_out_ood_comparisons, out_of_distribution_splits,
                                                            sft_dataset_builder)
