@@ -15,7 +15,6 @@ comparison.json); the report is then written from the run folder alone.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -26,15 +25,15 @@ from rlhfkit.config import environment
 from rlhfkit.recipes.preference.rlhf.pipeline_config import (METHODS, PRESETS, PipelineConfig, parse_args,
                                                              parse_command)
 from rlhfkit.recipes.preference.rlhf.pipeline_data import comparison_builder, held_out_comparisons, sft_dataset_builder
+from rlhfkit.recipes.preference.rlhf.run_record import CONFIG_FILE, check_recorded_settings, write_record
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.atomic import read_jsonl, write_json_atomic
 from rlhfkit.utils.timing import StageClock
 from rlhfkit.utils.faults import set_phase
 from rlhfkit.utils.run_lock import RunLock
 
-__all__ = ["PRESETS", "PipelineConfig", "cli_main", "main", "main_async", "parse_args"]
+__all__ = ["CONFIG_FILE", "PRESETS", "PipelineConfig", "cli_main", "main", "main_async", "parse_args"]
 
-CONFIG_FILE = "pipeline_config.json"  # the run's settings: `config=log_root/pipeline_config.json` re-creates them
 ENVIRONMENT_FILE = "environment.json"  # the environment variables that change the engine's behaviour
 
 
@@ -243,16 +242,20 @@ async def compare_sft_dpo_rlhf(cfg: PipelineConfig, base_model: str, renderer_na
 
 
 def write_settings(cfg: PipelineConfig) -> None:
-    """pipeline_config.json (every setting) and environment.json (the engine's environment variables)."""
-    root = Path(cfg.log_root)
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / CONFIG_FILE, dataclasses.asdict(cfg))
-    write_json_atomic(root / ENVIRONMENT_FILE, environment())
+    """pipeline_config.json (every setting; an earlier, different record is kept as pipeline_config.N.json) and
+    environment.json (the engine's environment variables)."""
+    kept = write_record(cfg)
+    if kept is not None:
+        print(f"[rlhfkit] the settings differ from the run's earlier ones, kept in {kept}")
+    write_json_atomic(Path(cfg.log_root) / ENVIRONMENT_FILE, environment())
 
 
 async def main_async(cfg: PipelineConfig) -> dict[str, float]:
-    """Run the configured stages (skipping finished ones) and write the report; returns stage wall times."""
+    """Run the configured stages (skipping finished ones) and write the report; returns stage wall times. Settings
+    that differ from the folder's recorded ones are refused first (run_record.py)."""
+    check_recorded_settings(cfg)
     with RunLock(cfg.log_root):
+        check_recorded_settings(cfg)  # again under the lock: another run may have recorded settings meanwhile
         return await _run_stages(cfg)
 
 
