@@ -293,6 +293,11 @@ async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
         await sample_report_replies(cfg, base_model, renderer_name)
         paths = write_report(cfg.log_root)
         print(f"[rlhfkit] report: {paths['html']}  and  {paths['markdown']}")
+    from rlhfkit.report import final_win_rate
+
+    win_rate = final_win_rate(cfg.log_root)
+    if win_rate is not None and cfg.run_rl and "rl" in METHODS[cfg.method]:
+        print(f"[rlhfkit] {win_rate}")
     return timings
 
 
