@@ -7,9 +7,10 @@ method=dpo|both also DPO from the SFT policy (spec §12).
 This module only composes the stages: each one is the supervised or RL training loop with builders made from the
 settings (pipeline_config.py, pipeline_data.py). Stages live in `log_root/{sft,rm,rl,dpo}`. Starting again resumes: a
 finished stage (its checkpoints.jsonl has a "final" record) is skipped, a stopped one continues from its last
-checkpoint. After the preference model, its held-out evaluation is written to rm/pm_eval.json; after RL, the
-replies the report shows to report_replies.json (and with method=both the SFT/DPO/RLHF comparison to
-comparison.json); the report is then written from the run folder alone.
+checkpoint; settings that differ from the folder's recorded ones are refused unless allowed (run_record.py).
+After the preference model, its held-out evaluation is written to rm/pm_eval.json; after RL, the replies the report
+shows (base, SFT, RLHF) to report_replies.json (and with method=both the SFT/DPO/RLHF comparison to comparison.json);
+the report is then written from the run folder alone, and the final win rate printed.
 """
 
 from __future__ import annotations
