@@ -1,7 +1,8 @@
 """The pipeline's report: one HTML page with PNG plots and a Markdown summary (log_root/report.{html,md}).
 
 It only reads the run folder: the stages' metrics.jsonl, rm/pm_eval.json, stage_times.json, seeds.json (RL over
-seeds) and the replies the pipeline sampled into report_replies.json. No model is loaded.
+seeds), the RL rollout pages (rl/iteration_NNNNNN/train.html, linked) and the replies the pipeline sampled into
+report_replies.json (base, SFT and RLHF, with their sampling settings). No model is loaded.
 
     python -m rlhfkit.report RUN_FOLDER
 """
@@ -39,6 +40,33 @@ def first_last(records: list[dict], key: str) -> tuple[Any, Any, int]:
     return values[0][1], values[-1][1], values[-1][0]
 
 
+def final_win_rate(log_root: str | Path) -> str | None:
+    """One line: the RLHF policy's last measured win rate (± stderr) against the human-chosen replies, and its first
+    one; None before RL measured any."""
+    records = [r for r in read_jsonl(Path(log_root) / "rl" / "metrics.jsonl")
+               if isinstance(r.get("test/win_rate"), (int, float))]
+    if not records:
+        return None
+    first, last = records[0], records[-1]
+    stderr = f" ± {100 * last['test/stderr']:.1f}%" if isinstance(last.get("test/stderr"), (int, float)) else ""
+    return (f"final win rate vs the human-chosen replies: {100 * last['test/win_rate']:.1f}%{stderr} at RL step "
+            f"{last['step']} (step {first['step']}: {100 * first['test/win_rate']:.1f}%)")
+
+
+def rollout_pages(root: Path) -> list[tuple[str, str]]:
+    """(iteration, path relative to root) of each RL rollout page, rl/iteration_NNNNNN/train.html, in order."""
+    return [(str(int(page.parent.name.removeprefix("iteration_"))), page.relative_to(root).as_posix())
+            for page in sorted(root.glob("rl/iteration_*/train.html"))]
+
+
+def sampling_text(replies_file: dict) -> str:
+    sampling = replies_file.get("sampling")
+    if not sampling:
+        return "Sampling settings not recorded."
+    return (f"One reply each, sampled at temperature {sampling['temperature']}, at most {sampling['max_tokens']} "
+            f"tokens, seed {sampling['seed']}.")
+
+
 def _fmt(value: Any, key: str) -> str:
     if value is None:
         return "–"
@@ -49,7 +77,9 @@ def _conversation_text(messages: list[dict]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
-DPO_PANELS = [["dpo_loss", "test/dpo_loss"], ["accuracy", "test/accuracy"], ["margin", "chosen_reward", "rejected_reward"]]
+REPLY_COLUMNS = [("base", "base"), ("sft", "SFT"), ("rlhf", "RLHF")]  # (key in report_replies.json, label)
+DPO_PANELS = [["dpo_loss", "test/dpo_loss"], ["accuracy", "test/accuracy"],
+              ["margin", "chosen_reward", "rejected_reward"]]
 POLICY_NAMES = {"sft": "SFT", "dpo": "DPO", "rlhf": "RLHF"}
 
 
@@ -193,16 +223,24 @@ def write_report(log_root: str | Path) -> dict[str, str]:
     judge_md, judge_html = judge_section(pm, settings)
     seeds_md, seeds_html = seeds_section(root)
     time_line = ", ".join(f"{stage} {times[stage] / 60:.1f} min" for stage in ("sft", "rm", "rl") if stage in times)
+    win_rate_line = final_win_rate(root)
+    rollouts = rollout_pages(root)
+    columns = [(key, label) for key, label in REPLY_COLUMNS if any(key in item for item in replies)]
+    sampling = sampling_text(replies_file)
 
     md = [f"# RLHF pipeline report — {base_model}", "",
           f"Log root `{root}`; renderer `{renderer_name}`. Wall time: {time_line or 'n/a'}.", "",
+          *([f"RLHF policy's {win_rate_line}.", ""] if win_rate_line else []),
           "| stage | metric | tutorial (Qwen3.5-9B-Base) | this run |", "|---|---|---|---|",
           *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows], "", "## Preference model (held out)", "",
           *[f"- {line}" for line in pm_lines], "", *judge_md, *seeds_md, "## Curves", "",
-          *[f"![{stage}]({path})" for stage, path in plots.items()], "", "## Base model vs RLHF model", ""]
+          *[f"![{stage}]({path})" for stage, path in plots.items()], "",
+          "RL rollouts (the logged groups of each iteration): "
+          + (", ".join(f"[{it}]({path})" for it, path in rollouts) or "none"), "",
+          "## Base model vs SFT vs RLHF model", "", sampling, ""]
     for item in replies:
-        md += [f"**Prompt:** {_conversation_text(item['prompt'])}", "", f"- **base:** {item['base']}",
-               f"- **RLHF:** {item['rlhf']}", ""]
+        md += [f"**Prompt:** {_conversation_text(item['prompt'])}", "",
+               *[f"- **{label}:** {item.get(key, '–')}" for key, label in columns], ""]
     comparison_md, comparison_html = comparison_section(root, out_dir, times)
     md += comparison_md
     write_text_atomic(root / "report.md", "\n".join(md) + "\n")
@@ -212,8 +250,10 @@ def write_report(log_root: str | Path) -> dict[str, str]:
                     for a, b, c, d in rows)
     reply_html = "".join(
         f"<div class='pair'><div class='prompt'>{esc(_conversation_text(i['prompt']))}</div>"
-        f"<div class='cols'><div><h4>base</h4><pre>{esc(i['base'])}</pre></div>"
-        f"<div><h4>RLHF</h4><pre>{esc(i['rlhf'])}</pre></div></div></div>" for i in replies)
+        "<div class='cols'>" + "".join(f"<div><h4>{esc(label)}</h4><pre>{esc(i.get(key, '–'))}</pre></div>"
+                                       for key, label in columns) + "</div></div>" for i in replies)
+    win_rate_html = f"<p><b>RLHF policy's {esc(win_rate_line)}.</b></p>" if win_rate_line else ""
+    rollout_html = ", ".join(f"<a href='{esc(path)}'>{esc(it)}</a>" for it, path in rollouts) or "none"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>RLHF report — {esc(base_model)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
@@ -222,11 +262,13 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 <h1>RLHF pipeline report — {esc(base_model)}</h1>
 <p>Log root <code>{esc(str(root))}</code>; renderer <code>{esc(renderer_name)}</code>.
 Wall time: {esc(time_line or 'n/a')}.</p>
+{win_rate_html}
 <table><tr><th>stage</th><th>metric</th><th>tutorial (Qwen3.5-9B-Base)</th><th>this run</th></tr>{table}</table>
 <h2>Preference model (held out)</h2><ul>{''.join(f'<li>{esc(line)}</li>' for line in pm_lines)}</ul>
 {judge_html}{seeds_html}
 <h2>Curves</h2>{''.join(f'<h3>{esc(s)}</h3><img src="{esc(p)}">' for s, p in plots.items())}
-<h2>Base model vs RLHF model</h2>{reply_html}{comparison_html}</body></html>"""
+<p>RL rollouts (the logged groups of each iteration): {rollout_html}</p>
+<h2>Base model vs SFT vs RLHF model</h2><p>{esc(sampling)}</p>{reply_html}{comparison_html}</body></html>"""
     write_text_atomic(root / "report.html", page)
     return {"html": str(root / "report.html"), "markdown": str(root / "report.md")}
 

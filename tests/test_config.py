@@ -214,3 +214,32 @@ def test_renderer_choices_are_the_registered_renderers():
 
     choices = typing.get_args(typing.get_args(field_types(PipelineConfig)["renderer_name"])[0])
     assert set(choices) == set(RENDERERS)
+
+
+def test_changed_settings_are_refused_unless_free_or_of_a_stage_not_started(tmp_path):
+    from rlhfkit.recipes.preference.rlhf.run_record import (SettingsChangedError, check_recorded_settings,
+                                                            read_record, refused_differences, write_record)
+
+    cfg = parse_args(["preset=smoke", f"log_root={tmp_path}"])
+    assert write_record(cfg) is None
+    (tmp_path / "sft").mkdir()  # SFT started; the preference model, RL and DPO have not
+    recorded = read_record(tmp_path)
+    free = parse_args(["preset=smoke", f"log_root={tmp_path}", "report=false", "run_sft=false", "method=both",
+                       "wandb_project=x", "sampler=local", "rl_max_steps=7", "rm_learning_rate=1e-2", "dpo_beta=0.3"])
+    assert refused_differences(recorded, free) == {}
+    check_recorded_settings(free)
+    changed = parse_args(["preset=smoke", f"log_root={tmp_path}", "lora_rank=32", "sft_learning_rate=1",
+                          "rl_max_steps=7"])
+    assert refused_differences(recorded, changed) == {"lora_rank": (4, 32), "sft_learning_rate": (2e-4, 1.0)}
+    (tmp_path / "rl").mkdir()
+    assert refused_differences(recorded, changed)["rl_max_steps"] == (None, 7)
+    with pytest.raises(SettingsChangedError, match=r"lora_rank: 4 → 32; sft_learning_rate: 0.0002 → 1.0; "
+                                                   r"rl_max_steps: None → 7\. .*allow_changed_settings=true"):
+        check_recorded_settings(changed)
+    allowed = parse_args(["preset=smoke", f"log_root={tmp_path}", "lora_rank=32", "allow_changed_settings=true"])
+    check_recorded_settings(allowed)
+    assert write_record(allowed) == tmp_path / "pipeline_config.1.json"
+    assert write_record(allowed) is None  # unchanged: nothing more kept
+    assert read_record(tmp_path)["lora_rank"] == 32 and "allow_changed_settings" not in read_record(tmp_path)
+    assert json.loads((tmp_path / "pipeline_config.1.json").read_text()) == recorded
+    assert parse_args([f"config={tmp_path / 'pipeline_config.json'}"]).allow_changed_settings is False

@@ -51,11 +51,33 @@ def test_smoke_preset_runs_all_stages_and_writes_the_report(smoke_run):
     assert any("test/win_rate" in r for r in read_jsonl(root / "rl" / "metrics.jsonl"))
     pm_eval = json.loads((root / "rm" / "pm_eval.json").read_text())
     assert 0.0 <= pm_eval["pm/accuracy"] <= 1.0 and pm_eval["pm/n"] > 0
-    report = (root / "report.html").read_text()
-    assert "SFT" in report and "win_rate" in report and "Base model vs RLHF model" in report
+    with open(root / "report.html", newline="") as f:
+        report = f.read()
+    assert "SFT" in report and "win_rate" in report and "Base model vs SFT vs RLHF model" in report
     assert (root / "report.md").exists() and (root / "report" / "rl.png").exists()
-    replies = json.loads((root / "report_replies.json").read_text())["replies"]
-    assert len(replies) == 2 and all(item["base"] and item["rlhf"] for item in replies)  # tutorial + 1 prompt
+    replies_file = json.loads((root / "report_replies.json").read_text())
+    replies = replies_file["replies"]
+    assert len(replies) == 2 and all(item["base"] and item["sft"] and item["rlhf"] for item in replies)  # tutorial + 1
+    assert replies_file["sampling"] == {"temperature": 0.7, "max_tokens": 200, "seed": 0}
+    assert replies_file["policies"] == {"base": None, "sft": "sft/checkpoints/final/sampler",
+                                        "rlhf": "rl/checkpoints/final/sampler"}
+    with open(root / "report.md", newline="") as f:  # the random replies hold "\r"
+        markdown = f.read()
+    assert "temperature 0.7, at most 200 tokens, seed 0" in markdown and "temperature 0.7" in report
+    from html import escape
+
+    for item in replies:  # the three replies side by side
+        assert all(f"- **{label}:** {item[key]}" in markdown for key, label in (("base", "base"), ("sft", "SFT"),
+                                                                                 ("rlhf", "RLHF")))
+        assert f"<h4>SFT</h4><pre>{escape(item['sft'])}</pre>" in report
+    pages = sorted(p.relative_to(root).as_posix() for p in (root / "rl").glob("iteration_*/train.html"))
+    assert pages and all(f"<a href='{page}'>" in report and f"({page})" in markdown for page in pages)
+    win_rates = [r for r in read_jsonl(root / "rl" / "metrics.jsonl") if "test/win_rate" in r]
+    final_line = [line for line in _result.stdout.splitlines() if "final win rate" in line]
+    assert final_line == [f"[rlhfkit] final win rate vs the human-chosen replies: "
+                          f"{100 * win_rates[-1]['test/win_rate']:.1f}% ± {100 * win_rates[-1]['test/stderr']:.1f}% "
+                          f"at RL step {win_rates[-1]['step']} (step 0: {100 * win_rates[0]['test/win_rate']:.1f}%)"]
+    assert final_line[0].removeprefix("[rlhfkit] ") in markdown
     settings = json.loads((root / "pipeline_config.json").read_text())
     from rlhfkit.recipes.preference.rlhf.pipeline_config import parse_args
 
@@ -68,12 +90,50 @@ def test_smoke_preset_runs_all_stages_and_writes_the_report(smoke_run):
     assert list((root / "rl").glob("iteration_*/train.html"))
 
 
+def files_of(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
 def test_a_finished_pipeline_started_again_skips_every_stage(smoke_run):
     root, _ = smoke_run
     before = final_metrics(root)
-    result = run_pipeline(root, "report=false")
+    recorded = json.loads((root / "pipeline_config.json").read_text())
+    # settings that never change what a stage computed may differ; the earlier record is kept
+    result = run_pipeline(root, "report=false", "wandb_name=again", "run_dpo=false", "num_groups_to_log=1")
     assert result.stdout.count("already finished") == 3
     assert final_metrics(root) == before
+    assert json.loads((root / "pipeline_config.1.json").read_text()) == recorded
+    assert "kept in" in result.stdout and json.loads((root / "pipeline_config.json").read_text()) == \
+        {**recorded, "report": False, "wandb_name": "again", "run_dpo": False, "num_groups_to_log": 1}
+
+
+def test_changed_settings_on_a_run_folder_are_refused_or_continued_with_the_history_kept(smoke_run, tmp_path):
+    import shutil
+
+    reference, _ = smoke_run
+    root = tmp_path / "changed"
+    for name in ("sft", "rm", "rl", "tiny_model"):
+        shutil.copytree(reference / name, root / name)
+    shutil.copy(reference / "pipeline_config.json", root)
+    before = files_of(root)
+    recorded = json.loads((root / "pipeline_config.json").read_text())
+    cmd = [sys.executable, "-m", "rlhfkit.recipes.preference.rlhf.rlhf_pipeline", "preset=smoke", f"log_root={root}",
+           "lora_rank=32", "sft_learning_rate=1", "report=false"]
+    refused = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    line = refused.stderr.strip()
+    assert "\n" not in line and line.startswith("rlhfkit: error:")
+    assert "lora_rank: 4 → 32; sft_learning_rate: 0.0002 → 1.0. " in line and "allow_changed_settings" in line
+    assert "report:" not in line and "log_root:" not in line  # free settings are not listed
+    assert files_of(root) == before  # nothing written (no lock file, no record, no model loaded)
+
+    result = run_pipeline(root, "lora_rank=32", "sft_learning_rate=1", "report=false", "allow_changed_settings=true")
+    assert result.stdout.count("already finished") == 3
+    now = json.loads((root / "pipeline_config.json").read_text())
+    assert (now["lora_rank"], now["sft_learning_rate"], recorded["lora_rank"]) == (32, 1.0, 4)
+    assert json.loads((root / "pipeline_config.1.json").read_text()) == recorded
+    again = run_pipeline(root, "lora_rank=32", "sft_learning_rate=1", "report=false")  # the new record holds
+    assert again.stdout.count("already finished") == 3 and not (root / "pipeline_config.2.json").exists()
 
 
 def test_killed_during_stage_2_resumes_with_the_same_results(smoke_run, tmp_path):

@@ -20,6 +20,16 @@ from rlhfkit.config import (ConfigError, at_least, between, existing_path, forma
 GROUPS = ("shared", "data", "SFT", "preference model", "RL", "DPO", "engine", "report")
 METHODS = {"rlhf": ("sft", "rm", "rl"), "dpo": ("sft", "dpo"), "both": ("sft", "rm", "rl", "dpo")}
 SFT_DATA_NAMES = ("lima", "no_robots", "hh_chosen")
+# The rule for starting again on a run folder (checked by run_record.py): these settings change how a run is
+# started, logged or reported, never what a stage computes, so they may always differ from the recorded ones.
+# `sampler` changes where rollouts are computed, not their distribution. Step counts are not here: the linear
+# learning-rate decay depends on them, and a finished stage is not extended.
+FREE_TO_CHANGE = ("log_root", "run_sft", "run_rm", "run_rl", "run_dpo", "method", "report", "report_prompts",
+                  "wandb_project", "wandb_name", "num_groups_to_log", "sampler", "backend", "ray_address",
+                  "num_train_workers", "num_samplers", "allow_changed_settings")
+# A stage's own settings (by help group) may also change until the stage has started (its folder exists); the
+# preference model's settings also choose DPO's comparisons.
+GROUP_STAGES = {"SFT": ("sft",), "preference model": ("rm", "dpo"), "RL": ("rl",), "DPO": ("dpo",)}
 
 
 @dataclass
@@ -32,6 +42,10 @@ class PipelineConfig:
     renderer_name: Literal["chat_template", "role_colon"] | None = setting(
         None, "chat renderer; None: the base model's recommended one")
     log_root: str = setting("runs/demo", "run folder: stages write log_root/{sft,rm,rl}; starting again resumes")
+    allow_changed_settings: bool = setting(
+        False, "start on a run folder whose recorded settings (pipeline_config.json) differ: the earlier record is "
+        "kept as pipeline_config.N.json. Without it such a start is refused, except for settings that never change "
+        f"what a stage computes ({', '.join(FREE_TO_CHANGE[:-1])}) and a stage's own settings before it starts")
     run_sft: bool = setting(True, "run stage 1 (supervised fine-tuning)")
     run_rm: bool = setting(True, "run stage 2 (the pairwise preference model)")
     run_rl: bool = setting(True, "run stage 3 (RL against the preference model)")

@@ -7,15 +7,15 @@ method=dpo|both also DPO from the SFT policy (spec §12).
 This module only composes the stages: each one is the supervised or RL training loop with builders made from the
 settings (pipeline_config.py, pipeline_data.py). Stages live in `log_root/{sft,rm,rl,dpo}`. Starting again resumes: a
 finished stage (its checkpoints.jsonl has a "final" record) is skipped, a stopped one continues from its last
-checkpoint. After the preference model, its held-out evaluation is written to rm/pm_eval.json; with seeds=N, RL
-runs N times (log_root/rl, rl_seed1, ...) and the win-rate gain over seeds goes to seeds.json; after RL, the
-replies the report shows to report_replies.json (and with method=both the SFT/DPO/RLHF comparison to
-comparison.json); the report is then written from the run folder alone.
+checkpoint; settings that differ from the folder's recorded ones are refused unless allowed (run_record.py).
+After the preference model, its held-out evaluation is written to rm/pm_eval.json; with seeds=N, RL runs N times
+(log_root/rl, rl_seed1, ...) and the win-rate gain over seeds goes to seeds.json; after RL, the replies the report
+shows (base, SFT, RLHF) to report_replies.json (and with method=both the SFT/DPO/RLHF comparison to
+comparison.json); the report is then written from the run folder alone, and the final win rate printed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -30,15 +30,15 @@ from rlhfkit.recipes.preference.rlhf.pipeline_data import (comparison_builder, h
                                                            held_out_ood_comparisons, out_of_distribution_splits,
                                                            sft_dataset_builder)
 from rlhfkit.recipes.preference.rlhf.seeds import format_seeds, rl_runs, summarize_seeds
+from rlhfkit.recipes.preference.rlhf.run_record import CONFIG_FILE, check_recorded_settings, write_record
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.atomic import write_json_atomic
 from rlhfkit.utils.timing import StageClock
 from rlhfkit.utils.faults import set_phase
 from rlhfkit.utils.run_lock import RunLock
 
-__all__ = ["PRESETS", "PipelineConfig", "cli_main", "main", "main_async", "parse_args"]
+__all__ = ["CONFIG_FILE", "PRESETS", "PipelineConfig", "cli_main", "main", "main_async", "parse_args"]
 
-CONFIG_FILE = "pipeline_config.json"  # the run's settings: `config=log_root/pipeline_config.json` re-creates them
 ENVIRONMENT_FILE = "environment.json"  # the environment variables that change the engine's behaviour
 
 
@@ -287,16 +287,20 @@ def apply_engine_settings(cfg: PipelineConfig) -> None:
 
 
 def write_settings(cfg: PipelineConfig) -> None:
-    """pipeline_config.json (every setting) and environment.json (the engine's environment variables)."""
-    root = Path(cfg.log_root)
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / CONFIG_FILE, dataclasses.asdict(cfg))
-    write_json_atomic(root / ENVIRONMENT_FILE, environment())
+    """pipeline_config.json (every setting; an earlier, different record is kept as pipeline_config.N.json) and
+    environment.json (the engine's environment variables)."""
+    kept = write_record(cfg)
+    if kept is not None:
+        print(f"[rlhfkit] the settings differ from the run's earlier ones, kept in {kept}")
+    write_json_atomic(Path(cfg.log_root) / ENVIRONMENT_FILE, environment())
 
 
 async def main_async(cfg: PipelineConfig) -> dict[str, float]:
-    """Run the configured stages (skipping finished ones) and write the report; returns stage wall times."""
+    """Run the configured stages (skipping finished ones) and write the report; returns stage wall times. Settings
+    that differ from the folder's recorded ones are refused first (run_record.py)."""
+    check_recorded_settings(cfg)
     with RunLock(cfg.log_root):
+        check_recorded_settings(cfg)  # again under the lock: another run may have recorded settings meanwhile
         return await _run_stages(cfg)
 
 
@@ -341,6 +345,11 @@ async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
         await sample_report_replies(cfg, base_model, renderer_name)
         paths = write_report(cfg.log_root)
         print(f"[rlhfkit] report: {paths['html']}  and  {paths['markdown']}")
+    from rlhfkit.report import final_win_rate
+
+    win_rate = final_win_rate(cfg.log_root)
+    if win_rate is not None and cfg.run_rl and "rl" in METHODS[cfg.method]:
+        print(f"[rlhfkit] {win_rate}")
     return timings
 
 
