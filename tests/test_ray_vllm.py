@@ -6,7 +6,6 @@ mid-request is replaced and the request completes. One vLLM engine (a tiny rando
 tests/test_vllm_inference.py) for the whole module, besides the one the kill test restarts."""
 
 import asyncio
-import threading
 import time
 
 import pytest
@@ -107,36 +106,70 @@ def test_adapters_on_one_vllm_engine_match_the_local_backend(setup):
     assert sorted(after["adapters"]) == sorted(c.adapter_id for n, c in remote_clients.items() if n)
 
 
-def test_a_vllm_engine_killed_mid_request_is_replaced_and_the_request_completes(setup):
+def test_a_vllm_engine_killed_mid_request_is_replaced_and_the_request_completes(setup, monkeypatch):
     remote, local, tokenizer, model_dir, adapters = setup
     policy = remote.create_sampling_client(model_path=adapters["policy"])
     local_policy = local.create_sampling_client(model_path=adapters["policy"])
     pool = policy.pool
-    old = pool.actors[0]
-    pid, restarts = ray.get(old.health.remote())["pid"], pool.restarts
+    pid, restarts = ray.get(pool.actors[0].health.remote())["pid"], pool.restarts
+    submit, killed = pool._submit, []
+
+    def submit_then_kill(*args):
+        """The first request reaches the engine; while it runs, the engine actor is killed."""
+        actor, load, ref = submit(*args)
+        if not killed:
+            killed.append(actor)
+            time.sleep(1.0)  # the engine is generating
+            ray.kill(actor, no_restart=True)
+        return actor, load, ref
+
+    monkeypatch.setattr(pool, "_submit", submit_then_kill)
     prompts = [ModelInput.from_ints(tokenizer.encode(t)) for t in
                ("Once upon a time", "The quick brown fox", "A: yes. B: no.", "Hello there")]
-    params = SamplingParams(max_tokens=512, temperature=1.0, stop=[], seed=7)
-    first_token = threading.Event()
+    params = SamplingParams(max_tokens=96, temperature=1.0, stop=[], seed=7)
 
     async def iteration():
-        first_token.set()
-        return await asyncio.gather(*(policy.sample_async(p, 8, params) for p in prompts))
+        return await asyncio.gather(*(policy.sample_async(p, 4, params) for p in prompts))
 
-    def kill_soon():
-        first_token.wait()
-        time.sleep(2.0)  # the engine is generating 16k tokens
-        ray.kill(old, no_restart=True)
-
-    killer = threading.Thread(target=kill_soon)
-    killer.start()
     responses = asyncio.run(iteration())
-    killer.join()
-    assert pool.restarts == restarts + 1, "the kill came after the request had finished: make it longer"
+    assert killed and pool.restarts == restarts + 1
     assert ray.get(pool.actors[0].health.remote())["pid"] != pid
     for prompt, response in zip(prompts, responses):
-        assert len(response.sequences) == 8
-        seq = response.sequences[0]
-        assert len(seq.tokens) == 512
-        expected = local_policy.compute_logprobs(ModelInput.from_ints(prompt.to_ints() + seq.tokens)).result()
-        assert seq.logprobs == pytest.approx(expected[prompt.length:], abs=TOLERANCE)
+        assert len(response.sequences) == 4
+        for seq in response.sequences:
+            assert len(seq.tokens) == 96
+            full = ModelInput.from_ints(prompt.to_ints() + seq.tokens)
+            expected = local_policy.compute_logprobs(full).result()
+            assert seq.logprobs == pytest.approx(expected[prompt.length:], abs=TOLERANCE)
+
+
+@pytest.mark.slow  # several minutes on 2 busy cores: a vLLM engine start plus the three smoke stages
+def test_the_smoke_pipeline_runs_on_ray_with_a_vllm_engine(tmp_path):
+    import subprocess
+    import sys
+    import tempfile
+
+    from test_ray_backend import CLUSTER_ENV, REPO, _stop_cluster
+
+    from rlhfkit.engine.vllm_sampling import vllm_python
+    from rlhfkit.utils.atomic import read_jsonl
+
+    vllm_or_skip()
+    model_dir = build_tiny_architecture(tmp_path / "llama", "llama", hidden_size=256,
+                                        overrides={"tie_word_embeddings": True})
+    temp = tempfile.mkdtemp(prefix="rlhfkit-ray-")  # the pipeline's private Ray instance lives here
+    root = tmp_path / "smoke"
+    command = [sys.executable, "-m", "rlhfkit.recipes.preference.rlhf.rlhf_pipeline", "preset=smoke",
+               f"base_model={model_dir}", f"log_root={root}", "backend=ray", "inference_engine=vllm",
+               "num_train_workers=1", "report=false"]
+    env = {**CLUSTER_ENV, "RAY_TMPDIR": temp, "RLHFKIT_VLLM_PYTHON": vllm_python(), "RLHFKIT_VLLM_KV_GB": "1"}
+    try:
+        result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    finally:
+        _stop_cluster(temp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    records = read_jsonl(root / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    # the trainer's logprobs of the tokens vLLM sampled equal vLLM's: the engine applied each policy version
+    logratios = [r["optim/first_substep_max_abs_logratio"] for r in records if "optim/first_substep_max_abs_logratio" in r]
+    assert logratios and max(logratios) < 0.05
