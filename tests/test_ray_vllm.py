@@ -107,7 +107,7 @@ def test_adapters_on_one_vllm_engine_match_the_local_backend(setup):
 
 
 def test_a_vllm_engine_killed_mid_request_is_replaced_and_the_request_completes(setup, monkeypatch):
-    remote, local, tokenizer, model_dir, adapters = setup
+    remote, local, tokenizer, _, adapters = setup
     policy = remote.create_sampling_client(model_path=adapters["policy"])
     local_policy = local.create_sampling_client(model_path=adapters["policy"])
     pool = policy.pool
@@ -171,5 +171,6 @@ def test_the_smoke_pipeline_runs_on_ray_with_a_vllm_engine(tmp_path):
     records = read_jsonl(root / "rl" / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]
     # the trainer's logprobs of the tokens vLLM sampled equal vLLM's: the engine applied each policy version
-    logratios = [r["optim/first_substep_max_abs_logratio"] for r in records if "optim/first_substep_max_abs_logratio" in r]
+    key = "optim/first_substep_max_abs_logratio"
+    logratios = [r[key] for r in records if key in r]
     assert logratios and max(logratios) < 0.05

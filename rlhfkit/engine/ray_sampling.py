@@ -44,6 +44,10 @@ RETRIES = 3  # attempts of a request whose engine died
 ENGINES = ("torch", "vllm")
 
 
+class InferenceEngineStartError(RuntimeError):
+    """An inference-engine actor failed in its constructor (e.g. vLLM cannot run the model on this build)."""
+
+
 class UnsupportedLoraTargetsError(UserError):
     """The inference engine cannot serve an adapter of the run's LoRA settings (raised before training)."""
 
@@ -165,7 +169,13 @@ class InferencePool:
         self.loaded: list[set[str]] = [set() for _ in self.actors]
         self.restarts = 0
         ray = import_ray()
-        unsupported = set(ray.get(self.actors[0].health.remote()).get("unsupported", []))
+        try:
+            unsupported = set(ray.get(self.actors[0].health.remote()).get("unsupported", []))
+        except ray.exceptions.RayActorError as e:  # its constructor failed: say which engine, and the way out
+            raise InferenceEngineStartError(
+                f"inference_engine={kind}: the inference engine for {base_model} did not start"
+                f"{'; inference_engine=torch runs every model the local backend runs' if kind != 'torch' else ''}"
+                f" ({type(e).__name__}: {e})") from None
         self.fallback = InferencePool(base_model, device, dtype, 1, "torch", resources) if unsupported else None
         self.unsupported = unsupported
 
