@@ -3,7 +3,8 @@ preference-model and reference adapters served by one engine give the local back
 and judgements, without reloading base weights when switching; compute_logprobs (which vLLM's CPU build cannot
 serve with LoRA on) comes from the pool's torch engine and equals the local backend's; a vLLM actor killed
 mid-request is replaced and the request completes. One vLLM engine (a tiny random Llama with head size 64, as in
-tests/test_vllm_inference.py) for the whole module, besides the one the kill test restarts."""
+tests/test_vllm_inference.py) for the whole module, besides the one the kill test restarts; the smoke pipeline
+end to end on backend=ray with a vLLM engine (its own process and Ray instance)."""
 
 import asyncio
 import time
@@ -143,8 +144,9 @@ def test_a_vllm_engine_killed_mid_request_is_replaced_and_the_request_completes(
             assert seq.logprobs == pytest.approx(expected[prompt.length:], abs=TOLERANCE)
 
 
-@pytest.mark.slow  # several minutes on 2 busy cores: a vLLM engine start plus the three smoke stages
+# about 2 minutes here (a vLLM engine start, the three smoke stages)
 def test_the_smoke_pipeline_runs_on_ray_with_a_vllm_engine(tmp_path):
+    import json
     import subprocess
     import sys
     import tempfile
@@ -168,6 +170,7 @@ def test_the_smoke_pipeline_runs_on_ray_with_a_vllm_engine(tmp_path):
     finally:
         _stop_cluster(temp)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert json.loads((root / "pipeline_config.json").read_text())["inference_engine"] == "vllm"  # not the preset's
     records = read_jsonl(root / "rl" / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]
     # the trainer's logprobs of the tokens vLLM sampled equal vLLM's: the engine applied each policy version
