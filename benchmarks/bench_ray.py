@@ -2,10 +2,11 @@
 
 1. The demo's RL iteration (preset=demo: its SFT and preference-model checkpoints, made once here with the
    local backend; then one RL iteration per run) with backend=local and with backend=ray (one node, one
-   training worker, one inference engine: vLLM's CPU build when RLHFKIT_VLLM_PYTHON / .venv-vllm is set up,
-   else the torch engine), alternating local, ray, local, ray, ... Each run is its own process; the time is
-   the iteration's own `time/total` minus its evaluation (`time/eval`), so process and Ray start-up are not in
-   it. Medians are reported.
+   training worker, one inference engine: $RLHFKIT_INFERENCE_ENGINE, else vLLM's CPU build when a vLLM Python
+   is found (RLHFKIT_VLLM_PYTHON / .venv-vllm), else the torch engine; with vLLM, compute_logprobs (the KL
+   penalty's reference logprobs) runs on the pool's torch engine), alternating local, ray, local, ray, ...
+   Each run is its own process; the time is the iteration's own `time/total` minus its evaluation
+   (`time/eval`), so process and Ray start-up are not in it. Medians are reported.
 2. The Ray layer's overhead on a trivial request, in ms: a no-op actor call, and `compute_logprobs` of a
    two-token prompt through the Ray sampling client against the local sampling client (the difference is
    what Ray adds: submission, the object store, the result's return).
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from common import RESULTS_DIR, load_snapshot, machine_info
 
+from rlhfkit.engine.ray_sampling import default_inference_engine
 from rlhfkit.utils.atomic import read_jsonl, write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,9 +94,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     preset = "smoke" if args.tiny else "demo"
-    vllm = bool(os.environ.get("RLHFKIT_VLLM_PYTHON")) or (REPO / ".venv-vllm" / "bin" / "python").exists()
+    # the smoke preset's tiny model has a head size vLLM's CPU build cannot run: torch engines there
+    engine = "torch" if args.tiny else os.environ.get("RLHFKIT_INFERENCE_ENGINE") or default_inference_engine()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO),
-           "RLHFKIT_INFERENCE_ENGINE": "vllm" if vllm and not args.tiny else "torch"}
+           "RLHFKIT_INFERENCE_ENGINE": engine}
     before = load_snapshot()
     stages = Path(tempfile.mkdtemp(prefix="bench-ray-stages-"))
     print(f"[bench_ray] SFT and preference model ({preset}, local) in {stages}")

@@ -49,7 +49,7 @@ def ray_service():
     from rlhfkit.engine.ray_cluster import connect
 
     connect(None)
-    yield ServiceClient(backend="ray", num_train_workers=2, num_samplers=1)
+    yield ServiceClient(backend="ray", num_train_workers=2, num_samplers=1, inference_engine="torch")
     ray.shutdown()
 
 
@@ -129,7 +129,7 @@ def test_inference_engine_serves_adapters_like_the_local_sampler(ray_service, ti
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_ENV = {**os.environ, "RLHFKIT_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0",
                "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(REPO)}
+               "PYTHONPATH": str(REPO), "RLHFKIT_INFERENCE_ENGINE": "torch"}  # the tiny Qwen2: head size 16
 
 
 def _free_port(host: str) -> int:
@@ -235,7 +235,8 @@ def test_a_killed_driver_resumes_on_ray_without_gap_or_duplicate(tiny_model_dir,
     temp = tempfile.mkdtemp(prefix="rlhfkit-ray-")  # the children's private Ray instances live here
     try:
         kill_and_resume(tmp_path / "rl", tiny_model_dir, {"RLHFKIT_BACKEND": "ray", "RLHFKIT_NUM_TRAIN_WORKERS": "2",
-                                                          "RAY_TMPDIR": temp, "PYTHONPATH": str(REPO)},
+                                                          "RLHFKIT_INFERENCE_ENGINE": "torch", "RAY_TMPDIR": temp,
+                                                          "PYTHONPATH": str(REPO)},
                         timeout=300)
     finally:  # a SIGKILLed driver's private Ray instance leaves its agent processes behind
         _stop_cluster(temp)

@@ -9,14 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.engine.lora import LoraSpec
-from rlhfkit.engine.ray_cluster import actor_resources, connect, default_num_train_workers
-from rlhfkit.engine.ray_sampling import InferencePool, RaySamplingClient
+from rlhfkit.engine.ray_cluster import actor_resources, connect, default_num_train_workers, import_ray
+from rlhfkit.engine.ray_sampling import ENGINES, InferencePool, RaySamplingClient
 from rlhfkit.engine.ray_training import RayTrainingClient, start_workers
 
 
 class RayBackend:
     def __init__(self, address: str | None, num_train_workers: int | None, num_samplers: int | None,
                  inference_engine: str, device: str | None, dtype: str | None):
+        if inference_engine not in ENGINES:
+            raise ValueError(f"inference_engine={inference_engine!r}: expected one of {', '.join(ENGINES)}")
         connect(address)
         self.num_train_workers = num_train_workers if num_train_workers is not None else default_num_train_workers()
         self.num_samplers = num_samplers if num_samplers is not None else 1
@@ -33,7 +35,16 @@ class RayBackend:
         self._lock = threading.Lock()
 
     def training_client(self, service: Any, spec: LoraSpec, storage: Path) -> RayTrainingClient:
+        """Training workers for `spec`, after the inference engines said they can serve its adapters (so a run
+        whose adapter vLLM cannot apply stops before training, not after it with a partly-base sampler)."""
+        ray = import_ray()
         workers = start_workers(spec, self.device, self.dtype, self.num_train_workers, self.resources)
+        try:
+            self.pool(spec.base_model).check_lora_targets(ray.get(workers[0].adapted_modules.remote()), spec.rank)
+        except BaseException:
+            for worker in workers:
+                ray.kill(worker)
+            raise
         return RayTrainingClient(service, spec, workers, storage)
 
     def pool(self, base_model: str) -> InferencePool:

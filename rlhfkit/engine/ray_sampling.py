@@ -6,10 +6,13 @@ An inference-engine actor implements:
     sample(adapter_id, [(prompt tokens, num_samples, SamplingParams)]) -> [SampleResponse]
     score_next_token(adapter_id, prompts, candidates) -> [NextTokenScores]
     compute_logprobs(adapter_id, prompts) -> [[float | None]]
+    check_lora_targets(modules, rank)                     # raises when it could not serve such an adapter
     health() -> {"engine": name, "unsupported": [methods it cannot serve], ...}
 (adapter_id None = the base model). `TorchInferenceWorker` (here) runs the local sampler's code; the vLLM
-engine is `vllm_inference.VLLMInferenceWorker`. A method an engine lists as unsupported (e.g. prompt
-logprobs with LoRA on vLLM's CPU build) is served by a torch engine of the same pool.
+engine is `vllm_inference.VLLMInferenceWorker` (native LoRA, in the vLLM environment's Python). `EngineLaunch`
+is the one place that knows how each kind is started (class, constructor arguments, actor options). A method an
+engine lists as unsupported (compute_logprobs on vLLM: its prompt logprobs crash an engine with LoRA on the
+CPU build) is served by a torch engine of the same pool, which merges the adapter into a copy of the base.
 
 The pool gives each checkpoint a fresh adapter id (a new version never reuses an id), loads it into an engine
 lazily before the engine's first request for it, sends the samples of one prompt to one engine (a group's
@@ -24,18 +27,30 @@ import itertools
 import logging
 import os
 import threading
+import uuid
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from rlhfkit.engine.futures import APIFuture, RequestBatcher, RequestQueue
 from rlhfkit.engine.models import load_tokenizer
 from rlhfkit.engine.ray_cluster import import_ray
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampleResponse, SamplingParams
+from rlhfkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 MAX_ADAPTERS = 4  # merged adapter copies a torch engine keeps (policy, initial policy, reference, judge)
 RETRIES = 3  # attempts of a request whose engine died
+ENGINES = ("torch", "vllm")
+
+
+class InferenceEngineStartError(RuntimeError):
+    """An inference-engine actor failed in its constructor (e.g. vLLM cannot run the model on this build)."""
+
+
+class UnsupportedLoraTargetsError(UserError):
+    """The inference engine cannot serve an adapter of the run's LoRA settings (raised before training)."""
 
 
 class TorchInferenceWorker:
@@ -89,21 +104,56 @@ class TorchInferenceWorker:
     def compute_logprobs(self, adapter_id: str | None, prompts: list[list[int]]) -> list[list[float | None]]:
         return self._client(adapter_id).compute_logprobs_batch([ModelInput.from_ints(p) for p in prompts])
 
+    def check_lora_targets(self, modules: list[str], rank: int | None = None) -> None:
+        """Any adapter works here: it is merged into the base's linear weights."""
+
     def health(self) -> dict:
         return {"engine": "torch", "pid": os.getpid(), "unsupported": [],
                 "adapters_loaded": [a for a in self.clients if a is not None]}
 
 
-def _engine_class(kind: str) -> tuple[type, dict]:
-    """The engine class of `inference_engine` and its extra actor options (e.g. its own runtime environment)."""
-    if kind == "torch":
-        return TorchInferenceWorker, {}
-    if kind == "vllm":
-        from rlhfkit.engine import vllm_inference
+def default_inference_engine() -> str:
+    """vllm when a Python with vLLM is found (vllm_sampling.vllm_python: $RLHFKIT_VLLM_PYTHON, .venv-vllm, or
+    this Python), else torch."""
+    from rlhfkit.engine.vllm_sampling import VLLMUnavailableError, vllm_python
 
-        options = vllm_inference.ray_actor_options() if hasattr(vllm_inference, "ray_actor_options") else {}
-        return vllm_inference.VLLMInferenceWorker, options
-    raise ValueError(f"inference_engine={kind!r}: expected 'torch' or 'vllm'")
+    try:
+        vllm_python()
+    except VLLMUnavailableError:
+        return "torch"
+    return "vllm"
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    """How one inference-engine actor of kind `inference_engine` is started: its class, constructor arguments
+    and extra actor options (the vLLM engine runs in the vLLM environment's Python, with its own work folder)."""
+
+    engine: type
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, kind: str, base_model: str, device: str | None, dtype: str | None) -> EngineLaunch:
+        if kind == "torch":
+            return cls(TorchInferenceWorker, (base_model, device, dtype))
+        if kind == "vllm":
+            from rlhfkit.engine.models import pick_precision, resolve_base_model
+            from rlhfkit.engine.vllm_inference import VLLMInferenceWorker, ray_actor_options
+            from rlhfkit.engine.vllm_sampling import engine_settings
+            from rlhfkit.paths import cache_dir
+
+            work_dir = cache_dir() / "vllm" / f"ray-engine-{uuid.uuid4().hex[:12]}"  # adapter copies, registry
+            dtype_name = str(pick_precision(device, dtype).compute_dtype).removeprefix("torch.")
+            return cls(VLLMInferenceWorker, (resolve_base_model(base_model), str(work_dir)),
+                       {"dtype": dtype_name, **engine_settings()}, ray_actor_options())
+        raise ValueError(f"inference_engine={kind!r}: expected one of {', '.join(ENGINES)}")
+
+    def start(self, resources: dict[str, float]) -> Any:
+        ray = import_ray()
+        return ray.remote(self.engine).options(**resources, max_restarts=0, **self.options).remote(
+            *self.args, **self.kwargs)
 
 
 class InferencePool:
@@ -120,15 +170,30 @@ class InferencePool:
         self.loaded: list[set[str]] = [set() for _ in self.actors]
         self.restarts = 0
         ray = import_ray()
-        unsupported = set(ray.get(self.actors[0].health.remote()).get("unsupported", []))
+        try:
+            unsupported = set(ray.get(self.actors[0].health.remote()).get("unsupported", []))
+        except ray.exceptions.RayActorError as e:  # its constructor failed: say which engine, and the way out
+            raise InferenceEngineStartError(
+                f"inference_engine={kind}: the inference engine for {base_model} did not start"
+                f"{'; inference_engine=torch runs every model the local backend runs' if kind != 'torch' else ''}"
+                f" ({type(e).__name__}: {e})") from None
         self.fallback = InferencePool(base_model, device, dtype, 1, "torch", resources) if unsupported else None
         self.unsupported = unsupported
 
     def _start(self) -> Any:
+        return EngineLaunch.of(self.kind, self.base_model, self.device, self.dtype).start(self.resources)
+
+    def check_lora_targets(self, modules: list[str], rank: int) -> None:
+        """Stop (UnsupportedLoraTargetsError, naming the setting to change) when the engines could not serve an
+        adapter on `modules` of LoRA rank `rank`: vLLM adapts only the modules it wraps, and would otherwise
+        ignore the others with a warning and sample a partly-base model."""
+        from rlhfkit.engine.vllm_core import UnsupportedAdapterError
+
         ray = import_ray()
-        engine, options = _engine_class(self.kind)
-        return ray.remote(engine).options(**self.resources, max_restarts=0, **options).remote(
-            self.base_model, self.device, self.dtype)
+        try:
+            ray.get(self.actors[0].check_lora_targets.remote(modules, rank))
+        except UnsupportedAdapterError as e:  # Ray's error is also an instance of the engine's
+            raise UnsupportedLoraTargetsError(f"inference_engine={self.kind}: {getattr(e, 'cause', e)}") from None
 
     def register(self, path: str) -> str:
         """A fresh adapter id for the checkpoint folder `path`."""
@@ -139,14 +204,16 @@ class InferencePool:
             self.fallback.paths[adapter_id] = path
         return adapter_id
 
-    def _submit(self, engine: int, method: str, adapter_id: str | None, *args: Any) -> tuple[Any, Any]:
-        """Submit to one engine (loading the adapter first if it has not got it); returns (actor, ref)."""
+    def _submit(self, engine: int, method: str, adapter_id: str | None, *args: Any) -> tuple[Any, Any, Any]:
+        """Submit to one engine (loading the adapter first if it has not got it); returns (actor, the load's ref
+        or None, the request's ref)."""
         with self._lock:
             actor = self.actors[engine]
+            load = None
             if adapter_id is not None and adapter_id not in self.loaded[engine]:
-                actor.load_adapter.remote(adapter_id, self.paths[adapter_id])  # runs before the request below
+                load = actor.load_adapter.remote(adapter_id, self.paths[adapter_id])  # runs before the request
                 self.loaded[engine].add(adapter_id)
-            return actor, getattr(actor, method).remote(adapter_id, *args)
+            return actor, load, getattr(actor, method).remote(adapter_id, *args)
 
     def _replace(self, engine: int, dead: Any) -> None:
         ray = import_ray()
@@ -163,8 +230,15 @@ class InferencePool:
     def _run_on(self, engine: int, method: str, adapter_id: str | None, *args: Any) -> list[Any]:
         ray = import_ray()
         for attempt in range(RETRIES):
-            actor, ref = self._submit(engine, method, adapter_id, *args)
+            actor, load, ref = self._submit(engine, method, adapter_id, *args)
             try:
+                if load is not None:
+                    try:
+                        ray.get(load)  # a refused adapter: its own error, not the request's "unknown adapter"
+                    except ray.exceptions.RayTaskError:
+                        with self._lock:
+                            self.loaded[engine].discard(adapter_id)  # type: ignore[arg-type]
+                        raise
                 return ray.get(ref)
             except ray.exceptions.RayActorError:
                 if attempt == RETRIES - 1:

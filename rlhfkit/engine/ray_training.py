@@ -97,6 +97,13 @@ class TrainWorker:
     def optimizer_steps(self) -> int:
         return self.trainer.optimizer_steps
 
+    def adapted_modules(self) -> list[str]:
+        """Module paths (Hugging Face names, e.g. model.layers.0.self_attn.q_proj) that carry a LoRA adapter."""
+        from rlhfkit.engine.lora import PEFT_PREFIX
+
+        return sorted({name.removeprefix(PEFT_PREFIX).split(".lora_")[0]
+                       for name, _ in self.trainer.model.named_parameters() if ".lora_" in name})
+
 
 def split_by_tokens(lengths: Sequence[int], parts: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) shards of about equal token counts (some may be empty)."""

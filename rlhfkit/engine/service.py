@@ -25,7 +25,8 @@ class ServiceClient:
     `backend`: "local" (default) or "ray" (default from RLHFKIT_BACKEND): training clients become groups of
     `num_train_workers` data-parallel Ray actors (default: one per GPU of the cluster, else 1) and sampling
     clients are served by `num_samplers` inference-engine actors (default 1) of kind `inference_engine`
-    ("torch" or "vllm"; default RLHFKIT_INFERENCE_ENGINE, else torch). `ray_address`: None starts a local Ray
+    ("torch" or "vllm"; default RLHFKIT_INFERENCE_ENGINE, else vllm when a Python with vLLM is found (see
+    vllm_sampling.vllm_python), else torch; docs/cluster.md). `ray_address`: None starts a local Ray
     instance, "auto" joins a running cluster (default RLHFKIT_RAY_ADDRESS). RLHFKIT_NUM_TRAIN_WORKERS and
     RLHFKIT_NUM_SAMPLERS give the counts' defaults. The storage folder must be shared by the cluster's nodes."""
 
@@ -47,12 +48,14 @@ class ServiceClient:
         self._ray = None
         if self.backend == "ray":
             from rlhfkit.engine.ray_backend import ray_backend
+            from rlhfkit.engine.ray_sampling import default_inference_engine
 
             self._ray = ray_backend(
                 ray_address if ray_address is not None else os.environ.get("RLHFKIT_RAY_ADDRESS"),
                 num_train_workers if num_train_workers is not None else _env_int("RLHFKIT_NUM_TRAIN_WORKERS"),
                 num_samplers if num_samplers is not None else _env_int("RLHFKIT_NUM_SAMPLERS"),
-                inference_engine or os.environ.get("RLHFKIT_INFERENCE_ENGINE") or "torch", device, dtype)
+                inference_engine or os.environ.get("RLHFKIT_INFERENCE_ENGINE") or default_inference_engine(), device,
+                dtype)
 
     def _training_client(self, spec: LoraSpec) -> TrainingClient:
         storage = self.storage_dir / uuid.uuid4().hex[:12]

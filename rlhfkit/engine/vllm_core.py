@@ -187,7 +187,8 @@ class VLLMCore:
             raise UnsupportedAdapterError(
                 f"{where}: vLLM cannot put a LoRA adapter on {', '.join(leaves)} of this model "
                 f"({len(missing)} modules, e.g. {missing[0]}); it would sample with the base weights there. "
-                f"Train without them ({' and '.join(fixes)}) or use sampler=local.")
+                f"Train without them ({' and '.join(fixes)}) or sample with the torch engine (sampler=local; with "
+                f"backend=ray: inference_engine=torch).")
 
     def _load_base_adapter(self) -> None:
         """Register BASE_ADAPTER: rank 1, zeros, on one projection of the first layer (its MLP's down projection,

@@ -23,11 +23,11 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from rlhfkit.engine.vllm_core import PromptLogprobsUnsupported, VLLMCore
+from rlhfkit.engine.vllm_core import LORA_RANKS, PromptLogprobsUnsupported, UnsupportedAdapterError, VLLMCore
 from rlhfkit.engine.types import NextTokenScores, SampledSequence, SampleResponse, SamplingParams
 
-__all__ = ["VLLMInferenceWorker", "PromptLogprobsUnsupported", "vllm_actor", "sample_rows", "responses_from",
-           "sampling_limits"]
+__all__ = ["VLLMInferenceWorker", "PromptLogprobsUnsupported", "vllm_actor", "ray_actor_options", "sample_rows",
+           "responses_from", "sampling_limits"]
 
 MAX_MODEL_LEN = 8192  # the engine's context at most (the KV cache is sized for it)
 
@@ -88,10 +88,16 @@ class VLLMInferenceWorker:
     def load_adapter(self, adapter_id: str, path: str) -> None:
         self.core.load_adapter(adapter_id, path)
 
-    def check_lora_targets(self, modules: list[str]) -> None:
+    def check_lora_targets(self, modules: list[str], rank: int | None = None) -> None:
         """Raise UnsupportedAdapterError (naming the setting to change) when the engine cannot adapt one of
-        `modules` (leaf names such as lm_head, q_proj): call it before training starts."""
+        `modules` (leaf names such as lm_head, q_proj, or full module paths) or an adapter of LoRA rank `rank`:
+        call it before training starts."""
         self.core.check_targets(set(modules), "LoRA target modules")
+        if rank is not None and rank > self.core.max_lora_rank:
+            allowed = [r for r in LORA_RANKS if r >= rank]
+            raise UnsupportedAdapterError(
+                f"LoRA rank {rank} is above the vLLM engine's max_lora_rank {self.core.max_lora_rank}: set "
+                f"RLHFKIT_VLLM_MAX_LORA_RANK={allowed[0] if allowed else max(LORA_RANKS)} or a lower lora_rank")
 
     def sample(self, adapter_id: str | None, requests: list[tuple[list[int], int, SamplingParams]]
                ) -> list[SampleResponse]:
@@ -107,7 +113,8 @@ class VLLMInferenceWorker:
         return self.core.compute_logprobs(adapter_id, prompts)
 
     def health(self) -> dict:
-        return self.core.health()
+        """The engine's facts (VLLMCore.health) and the methods it cannot serve (the pool routes them elsewhere)."""
+        return {**self.core.health(), "engine": "vllm", "unsupported": ["compute_logprobs"]}
 
 
 def vllm_environment(cpus: str | None = None) -> dict[str, str]:
@@ -146,10 +153,16 @@ def vllm_actor(model_dir: str, work_dir: str, *, python: str | None = None, num_
     package_path). Needs ray.init() first. `settings` go to VLLMInferenceWorker (dtype, max_loras, ...)."""
     import ray
 
-    from rlhfkit.engine.vllm_sampling import vllm_python
-
-    runtime_env = {"py_executable": python or vllm_python(),
-                   "env_vars": {**vllm_environment(cpus), "PYTHONPATH": package_path()}}
-    actor = ray.remote(VLLMInferenceWorker).options(runtime_env=runtime_env, num_cpus=num_cpus,
+    actor = ray.remote(VLLMInferenceWorker).options(**ray_actor_options(python, cpus), num_cpus=num_cpus,
                                                      max_restarts=max_restarts, max_task_retries=0, name=name)
     return actor.remote(model_dir, work_dir, **settings)
+
+
+def ray_actor_options(python: str | None = None, cpus: str | None = None) -> dict[str, Any]:
+    """The Ray actor options that run a VLLMInferenceWorker in the vLLM environment's Python (`python`, default
+    vllm_python()): Ray's runtime_env py_executable, the vLLM process environment (vllm_environment(cpus)) and
+    PYTHONPATH = package_path()."""
+    from rlhfkit.engine.vllm_sampling import vllm_python
+
+    return {"runtime_env": {"py_executable": python or vllm_python(),
+                            "env_vars": {**vllm_environment(cpus), "PYTHONPATH": package_path()}}}

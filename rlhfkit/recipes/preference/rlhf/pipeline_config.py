@@ -26,7 +26,7 @@ SFT_DATA_NAMES = ("lima", "no_robots", "hh_chosen")
 # learning-rate decay depends on them, and a finished stage is not extended.
 FREE_TO_CHANGE = ("log_root", "run_sft", "run_rm", "run_rl", "run_dpo", "method", "report", "report_prompts",
                   "wandb_project", "wandb_name", "num_groups_to_log", "sampler", "backend", "ray_address",
-                  "num_train_workers", "num_samplers", "allow_changed_settings")
+                  "num_train_workers", "num_samplers", "inference_engine", "allow_changed_settings")
 # A stage's own settings (by help group) may also change until the stage has started (its folder exists); the
 # preference model's settings also choose DPO's comparisons.
 GROUP_STAGES = {"SFT": ("sft",), "preference model": ("rm", "dpo"), "RL": ("rl",), "DPO": ("dpo",)}
@@ -167,6 +167,11 @@ class PipelineConfig:
                                             "of the cluster, else 1)", group="engine", check=at_least(1))
     num_samplers: int | None = setting(None, "backend=ray: inference-engine actors (None: 1)", group="engine",
                                        check=at_least(1))
+    inference_engine: Literal["torch", "vllm"] | None = setting(
+        None, "backend=ray: the inference engines: 'vllm' (vLLM's native LoRA, every model an adapter of one "
+        "engine; compute_logprobs on a torch engine) or 'torch' (the local sampler's code); None: "
+        "$RLHFKIT_INFERENCE_ENGINE, else vllm when a Python with vLLM is found, else torch (docs/cluster.md)",
+        group="engine")
     # report
     report: bool = setting(True, "when all three stages are finished, write log_root/report.{html,md}",
                            group="report")
@@ -271,10 +276,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A tiny random model: every stage runs in about a minute (for tests and quick checks).
     # Its random judge never answers "A" or "B" greedily, so verdict rewards would all be ties and RL would do
     # nothing; with reward_mode="probability" the replies' rewards differ and every RL step changes the weights.
+    # Its head size (16) is one vLLM's CPU build cannot run (64 or 128), so backend=ray serves it with torch engines.
     "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
                   max_steps=3, rm_max_steps=12, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4,
                   pm_test_size=8, pm_eval_size=8, win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3,
-                  hh_max_chars=300, reward_mode="probability"),
+                  hh_max_chars=300, reward_mode="probability", inference_engine="torch"),
 }
 
 

@@ -275,7 +275,8 @@ async def compare_sft_dpo_rlhf(cfg: PipelineConfig, base_model: str, renderer_na
 
 
 ENGINE_ENV = {"backend": "RLHFKIT_BACKEND", "ray_address": "RLHFKIT_RAY_ADDRESS",
-              "num_train_workers": "RLHFKIT_NUM_TRAIN_WORKERS", "num_samplers": "RLHFKIT_NUM_SAMPLERS"}
+              "num_train_workers": "RLHFKIT_NUM_TRAIN_WORKERS", "num_samplers": "RLHFKIT_NUM_SAMPLERS",
+              "inference_engine": "RLHFKIT_INFERENCE_ENGINE"}
 
 
 def apply_engine_settings(cfg: PipelineConfig) -> None:
