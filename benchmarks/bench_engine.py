@@ -34,8 +34,9 @@ def measure_sampling(sampler, prompts: list[list[int]], batch: int, reps: int, n
 
     async def run(seed: int, max_tokens: int):
         params = SamplingParams(max_tokens=max_tokens, temperature=1.0, stop=[], seed=seed)
-        return await asyncio.gather(*(sampler.sample_async(ModelInput.from_ints(p), 1, params)
-                                      for p in prompts[:batch]))
+        return await asyncio.gather(
+            *(sampler.sample_async(ModelInput.from_ints(p), 1, params) for p in prompts[:batch])
+        )
 
     asyncio.run(run(0, 4))  # warm-up
     values = []
@@ -52,6 +53,7 @@ def measure_training(trainer, batches: list[list], learning_rate: float) -> Seri
 
     values = []
     for i, batch in enumerate(batches):
+
         def step():
             trainer.forward_backward(batch, "cross_entropy").result()
             trainer.optim_step(AdamParams(learning_rate=learning_rate)).result()
@@ -97,8 +99,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a small random model (quick check)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per workload (default 3)")
-    parser.add_argument("--dtypes", default=None, help="compute dtypes, comma-separated (default: the engine's "
-                        "choice, plus float32 when that is bfloat16)")
+    parser.add_argument(
+        "--dtypes",
+        default=None,
+        help="compute dtypes, comma-separated (default: the engine's choice, plus float32 when that is bfloat16)",
+    )
     parser.add_argument("--batches", default="1,8,32", help="sampling batch sizes")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--train-batch", type=int, default=8, help="sequences per training step")
@@ -153,15 +158,24 @@ def main() -> None:
         results[dtype] = series
 
     judge_tokens = sum(p.length for p in judge) / len(judge)
-    flops_per_unit = {"training": 4 * n_params, "scoring": 2 * (n_params - n_head) * judge_tokens + 2 * n_head,
-                      **{f"sampling_b{b}": 2 * n_params for b in batch_sizes}}
+    flops_per_unit = {
+        "training": 4 * n_params,
+        "scoring": 2 * (n_params - n_head) * judge_tokens + 2 * n_head,
+        **{f"sampling_b{b}": 2 * n_params for b in batch_sizes},
+    }
     load_at_end = common.load_snapshot()
     dtypes = list(results)
     limits = common.remeasure_limits(limits, dtypes, args.tiny)
-    payload = {"machine": info, "load_at_end": load_at_end, "model": model, "matmul_params": n_params,
-               "matmul_limit_flops": limits, "flops_per_unit": flops_per_unit,
-               "settings": dict(vars(args).items()),
-               "results": {d: {k: s.as_dict() for k, s in series.items()} for d, series in results.items()}}
+    payload = {
+        "machine": info,
+        "load_at_end": load_at_end,
+        "model": model,
+        "matmul_params": n_params,
+        "matmul_limit_flops": limits,
+        "flops_per_unit": flops_per_unit,
+        "settings": dict(vars(args).items()),
+        "results": {d: {k: s.as_dict() for k, s in series.items()} for d, series in results.items()},
+    }
     header = ["workload", "unit", *dtypes]
     if len(dtypes) == 2:
         header.append(f"{dtypes[0]} / {dtypes[1]}")
@@ -175,18 +189,21 @@ def main() -> None:
             limit = limits[d]
             row.append(f"{100 * results[d][key].median * flops_per_unit[key] / limit:.1f}%")
         rows.append(row)
-    markdown = "\n\n".join([
-        f"# Engine throughput: {Path(model).name}",
-        common.machine_markdown(info, load_at_end, limits, dtypes),
-        f"Sampling: {args.new_tokens} new tokens per sequence (no early stop), temperature 1, different LIMA "
-        f"prompts per row. Training: LoRA rank {args.lora_rank}, {args.train_batch} LIMA conversations per step "
-        f"(<= {args.max_length} tokens each), cross_entropy + Adam; tokens/s counts real (unpadded) tokens. "
-        f"Scoring: {args.judge_batch} HH-RLHF judging prompts per call (mean {judge_tokens:.0f} tokens). "
-        f"Medians of {args.reps} repetitions after a warm-up. MFU = achieved FLOP/s over the matmul limit of "
-        f"the dtype, with 2N FLOPs per sampled token, 4N per trained token and 2(N-H) per scored token + 2H "
-        f"per comparison, N = {n_params / 1e6:.1f}M matmul parameters, H = {n_head / 1e6:.1f}M of them in the "
-        f"unembedding.",
-        common.markdown_table(header, rows)])
+    markdown = "\n\n".join(
+        [
+            f"# Engine throughput: {Path(model).name}",
+            common.machine_markdown(info, load_at_end, limits, dtypes),
+            f"Sampling: {args.new_tokens} new tokens per sequence (no early stop), temperature 1, different LIMA "
+            f"prompts per row. Training: LoRA rank {args.lora_rank}, {args.train_batch} LIMA conversations per step "
+            f"(<= {args.max_length} tokens each), cross_entropy + Adam; tokens/s counts real (unpadded) tokens. "
+            f"Scoring: {args.judge_batch} HH-RLHF judging prompts per call (mean {judge_tokens:.0f} tokens). "
+            f"Medians of {args.reps} repetitions after a warm-up. MFU = achieved FLOP/s over the matmul limit of "
+            f"the dtype, with 2N FLOPs per sampled token, 4N per trained token and 2(N-H) per scored token + 2H "
+            f"per comparison, N = {n_params / 1e6:.1f}M matmul parameters, H = {n_head / 1e6:.1f}M of them in the "
+            f"unembedding.",
+            common.markdown_table(header, rows),
+        ]
+    )
     stem = args.out or ("engine-tiny" if args.tiny else "engine")
     common.write_results(stem, payload, markdown)
 

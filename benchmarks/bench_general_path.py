@@ -55,23 +55,41 @@ def main() -> None:
         sampling = measure_sampling(sampler, prompts, args.batch, args.reps, args.new_tokens)
         scoring = measure_scoring(sampler, judge, candidates, args.reps)
         results[path] = {"sampling": sampling, "scoring": scoring}
-        print(f"[{path}] sampling batch {args.batch}: {fmt(sampling.median)} tokens/s; scoring: "
-              f"{fmt(scoring.median, 2)} comparisons/s", flush=True)
+        print(
+            f"[{path}] sampling batch {args.batch}: {fmt(sampling.median)} tokens/s; scoring: "
+            f"{fmt(scoring.median, 2)} comparisons/s",
+            flush=True,
+        )
     load_at_end = common.load_snapshot()
-    rows = [[s.name, s.unit, fmt(results["fast"][k].median, 2), fmt(results["general"][k].median, 2),
-             f"{results['general'][k].median / results['fast'][k].median:.2f}x"]
-            for k, s in results["fast"].items()]
-    markdown = "\n\n".join([
-        f"# General path vs fast paths: {Path(model).name}",
-        f"- date: {info['date']}; command: `{info['command']}`; machine: {info['cpu']}, {info['cores']} cores, "
-        f"torch threads {info['torch_threads']}; load average at start {info['load_at_start']['loadavg_1m']:.2f}, "
-        f"at end {load_at_end['loadavg_1m']:.2f} (above {common.BUSY_LOAD}: shared, figures unreliable)",
-        f"Sampling: batch {args.batch} different LIMA prompts, {args.new_tokens} new tokens (no early stop); "
-        f"scoring: {args.judge_batch} HH-RLHF judging prompts per call. Medians of {args.reps} repetitions after "
-        f"a warm-up, engine default dtype.",
-        common.markdown_table(["workload", "unit", "fast paths", "general path", "general / fast"], rows)])
-    payload = {"machine": info, "load_at_end": load_at_end, "model": model, "settings": vars(args),
-               "results": {p: {k: s.as_dict() for k, s in r.items()} for p, r in results.items()}}
+    rows = [
+        [
+            s.name,
+            s.unit,
+            fmt(results["fast"][k].median, 2),
+            fmt(results["general"][k].median, 2),
+            f"{results['general'][k].median / results['fast'][k].median:.2f}x",
+        ]
+        for k, s in results["fast"].items()
+    ]
+    markdown = "\n\n".join(
+        [
+            f"# General path vs fast paths: {Path(model).name}",
+            f"- date: {info['date']}; command: `{info['command']}`; machine: {info['cpu']}, {info['cores']} cores, "
+            f"torch threads {info['torch_threads']}; load average at start {info['load_at_start']['loadavg_1m']:.2f}, "
+            f"at end {load_at_end['loadavg_1m']:.2f} (above {common.BUSY_LOAD}: shared, figures unreliable)",
+            f"Sampling: batch {args.batch} different LIMA prompts, {args.new_tokens} new tokens (no early stop); "
+            f"scoring: {args.judge_batch} HH-RLHF judging prompts per call. Medians of {args.reps} repetitions after "
+            f"a warm-up, engine default dtype.",
+            common.markdown_table(["workload", "unit", "fast paths", "general path", "general / fast"], rows),
+        ]
+    )
+    payload = {
+        "machine": info,
+        "load_at_end": load_at_end,
+        "model": model,
+        "settings": vars(args),
+        "results": {p: {k: s.as_dict() for k, s in r.items()} for p, r in results.items()},
+    }
     common.write_results("general-path-tiny" if args.tiny else "general-path", payload, markdown)
 
 

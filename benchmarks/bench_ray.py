@@ -47,8 +47,20 @@ def rl_iteration_seconds(preset: str, stages: Path, backend: str, env: dict[str,
     root = Path(tempfile.mkdtemp(prefix=f"bench-ray-{backend}-"))
     for stage in ("sft", "rm"):
         (root / stage).symlink_to(stages / stage)
-    run([f"preset={preset}", f"log_root={root}", "run_sft=false", "run_rm=false", "rl_max_steps=1", "report=false",
-         f"backend={backend}", "num_train_workers=1", "num_samplers=1"], env)
+    run(
+        [
+            f"preset={preset}",
+            f"log_root={root}",
+            "run_sft=false",
+            "run_rm=false",
+            "rl_max_steps=1",
+            "report=false",
+            f"backend={backend}",
+            "num_train_workers=1",
+            "num_samplers=1",
+        ],
+        env,
+    )
     record = read_jsonl(root / "rl" / "metrics.jsonl")[0]
     return record["time/total"] - record.get("time/eval", 0.0)
 
@@ -60,7 +72,8 @@ def ray_overheads_ms(base_model: str, reps: int) -> dict[str, float]:
 
     local = ServiceClient().create_sampling_client(base_model=base_model)
     remote = ServiceClient(backend="ray", num_samplers=1, inference_engine="torch").create_sampling_client(
-        base_model=base_model)
+        base_model=base_model
+    )
 
     @ray.remote(num_cpus=0)
     class Noop:
@@ -83,8 +96,12 @@ def ray_overheads_ms(base_model: str, reps: int) -> dict[str, float]:
     local_ms = median_ms(lambda: local.compute_logprobs(prompt).result())
     remote_ms = median_ms(lambda: remote.compute_logprobs(prompt).result())
     ray.shutdown()
-    return {"noop_actor_call_ms": noop_ms, "compute_logprobs_local_ms": local_ms,
-            "compute_logprobs_ray_ms": remote_ms, "ray_overhead_ms": remote_ms - local_ms}
+    return {
+        "noop_actor_call_ms": noop_ms,
+        "compute_logprobs_local_ms": local_ms,
+        "compute_logprobs_ray_ms": remote_ms,
+        "ray_overhead_ms": remote_ms - local_ms,
+    }
 
 
 def main() -> None:
@@ -96,8 +113,12 @@ def main() -> None:
     preset = "smoke" if args.tiny else "demo"
     # the smoke preset's tiny model has a head size vLLM's CPU build cannot run: torch engines there
     engine = "torch" if args.tiny else os.environ.get("RLHFKIT_INFERENCE_ENGINE") or default_inference_engine()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO),
-           "RLHFKIT_INFERENCE_ENGINE": engine}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "PYTHONPATH": str(REPO),
+        "RLHFKIT_INFERENCE_ENGINE": engine,
+    }
     before = load_snapshot()
     stages = Path(tempfile.mkdtemp(prefix="bench-ray-stages-"))
     print(f"[bench_ray] SFT and preference model ({preset}, local) in {stages}")
@@ -113,25 +134,35 @@ def main() -> None:
         base_model = str(stages / "tiny_model")
     overheads = ray_overheads_ms(base_model, reps=20 if args.tiny else 200)
     medians = {b: statistics.median(t) for b, t in times.items()}
-    results = {"machine": machine_info(args.threads), "load_before": before, "load_after": load_snapshot(),
-               "preset": preset, "inference_engine": env["RLHFKIT_INFERENCE_ENGINE"], "rl_iteration_seconds": times,
-               "median_seconds": medians, **overheads}
-    table = "\n".join([
-        f"| RL iteration ({preset}), median of {args.reps} | backend=local | backend=ray ({env['RLHFKIT_INFERENCE_ENGINE']} engine) |",
-        "|---|---|---|",
-        f"| seconds | {medians['local']:.2f} | {medians['ray']:.2f} |",
-        "",
-        "| Ray layer on a trivial request | ms |",
-        "|---|---|",
-        f"| no-op actor call (round trip) | {overheads['noop_actor_call_ms']:.2f} |",
-        f"| compute_logprobs, 2 tokens: local client | {overheads['compute_logprobs_local_ms']:.2f} |",
-        f"| compute_logprobs, 2 tokens: Ray client | {overheads['compute_logprobs_ray_ms']:.2f} |",
-        f"| overhead (Ray − local) | {overheads['ray_overhead_ms']:.2f} |",
-    ])
+    results = {
+        "machine": machine_info(args.threads),
+        "load_before": before,
+        "load_after": load_snapshot(),
+        "preset": preset,
+        "inference_engine": env["RLHFKIT_INFERENCE_ENGINE"],
+        "rl_iteration_seconds": times,
+        "median_seconds": medians,
+        **overheads,
+    }
+    table = "\n".join(
+        [
+            f"| RL iteration ({preset}), median of {args.reps} | backend=local | backend=ray ({env['RLHFKIT_INFERENCE_ENGINE']} engine) |",
+            "|---|---|---|",
+            f"| seconds | {medians['local']:.2f} | {medians['ray']:.2f} |",
+            "",
+            "| Ray layer on a trivial request | ms |",
+            "|---|---|",
+            f"| no-op actor call (round trip) | {overheads['noop_actor_call_ms']:.2f} |",
+            f"| compute_logprobs, 2 tokens: local client | {overheads['compute_logprobs_local_ms']:.2f} |",
+            f"| compute_logprobs, 2 tokens: Ray client | {overheads['compute_logprobs_ray_ms']:.2f} |",
+            f"| overhead (Ray − local) | {overheads['ray_overhead_ms']:.2f} |",
+        ]
+    )
     name = "bench_ray_tiny" if args.tiny else "bench_ray"
     write_json_atomic(RESULTS_DIR / f"{name}.json", results)
-    write_text_atomic(RESULTS_DIR / f"{name}.md", f"{results['machine']['cpu']}, {results['machine']['date']}\n\n"
-                      f"{table}\n")
+    write_text_atomic(
+        RESULTS_DIR / f"{name}.md", f"{results['machine']['cpu']}, {results['machine']['date']}\n\n{table}\n"
+    )
     print(table)
 
 

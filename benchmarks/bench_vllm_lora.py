@@ -30,26 +30,47 @@ def child(settings: dict) -> dict:
     """Runs in the vLLM environment: time one engine (LoRA or merged) on the given prompts."""
     from rlhfkit.engine.vllm_core import VLLMCore
 
-    rows = [{"prompt": p, "max_tokens": settings["new_tokens"], "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-             "seed": SAMPLE_SEED + i, "stop_strings": [], "stop_ids": []} for i, p in enumerate(settings["prompts"])]
+    rows = [
+        {
+            "prompt": p,
+            "max_tokens": settings["new_tokens"],
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "seed": SAMPLE_SEED + i,
+            "stop_strings": [],
+            "stop_ids": [],
+        }
+        for i, p in enumerate(settings["prompts"])
+    ]
     results: dict = {}
     if settings["mode"] == "merged":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # as VLLMCore does (else vLLM reserves most RAM)
         from vllm import LLM, SamplingParams
 
         started = time.time()
-        llm = LLM(model=settings["merged"], dtype=settings["dtype"], max_model_len=settings["context"],
-                  enforce_eager=True, logprobs_mode="processed_logprobs", enable_prefix_caching=True)
+        llm = LLM(
+            model=settings["merged"],
+            dtype=settings["dtype"],
+            max_model_len=settings["context"],
+            enforce_eager=True,
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,
+        )
         results["start_seconds"] = time.time() - started
-        params = [SamplingParams(max_tokens=r["max_tokens"], seed=r["seed"], ignore_eos=True, logprobs=0)
-                  for r in rows]
+        params = [SamplingParams(max_tokens=r["max_tokens"], seed=r["seed"], ignore_eos=True, logprobs=0) for r in rows]
         llm.generate([{"prompt_token_ids": r["prompt"]} for r in rows[:2]], params[:2], use_tqdm=False)  # warm-up
         started = time.time()
         outputs = llm.generate([{"prompt_token_ids": r["prompt"]} for r in rows], params, use_tqdm=False)
         results["merged_tokens_per_s"] = sum(len(o.outputs[0].token_ids) for o in outputs) / (time.time() - started)
         return results
-    core = VLLMCore(settings["model"], settings["work_dir"], dtype=settings["dtype"],
-                    max_model_len=settings["context"], max_lora_rank=settings["max_lora_rank"])
+    core = VLLMCore(
+        settings["model"],
+        settings["work_dir"],
+        dtype=settings["dtype"],
+        max_model_len=settings["context"],
+        max_lora_rank=settings["max_lora_rank"],
+    )
     results["start_seconds"] = core.start_seconds
     core.load_adapter("policy", settings["adapter"])
     for name, adapter_id in (("base", None), ("adapter", "policy")):
@@ -71,8 +92,14 @@ def run_child(settings: dict) -> dict:
     from rlhfkit.engine.vllm_sampling import vllm_python
 
     env = {**os.environ, **vllm_environment(), "PYTHONPATH": package_path()}
-    done = subprocess.run([vllm_python(), __file__, "--child"], input=json.dumps(settings), env=env, check=True,
-                          stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(
+        [vllm_python(), __file__, "--child"],
+        input=json.dumps(settings),
+        env=env,
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -87,15 +114,22 @@ def build_workload(tiny: bool, dtype: str, rank: int) -> tuple[str, str, str]:
     from rlhfkit.paths import cache_dir
 
     folder = cache_dir() / "bench" / "vllm-lora" / ("tiny" if tiny else "smollm2")
-    model = (str(build_tiny_architecture(folder / "model", "llama", hidden_size=256, num_layers=4,
-                                             overrides={"tie_word_embeddings": True})) if tiny
-             else resolve_base_model(EMBEDDED_MODEL))
+    model = (
+        str(
+            build_tiny_architecture(
+                folder / "model", "llama", hidden_size=256, num_layers=4, overrides={"tie_word_embeddings": True}
+            )
+        )
+        if tiny
+        else resolve_base_model(EMBEDDED_MODEL)
+    )
     service = ServiceClient(storage_dir=str(folder / "runs"), dtype=dtype)
     trainer = service.create_lora_training_client(model, rank=rank, seed=0)
     tokens = load_tokenizer(model).encode("The quick brown fox jumps over the lazy dog. " * 4)
-    trainer.forward_backward([Datum(ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:],
-                                                                        "weights": [1.0] * (len(tokens) - 1)})],
-                             "cross_entropy")
+    trainer.forward_backward(
+        [Datum(ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})],
+        "cross_entropy",
+    )
     trainer.optim_step(AdamParams(learning_rate=1e-3))
     adapter = trainer.save_weights_for_sampler("policy").result().path
     merged = folder / "merged"
@@ -130,24 +164,44 @@ def main() -> None:
     new_tokens = args.new_tokens if args.new_tokens is not None else (8 if args.tiny else 64)
     model, adapter, merged = build_workload(args.tiny, args.dtype, args.rank)
     tokenizer = load_tokenizer(model)
-    settings = {"model": model, "adapter": adapter, "merged": merged, "dtype": args.dtype, "context": 2048,
-                "prompts": lima_prompts(model, count, max_prompt_tokens=256), "new_tokens": new_tokens,
-                "labels": [tokenizer.encode("A")[0], tokenizer.encode("B")[0]],
-                "max_lora_rank": max(64, args.rank), "work_dir": tempfile.mkdtemp(prefix="engine-", dir=folder)}
+    settings = {
+        "model": model,
+        "adapter": adapter,
+        "merged": merged,
+        "dtype": args.dtype,
+        "context": 2048,
+        "prompts": lima_prompts(model, count, max_prompt_tokens=256),
+        "new_tokens": new_tokens,
+        "labels": [tokenizer.encode("A")[0], tokenizer.encode("B")[0]],
+        "max_lora_rank": max(64, args.rank),
+        "work_dir": tempfile.mkdtemp(prefix="engine-", dir=folder),
+    }
     lora = run_child({**settings, "mode": "lora"})
     plain = run_child({**settings, "mode": "merged"})
-    rows = [["base model (zero adapter)", f"{lora['base_tokens_per_s']:.1f}"],
-            ["policy adapter, native LoRA", f"{lora['adapter_tokens_per_s']:.1f}"],
-            ["policy merged into a copy (no LoRA)", f"{plain['merged_tokens_per_s']:.1f}"]]
-    markdown = (f"Sampling {count} prompts x {new_tokens} tokens, vLLM {args.dtype}, rank {args.rank} "
-                f"({'tiny Llama' if args.tiny else 'SmolLM2-135M'}):\n\n"
-                + markdown_table(["engine", "tokens/s"], rows)
-                + f"\n\nJudging with the adapter: {lora['judge_per_s']:.2f} comparisons/s "
-                  f"({lora['judge_prompt_tokens'] // count} tokens each). Engine start: LoRA "
-                  f"{lora['start_seconds']:.0f} s, merged {plain['start_seconds']:.0f} s.")
+    rows = [
+        ["base model (zero adapter)", f"{lora['base_tokens_per_s']:.1f}"],
+        ["policy adapter, native LoRA", f"{lora['adapter_tokens_per_s']:.1f}"],
+        ["policy merged into a copy (no LoRA)", f"{plain['merged_tokens_per_s']:.1f}"],
+    ]
+    markdown = (
+        f"Sampling {count} prompts x {new_tokens} tokens, vLLM {args.dtype}, rank {args.rank} "
+        f"({'tiny Llama' if args.tiny else 'SmolLM2-135M'}):\n\n"
+        + markdown_table(["engine", "tokens/s"], rows)
+        + f"\n\nJudging with the adapter: {lora['judge_per_s']:.2f} comparisons/s "
+        f"({lora['judge_prompt_tokens'] // count} tokens each). Engine start: LoRA "
+        f"{lora['start_seconds']:.0f} s, merged {plain['start_seconds']:.0f} s."
+    )
     info = machine_info(int(os.environ.get("OMP_NUM_THREADS", "0") or 0))
-    write_results("vllm_lora" + ("_tiny" if args.tiny else ""), {"machine": info, "settings": {
-        k: v for k, v in settings.items() if k != "prompts"}, "lora": lora, "merged": plain}, markdown)
+    write_results(
+        "vllm_lora" + ("_tiny" if args.tiny else ""),
+        {
+            "machine": info,
+            "settings": {k: v for k, v in settings.items() if k != "prompts"},
+            "lora": lora,
+            "merged": plain,
+        },
+        markdown,
+    )
 
 
 if __name__ == "__main__":

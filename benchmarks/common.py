@@ -45,8 +45,9 @@ BUSY_CPU = 50.0  # another process using this much CPU (%) at the end of a run s
 def other_processes(top: int = 5) -> list[str]:
     """The busiest other processes right now ("%cpu command"), to record who shared the machine."""
     try:
-        out = subprocess.run(["ps", "-eo", "pid=,pcpu=,args=", "--sort=-pcpu"], capture_output=True, text=True,
-                             timeout=10).stdout
+        out = subprocess.run(
+            ["ps", "-eo", "pid=,pcpu=,args=", "--sort=-pcpu"], capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     rows = []
@@ -76,17 +77,28 @@ def machine_info(threads: int) -> dict[str, Any]:
     import peft
     import transformers
 
-    return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_name(),
-            "cores": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "load_at_start": load_snapshot()}
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "load_at_start": load_snapshot(),
+    }
 
 
 def warn_if_busy() -> None:
     load = os.getloadavg()[0]
     if load > BUSY_LOAD:
-        print(f"WARNING: load average {load:.2f} > {BUSY_LOAD}: other processes share the cores; the figures "
-              f"will be unreliable (run the benchmark alone)", file=sys.stderr)
+        print(
+            f"WARNING: load average {load:.2f} > {BUSY_LOAD}: other processes share the cores; the figures "
+            f"will be unreliable (run the benchmark alone)",
+            file=sys.stderr,
+        )
 
 
 def matmul_flops(dtype: torch.dtype, size: int = 2048, min_seconds: float = 2.0) -> float:
@@ -182,9 +194,12 @@ def sft_batches(base_model: str, batch_size: int, max_length: int, count: int) -
     from rlhfkit.recipes.chat_sl.chat_datasets import LimaBuilder
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
-    common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model,
-                                            renderer_name=renderer_name(base_model),
-                                            max_length=max_length, batch_size=batch_size)
+    common = ChatDatasetBuilderCommonConfig(
+        model_name_for_tokenizer=base_model,
+        renderer_name=renderer_name(base_model),
+        max_length=max_length,
+        batch_size=batch_size,
+    )
     train, _ = LimaBuilder(common_config=common)()
     return [train.get_batch(i) for i in range(count)]
 
@@ -195,9 +210,12 @@ def pm_batches(base_model: str, batch_size: int, max_length: int, count: int) ->
     from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
-    common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model,
-                                            renderer_name=renderer_name(base_model),
-                                            max_length=max_length, batch_size=batch_size)
+    common = ChatDatasetBuilderCommonConfig(
+        model_name_for_tokenizer=base_model,
+        renderer_name=renderer_name(base_model),
+        max_length=max_length,
+        batch_size=batch_size,
+    )
     train, _ = ChatDatasetBuilderFromComparisons(common, HHHComparisonBuilder(role="preference_model"))()
     datums, i = [], 0
     while len(datums) < batch_size * count and i < len(train):  # over-long comparisons are skipped
@@ -205,7 +223,7 @@ def pm_batches(base_model: str, batch_size: int, max_length: int, count: int) ->
         i += 1
     if len(datums) < batch_size * count:
         raise ValueError(f"only {len(datums)} comparisons of <= {max_length} tokens, wanted {batch_size * count}")
-    return [datums[k * batch_size:(k + 1) * batch_size] for k in range(count)]
+    return [datums[k * batch_size : (k + 1) * batch_size] for k in range(count)]
 
 
 def dpo_batches(base_model: str, pairs: int, max_length: int, count: int) -> list[list]:
@@ -215,9 +233,12 @@ def dpo_batches(base_model: str, pairs: int, max_length: int, count: int) -> lis
     from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
-    common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model,
-                                            renderer_name=renderer_name(base_model),
-                                            max_length=max_length, batch_size=pairs)
+    common = ChatDatasetBuilderCommonConfig(
+        model_name_for_tokenizer=base_model,
+        renderer_name=renderer_name(base_model),
+        max_length=max_length,
+        batch_size=pairs,
+    )
     train, _ = DPODatasetBuilderFromComparisons(common, HHHComparisonBuilder(role="preference_model"))()
     datums, i = [], 0
     while len(datums) < 2 * pairs * count and i < len(train):  # unusable comparisons give no pair
@@ -225,20 +246,24 @@ def dpo_batches(base_model: str, pairs: int, max_length: int, count: int) -> lis
         i += 1
     if len(datums) < 2 * pairs * count:
         raise ValueError(f"only {len(datums) // 2} DPO pairs, wanted {pairs * count}")
-    return [datums[2 * k * pairs:2 * (k + 1) * pairs] for k in range(count)]
+    return [datums[2 * k * pairs : 2 * (k + 1) * pairs] for k in range(count)]
 
 
 def datum_pair_to_text(tokenizer, chosen, rejected) -> dict[str, str]:
     """A DPO pair of datums as TRL's text form {prompt, chosen, rejected}: the prompt is everything before the
     first trained token (the same in both datums), each completion the rest of its sequence."""
+
     def split(datum) -> tuple[list[int], list[int]]:
         tokens = datum.model_input.to_ints() + [int(datum.loss_fn_inputs["target_tokens"].to_numpy()[-1])]
         start = 1 + int(next(i for i, w in enumerate(datum.loss_fn_inputs["weights"].to_numpy()) if w > 0))
         return tokens[:start], tokens[start:]
 
     (prompt, chosen_tokens), (_, rejected_tokens) = split(chosen), split(rejected)
-    return {"prompt": tokenizer.decode(prompt), "chosen": tokenizer.decode(chosen_tokens),
-            "rejected": tokenizer.decode(rejected_tokens)}
+    return {
+        "prompt": tokenizer.decode(prompt),
+        "chosen": tokenizer.decode(chosen_tokens),
+        "rejected": tokenizer.decode(rejected_tokens),
+    }
 
 
 def rl_prompts(count: int) -> list[list[dict]]:
@@ -283,8 +308,10 @@ def datum_to_labeled_tokens(datum) -> dict[str, list[int]]:
     inputs = datum.model_input.to_ints()
     targets = datum.loss_fn_inputs["target_tokens"].to_numpy().tolist()
     weights = datum.loss_fn_inputs["weights"].to_numpy().tolist()
-    return {"input_ids": inputs + [int(targets[-1])],
-            "labels": [-100] + [int(t) if w > 0 else -100 for t, w in zip(targets, weights)]}
+    return {
+        "input_ids": inputs + [int(targets[-1])],
+        "labels": [-100] + [int(t) if w > 0 else -100 for t, w in zip(targets, weights)],
+    }
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -335,23 +362,29 @@ def write_results(stem: str, payload: dict[str, Any], markdown: str) -> None:
     print(f"\nwrote {json_path} and {md_path}")
 
 
-def machine_markdown(info: dict[str, Any], load_at_end: dict[str, Any], limits: dict[str, float],
-                     dtypes: list[str]) -> str:
+def machine_markdown(
+    info: dict[str, Any], load_at_end: dict[str, Any], limits: dict[str, float], dtypes: list[str]
+) -> str:
     start = info["load_at_start"]
     # at the end the load includes the benchmark's own threads: judge by the other processes then
-    busy = start["loadavg_1m"] > BUSY_LOAD or any(float(p.split("%")[0]) >= BUSY_CPU
-                                                  for p in start["busy_processes"] + load_at_end["busy_processes"])
-    lines = [f"- date: {info['date']}; command: `{info['command']}`",
-             f"- machine: {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}; "
-             f"torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}"
-             + (f", trl {info['trl']}" if "trl" in info else ""),
-             f"- load average at start {start['loadavg_1m']:.2f}, at end {load_at_end['loadavg_1m']:.2f}"
-             + (" — **the machine was shared: figures are unreliable**" if busy else " (machine otherwise idle)"),
-             "- matmul limit (2048x2048, best of runs at the start and at the end): "
-             + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in limits.items() if k in dtypes)]
+    busy = start["loadavg_1m"] > BUSY_LOAD or any(
+        float(p.split("%")[0]) >= BUSY_CPU for p in start["busy_processes"] + load_at_end["busy_processes"]
+    )
+    lines = [
+        f"- date: {info['date']}; command: `{info['command']}`",
+        f"- machine: {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}; "
+        f"torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}"
+        + (f", trl {info['trl']}" if "trl" in info else ""),
+        f"- load average at start {start['loadavg_1m']:.2f}, at end {load_at_end['loadavg_1m']:.2f}"
+        + (" — **the machine was shared: figures are unreliable**" if busy else " (machine otherwise idle)"),
+        "- matmul limit (2048x2048, best of runs at the start and at the end): "
+        + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in limits.items() if k in dtypes),
+    ]
     if not bf16_native():
-        lines.append(f"- bf16 is not native on this CPU (no avx512_bf16/amx_bf16 flag): the engine computes in fp32 "
-                     f"here, as bf16 matmuls are emulated ({limits['bfloat16'] / 1e9:,.1f} GFLOP/s at 512x512)")
+        lines.append(
+            f"- bf16 is not native on this CPU (no avx512_bf16/amx_bf16 flag): the engine computes in fp32 "
+            f"here, as bf16 matmuls are emulated ({limits['bfloat16'] / 1e9:,.1f} GFLOP/s at 512x512)"
+        )
     if start["busy_processes"]:
         lines.append("- busy processes at start: " + "; ".join(f"`{p}`" for p in start["busy_processes"]))
     return "\n".join(lines)

@@ -130,19 +130,42 @@ def lora_config(model, base_model: str, rank: int):
     from rlhfkit.engine.lora import LoraSpec, target_module_names
 
     spec = LoraSpec(base_model, rank=rank, train_unembed=False)
-    return LoraConfig(r=rank, lora_alpha=spec.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                      target_modules=target_module_names(model, spec))
+    return LoraConfig(
+        r=rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=target_module_names(model, spec),
+    )
 
 
 def trl_args(precision, learning_rate: float, steps: int, out_dir: str) -> dict[str, Any]:
     """TrainingArguments shared by every TRL trainer here. TRL's default gradient checkpointing is turned off
     (the engine does not checkpoint; memory is not the limit at these sizes), Adam matches AdamParams."""
-    return dict(output_dir=out_dir, use_cpu=precision.device.type == "cpu",
-                bf16=precision.compute_dtype == torch.bfloat16, gradient_checkpointing=False,
-                learning_rate=learning_rate, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9,
-                adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=0.0, max_steps=steps,
-                logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
-                dataloader_num_workers=0, train_sampling_strategy="sequential", shuffle_dataset=False)
+    return dict(
+        output_dir=out_dir,
+        use_cpu=precision.device.type == "cpu",
+        bf16=precision.compute_dtype == torch.bfloat16,
+        gradient_checkpointing=False,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        max_steps=steps,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        shuffle_dataset=False,
+    )
 
 
 def quiet_trl() -> None:
@@ -164,8 +187,9 @@ def quiet_trl() -> None:
 # Workloads 1 and 2: supervised steps (SFT tokens/s, preference-model comparisons/s)
 
 
-def run_supervised(name: str, base_model: str, service, batches: list[list], learning_rate: float, rank: int,
-                   unit: str, out_dir: str) -> tuple[Series, Series]:
+def run_supervised(
+    name: str, base_model: str, service, batches: list[list], learning_rate: float, rank: int, unit: str, out_dir: str
+) -> tuple[Series, Series]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -189,11 +213,21 @@ def run_supervised(name: str, base_model: str, service, batches: list[list], lea
     timer = AlternatingTimer(our_step)
     rows = [common.datum_to_labeled_tokens(d) for batch in batches for d in batch]
     model = hf_model(base_model, service.precision.compute_dtype)
-    config = SFTConfig(per_device_train_batch_size=len(batches[0]), max_length=None, packing=False,
-                       padding_free=False, **trl_args(service.precision, learning_rate, len(batches), out_dir))
-    sft = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                     processing_class=service_tokenizer(base_model), peft_config=lora_config(model, base_model, rank),
-                     callbacks=[as_trainer_callback(timer)])
+    config = SFTConfig(
+        per_device_train_batch_size=len(batches[0]),
+        max_length=None,
+        packing=False,
+        padding_free=False,
+        **trl_args(service.precision, learning_rate, len(batches), out_dir),
+    )
+    sft = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=service_tokenizer(base_model),
+        peft_config=lora_config(model, base_model, rank),
+        callbacks=[as_trainer_callback(timer)],
+    )
     sft.train()
     theirs = Series(f"{name} (TRL)", unit, [units(b) / s for b, s in zip(batches[1:], timer.seconds[1:])])
     print(f"  {name}: TRL step seconds {[round(s, 1) for s in timer.seconds]}", flush=True)
@@ -237,10 +271,23 @@ def run_dpo(base_model: str, service, s: Settings, batches: list[list], out_dir:
     model = hf_model(base_model, service.precision.compute_dtype)
     args = trl_args(service.precision, s.dpo_lr, len(batches), out_dir)
     args.pop("shuffle_dataset")  # an SFTConfig setting; DPOTrainer keeps the order with the sequential sampler
-    config = DPOConfig(per_device_train_batch_size=s.dpo_pairs, max_length=None, beta=s.dpo_beta,
-                       loss_type=["sigmoid"], precompute_ref_log_probs=False, padding_free=False, **args)
-    dpo = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                     peft_config=lora_config(model, base_model, s.lora_rank), callbacks=[as_trainer_callback(timer)])
+    config = DPOConfig(
+        per_device_train_batch_size=s.dpo_pairs,
+        max_length=None,
+        beta=s.dpo_beta,
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=False,
+        padding_free=False,
+        **args,
+    )
+    dpo = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora_config(model, base_model, s.lora_rank),
+        callbacks=[as_trainer_callback(timer)],
+    )
     dpo.train()
     theirs = Series("DPO (TRL)", "tokens/s", [tokens(b) / t for b, t in zip(batches[1:], timer.seconds[1:])])
     print(f"  DPO: TRL step seconds {[round(t, 1) for t in timer.seconds]}", flush=True)
@@ -341,10 +388,11 @@ def run_rl(base_model: str, service, s: Settings, out_dir: str) -> tuple[Series,
 
     def our_step(k: int) -> None:
         judge_client.take()  # the TRL step's judging was recorded by its reward function
-        prompts = convos[k * s.rl_prompts:(k + 1) * s.rl_prompts]
+        prompts = convos[k * s.rl_prompts : (k + 1) * s.rl_prompts]
         t0 = time.perf_counter()
-        state["sampler"], times = asyncio.run(our_rl_iteration(trainer, state["sampler"], prompts, renderer, judge,
-                                                               s, seed=k))
+        state["sampler"], times = asyncio.run(
+            our_rl_iteration(trainer, state["sampler"], prompts, renderer, judge, s, seed=k)
+        )
         seconds = time.perf_counter() - t0
         times.update(judge_client.take(), seconds=seconds)
         details["rlhfkit"].append(times)
@@ -359,22 +407,41 @@ def run_rl(base_model: str, service, s: Settings, out_dir: str) -> tuple[Series,
         rewards = []
         for start in range(0, len(completion_ids), s.rl_group):
             builder = group_builder(convos[prompt_index[start]], renderer, judge, s.rl_group)
-            trajectories = [Trajectory([Transition(ModelInput.empty(), TokensWithLogprobs(list(ids), None), 0.0, True)],
-                                       ModelInput.empty()) for ids in completion_ids[start:start + s.rl_group]]
+            trajectories = [
+                Trajectory(
+                    [Transition(ModelInput.empty(), TokensWithLogprobs(list(ids), None), 0.0, True)], ModelInput.empty()
+                )
+                for ids in completion_ids[start : start + s.rl_group]
+            ]
             rewards += [r for r, _ in asyncio.run(builder.compute_group_rewards(trajectories, []))]
         trl_counts["sampled_tokens"] = trl_counts.get("sampled_tokens", 0) + sum(len(c) for c in completion_ids)
         trl_counts["trained_tokens"] = trl_counts.get("trained_tokens", 0) + sum(
-            len(c) + len(tok.encode(p, add_special_tokens=False)) for p, c in zip(prompts, completion_ids))
+            len(c) + len(tok.encode(p, add_special_tokens=False)) for p, c in zip(prompts, completion_ids)
+        )
         return rewards
 
     tok = service_tokenizer(base_model)
-    rows = [{"prompt": tok.decode(renderer.build_generation_prompt(c).to_ints()), "prompt_index": i}
-            for i, c in enumerate(convos)]
+    rows = [
+        {"prompt": tok.decode(renderer.build_generation_prompt(c).to_ints()), "prompt_index": i}
+        for i, c in enumerate(convos)
+    ]
     micro = s.rl_prompts * s.rl_group // 4  # 4 micro-batches of 8 completions: one generation batch per step
-    config = GRPOConfig(per_device_train_batch_size=micro, gradient_accumulation_steps=4, num_generations=s.rl_group,
-                        max_completion_length=s.rl_max_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
-                        loss_type="dr_grpo", scale_rewards="none", num_iterations=1, log_completions=False,
-                        mask_truncated_completions=False, **trl_args(service.precision, s.rl_lr, iterations, out_dir))
+    config = GRPOConfig(
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=4,
+        num_generations=s.rl_group,
+        max_completion_length=s.rl_max_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        loss_type="dr_grpo",
+        scale_rewards="none",
+        num_iterations=1,
+        log_completions=False,
+        mask_truncated_completions=False,
+        **trl_args(service.precision, s.rl_lr, iterations, out_dir),
+    )
     model = hf_model(base_model, service.precision.compute_dtype)
 
     def after_trl_step(k: int, trl_seconds: float) -> None:
@@ -384,9 +451,15 @@ def run_rl(base_model: str, service, s: Settings, out_dir: str) -> tuple[Series,
         our_step(k)
 
     timer = AlternatingTimer(after_trl_step)
-    grpo = GRPOTrainer(model=model, reward_funcs=tournament_reward, args=config, train_dataset=Dataset.from_list(rows),
-                       processing_class=tok, peft_config=lora_config(model, base_model, s.lora_rank),
-                       callbacks=[as_trainer_callback(timer)])
+    grpo = GRPOTrainer(
+        model=model,
+        reward_funcs=tournament_reward,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        peft_config=lora_config(model, base_model, s.lora_rank),
+        callbacks=[as_trainer_callback(timer)],
+    )
     grpo.train()
     theirs = Series("RL iteration (TRL)", "iterations/s", [1 / x for x in timer.seconds[1:]])
     del trainer, grpo, model, state
@@ -395,8 +468,7 @@ def run_rl(base_model: str, service, s: Settings, out_dir: str) -> tuple[Series,
 
 
 def short(times: dict) -> str:
-    return " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in times.items()
-                    if k != "seconds")
+    return " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in times.items() if k != "seconds")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -410,14 +482,20 @@ def run_sampling(base_model: str, service, local_service, s: Settings) -> dict[i
     model = local_service.create_sampling_client(base_model=base_model).model  # for generate
     tok = sampler.get_tokenizer()
     prompts = common.lima_prompts(base_model, max(s.sampling_batches))
-    results = {b: (Series(f"sampling batch {b} (rlhfkit)", "tokens/s", []),
-                   Series(f"sampling batch {b} (generate)", "tokens/s", [])) for b in s.sampling_batches}
+    results = {
+        b: (
+            Series(f"sampling batch {b} (rlhfkit)", "tokens/s", []),
+            Series(f"sampling batch {b} (generate)", "tokens/s", []),
+        )
+        for b in s.sampling_batches
+    }
 
     def ours(batch: int, new_tokens: int, seed: int) -> int:
         async def run():
             params = SamplingParams(max_tokens=new_tokens, temperature=1.0, stop=[], seed=seed)
-            return await asyncio.gather(*(sampler.sample_async(ModelInput.from_ints(p), 1, params)
-                                          for p in prompts[:batch]))
+            return await asyncio.gather(
+                *(sampler.sample_async(ModelInput.from_ints(p), 1, params) for p in prompts[:batch])
+            )
 
         return sum(len(seq.tokens) for r in asyncio.run(run()) for seq in r.sequences)
 
@@ -425,9 +503,16 @@ def run_sampling(base_model: str, service, local_service, s: Settings) -> dict[i
         torch.manual_seed(seed)
         inputs = tok.pad({"input_ids": prompts[:batch]}, padding=True, padding_side="left", return_tensors="pt")
         with torch.inference_mode():
-            out = model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                         max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                         pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                **inputs,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=tok.pad_token_id,
+            )
         return (out.shape[1] - inputs["input_ids"].shape[1]) * batch
 
     for rep in range(s.reps + 1):
@@ -437,8 +522,11 @@ def run_sampling(base_model: str, service, local_service, s: Settings) -> dict[i
                 if rep:  # rep 0 is a short warm-up
                     series.values.append(tokens / seconds)
             if rep:
-                print(f"  sampling batch {b}: rlhfkit {results[b][0].values[-1]:.1f} tok/s, "
-                      f"generate {results[b][1].values[-1]:.1f} tok/s", flush=True)
+                print(
+                    f"  sampling batch {b}: rlhfkit {results[b][0].values[-1]:.1f} tok/s, "
+                    f"generate {results[b][1].values[-1]:.1f} tok/s",
+                    flush=True,
+                )
     return results
 
 
@@ -453,8 +541,12 @@ def main() -> None:
     parser.add_argument("--rl-reps", type=int, default=Settings.rl_reps, help="timed RL iterations (plus a warm-up)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--dtype", default=None, help="compute dtype for both sides (default: the engine's choice)")
-    parser.add_argument("--sampler", default="local", choices=["local", "vllm"],
-                        help="our side's sampler (vllm: needs scripts/setup-vllm.sh); training is local either way")
+    parser.add_argument(
+        "--sampler",
+        default="local",
+        choices=["local", "vllm"],
+        help="our side's sampler (vllm: needs scripts/setup-vllm.sh); training is local either way",
+    )
     parser.add_argument("--out", default=None, help="results file stem (default compare_trl[-tiny][-vllm])")
     args = parser.parse_args()
 
@@ -479,8 +571,11 @@ def main() -> None:
     service = ServiceClient(dtype=args.dtype, sampler=args.sampler)
     dtype = str(service.precision.compute_dtype).removeprefix("torch.")
     limits = common.matmul_limits([dtype], args.tiny)
-    print(f"model {base_model}, dtype {dtype}, {args.threads} threads, load average "
-          f"{info['load_at_start']['loadavg_1m']:.2f}; matmul limit {limits[dtype] / 1e9:,.0f} GFLOP/s", flush=True)
+    print(
+        f"model {base_model}, dtype {dtype}, {args.threads} threads, load average "
+        f"{info['load_at_start']['loadavg_1m']:.2f}; matmul limit {limits[dtype] / 1e9:,.0f} GFLOP/s",
+        flush=True,
+    )
     probe = local_service.create_sampling_client(base_model=base_model)
     n_params, n_head = common.matmul_params(probe.model), common.unembedding_params(probe.model)
     del probe
@@ -490,22 +585,35 @@ def main() -> None:
     extra: dict[str, Any] = {}
 
     def add(key: str, ours: Series, theirs: Series, flops_per_unit: list[float] | None, baseline: str = "TRL"):
-        rows.append({"workload": key, "unit": ours.unit, "rlhfkit": ours.as_dict(), baseline: theirs.as_dict(),
-                     "baseline": baseline, "ratio": ours.median / theirs.median if theirs.values else float("nan"),
-                     "flops_per_unit": flops_per_unit})
-        print(f"{key}: rlhfkit {fmt(ours.median, 3)} vs {baseline} {fmt(theirs.median, 3)} {ours.unit} "
-              f"-> {rows[-1]['ratio']:.2f}x", flush=True)
+        rows.append(
+            {
+                "workload": key,
+                "unit": ours.unit,
+                "rlhfkit": ours.as_dict(),
+                baseline: theirs.as_dict(),
+                "baseline": baseline,
+                "ratio": ours.median / theirs.median if theirs.values else float("nan"),
+                "flops_per_unit": flops_per_unit,
+            }
+        )
+        print(
+            f"{key}: rlhfkit {fmt(ours.median, 3)} vs {baseline} {fmt(theirs.median, 3)} {ours.unit} "
+            f"-> {rows[-1]['ratio']:.2f}x",
+            flush=True,
+        )
 
     with tempfile.TemporaryDirectory(prefix="compare_trl-") as out_dir:
         if "sft" in workloads:
             batches = common.sft_batches(base_model, s.sft_batch, s.max_length, s.reps + 1)
-            ours, theirs = run_supervised("SFT", base_model, service, batches, s.sft_lr, s.lora_rank, "tokens/s",
-                                          out_dir)
+            ours, theirs = run_supervised(
+                "SFT", base_model, service, batches, s.sft_lr, s.lora_rank, "tokens/s", out_dir
+            )
             add("SFT step", ours, theirs, [4 * n_params])
         if "pm" in workloads:
             batches = common.pm_batches(base_model, s.pm_batch, s.max_length, s.reps + 1)
-            ours, theirs = run_supervised("PM", base_model, service, batches, s.pm_lr, s.lora_rank,
-                                          "comparisons/s", out_dir)
+            ours, theirs = run_supervised(
+                "PM", base_model, service, batches, s.pm_lr, s.lora_rank, "comparisons/s", out_dir
+            )
             mean_tokens = sum(common.datum_tokens(d) for b in batches for d in b) / sum(len(b) for b in batches)
             add("preference-model step", ours, theirs, [4 * n_params * mean_tokens])
             extra["pm_mean_tokens"] = mean_tokens
@@ -518,8 +626,12 @@ def main() -> None:
             extra["rl_iterations"] = details
 
             def iteration_flops(d: dict) -> float:
-                return (2 * n_params * d.get("sampled_tokens", 0) + 4 * n_params * d.get("trained_tokens", 0)
-                        + 2 * (n_params - n_head) * d.get("judge_tokens", 0) + 2 * n_head * d.get("judge_prompts", 0))
+                return (
+                    2 * n_params * d.get("sampled_tokens", 0)
+                    + 4 * n_params * d.get("trained_tokens", 0)
+                    + 2 * (n_params - n_head) * d.get("judge_tokens", 0)
+                    + 2 * n_head * d.get("judge_prompts", 0)
+                )
 
             add("RL iteration", ours, theirs, [iteration_flops(d) for d in details["rlhfkit"][1:]])
             rows[-1]["flops_per_unit_baseline"] = [iteration_flops(d) for d in details["TRL"][1:]]
@@ -536,41 +648,74 @@ def main() -> None:
             mean_flops = sum(flops) / len(flops)
             row[f"mfu_{side}"] = row[side]["median"] * mean_flops / limit
 
-    payload = {"machine": info, "load_at_end": load_at_end, "model": base_model, "dtype": dtype,
-               "sampler": args.sampler,
-               "matmul_params": n_params, "unembedding_params": n_head, "matmul_limit_flops": limits,
-               "settings": s.__dict__, "results": rows, **extra}
+    payload = {
+        "machine": info,
+        "load_at_end": load_at_end,
+        "model": base_model,
+        "dtype": dtype,
+        "sampler": args.sampler,
+        "matmul_params": n_params,
+        "unembedding_params": n_head,
+        "matmul_limit_flops": limits,
+        "settings": s.__dict__,
+        "results": rows,
+        **extra,
+    }
     table = common.markdown_table(
         ["workload", "unit", "rlhfkit", "TRL / generate", "rlhfkit / baseline", "MFU rlhfkit", "MFU baseline"],
-        [[r["workload"], r["unit"], fmt(r["rlhfkit"]["median"], 3), f"{fmt(r[r['baseline']]['median'], 3)} "
-          f"({r['baseline']})", f"**{r['ratio']:.2f}x**", f"{100 * r['mfu_rlhfkit']:.1f}%",
-          f"{100 * r['mfu_' + r['baseline']]:.1f}%"] for r in rows])
-    markdown = "\n\n".join([
-        f"# rlhfkit vs TRL {info['trl']}: {Path(base_model).name}, {dtype}, rlhfkit sampler: {args.sampler}",
-        common.machine_markdown(info, load_at_end, limits, [dtype]),
-        f"Settings: LoRA rank {s.lora_rank} (attention and MLP projections, alpha 32; TRL cannot train an "
-        f"adapter on the unembedding), sequences <= "
-        f"{s.max_length} tokens; SFT {s.sft_batch} LIMA conversations/step, lr {s.sft_lr}; PM {s.pm_batch} "
-        f"HH-RLHF comparisons/step, lr {s.pm_lr}; DPO {s.dpo_pairs} HH-RLHF pairs/step, beta {s.dpo_beta}, "
-        f"lr {s.dpo_lr}, sigmoid loss; RL {s.rl_prompts} prompts x {s.rl_group}, max_tokens "
-        f"{s.rl_max_tokens}, all pairs both ways, lr {s.rl_lr}; sampling {s.new_tokens} new tokens/row. Medians of "
-        f"{s.reps} steps ({s.rl_reps} RL iterations) after one warm-up step, the two sides alternating.",
-        table,
-        "MFU = achieved FLOP/s over the matmul limit above: 4N FLOPs per trained token (6N per DPO token: "
-        "with the reference's forward), 2N per sampled token, "
-        "2(N-H) per judged token + 2H per judgement (N = "
-        f"{n_params / 1e6:.1f}M matmul parameters, H = {n_head / 1e6:.1f}M in the unembedding).",
-    ])
+        [
+            [
+                r["workload"],
+                r["unit"],
+                fmt(r["rlhfkit"]["median"], 3),
+                f"{fmt(r[r['baseline']]['median'], 3)} ({r['baseline']})",
+                f"**{r['ratio']:.2f}x**",
+                f"{100 * r['mfu_rlhfkit']:.1f}%",
+                f"{100 * r['mfu_' + r['baseline']]:.1f}%",
+            ]
+            for r in rows
+        ],
+    )
+    markdown = "\n\n".join(
+        [
+            f"# rlhfkit vs TRL {info['trl']}: {Path(base_model).name}, {dtype}, rlhfkit sampler: {args.sampler}",
+            common.machine_markdown(info, load_at_end, limits, [dtype]),
+            f"Settings: LoRA rank {s.lora_rank} (attention and MLP projections, alpha 32; TRL cannot train an "
+            f"adapter on the unembedding), sequences <= "
+            f"{s.max_length} tokens; SFT {s.sft_batch} LIMA conversations/step, lr {s.sft_lr}; PM {s.pm_batch} "
+            f"HH-RLHF comparisons/step, lr {s.pm_lr}; DPO {s.dpo_pairs} HH-RLHF pairs/step, beta {s.dpo_beta}, "
+            f"lr {s.dpo_lr}, sigmoid loss; RL {s.rl_prompts} prompts x {s.rl_group}, max_tokens "
+            f"{s.rl_max_tokens}, all pairs both ways, lr {s.rl_lr}; sampling {s.new_tokens} new tokens/row. Medians of "
+            f"{s.reps} steps ({s.rl_reps} RL iterations) after one warm-up step, the two sides alternating.",
+            table,
+            "MFU = achieved FLOP/s over the matmul limit above: 4N FLOPs per trained token (6N per DPO token: "
+            "with the reference's forward), 2N per sampled token, "
+            "2(N-H) per judged token + 2H per judgement (N = "
+            f"{n_params / 1e6:.1f}M matmul parameters, H = {n_head / 1e6:.1f}M in the unembedding).",
+        ]
+    )
     if extra.get("rl_iterations"):
         rl_rows = []
         for side, items in extra["rl_iterations"].items():
             for k, d in enumerate(items):
-                rl_rows.append([side, str(k) + (" (warm-up)" if k == 0 else ""), f"{d['seconds']:.1f}",
-                                f"{d.get('judge_seconds', 0):.1f}", str(d.get("sampled_tokens", "")),
-                                str(d.get("trained_tokens", "")), str(d.get("judge_prompts", ""))])
-        markdown += "\n\nRL iterations in detail (judge seconds are inside the iteration time):\n\n" + \
-            common.markdown_table(["side", "iteration", "seconds", "judge seconds", "sampled tokens",
-                                   "trained tokens", "judgements"], rl_rows)
+                rl_rows.append(
+                    [
+                        side,
+                        str(k) + (" (warm-up)" if k == 0 else ""),
+                        f"{d['seconds']:.1f}",
+                        f"{d.get('judge_seconds', 0):.1f}",
+                        str(d.get("sampled_tokens", "")),
+                        str(d.get("trained_tokens", "")),
+                        str(d.get("judge_prompts", "")),
+                    ]
+                )
+        markdown += (
+            "\n\nRL iterations in detail (judge seconds are inside the iteration time):\n\n"
+            + common.markdown_table(
+                ["side", "iteration", "seconds", "judge seconds", "sampled tokens", "trained tokens", "judgements"],
+                rl_rows,
+            )
+        )
     stem = args.out or ("compare_trl" + ("-tiny" if args.tiny else "") + ("-vllm" if args.sampler == "vllm" else ""))
     common.write_results(stem, payload, markdown)
 

@@ -76,8 +76,18 @@ def _():
     print(f"Base model:  {BASE_MODEL}")
     print(f"Renderer:    {renderer_name}")
     print(f"LoRA rank:   {LORA_RANK}")
-    return (BASE_MODEL, BATCH_SIZE, LOG_ROOT, LORA_RANK, MAX_LENGTH, STEPS, TrainOnWhat, checkpoint_utils,
-            renderer_name, tinker)
+    return (
+        BASE_MODEL,
+        BATCH_SIZE,
+        LOG_ROOT,
+        LORA_RANK,
+        MAX_LENGTH,
+        STEPS,
+        TrainOnWhat,
+        checkpoint_utils,
+        renderer_name,
+        tinker,
+    )
 
 
 @app.function
@@ -235,8 +245,18 @@ def _(mo):
 
 
 @app.cell
-async def _(BASE_MODEL, BATCH_SIZE, HHHComparisonBuilder, LOG_ROOT, LORA_RANK, STEPS, checkpoint_utils,
-            renderer_name, rm_log_path, sft_log_path):
+async def _(
+    BASE_MODEL,
+    BATCH_SIZE,
+    HHHComparisonBuilder,
+    LOG_ROOT,
+    LORA_RANK,
+    STEPS,
+    checkpoint_utils,
+    renderer_name,
+    rm_log_path,
+    sft_log_path,
+):
     from rlhfkit.preference.comparison_policy_evaluator import (
         ComparisonEvaluator,
     )
@@ -358,22 +378,12 @@ async def _(BASE_MODEL, checkpoint_utils, renderer_name, rl_log_path, tinker):
     renderer_eval = renderers.get_renderer(renderer_name, tokenizer_eval)
 
     # Sample from both models on the same prompt
-    test_prompt = (
-        "What is the most important thing to consider when learning a new programming language?"
-    )
-    prompt_tokens = renderer_eval.build_generation_prompt(
-        [{"role": "user", "content": test_prompt}]
-    )
-    params = types.SamplingParams(
-        max_tokens=200, temperature=0.7, stop=renderer_eval.get_stop_sequences()
-    )
+    test_prompt = "What is the most important thing to consider when learning a new programming language?"
+    prompt_tokens = renderer_eval.build_generation_prompt([{"role": "user", "content": test_prompt}])
+    params = types.SamplingParams(max_tokens=200, temperature=0.7, stop=renderer_eval.get_stop_sequences())
 
-    base_result = await base_sampler.sample_async(
-        prompt=prompt_tokens, sampling_params=params, num_samples=1
-    )
-    rlhf_result = await rlhf_sampler.sample_async(
-        prompt=prompt_tokens, sampling_params=params, num_samples=1
-    )
+    base_result = await base_sampler.sample_async(prompt=prompt_tokens, sampling_params=params, num_samples=1)
+    rlhf_result = await rlhf_sampler.sample_async(prompt=prompt_tokens, sampling_params=params, num_samples=1)
 
     print("=== Base Model ===")
     print(test_prompt + tokenizer_eval.decode(base_result.sequences[0].tokens))

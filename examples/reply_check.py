@@ -24,8 +24,9 @@ from rlhfkit.sampling_cli import resolve_model
 
 
 async def sample_all(sampler, renderer, prompts, samples: int, params) -> list[list[int]]:
-    responses = await asyncio.gather(*(sampler.sample_async(renderer.build_generation_prompt(prompt), samples,
-                                                            params) for prompt in prompts))
+    responses = await asyncio.gather(
+        *(sampler.sample_async(renderer.build_generation_prompt(prompt), samples, params) for prompt in prompts)
+    )
     return [seq.tokens for response in responses for seq in response.sequences]
 
 
@@ -45,15 +46,18 @@ def main() -> None:
     sampler = ServiceClient().create_sampling_client(model_path=checkpoint, base_model=base_model)
     renderer = renderers.get_renderer(renderer_name or cfg.renderer_name or "chat_template", sampler.get_tokenizer())
     prompts = [c.comparison.prompt_conversation for c in held_out_comparisons(cfg, "rl", cfg.win_rate_prompts)]
-    params = types.SamplingParams(max_tokens=cfg.rl_max_tokens, temperature=args.temperature,
-                                  stop=renderer.get_stop_sequences(), seed=args.seed)
+    params = types.SamplingParams(
+        max_tokens=cfg.rl_max_tokens, temperature=args.temperature, stop=renderer.get_stop_sequences(), seed=args.seed
+    )
 
     tokens = asyncio.run(sample_all(sampler, renderer, prompts, args.samples, params))
     texts = [renderers.get_text_content(renderer.parse_response(t)[0]) for t in tokens]
     empty = sum(not text.strip() for text in texts)
-    print(f"{root / args.stage}: {len(texts)} replies ({len(prompts)} prompts x {args.samples}) at temperature "
-          f"{args.temperature}: {empty} empty; median length {statistics.median(len(t) for t in tokens)} tokens")
-    for text in texts[:args.show]:
+    print(
+        f"{root / args.stage}: {len(texts)} replies ({len(prompts)} prompts x {args.samples}) at temperature "
+        f"{args.temperature}: {empty} empty; median length {statistics.median(len(t) for t in tokens)} tokens"
+    )
+    for text in texts[: args.show]:
         print(f"  {text[:100]!r}")
 
 

@@ -223,22 +223,12 @@ async def main():
     renderer_eval = renderers.get_renderer(renderer_name, tokenizer_eval)
 
     # Sample from both models on the same prompt
-    test_prompt = (
-        "What is the most important thing to consider when learning a new programming language?"
-    )
-    prompt_tokens = renderer_eval.build_generation_prompt(
-        [{"role": "user", "content": test_prompt}]
-    )
-    params = types.SamplingParams(
-        max_tokens=200, temperature=0.7, stop=renderer_eval.get_stop_sequences()
-    )
+    test_prompt = "What is the most important thing to consider when learning a new programming language?"
+    prompt_tokens = renderer_eval.build_generation_prompt([{"role": "user", "content": test_prompt}])
+    params = types.SamplingParams(max_tokens=200, temperature=0.7, stop=renderer_eval.get_stop_sequences())
 
-    base_result = await base_sampler.sample_async(
-        prompt=prompt_tokens, sampling_params=params, num_samples=1
-    )
-    rlhf_result = await rlhf_sampler.sample_async(
-        prompt=prompt_tokens, sampling_params=params, num_samples=1
-    )
+    base_result = await base_sampler.sample_async(prompt=prompt_tokens, sampling_params=params, num_samples=1)
+    rlhf_result = await rlhf_sampler.sample_async(prompt=prompt_tokens, sampling_params=params, num_samples=1)
 
     print("=== Base Model ===")
     print(test_prompt + tokenizer_eval.decode(base_result.sequences[0].tokens))

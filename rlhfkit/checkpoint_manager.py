@@ -42,9 +42,14 @@ class CheckpointManager:
         """The checkpoint to resume from (the last one with a training state), or None."""
         return checkpoint_utils.get_last_checkpoint(self.log_path)
 
-    def training_client(self, service: Any, model_name: str, lora_rank: int,
-                        load_checkpoint_path: str | None = None,
-                        seed: int | None = None) -> tuple[Any, CheckpointRecord | None]:
+    def training_client(
+        self,
+        service: Any,
+        model_name: str,
+        lora_rank: int,
+        load_checkpoint_path: str | None = None,
+        seed: int | None = None,
+    ) -> tuple[Any, CheckpointRecord | None]:
         """(training client, the checkpoint resumed from or None): resumed with its optimizer state if the
         run has a checkpoint; else the weights of `load_checkpoint_path` with a fresh optimizer; else a new
         LoRA adapter on `model_name`."""
@@ -65,8 +70,9 @@ class CheckpointManager:
         due |= self.save_every_seconds > 0 and time.monotonic() - self._last_save_time >= self.save_every_seconds
         return due
 
-    def save(self, training_client: Any, name: str, loop_state: dict[str, Any],
-             elapsed_tokens: int | None = None) -> dict[str, str]:
+    def save(
+        self, training_client: Any, name: str, loop_state: dict[str, Any], elapsed_tokens: int | None = None
+    ) -> dict[str, str]:
         """Save state and sampler weights as checkpoint `name` with the loop's state (e.g. {"batch": 5})."""
         if elapsed_tokens is not None:
             loop_state = {**loop_state, "elapsed_tokens": elapsed_tokens}

@@ -101,14 +101,25 @@ def get_last_checkpoint(log_dir: str | os.PathLike, required_key: str = "state_p
         if problem is None:
             logger.info("last checkpoint in %s: %s", log_dir, record.to_dict())
             return record
-        logger.warning("%s: not using checkpoint %r: %s; falling back to the one before it",
-                       Path(log_dir) / CHECKPOINTS_FILE, record.name, problem)
+        logger.warning(
+            "%s: not using checkpoint %r: %s; falling back to the one before it",
+            Path(log_dir) / CHECKPOINTS_FILE,
+            record.name,
+            problem,
+        )
     logger.info("no usable checkpoints with %s in %s", required_key, log_dir)
     return None
 
 
-def save_checkpoint(training_client: Any, name: str, log_path: str | os.PathLike, loop_state: dict[str, Any],
-                    kind: CheckpointKind = "both", ttl_seconds: int | None = None, store: Any = None) -> dict[str, str]:
+def save_checkpoint(
+    training_client: Any,
+    name: str,
+    log_path: str | os.PathLike,
+    loop_state: dict[str, Any],
+    kind: CheckpointKind = "both",
+    ttl_seconds: int | None = None,
+    store: Any = None,
+) -> dict[str, str]:
     """Save `training_client` to `log_path/checkpoints/<name>/{state,sampler}` and append the record
     {name, **loop_state, state_path?, sampler_path?}. Returns the paths. (`ttl_seconds` and `store` are
     accepted for API compatibility; local checkpoints never expire.)"""
@@ -125,9 +136,11 @@ def save_checkpoint(training_client: Any, name: str, log_path: str | os.PathLike
             paths["sampler_path"] = training_client.save_weights_for_sampler(str(directory / "sampler")).result().path
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         if _is_disk_full(e, log_path):
-            raise DiskFullError(f"no space left on the device of {log_path} while saving checkpoint {name!r}; "
-                                f"the checkpoints listed in {log_path / CHECKPOINTS_FILE} are intact: free some "
-                                f"space and run the same command again to resume") from None
+            raise DiskFullError(
+                f"no space left on the device of {log_path} while saving checkpoint {name!r}; "
+                f"the checkpoints listed in {log_path / CHECKPOINTS_FILE} are intact: free some "
+                f"space and run the same command again to resume"
+            ) from None
         raise
     fault_point("checkpoint_record")
     _record(log_path, name, loop_state, paths)

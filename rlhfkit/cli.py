@@ -23,12 +23,16 @@ import sys
 def sample_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlhfkit sample", description="Sample replies from a model or checkpoint.")
     parser.add_argument("prompt", nargs="?", default=None)
-    parser.add_argument("--prompts-file", default=None,
-                        help="a file of prompts: one per line, or JSONL rows with a \"prompt\" field")
-    parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="a base model (embedded name, folder, .gguf, Hub id), a checkpoint directory "
-                             "(sampler or state), a PEFT adapter folder, or a stage log directory (its last "
-                             "checkpoint is used)")
+    parser.add_argument(
+        "--prompts-file", default=None, help='a file of prompts: one per line, or JSONL rows with a "prompt" field'
+    )
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="a base model (embedded name, folder, .gguf, Hub id), a checkpoint directory "
+        "(sampler or state), a PEFT adapter folder, or a stage log directory (its last "
+        "checkpoint is used)",
+    )
     parser.add_argument("--base-model", default=None, help="override the checkpoint's base model")
     parser.add_argument("--renderer", default=None, help="renderer name (default: the model's recommended one)")
     parser.add_argument("--max-tokens", type=int, default=200)
@@ -42,9 +46,16 @@ def sample_main(argv: list[str]) -> int:
     from rlhfkit.sampling_cli import read_prompts, sample_replies
 
     prompts = [args.prompt] if args.prompts_file is None else read_prompts(args.prompts_file)
-    replies = sample_replies(args.model, prompts, base_model=args.base_model, renderer_name=args.renderer,
-                             max_tokens=args.max_tokens, temperature=args.temperature,
-                             num_samples=args.num_samples, seed=args.seed)
+    replies = sample_replies(
+        args.model,
+        prompts,
+        base_model=args.base_model,
+        renderer_name=args.renderer,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        num_samples=args.num_samples,
+        seed=args.seed,
+    )
     for prompt, samples in zip(prompts, replies):
         if len(prompts) > 1:
             print(f"=== prompt: {prompt}")
@@ -56,8 +67,10 @@ def sample_main(argv: list[str]) -> int:
 
 
 def report_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rlhfkit report", description="Write report.{html,md} of a finished run "
-                                     "from its folder alone (no model is loaded).")
+    parser = argparse.ArgumentParser(
+        prog="rlhfkit report",
+        description="Write report.{html,md} of a finished run from its folder alone (no model is loaded).",
+    )
     parser.add_argument("run_folder", help="a pipeline's log_root (holding pipeline_config.json)")
     args = parser.parse_args(argv)
     from pathlib import Path
@@ -117,8 +130,14 @@ def run_command(argv: list[str]) -> int:
         from rlhfkit.recipes.preference.rlhf.pipeline_config import parse_command
 
         if command != "pipeline":
-            rest = [f"run_sft={command == 'sft'}", f"run_rm={command == 'rm'}", f"run_rl={command == 'rl'}",
-                    f"run_dpo={command == 'dpo'}", *(["method=dpo"] if command == "dpo" else []), *rest]
+            rest = [
+                f"run_sft={command == 'sft'}",
+                f"run_rm={command == 'rm'}",
+                f"run_rl={command == 'rl'}",
+                f"run_dpo={command == 'dpo'}",
+                *(["method=dpo"] if command == "dpo" else []),
+                *rest,
+            ]
         cfg = parse_command(rest, command)  # settings checked before anything heavy is imported
         if isinstance(cfg, int):
             return cfg

@@ -30,8 +30,14 @@ _warned: set[tuple[str, str]] = set()
 def compat_setting(name: str, default: Any) -> Any:
     """A dataclass field for an ignored parameter (its help text says why it is ignored)."""
     _, reason = IGNORED[name]
-    return dataclasses.field(default=default, metadata={"help": f"accepted for compatibility; ignored: {reason}",
-                                                        "group": "compatibility (ignored)", "check": None})
+    return dataclasses.field(
+        default=default,
+        metadata={
+            "help": f"accepted for compatibility; ignored: {reason}",
+            "group": "compatibility (ignored)",
+            "check": None,
+        },
+    )
 
 
 def warn_ignored(owner: str, **values: Any) -> None:
@@ -45,5 +51,7 @@ def warn_ignored(owner: str, **values: Any) -> None:
 
 def warn_ignored_fields(config: Any) -> None:
     """`warn_ignored` for the fields of a dataclass that are compatibility-only parameters."""
-    warn_ignored(type(config).__qualname__, **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-                                               if f.name in IGNORED})
+    warn_ignored(
+        type(config).__qualname__,
+        **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in IGNORED},
+    )

@@ -29,22 +29,26 @@ class TokensWithLogprobs:
 
 class TokenCompleter(ABC):
     @abstractmethod
-    async def __call__(self, model_input: ModelInput, stop: StopCondition) -> TokensWithLogprobs:
-        ...
+    async def __call__(self, model_input: ModelInput, stop: StopCondition) -> TokensWithLogprobs: ...
 
 
 class MessageCompleter(ABC):
     @abstractmethod
-    async def __call__(self, messages: list[Message]) -> Message:
-        ...
+    async def __call__(self, messages: list[Message]) -> Message: ...
 
 
 class TinkerTokenCompleter(TokenCompleter):
     """Samples one continuation. Concurrent calls are batched into one generation batch by the engine.
     With a `seed`, call k uses seed + k, so an episode's samples are reproducible."""
 
-    def __init__(self, sampling_client: Any, max_tokens: int, temperature: float = 1.0,
-                 context_window: int | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        sampling_client: Any,
+        max_tokens: int,
+        temperature: float = 1.0,
+        context_window: int | None = None,
+        seed: int | None = None,
+    ):
         self.sampling_client = sampling_client
         self.max_tokens = max_tokens
         self.temperature = temperature
@@ -57,13 +61,13 @@ class TinkerTokenCompleter(TokenCompleter):
         if self.context_window is not None:
             max_tokens = min(max_tokens, self.context_window - model_input.length)
             if max_tokens <= 0:
-                raise ValueError(f"the prompt ({model_input.length} tokens) fills the context window "
-                                 f"({self.context_window} tokens)")
+                raise ValueError(
+                    f"the prompt ({model_input.length} tokens) fills the context window ({self.context_window} tokens)"
+                )
         seed = None if self.seed is None else self.seed + self._num_calls
         self._num_calls += 1
         params = SamplingParams(max_tokens=max_tokens, temperature=self.temperature, stop=stop, seed=seed)
-        response = await self.sampling_client.sample_async(prompt=model_input, num_samples=1,
-                                                           sampling_params=params)
+        response = await self.sampling_client.sample_async(prompt=model_input, num_samples=1, sampling_params=params)
         sequence = response.sequences[0]
         return TokensWithLogprobs(list(sequence.tokens), sequence.logprobs, sequence.stop_reason)
 
@@ -72,8 +76,15 @@ class TinkerMessageCompleter(MessageCompleter):
     """Samples the assistant's next message and parses it with the renderer (content kept whatever the
     termination). With a `seed`, call k uses seed + k (concurrent calls are numbered in the order they start)."""
 
-    def __init__(self, sampling_client: Any, renderer: Renderer, max_tokens: int,
-                 stop_condition: StopCondition | None = None, temperature: float = 1.0, seed: int | None = None):
+    def __init__(
+        self,
+        sampling_client: Any,
+        renderer: Renderer,
+        max_tokens: int,
+        stop_condition: StopCondition | None = None,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ):
         self.sampling_client = sampling_client
         self.renderer = renderer
         self.max_tokens = max_tokens
@@ -86,8 +97,9 @@ class TinkerMessageCompleter(MessageCompleter):
         prompt = self.renderer.build_generation_prompt(messages)
         seed = None if self.seed is None else self.seed + self._num_calls
         self._num_calls += 1
-        params = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, stop=self.stop_condition,
-                                seed=seed)
+        params = SamplingParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, stop=self.stop_condition, seed=seed
+        )
         response = await self.sampling_client.sample_async(prompt=prompt, num_samples=1, sampling_params=params)
         message, _termination = self.renderer.parse_response(response.sequences[0].tokens)
         return {"role": "assistant", "content": get_text_content(message)}

@@ -30,8 +30,15 @@ from rlhfkit.errors import UserError
 Check = Callable[[Any], "str | None"]  # returns what is accepted when the value is bad, None when it is fine
 
 # Environment variables that change the engine's or the data's behaviour (recorded beside each run's config).
-ENVIRONMENT_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                         "HF_DATASETS_OFFLINE", "PYTHONHASHSEED", "VLLM_CPU_KVCACHE_SPACE")
+ENVIRONMENT_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "PYTHONHASHSEED",
+    "VLLM_CPU_KVCACHE_SPACE",
+)
 
 
 class ConfigError(UserError, ValueError):
@@ -42,13 +49,20 @@ class ConfigError(UserError, ValueError):
         super().__init__(f"{key}={value!r}: {accepted}")
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "shared",
-            check: Check | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    group: str = "shared",
+    check: Check | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """A dataclass field with a one-line help text, a help group and an optional value check."""
     if not help:
         raise TypeError("every setting needs a help text")
-    return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"help": help, "group": group, "check": check})
+    return dataclasses.field(
+        default=default, default_factory=default_factory, metadata={"help": help, "group": group, "check": check}
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,8 +230,9 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def format_help(cls: type, groups: Iterable[str] = (), overrides: dict[str, Any] | None = None,
-                override_label: str = "preset") -> str:
+def format_help(
+    cls: type, groups: Iterable[str] = (), overrides: dict[str, Any] | None = None, override_label: str = "preset"
+) -> str:
     """Every field of `cls`, grouped (in the order of `groups`, then any others), with type, default, the
     value of `overrides` where it differs, and the help text."""
     hints = field_types(cls)

@@ -85,8 +85,10 @@ def parse_source(item: str, aliases: Mapping[str, Path] | None = None) -> DataSo
     if _HUB_NAME.match(location):
         return DataSource("hub", location, split)
     known = f"; or one of {', '.join(aliases)}" if aliases else ""
-    raise ValueError(f"{item!r} is neither a data file ({', '.join(SUPPORTED_SUFFIXES)}) nor a Hugging Face Hub "
-                     f"dataset name (owner/name[:split]){known}")
+    raise ValueError(
+        f"{item!r} is neither a data file ({', '.join(SUPPORTED_SUFFIXES)}) nor a Hugging Face Hub "
+        f"dataset name (owner/name[:split]){known}"
+    )
 
 
 def _file_source(path: str) -> DataSource:
@@ -105,7 +107,7 @@ def parse_sources(spec: str, aliases: Mapping[str, Path] | None = None) -> list[
 
 
 def parse_columns(text: str | None, allowed: Iterable[str]) -> dict[str, str]:
-    """"prompt=question,chosen=good" -> {"prompt": "question", "chosen": "good"}: the names a format
+    """ "prompt=question,chosen=good" -> {"prompt": "question", "chosen": "good"}: the names a format
     expects (which must be in `allowed`) -> the source's column names."""
     if not text:
         return {}
@@ -129,7 +131,7 @@ def read_tables(sources: Iterable[DataSource], columns: Mapping[str, str] | None
     error naming the table and its columns)."""
     tables = []
     for source in sources:
-        for table in ([_file_table(Path(source.location))] if source.kind == "file" else _hub_tables(source)):
+        for table in [_file_table(Path(source.location))] if source.kind == "file" else _hub_tables(source):
             tables.append(_renamed(table, columns) if columns else table)
     return tables
 
@@ -138,8 +140,10 @@ def _renamed(table: SourceTable, columns: Mapping[str, str]) -> SourceTable:
     present = {key for _, row in table.rows if isinstance(row, dict) for key in row}
     missing = sorted(set(columns.values()) - present)
     if missing and table.rows:
-        raise DataFormatError(f"{table.name}: no column {', '.join(map(repr, missing))} for the column mapping "
-                              f"{dict(columns)} (columns: {', '.join(sorted(present))})")
+        raise DataFormatError(
+            f"{table.name}: no column {', '.join(map(repr, missing))} for the column mapping "
+            f"{dict(columns)} (columns: {', '.join(sorted(present))})"
+        )
     sources = set(columns.values()) | set(columns)
 
     def rename(row: Any) -> Any:
@@ -171,8 +175,7 @@ def _json_table(path: Path) -> SourceTable:
     if isinstance(data, dict):
         return SourceTable(str(path), [("line 1", data)])
     if not isinstance(data, list):
-        raise DataFormatError(f"{path}, line 1: expected a JSON list of rows or JSON lines, got "
-                              f"{type(data).__name__}")
+        raise DataFormatError(f"{path}, line 1: expected a JSON list of rows or JSON lines, got {type(data).__name__}")
     return SourceTable(str(path), [(f"row {i}", row) for i, row in enumerate(data, start=1)])
 
 
@@ -203,18 +206,22 @@ def _datasets_file_table(path: Path, builder: str) -> SourceTable:
             raise DataFormatError(f"{path}: the .gz file is truncated or corrupt ({e})") from None
     with _quiet_datasets() as datasets:
         try:
-            dataset = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train",
-                                            cache_dir=str(cache_dir() / "datasets"))
+            dataset = datasets.load_dataset(
+                builder, data_files=str(path.resolve()), split="train", cache_dir=str(cache_dir() / "datasets")
+            )
         except Exception as e:
             cause = e.__cause__ or e.__context__ or e
-            raise DataFormatError(f"{path}: cannot be read as {builder.upper()} ({type(cause).__name__}: "
-                                  f"{str(cause).strip()})") from None
+            raise DataFormatError(
+                f"{path}: cannot be read as {builder.upper()} ({type(cause).__name__}: {str(cause).strip()})"
+            ) from None
     return SourceTable(str(path), [(f"row {i}", row) for i, row in enumerate(dataset, start=1)])
 
 
 def hub_is_offline() -> bool:
-    return any(os.environ.get(var, "").lower() in ("1", "true", "yes", "on")
-               for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(var, "").lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _hub_tables(source: DataSource) -> list[SourceTable]:
@@ -222,17 +229,21 @@ def _hub_tables(source: DataSource) -> list[SourceTable]:
     try:
         import datasets
     except ImportError:
-        raise DatasetUnavailableError(f"{source}: loading a Hub dataset needs the `datasets` package "
-                                      f"(pip install datasets); or {hint}") from None
+        raise DatasetUnavailableError(
+            f"{source}: loading a Hub dataset needs the `datasets` package (pip install datasets); or {hint}"
+        ) from None
     if hub_is_offline():
-        raise DatasetUnavailableError(f"{source}: a Hugging Face Hub dataset, but the Hub is switched off here "
-                                      f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); {hint}")
+        raise DatasetUnavailableError(
+            f"{source}: a Hugging Face Hub dataset, but the Hub is switched off here "
+            f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); {hint}"
+        )
     with _quiet_datasets() as datasets:
         try:
             loaded = datasets.load_dataset(source.location, split=source.split)
         except Exception as e:
-            raise DatasetUnavailableError(f"{source}: cannot be loaded from the Hugging Face Hub ({e}); "
-                                          f"{hint}") from e
+            raise DatasetUnavailableError(f"{source}: cannot be loaded from the Hugging Face Hub ({e}); {hint}") from e
     splits = {source.split: loaded} if source.split is not None else dict(loaded)
-    return [SourceTable(f"{source.location}:{split}", [(f"row {i}", row) for i, row in enumerate(ds, start=1)])
-            for split, ds in splits.items()]
+    return [
+        SourceTable(f"{source.location}:{split}", [(f"row {i}", row) for i, row in enumerate(ds, start=1)])
+        for split, ds in splits.items()
+    ]

@@ -38,8 +38,11 @@ def load_model(model: str, renderer_name: str | None) -> tuple[Any, str, str]:
 
     checkpoint, base, recorded = resolve_model(model)
     service = ServiceClient()
-    sampler = (service.create_sampling_client(model_path=checkpoint, base_model=base) if checkpoint
-               else service.create_sampling_client(base_model=base))
+    sampler = (
+        service.create_sampling_client(model_path=checkpoint, base_model=base)
+        if checkpoint
+        else service.create_sampling_client(base_model=base)
+    )
     return sampler, base, renderer_name or recorded or model_info.get_recommended_renderer_name(base)
 
 
@@ -59,9 +62,12 @@ def write_outputs(out: str | None, name: str, title: str, summary: str, result: 
         return
     folder = Path(out)
     write_json_atomic(folder / f"{name}.json", result)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{_pre(summary)}"
-            + "".join(items_html) + "</body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{_pre(summary)}"
+        + "".join(items_html)
+        + "</body></html>"
+    )
     write_text_atomic(folder / f"{name}.html", page)
     print(f"written: {folder / f'{name}.json'}  and  {folder / f'{name}.html'}")
 
@@ -81,19 +87,33 @@ async def eval_pm(args: argparse.Namespace) -> dict:
     pm = PreferenceModelFromChatRenderer(get_renderer(renderer_name, sampler.get_tokenizer()), sampler)
     original, flipped = await judge_both_orders(pm, comparisons)
     summary = summarize_judgements(comparisons, original, flipped)
-    rows = [{"label": c.label, "verdict_original": a.verdict, "verdict_swapped": b.verdict,
-             "p_b_original": a.p_b, "p_b_swapped": b.p_b} for c, a, b in zip(comparisons, original, flipped)]
+    rows = [
+        {
+            "label": c.label,
+            "verdict_original": a.verdict,
+            "verdict_swapped": b.verdict,
+            "p_b_original": a.p_b,
+            "p_b_swapped": b.p_b,
+        }
+        for c, a, b in zip(comparisons, original, flipped)
+    ]
     items = []
     for k, (c, row) in enumerate(zip(comparisons, rows)):
-        right = [row["verdict_original"] == {"A": -1.0, "B": 1.0}.get(c.label, 0.0),
-                 row["verdict_swapped"] == {"A": 1.0, "B": -1.0}.get(c.label, 0.0)]
-        marks = " ".join(f"<span class='{'good' if ok else 'bad'}'>{order}: {'right' if ok else 'wrong'}</span>"
-                         for order, ok in zip(("as given", "swapped"), right))
-        items.append(f"<div class='item'><h3>Comparison {k} (label {c.label}) — {marks}</h3>"
-                     f"<b>Prompt</b>{_pre(_conversation(c.comparison.prompt_conversation))}"
-                     f"<b>A</b>{_pre(_conversation(c.comparison.completion_A))}"
-                     f"<b>B</b>{_pre(_conversation(c.comparison.completion_B))}"
-                     f"<p>P(B) as given {row['p_b_original']:.3f}, swapped {row['p_b_swapped']:.3f}</p></div>")
+        right = [
+            row["verdict_original"] == {"A": -1.0, "B": 1.0}.get(c.label, 0.0),
+            row["verdict_swapped"] == {"A": 1.0, "B": -1.0}.get(c.label, 0.0),
+        ]
+        marks = " ".join(
+            f"<span class='{'good' if ok else 'bad'}'>{order}: {'right' if ok else 'wrong'}</span>"
+            for order, ok in zip(("as given", "swapped"), right)
+        )
+        items.append(
+            f"<div class='item'><h3>Comparison {k} (label {c.label}) — {marks}</h3>"
+            f"<b>Prompt</b>{_pre(_conversation(c.comparison.prompt_conversation))}"
+            f"<b>A</b>{_pre(_conversation(c.comparison.completion_A))}"
+            f"<b>B</b>{_pre(_conversation(c.comparison.completion_B))}"
+            f"<p>P(B) as given {row['p_b_original']:.3f}, swapped {row['p_b_swapped']:.3f}</p></div>"
+        )
     result = {"model": args.model, "data": args.data, "metrics": summary.metrics(), "comparisons": rows}
     write_outputs(args.out, "pm_eval", f"Preference model {args.model}", format_pm_eval(summary), result, items)
     return result
@@ -127,46 +147,81 @@ async def eval_winrate(args: argparse.Namespace) -> dict:
     judge_checkpoint, judge_base, judge_renderer = resolve_model(args.judge)
     if judge_checkpoint is None:
         raise SystemExit(f"--judge {args.judge}: expected a preference-model checkpoint, log directory or adapter")
-    judge = PreferenceModelBuilderFromChatRenderer(renderer_name=args.judge_renderer or judge_renderer or renderer_name,
-                                                   model_name=judge_base, rm_weights_path=judge_checkpoint,
-                                                   reward_mode=args.reward_mode)
+    judge = PreferenceModelBuilderFromChatRenderer(
+        renderer_name=args.judge_renderer or judge_renderer or renderer_name,
+        model_name=judge_base,
+        rm_weights_path=judge_checkpoint,
+        reward_mode=args.reward_mode,
+    )
     if args.opponent == "reference":
         labeled = read_eval_comparisons(args.prompts, "rl", args.n, args.max_chars)
         comparisons = [(c.swap() if c.label == "B" else c).comparison for c in labeled]  # A = the preferred reply
     else:
         opponent, _, _ = load_model(args.opponent, renderer_name)
         prompts = _prompt_conversations(args.prompts, args.n, args.max_chars)
-        completer = TinkerMessageCompleter(opponent, get_renderer(renderer_name, opponent.get_tokenizer()),
-                                           args.max_tokens, temperature=1.0, seed=args.seed + len(prompts))
+        completer = TinkerMessageCompleter(
+            opponent,
+            get_renderer(renderer_name, opponent.get_tokenizer()),
+            args.max_tokens,
+            temperature=1.0,
+            seed=args.seed + len(prompts),
+        )
         replies = await asyncio.gather(*(completer(p) for p in prompts))
         comparisons = [Comparison(p, [r], []) for p, r in zip(prompts, replies)]
-    evaluator = ComparisonEvaluator(judge, comparisons, renderer_name, policy_base, max_tokens=args.max_tokens,
-                                    seed=args.seed)
+    evaluator = ComparisonEvaluator(
+        judge, comparisons, renderer_name, policy_base, max_tokens=args.max_tokens, seed=args.seed
+    )
     matchups = await evaluator.matchups(policy)
     metrics = matchups.metrics()
-    rows = [{"prompt": c.prompt_conversation, "opponent": c.completion_A, "policy": r, "verdict_policy_as_b": v0,
-             "verdict_policy_as_a": v1, "score": float(s)}
-            for c, r, v0, v1, s in zip(matchups.comparisons, matchups.replies, matchups.verdicts_policy_as_b,
-                                       matchups.verdicts_policy_as_a, matchups.scores)]
-    items = [f"<div class='item'><h3>Prompt {k}: score {row['score']:.2f} "
-             f"<span class='{'good' if row['score'] > 0.5 else 'bad' if row['score'] < 0.5 else ''}'>"
-             f"({'policy wins' if row['score'] > 0.5 else 'opponent wins' if row['score'] < 0.5 else 'tie'})</span>"
-             f"</h3>{_pre(_conversation(row['prompt']))}<b>Policy</b>{_pre(row['policy']['content'])}"
-             f"<b>Opponent ({html.escape(args.opponent)})</b>{_pre(_conversation(row['opponent']))}"
-             f"<p>verdict with the policy as B {row['verdict_policy_as_b']:+.0f}, as A "
-             f"{row['verdict_policy_as_a']:+.0f} (-1 = A preferred, +1 = B preferred)</p></div>"
-             for k, row in enumerate(rows)]
-    summary = (f"win rate of {args.policy} against {args.opponent} on {len(rows)} prompts, judged by {args.judge}:\n"
-               f"  {100 * metrics['win_rate']:.1f}% ± {100 * metrics['stderr']:.1f}% (stderr)")
-    result = {"policy": args.policy, "opponent": args.opponent, "judge": args.judge, "prompts": args.prompts,
-              "seed": args.seed, "max_tokens": args.max_tokens, "metrics": metrics, "matchups": rows}
+    rows = [
+        {
+            "prompt": c.prompt_conversation,
+            "opponent": c.completion_A,
+            "policy": r,
+            "verdict_policy_as_b": v0,
+            "verdict_policy_as_a": v1,
+            "score": float(s),
+        }
+        for c, r, v0, v1, s in zip(
+            matchups.comparisons,
+            matchups.replies,
+            matchups.verdicts_policy_as_b,
+            matchups.verdicts_policy_as_a,
+            matchups.scores,
+        )
+    ]
+    items = [
+        f"<div class='item'><h3>Prompt {k}: score {row['score']:.2f} "
+        f"<span class='{'good' if row['score'] > 0.5 else 'bad' if row['score'] < 0.5 else ''}'>"
+        f"({'policy wins' if row['score'] > 0.5 else 'opponent wins' if row['score'] < 0.5 else 'tie'})</span>"
+        f"</h3>{_pre(_conversation(row['prompt']))}<b>Policy</b>{_pre(row['policy']['content'])}"
+        f"<b>Opponent ({html.escape(args.opponent)})</b>{_pre(_conversation(row['opponent']))}"
+        f"<p>verdict with the policy as B {row['verdict_policy_as_b']:+.0f}, as A "
+        f"{row['verdict_policy_as_a']:+.0f} (-1 = A preferred, +1 = B preferred)</p></div>"
+        for k, row in enumerate(rows)
+    ]
+    summary = (
+        f"win rate of {args.policy} against {args.opponent} on {len(rows)} prompts, judged by {args.judge}:\n"
+        f"  {100 * metrics['win_rate']:.1f}% ± {100 * metrics['stderr']:.1f}% (stderr)"
+    )
+    result = {
+        "policy": args.policy,
+        "opponent": args.opponent,
+        "judge": args.judge,
+        "prompts": args.prompts,
+        "seed": args.seed,
+        "max_tokens": args.max_tokens,
+        "metrics": metrics,
+        "matchups": rows,
+    }
     write_outputs(args.out, "winrate", f"Win rate of {args.policy} vs {args.opponent}", summary, result, items)
     return result
 
 
 def eval_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rlhfkit eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="rlhfkit eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     pm = commands.add_parser("pm", help="a preference model's accuracy on comparison data")
     pm.add_argument("--model", required=True, help="the preference model (checkpoint, log dir, PEFT folder)")
@@ -175,14 +230,17 @@ def eval_main(argv: list[str]) -> int:
     win = commands.add_parser("winrate", help="a policy's win rate judged by a preference model")
     win.add_argument("--judge", required=True, help="the preference model (checkpoint, log dir, PEFT folder)")
     win.add_argument("--policy", required=True, help="the policy (checkpoint, log dir, PEFT folder, base model)")
-    win.add_argument("--opponent", default="reference",
-                     help="'reference' (the data's preferred replies) or another model")
+    win.add_argument(
+        "--opponent", default="reference", help="'reference' (the data's preferred replies) or another model"
+    )
     win.add_argument("--prompts", default=None, help="comparison data (as --data of `pm`) or a prompts file")
     win.add_argument("--n", type=int, default=256, help="prompts (the pipeline's win_rate_prompts)")
     win.add_argument("--max-tokens", type=int, default=1024, help="reply length (the pipeline's rl_max_tokens)")
     win.add_argument("--seed", type=int, default=0, help="prompt k's reply is sampled with seed + k (the run's seed)")
     win.add_argument("--reward-mode", default="verdict", choices=["verdict", "probability", "symmetric"])
-    win.add_argument("--judge-renderer", default=None, help="the judge's renderer (default: the one it was trained with)")
+    win.add_argument(
+        "--judge-renderer", default=None, help="the judge's renderer (default: the one it was trained with)"
+    )
     for sub in (pm, win):
         sub.add_argument("--max-chars", type=int, default=None, help="HH-RLHF: the run's hh_max_chars")
         sub.add_argument("--renderer", default=None, help="renderer (default: the one recorded, else recommended)")

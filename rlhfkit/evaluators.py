@@ -10,16 +10,14 @@ class TrainingClientEvaluator(ABC):
     """Evaluated on the live training client (e.g. NLL of a test set with a forward pass)."""
 
     @abstractmethod
-    async def __call__(self, training_client: Any) -> dict[str, float]:
-        ...
+    async def __call__(self, training_client: Any) -> dict[str, float]: ...
 
 
 class SamplingClientEvaluator(ABC):
     """Evaluated on a sampling client holding the current weights (e.g. a win rate of sampled replies)."""
 
     @abstractmethod
-    async def __call__(self, sampling_client: Any) -> dict[str, float]:
-        ...
+    async def __call__(self, sampling_client: Any) -> dict[str, float]: ...
 
 
 Evaluator = TrainingClientEvaluator | SamplingClientEvaluator

@@ -10,16 +10,28 @@ def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="rlhfkit export",
         description="Write a checkpoint as a PEFT adapter folder (peft / vLLM LoRA) or, with --merge, as a merged "
-                    "Hugging Face model folder (transformers / vLLM).")
-    parser.add_argument("checkpoint", help="an rlhfkit checkpoint directory (sampler or state), a stage log "
-                                           "directory (its last checkpoint), or a PEFT adapter folder")
+        "Hugging Face model folder (transformers / vLLM).",
+    )
+    parser.add_argument(
+        "checkpoint",
+        help="an rlhfkit checkpoint directory (sampler or state), a stage log "
+        "directory (its last checkpoint), or a PEFT adapter folder",
+    )
     parser.add_argument("out", help="the folder to write (must not exist or be empty)")
-    parser.add_argument("--merge", action="store_true",
-                        help="merge the adapter into the base weights and write a full model folder")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="weights' dtype in the merged folder (default float32)")
-    parser.add_argument("--base-model", default=None,
-                        help="adapter export: the base model name to record (default: the one the run was given)")
+    parser.add_argument(
+        "--merge", action="store_true", help="merge the adapter into the base weights and write a full model folder"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights' dtype in the merged folder (default float32)",
+    )
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        help="adapter export: the base model name to record (default: the one the run was given)",
+    )
     args = parser.parse_args(argv)
 
     from rlhfkit.engine.export import export_adapter, export_merged

@@ -35,21 +35,39 @@ _CHAT = ["chat_template", "role_colon"]
 
 RECOMMENDED_RENDERERS: dict[str, dict[str, list[str]]] = {
     "Qwen": {
-        "Qwen3.5-9B-Base": _BASE, "Qwen3.5-35B-A3B-Base": _BASE, "Qwen3-8B-Base": _BASE,
-        "Qwen3-30B-A3B-Base": _BASE, "Qwen2.5-0.5B": _BASE, "Qwen2.5-1.5B": _BASE,
-        "Qwen3.5-9B": _CHAT, "Qwen3-8B": _CHAT, "Qwen3-32B": _CHAT, "Qwen3-30B-A3B": _CHAT,
-        "Qwen3-4B-Instruct-2507": _CHAT, "Qwen3-30B-A3B-Instruct-2507": _CHAT,
-        "Qwen2.5-0.5B-Instruct": _CHAT, "Qwen2.5-1.5B-Instruct": _CHAT,
+        "Qwen3.5-9B-Base": _BASE,
+        "Qwen3.5-35B-A3B-Base": _BASE,
+        "Qwen3-8B-Base": _BASE,
+        "Qwen3-30B-A3B-Base": _BASE,
+        "Qwen2.5-0.5B": _BASE,
+        "Qwen2.5-1.5B": _BASE,
+        "Qwen3.5-9B": _CHAT,
+        "Qwen3-8B": _CHAT,
+        "Qwen3-32B": _CHAT,
+        "Qwen3-30B-A3B": _CHAT,
+        "Qwen3-4B-Instruct-2507": _CHAT,
+        "Qwen3-30B-A3B-Instruct-2507": _CHAT,
+        "Qwen2.5-0.5B-Instruct": _CHAT,
+        "Qwen2.5-1.5B-Instruct": _CHAT,
     },
     "meta-llama": {
-        "Llama-3.1-8B": _BASE, "Llama-3.1-70B": _BASE, "Llama-3.2-1B": _BASE, "Llama-3.2-3B": _BASE,
-        "Llama-3.1-8B-Instruct": _CHAT, "Llama-3.3-70B-Instruct": _CHAT, "Llama-3.2-1B-Instruct": _CHAT,
+        "Llama-3.1-8B": _BASE,
+        "Llama-3.1-70B": _BASE,
+        "Llama-3.2-1B": _BASE,
+        "Llama-3.2-3B": _BASE,
+        "Llama-3.1-8B-Instruct": _CHAT,
+        "Llama-3.3-70B-Instruct": _CHAT,
+        "Llama-3.2-1B-Instruct": _CHAT,
         "Llama-3.2-3B-Instruct": _CHAT,
     },
     "deepseek-ai": {"DeepSeek-V3.1-Base": _BASE, "DeepSeek-V3.1": _CHAT},
     "HuggingFaceTB": {
-        "SmolLM2-135M": _BASE, "SmolLM2-360M": _BASE, "SmolLM2-1.7B": _BASE,
-        "SmolLM2-135M-Instruct": _CHAT, "SmolLM2-360M-Instruct": _CHAT, "SmolLM2-1.7B-Instruct": _CHAT,
+        "SmolLM2-135M": _BASE,
+        "SmolLM2-360M": _BASE,
+        "SmolLM2-1.7B": _BASE,
+        "SmolLM2-135M-Instruct": _CHAT,
+        "SmolLM2-360M-Instruct": _CHAT,
+        "SmolLM2-1.7B-Instruct": _CHAT,
     },
     "openai": {"gpt-oss-20b": _CHAT, "gpt-oss-120b": _CHAT},
 }
@@ -64,8 +82,11 @@ def _local_model_renderer(path: str) -> str:
             return "role_colon"
         config_file = folder / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.exists() else {}
-        has_template = bool(config.get("chat_template")) or (folder / "chat_template.jinja").exists() \
+        has_template = (
+            bool(config.get("chat_template"))
+            or (folder / "chat_template.jinja").exists()
             or (folder / "chat_template.json").exists()
+        )
     else:  # a .gguf file: ask its tokenizer
         from rlhfkit.tokenizer_utils import get_tokenizer
 
@@ -80,12 +101,15 @@ def get_recommended_renderer_names(model_name: str) -> list[str]:
         return [_local_model_renderer(model_name)]
     name = model_name.split(":", 1)[0]
     if name.count("/") != 1:
-        raise ConfigurationError(f"model name {model_name!r} is not of the form 'org/name', an existing local "
-                                 f"model folder or .gguf file, or one of {sorted(EMBEDDED_MODELS)}")
+        raise ConfigurationError(
+            f"model name {model_name!r} is not of the form 'org/name', an existing local "
+            f"model folder or .gguf file, or one of {sorted(EMBEDDED_MODELS)}"
+        )
     org, short = name.split("/")
     if org not in RECOMMENDED_RENDERERS:
-        raise ConfigurationError(f"unknown model organisation {org!r} in {model_name!r}; "
-                                 f"known: {sorted(RECOMMENDED_RENDERERS)}")
+        raise ConfigurationError(
+            f"unknown model organisation {org!r} in {model_name!r}; known: {sorted(RECOMMENDED_RENDERERS)}"
+        )
     if short not in RECOMMENDED_RENDERERS[org]:
         raise KeyError(f"unknown model {name!r}; known {org} models: {sorted(RECOMMENDED_RENDERERS[org])}")
     return list(RECOMMENDED_RENDERERS[org][short])
@@ -106,5 +130,6 @@ def warn_if_renderer_not_recommended(model_name: str, renderer_name: str | None)
         logger.warning("cannot check renderer %r for model %r: %s", renderer_name, model_name, e)
         return
     if renderer_name not in recommended:
-        logger.warning("renderer %r is not recommended for model %r (recommended: %s)",
-                       renderer_name, model_name, recommended)
+        logger.warning(
+            "renderer %r is not recommended for model %r (recommended: %s)", renderer_name, model_name, recommended
+        )

@@ -23,14 +23,21 @@ REPLIES_FILE = "report_replies.json"  # written by the pipeline (recipes/prefere
 PANELS = {
     "sft": [["train_mean_nll", "test/nll"], ["learning_rate"]],
     "rm": [["train_mean_nll", "test/nll"], ["learning_rate"]],
-    "rl": [["test/win_rate"], ["env/all/reward/total", "env/all/win_minus_loss"], ["env/all/ac_tokens_per_turn"],
-           ["kl/policy_vs_init", "optim/kl_sample_train_v1"], ["env/all/frac_truncated", "env/all/format"],
-           ["optim/entropy"]],
+    "rl": [
+        ["test/win_rate"],
+        ["env/all/reward/total", "env/all/win_minus_loss"],
+        ["env/all/ac_tokens_per_turn"],
+        ["kl/policy_vs_init", "optim/kl_sample_train_v1"],
+        ["env/all/frac_truncated", "env/all/format"],
+        ["optim/entropy"],
+    ],
 }
 # The tutorial's summary table (Qwen3.5-9B-Base, batch 256): (stage, metric key, tutorial start, tutorial end).
-TUTORIAL_TABLE = [("SFT", "sft", "test/nll", 1.99, 1.92),
-                  ("Preference model", "rm", "test/nll", 7.0, 0.55),
-                  ("RL", "rl", "test/win_rate", 0.45, 0.70)]
+TUTORIAL_TABLE = [
+    ("SFT", "sft", "test/nll", 1.99, 1.92),
+    ("Preference model", "rm", "test/nll", 7.0, 0.55),
+    ("RL", "rl", "test/win_rate", 0.45, 0.70),
+]
 
 
 def first_last(records: list[dict], key: str) -> tuple[Any, Any, int]:
@@ -43,28 +50,37 @@ def first_last(records: list[dict], key: str) -> tuple[Any, Any, int]:
 def final_win_rate(log_root: str | Path) -> str | None:
     """One line: the RLHF policy's last measured win rate (± stderr) against the human-chosen replies, and its first
     one; None before RL measured any."""
-    records = [r for r in read_jsonl(Path(log_root) / "rl" / "metrics.jsonl")
-               if isinstance(r.get("test/win_rate"), (int, float))]
+    records = [
+        r
+        for r in read_jsonl(Path(log_root) / "rl" / "metrics.jsonl")
+        if isinstance(r.get("test/win_rate"), (int, float))
+    ]
     if not records:
         return None
     first, last = records[0], records[-1]
     stderr = f" ± {100 * last['test/stderr']:.1f}%" if isinstance(last.get("test/stderr"), (int, float)) else ""
-    return (f"final win rate vs the human-chosen replies: {100 * last['test/win_rate']:.1f}%{stderr} at RL step "
-            f"{last['step']} (step {first['step']}: {100 * first['test/win_rate']:.1f}%)")
+    return (
+        f"final win rate vs the human-chosen replies: {100 * last['test/win_rate']:.1f}%{stderr} at RL step "
+        f"{last['step']} (step {first['step']}: {100 * first['test/win_rate']:.1f}%)"
+    )
 
 
 def rollout_pages(root: Path) -> list[tuple[str, str]]:
     """(iteration, path relative to root) of each RL rollout page, rl/iteration_NNNNNN/train.html, in order."""
-    return [(str(int(page.parent.name.removeprefix("iteration_"))), page.relative_to(root).as_posix())
-            for page in sorted(root.glob("rl/iteration_*/train.html"))]
+    return [
+        (str(int(page.parent.name.removeprefix("iteration_"))), page.relative_to(root).as_posix())
+        for page in sorted(root.glob("rl/iteration_*/train.html"))
+    ]
 
 
 def sampling_text(replies_file: dict) -> str:
     sampling = replies_file.get("sampling")
     if not sampling:
         return "Sampling settings not recorded."
-    return (f"One reply each, sampled at temperature {sampling['temperature']}, at most {sampling['max_tokens']} "
-            f"tokens, seed {sampling['seed']}.")
+    return (
+        f"One reply each, sampled at temperature {sampling['temperature']}, at most {sampling['max_tokens']} "
+        f"tokens, seed {sampling['seed']}."
+    )
 
 
 def _fmt(value: Any, key: str) -> str:
@@ -78,8 +94,11 @@ def _conversation_text(messages: list[dict]) -> str:
 
 
 REPLY_COLUMNS = [("base", "base"), ("sft", "SFT"), ("rlhf", "RLHF")]  # (key in report_replies.json, label)
-DPO_PANELS = [["dpo_loss", "test/dpo_loss"], ["accuracy", "test/accuracy"],
-              ["margin", "chosen_reward", "rejected_reward"]]
+DPO_PANELS = [
+    ["dpo_loss", "test/dpo_loss"],
+    ["accuracy", "test/accuracy"],
+    ["margin", "chosen_reward", "rejected_reward"],
+]
 POLICY_NAMES = {"sft": "SFT", "dpo": "DPO", "rlhf": "RLHF"}
 
 
@@ -91,40 +110,84 @@ def comparison_section(root: Path, out_dir: Path, times: dict[str, float]) -> tu
         return [], ""
     comparison = json.loads(path.read_text())
     stage_of = {"sft": "sft", "dpo": "dpo", "rlhf": "rl"}
-    rows = [(POLICY_NAMES.get(name, name), f"{100 * r['win_rate']:.1f}% ± {100 * r['stderr']:.1f}%",
-             f"{r['mean_reply_tokens']:.1f}", f"{r['kl_from_sft']:.2f}",
-             f"{times[stage_of[name]] / 60:.1f} min" if stage_of.get(name) in times else "–")
-            for name, r in comparison["policies"].items()]
-    header = ("policy", "win rate vs human-chosen (± stderr)", "mean reply tokens", "KL from SFT (nats/reply)",
-              "stage wall time")
-    intro = (f"Each policy answers the same {comparison['n_prompts']} held-out prompts (temperature "
-             f"{comparison['temperature']}, at most {comparison['max_tokens']} tokens); the run's preference model "
-             f"judges each reply against the human-chosen one in both orders."
-             + (f" RLHF's wall time excludes the preference model's ({times['rm'] / 60:.1f} min)." if "rm" in times
-                else ""))
-    plot = plot_metrics(read_jsonl(root / "dpo" / "metrics.jsonl"), out_dir / "dpo.png", panels=DPO_PANELS,
-                        title="dpo")
+    rows = [
+        (
+            POLICY_NAMES.get(name, name),
+            f"{100 * r['win_rate']:.1f}% ± {100 * r['stderr']:.1f}%",
+            f"{r['mean_reply_tokens']:.1f}",
+            f"{r['kl_from_sft']:.2f}",
+            f"{times[stage_of[name]] / 60:.1f} min" if stage_of.get(name) in times else "–",
+        )
+        for name, r in comparison["policies"].items()
+    ]
+    header = (
+        "policy",
+        "win rate vs human-chosen (± stderr)",
+        "mean reply tokens",
+        "KL from SFT (nats/reply)",
+        "stage wall time",
+    )
+    intro = (
+        f"Each policy answers the same {comparison['n_prompts']} held-out prompts (temperature "
+        f"{comparison['temperature']}, at most {comparison['max_tokens']} tokens); the run's preference model "
+        f"judges each reply against the human-chosen one in both orders."
+        + (f" RLHF's wall time excludes the preference model's ({times['rm'] / 60:.1f} min)." if "rm" in times else "")
+    )
+    plot = plot_metrics(read_jsonl(root / "dpo" / "metrics.jsonl"), out_dir / "dpo.png", panels=DPO_PANELS, title="dpo")
     names = list(comparison["policies"])
-    md = ["## SFT vs DPO vs RLHF", "", intro, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|",
-          *["| " + " | ".join(row) + " |" for row in rows], "", *(["![dpo](report/dpo.png)", ""] if plot else [])]
+    md = [
+        "## SFT vs DPO vs RLHF",
+        "",
+        intro,
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
+        *["| " + " | ".join(row) + " |" for row in rows],
+        "",
+        *(["![dpo](report/dpo.png)", ""] if plot else []),
+    ]
     for item in comparison["replies"]:
-        md += [f"**Prompt:** {_conversation_text(item['prompt'])}", "", f"- **human-chosen:** {item['human_chosen']}",
-               *[f"- **{POLICY_NAMES.get(n, n)}:** {item[n]}" for n in names], ""]
+        md += [
+            f"**Prompt:** {_conversation_text(item['prompt'])}",
+            "",
+            f"- **human-chosen:** {item['human_chosen']}",
+            *[f"- **{POLICY_NAMES.get(n, n)}:** {item[n]}" for n in names],
+            "",
+        ]
     esc = html.escape
-    table = ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
-             + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+    table = (
+        "<table><tr>"
+        + "".join(f"<th>{esc(h)}</th>" for h in header)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+        + "</table>"
+    )
     replies = "".join(
         f"<div class='pair'><div class='prompt'>{esc(_conversation_text(i['prompt']))}</div><div class='cols'>"
-        + "".join(f"<div><h4>{esc(label)}</h4><pre>{esc(text)}</pre></div>" for label, text in
-                  [("human-chosen", i["human_chosen"]), *[(POLICY_NAMES.get(n, n), i[n]) for n in names]])
-        + "</div></div>" for i in comparison["replies"])
-    page = (f"<h2>SFT vs DPO vs RLHF</h2><p>{esc(intro)}</p>{table}"
-            + ("<h3>DPO</h3><img src='report/dpo.png'>" if plot else "") + replies)
+        + "".join(
+            f"<div><h4>{esc(label)}</h4><pre>{esc(text)}</pre></div>"
+            for label, text in [("human-chosen", i["human_chosen"]), *[(POLICY_NAMES.get(n, n), i[n]) for n in names]]
+        )
+        + "</div></div>"
+        for i in comparison["replies"]
+    )
+    page = (
+        f"<h2>SFT vs DPO vs RLHF</h2><p>{esc(intro)}</p>{table}"
+        + ("<h3>DPO</h3><img src='report/dpo.png'>" if plot else "")
+        + replies
+    )
     return md, page
 
 
-JUDGE_HEADER = ("held-out comparisons", "n", "accuracy (both orders, 95% CI)", "order-symmetric accuracy (95% CI)",
-                "verdicts 'A' (50% = no position bias)", "judge picks the longer reply", "people preferred the longer")
+JUDGE_HEADER = (
+    "held-out comparisons",
+    "n",
+    "accuracy (both orders, 95% CI)",
+    "order-symmetric accuracy (95% CI)",
+    "verdicts 'A' (50% = no position bias)",
+    "judge picks the longer reply",
+    "people preferred the longer",
+)
 
 
 def _pct(value: Any) -> str:
@@ -142,22 +205,43 @@ def judge_section(pm: dict, settings: dict) -> tuple[list[str], str]:
         if f"{prefix}/accuracy" not in pm:
             continue
         m = {key.removeprefix(f"{prefix}/"): value for key, value in pm.items() if key.startswith(f"{prefix}/")}
-        rows.append((label, f"{int(m['n'])}",
-                     f"{_pct(m['accuracy'])} [{_pct(m.get('accuracy_ci_low'))}, {_pct(m.get('accuracy_ci_high'))}]",
-                     f"{_pct(m.get('accuracy_symmetric'))} [{_pct(m.get('accuracy_symmetric_ci_low'))}, "
-                     f"{_pct(m.get('accuracy_symmetric_ci_high'))}]",
-                     _pct(m.get("frac_A")), _pct(m.get("frac_longer_picked")), _pct(m.get("frac_longer_preferred"))))
+        rows.append(
+            (
+                label,
+                f"{int(m['n'])}",
+                f"{_pct(m['accuracy'])} [{_pct(m.get('accuracy_ci_low'))}, {_pct(m.get('accuracy_ci_high'))}]",
+                f"{_pct(m.get('accuracy_symmetric'))} [{_pct(m.get('accuracy_symmetric_ci_low'))}, "
+                f"{_pct(m.get('accuracy_symmetric_ci_high'))}]",
+                _pct(m.get("frac_A")),
+                _pct(m.get("frac_longer_picked")),
+                _pct(m.get("frac_longer_preferred")),
+            )
+        )
     if not rows:
         return [], ""
-    note = ("Each comparison is judged in both A/B orders. Order-symmetric: both orders' probabilities combined (a "
-            "judge that only reads the position scores 50%). A judge that follows length rather than content picks "
-            "the longer reply more often than people preferred it.")
-    md = ["### Judge: content or position?", "", note, "", "| " + " | ".join(JUDGE_HEADER) + " |",
-          "|---" * len(JUDGE_HEADER) + "|", *["| " + " | ".join(row) + " |" for row in rows], ""]
+    note = (
+        "Each comparison is judged in both A/B orders. Order-symmetric: both orders' probabilities combined (a "
+        "judge that only reads the position scores 50%). A judge that follows length rather than content picks "
+        "the longer reply more often than people preferred it."
+    )
+    md = [
+        "### Judge: content or position?",
+        "",
+        note,
+        "",
+        "| " + " | ".join(JUDGE_HEADER) + " |",
+        "|---" * len(JUDGE_HEADER) + "|",
+        *["| " + " | ".join(row) + " |" for row in rows],
+        "",
+    ]
     esc = html.escape
-    page = (f"<h3>Judge: content or position?</h3><p>{esc(note)}</p><table><tr>"
-            + "".join(f"<th>{esc(h)}</th>" for h in JUDGE_HEADER) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+    page = (
+        f"<h3>Judge: content or position?</h3><p>{esc(note)}</p><table><tr>"
+        + "".join(f"<th>{esc(h)}</th>" for h in JUDGE_HEADER)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+        + "</table>"
+    )
     return md, page
 
 
@@ -168,18 +252,40 @@ def seeds_section(root: Path) -> tuple[list[str], str]:
     if not summary:
         return [], ""
     header = ("RL run", "seed", "first win rate (step)", "last win rate (step)", "gain (points)")
-    rows = [(r["folder"], str(r["seed"]), f"{_pct(r['first'])} ({r['first_step']})",
-             f"{_pct(r['last'])} ({r['last_step']})", f"{100 * r['gain']:+.1f}") for r in summary["runs"]]
-    line = (f"Win-rate gain (last minus first test/win_rate) over {summary['n']} seeds: "
-            f"{100 * summary['mean_gain']:+.1f} points, {100 * summary['confidence']:.0f}% t-interval "
-            f"[{100 * summary['ci_low']:+.1f}, {100 * summary['ci_high']:+.1f}]. Every run starts from the same SFT "
-            f"policy and is judged by the same preference model on the same prompts.")
-    md = ["## RL over seeds", "", line, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|",
-          *["| " + " | ".join(row) + " |" for row in rows], ""]
+    rows = [
+        (
+            r["folder"],
+            str(r["seed"]),
+            f"{_pct(r['first'])} ({r['first_step']})",
+            f"{_pct(r['last'])} ({r['last_step']})",
+            f"{100 * r['gain']:+.1f}",
+        )
+        for r in summary["runs"]
+    ]
+    line = (
+        f"Win-rate gain (last minus first test/win_rate) over {summary['n']} seeds: "
+        f"{100 * summary['mean_gain']:+.1f} points, {100 * summary['confidence']:.0f}% t-interval "
+        f"[{100 * summary['ci_low']:+.1f}, {100 * summary['ci_high']:+.1f}]. Every run starts from the same SFT "
+        f"policy and is judged by the same preference model on the same prompts."
+    )
+    md = [
+        "## RL over seeds",
+        "",
+        line,
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
+        *["| " + " | ".join(row) + " |" for row in rows],
+        "",
+    ]
     esc = html.escape
-    page = (f"<h2>RL over seeds</h2><p>{esc(line)}</p><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header)
-            + "</tr>" + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-            + "</table>")
+    page = (
+        f"<h2>RL over seeds</h2><p>{esc(line)}</p><table><tr>"
+        + "".join(f"<th>{esc(h)}</th>" for h in header)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+        + "</table>"
+    )
     return md, page
 
 
@@ -208,8 +314,14 @@ def write_report(log_root: str | Path) -> dict[str, str]:
     rows = []
     for label, stage, key, t_start, t_end in TUTORIAL_TABLE:
         start, end, last_step = first_last(records[stage], key)
-        rows.append((label, key, f"{_fmt(t_start, key)} → {_fmt(t_end, key)}",
-                     f"{_fmt(start, key)} → {_fmt(end, key)} (last eval at step {last_step})"))
+        rows.append(
+            (
+                label,
+                key,
+                f"{_fmt(t_start, key)} → {_fmt(t_end, key)}",
+                f"{_fmt(start, key)} → {_fmt(end, key)} (last eval at step {last_step})",
+            )
+        )
     pm_lines = []
     if pm:
         pm_lines = [
@@ -228,30 +340,56 @@ def write_report(log_root: str | Path) -> dict[str, str]:
     columns = [(key, label) for key, label in REPLY_COLUMNS if any(key in item for item in replies)]
     sampling = sampling_text(replies_file)
 
-    md = [f"# RLHF pipeline report — {base_model}", "",
-          f"Log root `{root}`; renderer `{renderer_name}`. Wall time: {time_line or 'n/a'}.", "",
-          *([f"RLHF policy's {win_rate_line}.", ""] if win_rate_line else []),
-          "| stage | metric | tutorial (Qwen3.5-9B-Base) | this run |", "|---|---|---|---|",
-          *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows], "", "## Preference model (held out)", "",
-          *[f"- {line}" for line in pm_lines], "", *judge_md, *seeds_md, "## Curves", "",
-          *[f"![{stage}]({path})" for stage, path in plots.items()], "",
-          "RL rollouts (the logged groups of each iteration): "
-          + (", ".join(f"[{it}]({path})" for it, path in rollouts) or "none"), "",
-          "## Base model vs SFT vs RLHF model", "", sampling, ""]
+    md = [
+        f"# RLHF pipeline report — {base_model}",
+        "",
+        f"Log root `{root}`; renderer `{renderer_name}`. Wall time: {time_line or 'n/a'}.",
+        "",
+        *([f"RLHF policy's {win_rate_line}.", ""] if win_rate_line else []),
+        "| stage | metric | tutorial (Qwen3.5-9B-Base) | this run |",
+        "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        "",
+        "## Preference model (held out)",
+        "",
+        *[f"- {line}" for line in pm_lines],
+        "",
+        *judge_md,
+        *seeds_md,
+        "## Curves",
+        "",
+        *[f"![{stage}]({path})" for stage, path in plots.items()],
+        "",
+        "RL rollouts (the logged groups of each iteration): "
+        + (", ".join(f"[{it}]({path})" for it, path in rollouts) or "none"),
+        "",
+        "## Base model vs SFT vs RLHF model",
+        "",
+        sampling,
+        "",
+    ]
     for item in replies:
-        md += [f"**Prompt:** {_conversation_text(item['prompt'])}", "",
-               *[f"- **{label}:** {item.get(key, '–')}" for key, label in columns], ""]
+        md += [
+            f"**Prompt:** {_conversation_text(item['prompt'])}",
+            "",
+            *[f"- **{label}:** {item.get(key, '–')}" for key, label in columns],
+            "",
+        ]
     comparison_md, comparison_html = comparison_section(root, out_dir, times)
     md += comparison_md
     write_text_atomic(root / "report.md", "\n".join(md) + "\n")
 
     esc = html.escape
-    table = "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td><td>{esc(d)}</td></tr>"
-                    for a, b, c, d in rows)
+    table = "".join(
+        f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td><td>{esc(d)}</td></tr>" for a, b, c, d in rows
+    )
     reply_html = "".join(
         f"<div class='pair'><div class='prompt'>{esc(_conversation_text(i['prompt']))}</div>"
-        "<div class='cols'>" + "".join(f"<div><h4>{esc(label)}</h4><pre>{esc(i.get(key, '–'))}</pre></div>"
-                                       for key, label in columns) + "</div></div>" for i in replies)
+        "<div class='cols'>"
+        + "".join(f"<div><h4>{esc(label)}</h4><pre>{esc(i.get(key, '–'))}</pre></div>" for key, label in columns)
+        + "</div></div>"
+        for i in replies
+    )
     win_rate_html = f"<p><b>RLHF policy's {esc(win_rate_line)}.</b></p>" if win_rate_line else ""
     rollout_html = ", ".join(f"<a href='{esc(path)}'>{esc(it)}</a>" for it, path in rollouts) or "none"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>RLHF report — {esc(base_model)}</title>
@@ -261,12 +399,12 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 .prompt{{font-weight:bold;white-space:pre-wrap;margin-top:1.5em}}img{{max-width:100%}}</style></head><body>
 <h1>RLHF pipeline report — {esc(base_model)}</h1>
 <p>Log root <code>{esc(str(root))}</code>; renderer <code>{esc(renderer_name)}</code>.
-Wall time: {esc(time_line or 'n/a')}.</p>
+Wall time: {esc(time_line or "n/a")}.</p>
 {win_rate_html}
 <table><tr><th>stage</th><th>metric</th><th>tutorial (Qwen3.5-9B-Base)</th><th>this run</th></tr>{table}</table>
-<h2>Preference model (held out)</h2><ul>{''.join(f'<li>{esc(line)}</li>' for line in pm_lines)}</ul>
+<h2>Preference model (held out)</h2><ul>{"".join(f"<li>{esc(line)}</li>" for line in pm_lines)}</ul>
 {judge_html}{seeds_html}
-<h2>Curves</h2>{''.join(f'<h3>{esc(s)}</h3><img src="{esc(p)}">' for s, p in plots.items())}
+<h2>Curves</h2>{"".join(f'<h3>{esc(s)}</h3><img src="{esc(p)}">' for s, p in plots.items())}
 <p>RL rollouts (the logged groups of each iteration): {rollout_html}</p>
 <h2>Base model vs SFT vs RLHF model</h2><p>{esc(sampling)}</p>{reply_html}{comparison_html}</body></html>"""
     write_text_atomic(root / "report.html", page)

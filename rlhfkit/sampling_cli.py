@@ -20,8 +20,10 @@ def resolve_model(model: str, base_model: str | None = None) -> tuple[str | None
     if path.is_dir() and (path / "checkpoints.jsonl").exists():  # a stage's log directory
         record = checkpoint_utils.get_last_checkpoint(str(path), required_key="sampler_path")
         if record is None:
-            raise CheckpointError(f"{path}: checkpoints.jsonl lists no intact sampler checkpoint (none saved yet, "
-                                  f"or all damaged: see the warnings above)")
+            raise CheckpointError(
+                f"{path}: checkpoints.jsonl lists no intact sampler checkpoint (none saved yet, "
+                f"or all damaged: see the warnings above)"
+            )
         config_file = path / "config.json"
         if config_file.exists():
             renderer = json.loads(config_file.read_text()).get("renderer_name")
@@ -47,7 +49,7 @@ def read_prompts(path: str | Path) -> list[str]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from e
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}, line {number}: expected an object with a text field \"prompt\"")
+                raise ValueError(f'{path}, line {number}: expected an object with a text field "prompt"')
             prompts.append(row["prompt"])
     else:
         prompts = [line for line in lines if line.strip()]
@@ -56,9 +58,16 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def sample_replies(model: str, prompts: str | list[str], base_model: str | None = None,
-                   renderer_name: str | None = None, max_tokens: int = 200, temperature: float = 0.7,
-                   num_samples: int = 1, seed: int | None = None) -> list[str] | list[list[str]]:
+def sample_replies(
+    model: str,
+    prompts: str | list[str],
+    base_model: str | None = None,
+    renderer_name: str | None = None,
+    max_tokens: int = 200,
+    temperature: float = 0.7,
+    num_samples: int = 1,
+    seed: int | None = None,
+) -> list[str] | list[list[str]]:
     """`num_samples` replies to a prompt (a list of texts), or to each of a list of prompts (a list of lists;
     all prompts are sampled in one batch)."""
     import asyncio
@@ -67,19 +76,30 @@ def sample_replies(model: str, prompts: str | list[str], base_model: str | None 
 
     checkpoint, base, recorded_renderer = resolve_model(model, base_model)
     service = ServiceClient()
-    sampler = (service.create_sampling_client(model_path=checkpoint, base_model=base) if checkpoint
-               else service.create_sampling_client(base_model=base))
+    sampler = (
+        service.create_sampling_client(model_path=checkpoint, base_model=base)
+        if checkpoint
+        else service.create_sampling_client(base_model=base)
+    )
     name = renderer_name or recorded_renderer or model_info.get_recommended_renderer_name(base)
     renderer = renderers.get_renderer(name, sampler.get_tokenizer())
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                  stop=renderer.get_stop_sequences(), seed=seed)
+    params = types.SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, stop=renderer.get_stop_sequences(), seed=seed
+    )
     many = [prompts] if isinstance(prompts, str) else list(prompts)
 
     async def sample_all():
-        return await asyncio.gather(*(sampler.sample_async(
-            renderer.build_generation_prompt([{"role": "user", "content": prompt}]), num_samples, params)
-            for prompt in many))
+        return await asyncio.gather(
+            *(
+                sampler.sample_async(
+                    renderer.build_generation_prompt([{"role": "user", "content": prompt}]), num_samples, params
+                )
+                for prompt in many
+            )
+        )
 
-    replies = [[renderers.get_text_content(renderer.parse_response(seq.tokens)[0]) for seq in response.sequences]
-               for response in asyncio.run(sample_all())]
+    replies = [
+        [renderers.get_text_content(renderer.parse_response(seq.tokens)[0]) for seq in response.sequences]
+        for response in asyncio.run(sample_all())
+    ]
     return replies[0] if isinstance(prompts, str) else replies

@@ -42,8 +42,9 @@ def trained(service, model_dirs):
         if name not in clients:
             trainer = service.create_lora_training_client(model_dirs[name], rank=4, seed=0)
             tokens = trainer.get_tokenizer().encode("The quick brown fox jumps over the lazy dog, again and again.")
-            datum = Datum(ModelInput.from_ints(tokens[:-1]),
-                          {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+            datum = Datum(
+                ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}
+            )
             loss = trainer.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"]
             assert torch.isfinite(torch.tensor(loss))
             trainer.optim_step(AdamParams(learning_rate=1e-2)).result()
@@ -73,9 +74,12 @@ def test_engine_numbers_equal_a_plain_forward(name, fast_paths, trained, monkeyp
     max_tokens = [20, 6, 12, 20]
 
     async def sample_all():
-        return await asyncio.gather(*(sampler.sample_async(ModelInput.from_ints(p), 2,
-                                                           SamplingParams(max_tokens=m, stop=[], seed=3))
-                                      for p, m in zip(prompts, max_tokens)))
+        return await asyncio.gather(
+            *(
+                sampler.sample_async(ModelInput.from_ints(p), 2, SamplingParams(max_tokens=m, stop=[], seed=3))
+                for p, m in zip(prompts, max_tokens)
+            )
+        )
 
     responses = asyncio.run(sample_all())
     for prompt, m, response in zip(prompts, max_tokens, responses):
@@ -84,19 +88,33 @@ def test_engine_numbers_equal_a_plain_forward(name, fast_paths, trained, monkeyp
             reference = plain_logprobs(sampler.model, prompt + seq.tokens)
             expected = [reference[len(prompt) - 1 + k, t].item() for k, t in enumerate(seq.tokens)]
             assert max(abs(a - b) for a, b in zip(seq.logprobs, expected)) < 1e-4
-            trained_lp = trainer.forward([Datum(ModelInput.from_ints(prompt + seq.tokens[:-1]), {
-                "target_tokens": (prompt + seq.tokens)[1:], "weights": [1.0] * (len(prompt) + m - 1)})],
-                "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
-            assert max(abs(a - b) for a, b in zip(seq.logprobs, trained_lp[len(prompt) - 1:])) < 1e-4
+            trained_lp = (
+                trainer.forward(
+                    [
+                        Datum(
+                            ModelInput.from_ints(prompt + seq.tokens[:-1]),
+                            {"target_tokens": (prompt + seq.tokens)[1:], "weights": [1.0] * (len(prompt) + m - 1)},
+                        )
+                    ],
+                    "cross_entropy",
+                )
+                .result()
+                .loss_fn_outputs[0]["logprobs"]
+                .tolist()
+            )
+            assert max(abs(a - b) for a, b in zip(seq.logprobs, trained_lp[len(prompt) - 1 :])) < 1e-4
     # seeded: a request again gives the same tokens (batched with others, a near-uniform random model may
     # differ at a near-tie, so this compares like with like); a stop token ends its row there
     params = SamplingParams(max_tokens=20, stop=[], seed=3)
     first = sampler.sample(ModelInput.from_ints(prompts[0]), 2, params).result().sequences[0].tokens
     assert sampler.sample(ModelInput.from_ints(prompts[0]), 2, params).result().sequences[0].tokens == first
     j = next(i for i in range(1, 20) if first[i] not in first[:i])
-    stopped = sampler.sample(ModelInput.from_ints(prompts[0]), 1,
-                             SamplingParams(max_tokens=20, stop=[first[j]], seed=3)).result().sequences[0]
-    assert stopped.tokens == first[:j + 1] and stopped.stop_reason == "stop"
+    stopped = (
+        sampler.sample(ModelInput.from_ints(prompts[0]), 1, SamplingParams(max_tokens=20, stop=[first[j]], seed=3))
+        .result()
+        .sequences[0]
+    )
+    assert stopped.tokens == first[: j + 1] and stopped.stop_reason == "stop"
 
     # compute_logprobs, batched over sequences of unequal lengths
     sequences = [prompts[0] + first, prompts[3]]

@@ -6,9 +6,15 @@ import logging
 
 import pytest
 
-from rlhfkit.recipes.chat_sl.chat_datasets import (DatasetUnavailableError, HHChosenBuilder, JsonlChatBuilder,
-                                                   LimaBuilder, NoRobotsBuilder, lima_row_to_messages,
-                                                   parse_hh_transcript)
+from rlhfkit.recipes.chat_sl.chat_datasets import (
+    DatasetUnavailableError,
+    HHChosenBuilder,
+    JsonlChatBuilder,
+    LimaBuilder,
+    NoRobotsBuilder,
+    lima_row_to_messages,
+    parse_hh_transcript,
+)
 from rlhfkit.supervised.data import DataFormatError
 from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
@@ -35,8 +41,11 @@ def chat(user, assistant):
 def test_lima_rows_to_messages():
     row = {"instruction": "Go on.", "input": "", "output": "More.", "history": [["Tell me a story.", "Once..."]]}
     assert lima_row_to_messages(row) == [
-        {"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once..."},
-        {"role": "user", "content": "Go on."}, {"role": "assistant", "content": "More."}]
+        {"role": "user", "content": "Tell me a story."},
+        {"role": "assistant", "content": "Once..."},
+        {"role": "user", "content": "Go on."},
+        {"role": "assistant", "content": "More."},
+    ]
     row = {"instruction": "Sum", "input": "1 2", "output": "3", "history": []}
     assert lima_row_to_messages(row)[0]["content"] == "Sum\n\n1 2"
 
@@ -96,8 +105,11 @@ def test_unparseable_files_name_file_and_line(tmp_path, common):
 def test_hh_transcript_parser():
     text = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant:  Goodbye. "
     assert parse_hh_transcript(text) == [
-        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye."},
+    ]
     with pytest.raises(ValueError):
         parse_hh_transcript("preamble\n\nHuman: Hi")
 

@@ -5,14 +5,19 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.checkpoint_utils import (CheckpointRecord, get_last_checkpoint, load_checkpoints_file,
-                                      save_checkpoint)
+from rlhfkit.checkpoint_utils import CheckpointRecord, get_last_checkpoint, load_checkpoints_file, save_checkpoint
 from rlhfkit.utils.atomic import append_jsonl
 
 
 def test_record_round_trip_and_accessors():
-    row = {"name": "000100", "epoch": 0, "batch": 100, "elapsed_tokens": 1234, "state_path": "/a/state",
-           "sampler_path": "/a/sampler"}
+    row = {
+        "name": "000100",
+        "epoch": 0,
+        "batch": 100,
+        "elapsed_tokens": 1234,
+        "state_path": "/a/state",
+        "sampler_path": "/a/sampler",
+    }
     record = CheckpointRecord.from_dict(row)
     assert record.batch == 100 and record.extra == {"elapsed_tokens": 1234}
     assert record.get("elapsed_tokens") == 1234 and record.get("rolling", False) is False
@@ -25,8 +30,9 @@ def test_get_last_checkpoint_filters_by_key(tmp_path):
     for name in ("s10", "p10", "s20"):  # stand-ins for checkpoint directories (older ones without checksums)
         (tmp_path / name).mkdir()
         (tmp_path / name / "rlhfkit_state.json").write_text("{}")
-    append_jsonl(tmp_path / "checkpoints.jsonl", {"name": "000010", "batch": 10, "state_path": "s10",
-                                                  "sampler_path": "p10"})
+    append_jsonl(
+        tmp_path / "checkpoints.jsonl", {"name": "000010", "batch": 10, "state_path": "s10", "sampler_path": "p10"}
+    )
     append_jsonl(tmp_path / "checkpoints.jsonl", {"name": "000020", "batch": 20, "state_path": "s20"})
     with open(tmp_path / "checkpoints.jsonl", "a") as f:
         f.write('{"name": "000030", "batch": 30, "state_pa')  # torn line of a killed writer
@@ -46,8 +52,16 @@ def test_save_checkpoint_writes_directories_then_record(tmp_path, tiny_model_dir
     assert all(Path(p).is_dir() and any(Path(p).iterdir()) for p in paths.values())
     rows = [json.loads(line) for line in (tmp_path / "run" / "checkpoints.jsonl").read_text().splitlines()]
     # stored relative to the run folder (a copied folder uses its own files), returned absolute
-    assert rows == [{"name": "000004", "epoch": 0, "batch": 4, "elapsed_tokens": 99,
-                     "state_path": "checkpoints/000004/state", "sampler_path": "checkpoints/000004/sampler"}]
+    assert rows == [
+        {
+            "name": "000004",
+            "epoch": 0,
+            "batch": 4,
+            "elapsed_tokens": 99,
+            "state_path": "checkpoints/000004/state",
+            "sampler_path": "checkpoints/000004/sampler",
+        }
+    ]
     assert get_last_checkpoint(tmp_path / "run").state_path == paths["state_path"]
 
     sampler_only = save_checkpoint(client, "final", tmp_path / "run", {"batch": 8}, kind="sampler")

@@ -20,8 +20,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
 def rlhfkit(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlhfkit.cli", *args], env=ENV, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhfkit.cli", *args], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -136,8 +137,16 @@ def test_zero_eval_every_reaches_the_training_loops(monkeypatch):
 def test_a_run_is_recreated_from_its_written_config(tmp_path):
     from rlhfkit.recipes.preference.rlhf.rlhf_pipeline import CONFIG_FILE, ENVIRONMENT_FILE, write_settings
 
-    cfg = parse_args(["preset=demo", f"log_root={tmp_path}", "rl_eval_every=0", "sampler=local",
-                      "renderer_name=role_colon", "rl_learning_rate=3e-5"])
+    cfg = parse_args(
+        [
+            "preset=demo",
+            f"log_root={tmp_path}",
+            "rl_eval_every=0",
+            "sampler=local",
+            "renderer_name=role_colon",
+            "rl_learning_rate=3e-5",
+        ]
+    )
     write_settings(cfg)
     again = parse_args([f"config={tmp_path / CONFIG_FILE}"])
     assert again == cfg
@@ -146,7 +155,7 @@ def test_a_run_is_recreated_from_its_written_config(tmp_path):
 
     assert json.loads((tmp_path / ENVIRONMENT_FILE).read_text()) == environment()
     toml = tmp_path / "settings.toml"
-    toml.write_text('preset_free = 1\n')
+    toml.write_text("preset_free = 1\n")
     with pytest.raises(ConfigError, match="preset_free"):
         parse_args([f"config={toml}"])
 
@@ -191,13 +200,22 @@ def test_the_report_is_written_from_a_run_folder_alone(tmp_path):
         (root / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "pipeline_config.json").write_text(json.dumps({"base_model": "my-model"}))
     (root / "stage_times.json").write_text(json.dumps({"sft": 60.0, "rm": 120.0, "rl": 30.0}))
-    (root / "report_replies.json").write_text(json.dumps({
-        "base_model": "my-model", "renderer_name": "role_colon",
-        "replies": [{"prompt": [{"role": "user", "content": "Hi?"}], "base": "base says", "rlhf": "rlhf says"}]}))
-    code = ("import sys; from rlhfkit.report import write_report; write_report(sys.argv[1]); "
-            "assert not {'torch', 'transformers', 'rlhfkit.engine'} & set(sys.modules), sorted(sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code, str(root)], env=ENV, cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    (root / "report_replies.json").write_text(
+        json.dumps(
+            {
+                "base_model": "my-model",
+                "renderer_name": "role_colon",
+                "replies": [{"prompt": [{"role": "user", "content": "Hi?"}], "base": "base says", "rlhf": "rlhf says"}],
+            }
+        )
+    )
+    code = (
+        "import sys; from rlhfkit.report import write_report; write_report(sys.argv[1]); "
+        "assert not {'torch', 'transformers', 'rlhfkit.engine'} & set(sys.modules), sorted(sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(root)], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (root / "report.md").read_text()
     assert "my-model" in report and "rlhf says" in report and "user: Hi?" in report and "sft 1.0 min" in report
@@ -217,24 +235,45 @@ def test_renderer_choices_are_the_registered_renderers():
 
 
 def test_changed_settings_are_refused_unless_free_or_of_a_stage_not_started(tmp_path):
-    from rlhfkit.recipes.preference.rlhf.run_record import (SettingsChangedError, check_recorded_settings,
-                                                            read_record, refused_differences, write_record)
+    from rlhfkit.recipes.preference.rlhf.run_record import (
+        SettingsChangedError,
+        check_recorded_settings,
+        read_record,
+        refused_differences,
+        write_record,
+    )
 
     cfg = parse_args(["preset=smoke", f"log_root={tmp_path}"])
     assert write_record(cfg) is None
     (tmp_path / "sft").mkdir()  # SFT started; the preference model, RL and DPO have not
     recorded = read_record(tmp_path)
-    free = parse_args(["preset=smoke", f"log_root={tmp_path}", "report=false", "run_sft=false", "method=both",
-                       "wandb_project=x", "sampler=local", "rl_max_steps=7", "rm_learning_rate=1e-2", "dpo_beta=0.3"])
+    free = parse_args(
+        [
+            "preset=smoke",
+            f"log_root={tmp_path}",
+            "report=false",
+            "run_sft=false",
+            "method=both",
+            "wandb_project=x",
+            "sampler=local",
+            "rl_max_steps=7",
+            "rm_learning_rate=1e-2",
+            "dpo_beta=0.3",
+        ]
+    )
     assert refused_differences(recorded, free) == {}
     check_recorded_settings(free)
-    changed = parse_args(["preset=smoke", f"log_root={tmp_path}", "lora_rank=32", "sft_learning_rate=1",
-                          "rl_max_steps=7"])
+    changed = parse_args(
+        ["preset=smoke", f"log_root={tmp_path}", "lora_rank=32", "sft_learning_rate=1", "rl_max_steps=7"]
+    )
     assert refused_differences(recorded, changed) == {"lora_rank": (4, 32), "sft_learning_rate": (2e-4, 1.0)}
     (tmp_path / "rl").mkdir()
     assert refused_differences(recorded, changed)["rl_max_steps"] == (None, 7)
-    with pytest.raises(SettingsChangedError, match=r"lora_rank: 4 → 32; sft_learning_rate: 0.0002 → 1.0; "
-                                                   r"rl_max_steps: None → 7\. .*allow_changed_settings=true"):
+    with pytest.raises(
+        SettingsChangedError,
+        match=r"lora_rank: 4 → 32; sft_learning_rate: 0.0002 → 1.0; "
+        r"rl_max_steps: None → 7\. .*allow_changed_settings=true",
+    ):
         check_recorded_settings(changed)
     allowed = parse_args(["preset=smoke", f"log_root={tmp_path}", "lora_rank=32", "allow_changed_settings=true"])
     check_recorded_settings(allowed)

@@ -30,8 +30,12 @@ def assistant(text):
 
 
 def expected_comparisons():
-    return [LabeledComparison(Comparison([user(f"Question {i}?")], [assistant(f"Good answer {i}.")],
-                                         [assistant(f"Bad answer {i}.")]), "A") for i in range(N)]
+    return [
+        LabeledComparison(
+            Comparison([user(f"Question {i}?")], [assistant(f"Good answer {i}.")], [assistant(f"Bad answer {i}.")]), "A"
+        )
+        for i in range(N)
+    ]
 
 
 def preference_rows(fmt):
@@ -39,17 +43,32 @@ def preference_rows(fmt):
     rows = []
     for i in range(N):
         q, good, bad = f"Question {i}?", f"Good answer {i}.", f"Bad answer {i}."
-        rows.append({
-            "hh": {"chosen": f"\n\nHuman: {q}\n\nAssistant: {good}", "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}"},
-            "trl_strings": {"prompt": q, "chosen": good, "rejected": bad},
-            "trl_messages": {"prompt": [user(q)], "chosen": [assistant(good)], "rejected": [assistant(bad)]},
-            "trl_implicit": {"chosen": [user(q), assistant(good)], "rejected": [user(q), assistant(bad)]},
-            "ultrafeedback": {"prompt": q, "prompt_id": f"id{i}", "chosen": [user(q), assistant(good)],
-                              "rejected": [user(q), assistant(bad)], "messages": [user(q), assistant(good)],
-                              "score_chosen": 8.5, "score_rejected": 4.0},
-            "rlhfkit": {"prompt_conversation": [user(q)], "completion_A": [assistant(good)],
-                        "completion_B": [assistant(bad)], "label": "A"},
-        }[fmt])
+        rows.append(
+            {
+                "hh": {
+                    "chosen": f"\n\nHuman: {q}\n\nAssistant: {good}",
+                    "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}",
+                },
+                "trl_strings": {"prompt": q, "chosen": good, "rejected": bad},
+                "trl_messages": {"prompt": [user(q)], "chosen": [assistant(good)], "rejected": [assistant(bad)]},
+                "trl_implicit": {"chosen": [user(q), assistant(good)], "rejected": [user(q), assistant(bad)]},
+                "ultrafeedback": {
+                    "prompt": q,
+                    "prompt_id": f"id{i}",
+                    "chosen": [user(q), assistant(good)],
+                    "rejected": [user(q), assistant(bad)],
+                    "messages": [user(q), assistant(good)],
+                    "score_chosen": 8.5,
+                    "score_rejected": 4.0,
+                },
+                "rlhfkit": {
+                    "prompt_conversation": [user(q)],
+                    "completion_A": [assistant(good)],
+                    "completion_B": [assistant(bad)],
+                    "label": "A",
+                },
+            }[fmt]
+        )
     return rows
 
 
@@ -76,9 +95,14 @@ def comparisons(spec, columns=None):
     return [e.labeled for e in pref.load_comparison_examples(str(spec), columns)]
 
 
-FORMATS_AND_FILES = [(fmt, ext) for fmt in ("hh", "trl_strings") for ext in ("jsonl", "jsonl.gz", "json", "parquet", "csv")]
-FORMATS_AND_FILES += [(fmt, ext) for fmt in ("trl_messages", "trl_implicit", "ultrafeedback", "rlhfkit")
-                      for ext in ("jsonl", "json", "parquet")]
+FORMATS_AND_FILES = [
+    (fmt, ext) for fmt in ("hh", "trl_strings") for ext in ("jsonl", "jsonl.gz", "json", "parquet", "csv")
+]
+FORMATS_AND_FILES += [
+    (fmt, ext)
+    for fmt in ("trl_messages", "trl_implicit", "ultrafeedback", "rlhfkit")
+    for ext in ("jsonl", "json", "parquet")
+]
 
 
 @pytest.mark.parametrize("fmt, ext", FORMATS_AND_FILES, ids=[f"{f}-{e}" for f, e in FORMATS_AND_FILES])
@@ -89,8 +113,10 @@ def test_every_preference_format_and_file_type_loads_the_same_comparisons(tmp_pa
 
 
 def test_column_mapping(tmp_path):
-    rows = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "prompt": "ignored"}
-            for r in preference_rows("trl_strings")]
+    rows = [
+        {"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"], "prompt": "ignored"}
+        for r in preference_rows("trl_strings")
+    ]
     path = write(tmp_path / "mine.parquet", rows)
     assert comparisons(path, "prompt=question, chosen=good,rejected=bad") == expected_comparisons()
     with pytest.raises(DataFormatError, match=r"mine\.parquet: no column 'answer'.*columns: bad, good, prompt"):
@@ -178,7 +204,9 @@ def test_the_disjoint_role_split_holds_for_any_source(tmp_path):
 
 
 def test_hh_files_give_the_same_roles_and_order_as_the_hh_builder():
-    old = pref.HHHComparisonBuilder(role="rl", test_size=50, max_chars=400, data_files=pref.hh_data_files("helpful-online"))
+    old = pref.HHHComparisonBuilder(
+        role="rl", test_size=50, max_chars=400, data_files=pref.hh_data_files("helpful-online")
+    )
     new = pref.ComparisonBuilderFromSource("helpful-online", role="rl", test_size=50, max_chars=400)
     for old_rows, new_examples in zip(old.get_train_and_test_datasets(), new.get_train_and_test_datasets()):
         assert [old.example_to_labeled_comparison(r) for r in old_rows] == [e.labeled for e in new_examples]
@@ -191,17 +219,21 @@ def chat_rows(fmt):
     rows = []
     for i in range(20):
         q, a = f"Question {i}?", f"Answer {i}."
-        rows.append({
-            "messages": {"messages": [user(q), assistant(a)]},
-            "prompt_completion": {"prompt": q, "completion": a},
-            "prompt_completion_messages": {"prompt": [user(q)], "completion": [assistant(a)]},
-            "instruction": {"instruction": q, "input": "", "output": a},
-        }[fmt])
+        rows.append(
+            {
+                "messages": {"messages": [user(q), assistant(a)]},
+                "prompt_completion": {"prompt": q, "completion": a},
+                "prompt_completion_messages": {"prompt": [user(q)], "completion": [assistant(a)]},
+                "instruction": {"instruction": q, "input": "", "output": a},
+            }[fmt]
+        )
     return rows
 
 
 CHAT_FILES = [(fmt, ext) for fmt in ("prompt_completion", "instruction") for ext in ("jsonl", "json", "parquet", "csv")]
-CHAT_FILES += [(fmt, ext) for fmt in ("messages", "prompt_completion_messages") for ext in ("jsonl.gz", "json", "parquet")]
+CHAT_FILES += [
+    (fmt, ext) for fmt in ("messages", "prompt_completion_messages") for ext in ("jsonl.gz", "json", "parquet")
+]
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +246,8 @@ def test_every_chat_format_and_file_type_loads_the_same_conversations(tmp_path, 
     path = write(tmp_path / f"chats.{ext}", chat_rows(fmt))
     builder = ChatSourceBuilder(common, data=str(path), test_size=2)
     assert [c for _, c in builder.load_conversations()] == [
-        [user(f"Question {i}?"), assistant(f"Answer {i}.")] for i in range(20)]
+        [user(f"Question {i}?"), assistant(f"Answer {i}.")] for i in range(20)
+    ]
     train, test = builder()
     assert len(train.rows) == 18 and len(test.get_batch(0)) == 2  # test_size held out, one batch
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
@@ -228,8 +261,10 @@ def test_lima_history_and_bad_chat_rows(tmp_path, common, caplog):
     path = write(tmp_path / "lima.json", rows)
     with caplog.at_level(logging.WARNING):
         conversations = ChatSourceBuilder(common, data=str(path)).load_conversations()
-    assert conversations[0] == (f"{path}, row 1", [user("Tell me a story."), assistant("Once..."), user("Go on."),
-                                                   assistant("More.")])
+    assert conversations[0] == (
+        f"{path}, row 1",
+        [user("Tell me a story."), assistant("Once..."), user("Go on."), assistant("More.")],
+    )
     assert len(conversations) == 8
     assert f"{path}: skipped 2 of 10 rows with bad data; e.g. row 3: no chat fields" in caplog.text
 

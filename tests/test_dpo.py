@@ -18,7 +18,7 @@ from rlhfkit.preference.train_dpo import Config, dpo_loss
 from rlhfkit.utils.atomic import read_jsonl
 
 # A run's script: make_config() is shared by the in-process reference run and the killed/resumed child runs.
-RUN_SCRIPT = '''
+RUN_SCRIPT = """
 import sys
 from rlhfkit.preference import train_dpo
 from rlhfkit.preference.dpo_datasets import DPODatasetBuilderFromComparisons
@@ -43,7 +43,7 @@ if __name__ == "__main__":
     if int(slow) >= 0:
         config.dataset_builder = SlowAtBatch(config.dataset_builder, int(slow))
     train_dpo.main(config)
-'''
+"""
 
 
 def sigmoid(z: float) -> float:
@@ -121,9 +121,17 @@ def write_comparisons(path: Path, n: int, offset: int) -> None:
             good = {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}
             bad = {"role": "assistant", "content": f"I do not know, maybe {a * b + 3}."}
             completions = ([good], [bad]) if i % 2 == 0 else ([bad], [good])
-            f.write(json.dumps({"prompt_conversation": [{"role": "user", "content": f"What is {a} plus {b}?"}],
-                                "completion_A": completions[0], "completion_B": completions[1],
-                                "label": "A" if i % 2 == 0 else "B"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt_conversation": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+                        "completion_A": completions[0],
+                        "completion_B": completions[1],
+                        "label": "A" if i % 2 == 0 else "B",
+                    }
+                )
+                + "\n"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +182,20 @@ def test_dpo_steps_raise_accuracy_and_margin(reference_run):
     records = read_jsonl(reference_run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(6))
     for r in records:
-        assert {"dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "num_pairs", "num_tokens",
-                "learning_rate", "progress", "epoch", "loss:sum", "batch_time"} <= set(r)
+        assert {
+            "dpo_loss",
+            "accuracy",
+            "margin",
+            "chosen_reward",
+            "rejected_reward",
+            "num_pairs",
+            "num_tokens",
+            "learning_rate",
+            "progress",
+            "epoch",
+            "loss:sum",
+            "batch_time",
+        } <= set(r)
         assert r["num_pairs"] == 2
     # step 0: the policy is the reference, so every log-ratio is ~0
     assert abs(records[0]["margin"]) < 1e-4 and records[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4)
@@ -202,8 +222,12 @@ def test_sigkill_then_resume_gives_identical_weights_and_one_record_per_step(ref
     env = {**os.environ, "RLHFKIT_DTYPE": "float32"}
 
     # Batch 3 (step 3) hangs: by then step 2's checkpoint and metrics are on disk.
-    child = subprocess.Popen([sys.executable, str(script), str(log_path), model_dir, str(root), "3"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(log_path), model_dir, str(root), "3"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while not any(r["step"] == 2 for r in read_jsonl(log_path / "metrics.jsonl")):
@@ -216,8 +240,13 @@ def test_sigkill_then_resume_gives_identical_weights_and_one_record_per_step(ref
     assert child.returncode == -9
     assert [c["name"] for c in read_jsonl(log_path / "checkpoints.jsonl")] == ["000002"]
 
-    resumed = subprocess.run([sys.executable, str(script), str(log_path), model_dir, str(root), "-1"], env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, str(script), str(log_path), model_dir, str(root), "-1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from checkpoint 000002" in (log_path / "logs.log").read_text()
 

@@ -44,7 +44,7 @@ def test_sampled_logprobs_equal_forward_logprobs(service, tiny_model_dir, tokeni
     responses = asyncio.run(sample_all())
     for prompt, response in zip(prompts, responses):
         for seq in response.sequences:
-            expected = forward_logprobs(trainer, prompt + seq.tokens)[len(prompt) - 1:]
+            expected = forward_logprobs(trainer, prompt + seq.tokens)[len(prompt) - 1 :]
             assert len(seq.logprobs) == len(seq.tokens) == 12
             assert max(abs(a - b) for a, b in zip(seq.logprobs, expected)) < 1e-4
     # the batched async path gives what the one-request path gives (per-row seeded generators)
@@ -60,9 +60,11 @@ def test_sampled_logprobs_equal_forward_logprobs(service, tiny_model_dir, tokeni
 def _loss_case():
     torch.manual_seed(0)
     logprobs = (-torch.rand(5) * 2).requires_grad_()
-    inputs = {"weights": torch.tensor([0.0, 1.0, 1.0, 0.5, 1.0]),
-              "logprobs": logprobs.detach() + torch.tensor([0.0, 0.3, -0.5, 0.1, 1.0]),
-              "advantages": torch.tensor([0.0, 1.0, -2.0, 0.5, 1.5])}
+    inputs = {
+        "weights": torch.tensor([0.0, 1.0, 1.0, 0.5, 1.0]),
+        "logprobs": logprobs.detach() + torch.tensor([0.0, 0.3, -0.5, 0.1, 1.0]),
+        "advantages": torch.tensor([0.0, 1.0, -2.0, 0.5, 1.5]),
+    }
     return logprobs, inputs
 
 
@@ -185,8 +187,12 @@ def test_stop_conditions(service, tiny_model_dir, tokenizer):
     for _ in range(30):
         trainer.forward_backward([datum], "cross_entropy")
         trainer.optim_step(AdamParams(learning_rate=2e-2))
-    seq = trainer.save_weights_and_get_sampling_client().sample(
-        prompt, 1, SamplingParams(max_tokens=10, temperature=0.0)).result().sequences[0]
+    seq = (
+        trainer.save_weights_and_get_sampling_client()
+        .sample(prompt, 1, SamplingParams(max_tokens=10, temperature=0.0))
+        .result()
+        .sequences[0]
+    )
     assert seq.tokens == [eos] and seq.stop_reason == "stop"
 
 
@@ -199,8 +205,9 @@ def test_next_token_scores_batched_equal_one_at_a_time(service, tiny_model_dir, 
     async def concurrently():
         return await asyncio.gather(*(sampler.score_next_token_async(p, candidates) for p in prompts))
 
-    for one, many, gathered in zip([sampler.score_next_token(p, candidates).result() for p in prompts], batched,
-                                   asyncio.run(concurrently())):
+    for one, many, gathered in zip(
+        [sampler.score_next_token(p, candidates).result() for p in prompts], batched, asyncio.run(concurrently())
+    ):
         assert one.argmax_token == many.argmax_token == gathered.argmax_token
         assert max(abs(a - b) for a, b in zip(one.candidate_logprobs, many.candidate_logprobs)) < 1e-4
 

@@ -22,8 +22,9 @@ def trainer(service, tiny_model_dir):
 
 
 def forward_logprobs(trainer, tokens):
-    datum = Datum(ModelInput.from_ints(tokens[:-1]),
-                  {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+    datum = Datum(
+        ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}
+    )
     return trainer.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
 
 
@@ -68,16 +69,18 @@ def test_decode_loop_matches_forward_with_cache_growth_and_rows_leaving(trainer,
     max_tokens = [3, 9, 30]
 
     async def sample_all():
-        return await asyncio.gather(*(sampler.sample_async(ModelInput.from_ints(p), 2,
-                                                           SamplingParams(max_tokens=m, stop=[], seed=5))
-                                      for p, m in zip(prompts, max_tokens)))
+        return await asyncio.gather(
+            *(
+                sampler.sample_async(ModelInput.from_ints(p), 2, SamplingParams(max_tokens=m, stop=[], seed=5))
+                for p, m in zip(prompts, max_tokens)
+            )
+        )
 
     for prompt, m, response in zip(prompts, max_tokens, asyncio.run(sample_all())):
         for seq in response.sequences:
             assert len(seq.tokens) == m and seq.stop_reason == "length"
-            expected = forward_logprobs(trainer, prompt + seq.tokens)[len(prompt) - 1:]
+            expected = forward_logprobs(trainer, prompt + seq.tokens)[len(prompt) - 1 :]
             assert max(abs(a - b) for a, b in zip(seq.logprobs, expected)) < 1e-4
-
 
 
 def test_microbatch_plan_has_the_least_padding_within_the_budget():

@@ -26,8 +26,7 @@ import pytest
 from rlhfkit.utils.faults import KILL_ENV, TRACE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "RLHFKIT_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0",
-       "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "RLHFKIT_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
 FULL_KILLS = 8
 SEED = 19
 
@@ -49,8 +48,14 @@ BY_NAME = {stage.name: stage for stage in STAGES}
 
 
 def run_pipeline(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "rlhfkit.recipes.preference.rlhf.rlhf_pipeline", "preset=smoke",
-           f"log_root={root}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhfkit.recipes.preference.rlhf.rlhf_pipeline",
+        "preset=smoke",
+        f"log_root={root}",
+        *args,
+    ]
     return subprocess.run(cmd, env={**ENV, **(env or {})}, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
@@ -124,15 +129,17 @@ def assert_same_as_reference(root: Path, reference: Path, stage: Stage, redone: 
         assert [r["step"] for r in records] == list(range(len(records))) and records  # one record per step
         assert without_timing(records) == without_timing(jsonl(expected / "metrics.jsonl"))
         names = [c["name"] for c in jsonl(got / "checkpoints.jsonl")]
-        assert (list(dict.fromkeys(names)) if redone else names) == \
-            [c["name"] for c in jsonl(expected / "checkpoints.jsonl")]
+        assert (list(dict.fromkeys(names)) if redone else names) == [
+            c["name"] for c in jsonl(expected / "checkpoints.jsonl")
+        ]
         got_weights, expected_weights = adapters(got), adapters(expected)
         assert got_weights.keys() == expected_weights.keys()
         for key in expected_weights:
             np.testing.assert_array_equal(got_weights[key], expected_weights[key], err_msg=key)
     if stage.name == "rm":
-        assert json.loads((root / "rm" / "pm_eval.json").read_text()) == \
-            json.loads((reference / "rm" / "pm_eval.json").read_text())
+        assert json.loads((root / "rm" / "pm_eval.json").read_text()) == json.loads(
+            (reference / "rm" / "pm_eval.json").read_text()
+        )
     if stage.name == "rl":
         assert (root / "report.md").exists() and (root / "report.html").exists()
 
@@ -281,9 +288,18 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
         with pytest.raises(RunLockedError, match="in use by another run"):
             RunLock(tmp_path).__enter__()
     # a lock left by a killed process is taken over
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from rlhfkit.utils.run_lock import RunLock; "
-                               f"lock = RunLock({str(tmp_path)!r}); lock.__enter__(); print('locked', flush=True); time.sleep(60)"],
-                              env=ENV, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from rlhfkit.utils.run_lock import RunLock; "
+            f"lock = RunLock({str(tmp_path)!r}); lock.__enter__(); print('locked', flush=True); time.sleep(60)",
+        ],
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(RunLockedError, match=f"process {holder.pid}"):
         RunLock(tmp_path).__enter__()
@@ -293,8 +309,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
         pass
 
 
-def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir,
-                                                                                   monkeypatch):
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     import errno
 
     from rlhfkit import checkpoint_utils
@@ -327,9 +342,13 @@ def test_a_nonfinite_loss_skips_the_update_and_leaves_weights_and_optimizer_unch
     client = ServiceClient().create_lora_training_client(tiny_model_dir, rank=2, seed=0)
 
     def datum(weight: float) -> Datum:
-        return Datum(model_input=ModelInput.from_ints([1, 2, 3, 4]),
-                     loss_fn_inputs={"target_tokens": TensorData.from_numpy(np.array([2, 3, 4, 5])),
-                                     "weights": TensorData.from_numpy(np.array([weight] * 4, dtype=np.float32))})
+        return Datum(
+            model_input=ModelInput.from_ints([1, 2, 3, 4]),
+            loss_fn_inputs={
+                "target_tokens": TensorData.from_numpy(np.array([2, 3, 4, 5])),
+                "weights": TensorData.from_numpy(np.array([weight] * 4, dtype=np.float32)),
+            },
+        )
 
     adam = AdamParams(learning_rate=1e-2)
     client.forward_backward([datum(1.0)], "cross_entropy").result()
@@ -337,8 +356,10 @@ def test_a_nonfinite_loss_skips_the_update_and_leaves_weights_and_optimizer_unch
     trainer = client.trainer  # the local backend's trainer: its adapters and optimizer
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    state = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)}
-             for k, v in trainer.optimizer.state_dict()["state"].items()}
+    state = {
+        k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)}
+        for k, v in trainer.optimizer.state_dict()["state"].items()
+    }
     output = client.forward_backward([datum(float("nan"))], "cross_entropy").result()
     assert not np.isfinite(output.metrics["loss:sum"])
     metrics = client.optim_step(adam).result().metrics
@@ -408,14 +429,28 @@ def test_an_sft_run_whose_loss_is_nan_stops_and_keeps_its_checkpoints(tmp_path, 
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},
-                                                     {"role": "assistant", "content": f"{i}."}]}) + "\n"
-                            for i in range(24)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}]}
+            )
+            + "\n"
+            for i in range(24)
+        )
+    )
     common = ChatDatasetBuilderCommonConfig(tiny_model_dir, "role_colon", max_length=32, batch_size=4)
-    config = train.Config(log_path=str(tmp_path / "run"), model_name=tiny_model_dir, recipe_name="nan",
-                          dataset_builder=NaNFromBatch(JsonlChatBuilder(common, str(data)), start=2),
-                          learning_rate=1e-2, lora_rank=2, save_every=1, eval_every=0, max_steps=6,
-                          max_nonfinite_in_a_row=2)
+    config = train.Config(
+        log_path=str(tmp_path / "run"),
+        model_name=tiny_model_dir,
+        recipe_name="nan",
+        dataset_builder=NaNFromBatch(JsonlChatBuilder(common, str(data)), start=2),
+        learning_rate=1e-2,
+        lora_rank=2,
+        save_every=1,
+        eval_every=0,
+        max_steps=6,
+        max_nonfinite_in_a_row=2,
+    )
     with pytest.raises(NonFiniteError, match="step 3: 2 steps in a row"):
         train.main(config)
     assert "step 2: the loss (nan)" in caplog.text and "row 0:" in caplog.text
@@ -435,8 +470,7 @@ def test_the_smoke_presets_rl_learns(references):
     rl = references["rl"] / "rl"
     records = jsonl(rl / "metrics.jsonl")
     assert all(r["optim/grad_norm"] > 0 and r["optim/skipped_nonfinite"] == 0 for r in records)
-    rewards = [r["total_reward"]
-               for r in jsonl(rl / "iteration_000000" / "train_rollout_summaries.jsonl")]
+    rewards = [r["total_reward"] for r in jsonl(rl / "iteration_000000" / "train_rollout_summaries.jsonl")]
     assert len(set(rewards)) > 1, rewards
     start = load_file(str(rl / "init_sampler" / "adapter_model.safetensors"))
     final = load_file(str(rl / "checkpoints" / "final" / "sampler" / "adapter_model.safetensors"))

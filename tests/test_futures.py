@@ -60,5 +60,3 @@ def test_local_sampling_futures_are_pending_until_computed(tiny_model_dir):
     assert not future.done()
     gate.set()
     assert len(future.result(timeout=60).sequences) == 2
-
-

@@ -29,7 +29,9 @@ def tokens(tiny_model_dir):
 def trained_sampler_dir(service, tiny_model_dir, tokens, tmp_path_factory):
     """An rlhfkit sampler checkpoint whose adapter moved away from zero (a few large steps)."""
     trainer = service.create_lora_training_client(tiny_model_dir, rank=4, seed=3)
-    datum = Datum(ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+    datum = Datum(
+        ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}
+    )
     for _ in range(3):
         trainer.forward_backward([datum], "cross_entropy")
         trainer.optim_step(AdamParams(learning_rate=5e-2))
@@ -75,21 +77,28 @@ def test_a_peft_adapter_trained_elsewhere_samples_and_trains(service, tiny_model
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(base_model(tiny_model_dir), LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                   task_type="CAUSAL_LM", init_lora_weights=False))
+    model = get_peft_model(
+        base_model(tiny_model_dir),
+        LoraConfig(
+            r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False
+        ),
+    )
     model.save_pretrained(tmp_path / "foreign")
     theirs = token_logprobs_of(model.eval(), tokens)
     ours = rlhfkit_logprobs(service, str(tmp_path / "foreign"), tokens)
     assert (ours - theirs).abs().max() < 1e-4
     trainer = service.create_training_client_from_state(str(tmp_path / "foreign"))
     assert trainer.spec.alpha == 8 and trainer.spec.rank == 2
-    datum = Datum(ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+    datum = Datum(
+        ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}
+    )
     forward = torch.tensor(trainer.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist())
     assert (forward - theirs).abs().max() < 1e-4
 
 
-def test_export_adapter_and_merged_model_give_rlhfkits_logits(service, tiny_model_dir, tokens, trained_sampler_dir,
-                                                               tmp_path):
+def test_export_adapter_and_merged_model_give_rlhfkits_logits(
+    service, tiny_model_dir, tokens, trained_sampler_dir, tmp_path
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -144,8 +153,22 @@ def test_sample_reads_a_prompts_file_and_a_peft_folder_and_version_prints(traine
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         (peft_only / name).write_bytes((Path(trained_sampler_dir) / name).read_bytes())
     capsys.readouterr()
-    assert main(["sample", "--model", str(peft_only), "--prompts-file", str(tmp_path / "p.jsonl"), "--max-tokens",
-                 "4", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(peft_only),
+                "--prompts-file",
+                str(tmp_path / "p.jsonl"),
+                "--max-tokens",
+                "4",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.count("=== prompt: ") == 2
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"rlhfkit {__version__}"

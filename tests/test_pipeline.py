@@ -17,8 +17,14 @@ ENV = {**os.environ, "RLHFKIT_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "PYTHONH
 
 
 def run_pipeline(log_root: Path, *extra: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "rlhfkit.recipes.preference.rlhf.rlhf_pipeline", "preset=smoke",
-           f"log_root={log_root}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhfkit.recipes.preference.rlhf.rlhf_pipeline",
+        "preset=smoke",
+        f"log_root={log_root}",
+        *extra,
+    ]
     if not wait:
         return subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     result = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -59,30 +65,36 @@ def test_smoke_preset_runs_all_stages_and_writes_the_report(smoke_run):
     replies = replies_file["replies"]
     assert len(replies) == 2 and all(item["base"] and item["sft"] and item["rlhf"] for item in replies)  # tutorial + 1
     assert replies_file["sampling"] == {"temperature": 0.7, "max_tokens": 200, "seed": 0}
-    assert replies_file["policies"] == {"base": None, "sft": "sft/checkpoints/final/sampler",
-                                        "rlhf": "rl/checkpoints/final/sampler"}
+    assert replies_file["policies"] == {
+        "base": None,
+        "sft": "sft/checkpoints/final/sampler",
+        "rlhf": "rl/checkpoints/final/sampler",
+    }
     with open(root / "report.md", newline="") as f:  # the random replies hold "\r"
         markdown = f.read()
     assert "temperature 0.7, at most 200 tokens, seed 0" in markdown and "temperature 0.7" in report
     from html import escape
 
     for item in replies:  # the three replies side by side
-        assert all(f"- **{label}:** {item[key]}" in markdown for key, label in (("base", "base"), ("sft", "SFT"),
-                                                                                 ("rlhf", "RLHF")))
+        assert all(
+            f"- **{label}:** {item[key]}" in markdown
+            for key, label in (("base", "base"), ("sft", "SFT"), ("rlhf", "RLHF"))
+        )
         assert f"<h4>SFT</h4><pre>{escape(item['sft'])}</pre>" in report
     pages = sorted(p.relative_to(root).as_posix() for p in (root / "rl").glob("iteration_*/train.html"))
     assert pages and all(f"<a href='{page}'>" in report and f"({page})" in markdown for page in pages)
     win_rates = [r for r in read_jsonl(root / "rl" / "metrics.jsonl") if "test/win_rate" in r]
     final_line = [line for line in _result.stdout.splitlines() if "final win rate" in line]
-    assert final_line == [f"[rlhfkit] final win rate vs the human-chosen replies: "
-                          f"{100 * win_rates[-1]['test/win_rate']:.1f}% ± {100 * win_rates[-1]['test/stderr']:.1f}% "
-                          f"at RL step {win_rates[-1]['step']} (step 0: {100 * win_rates[0]['test/win_rate']:.1f}%)"]
+    assert final_line == [
+        f"[rlhfkit] final win rate vs the human-chosen replies: "
+        f"{100 * win_rates[-1]['test/win_rate']:.1f}% ± {100 * win_rates[-1]['test/stderr']:.1f}% "
+        f"at RL step {win_rates[-1]['step']} (step 0: {100 * win_rates[0]['test/win_rate']:.1f}%)"
+    ]
     assert final_line[0].removeprefix("[rlhfkit] ") in markdown
     settings = json.loads((root / "pipeline_config.json").read_text())
     from rlhfkit.recipes.preference.rlhf.pipeline_config import parse_args
 
-    assert parse_args([f"config={root / 'pipeline_config.json'}"]) == parse_args(["preset=smoke",
-                                                                                 f"log_root={root}"])
+    assert parse_args([f"config={root / 'pipeline_config.json'}"]) == parse_args(["preset=smoke", f"log_root={root}"])
     assert settings["log_root"] == str(root)
     rl_config = json.loads((root / "rl" / "config.json").read_text())
     assert rl_config["dataset_builder"]["comparison_builder"]["max_chars"] == 300
@@ -103,8 +115,13 @@ def test_a_finished_pipeline_started_again_skips_every_stage(smoke_run):
     assert result.stdout.count("already finished") == 3
     assert final_metrics(root) == before
     assert json.loads((root / "pipeline_config.1.json").read_text()) == recorded
-    assert "kept in" in result.stdout and json.loads((root / "pipeline_config.json").read_text()) == \
-        {**recorded, "report": False, "wandb_name": "again", "run_dpo": False, "num_groups_to_log": 1}
+    assert "kept in" in result.stdout and json.loads((root / "pipeline_config.json").read_text()) == {
+        **recorded,
+        "report": False,
+        "wandb_name": "again",
+        "run_dpo": False,
+        "num_groups_to_log": 1,
+    }
 
 
 def test_changed_settings_on_a_run_folder_are_refused_or_continued_with_the_history_kept(smoke_run, tmp_path):
@@ -117,8 +134,16 @@ def test_changed_settings_on_a_run_folder_are_refused_or_continued_with_the_hist
     shutil.copy(reference / "pipeline_config.json", root)
     before = files_of(root)
     recorded = json.loads((root / "pipeline_config.json").read_text())
-    cmd = [sys.executable, "-m", "rlhfkit.recipes.preference.rlhf.rlhf_pipeline", "preset=smoke", f"log_root={root}",
-           "lora_rank=32", "sft_learning_rate=1", "report=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhfkit.recipes.preference.rlhf.rlhf_pipeline",
+        "preset=smoke",
+        f"log_root={root}",
+        "lora_rank=32",
+        "sft_learning_rate=1",
+        "report=false",
+    ]
     refused = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     line = refused.stderr.strip()
@@ -159,8 +184,14 @@ def test_killed_during_stage_2_resumes_with_the_same_results(smoke_run, tmp_path
 
 def test_tutorial_transcription_runs(tiny_model_dir, tmp_path):
     script = REPO / "examples" / "tutorial_407_rlhf_pipeline.py"
-    result = subprocess.run([sys.executable, str(script), tiny_model_dir, str(tmp_path), "2"], env=ENV, cwd=REPO,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(script), tiny_model_dir, str(tmp_path), "2"],
+        env=ENV,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "Stage 3 (RL) complete." in result.stdout
     assert "=== Base Model ===" in result.stdout and "=== RLHF Model ===" in result.stdout
@@ -215,8 +246,14 @@ def test_rl_stage_alone_with_a_kl_penalty_to_the_sft_policy(smoke_run, tmp_path)
 def test_reply_check_example_counts_the_runs_replies(smoke_run):
     root, _ = smoke_run
     script = REPO / "examples" / "reply_check.py"
-    result = subprocess.run([sys.executable, str(script), str(root), "--samples", "2", "--show", "1"], env=ENV,
-                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(script), str(root), "--samples", "2", "--show", "1"],
+        env=ENV,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     prompts = json.loads((root / "pipeline_config.json").read_text())["win_rate_prompts"]
     summary = result.stdout.splitlines()[0]
@@ -225,8 +262,17 @@ def test_reply_check_example_counts_the_runs_replies(smoke_run):
     assert 0 < replies <= 2 * prompts and replies % 2 == 0
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 def _chromium() -> str | None:
@@ -244,9 +290,19 @@ def test_report_renders_in_headless_chromium_with_its_plots(smoke_run, tmp_path)
 
     root, _ = smoke_run
     shot = tmp_path / "report.png"
-    subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,3000",
-                    f"--screenshot={shot}", (root / "report.html").resolve().as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            _chromium(),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,3000",
+            f"--screenshot={shot}",
+            (root / "report.html").resolve().as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.shape[:2] == (3000, 1200)
 
@@ -265,20 +321,57 @@ def test_eval_command_reproduces_the_runs_accuracy_and_win_rate(smoke_run, tmp_p
     root, _ = smoke_run
     cfg = json.loads((root / "pipeline_config.json").read_text())
     assert cfg["hh_data"] is None and cfg["hh_max_chars"] == 300  # the smoke preset's data: all offline splits
-    assert main(["eval", "pm", "--model", str(root / "rm"), "--n", str(cfg["pm_eval_size"]), "--max-chars", "300",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "pm",
+                "--model",
+                str(root / "rm"),
+                "--n",
+                str(cfg["pm_eval_size"]),
+                "--max-chars",
+                "300",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     got = json.loads((tmp_path / "pm_eval.json").read_text())["metrics"]
     assert got == json.loads((root / "rm" / "pm_eval.json").read_text())
     assert "Comparison 0" in (tmp_path / "pm_eval.html").read_text()
 
     # the last win rate the run measured: on the weights saved in the checkpoint of that step
-    step, win_rate = [(r["step"], r["test/win_rate"]) for r in read_jsonl(root / "rl" / "metrics.jsonl")
-                      if "test/win_rate" in r][-1]
+    step, win_rate = [
+        (r["step"], r["test/win_rate"]) for r in read_jsonl(root / "rl" / "metrics.jsonl") if "test/win_rate" in r
+    ][-1]
     assert step > 0
-    assert main(["eval", "winrate", "--judge", str(root / "rm"),
-                 "--policy", str(root / "rl" / "checkpoints" / f"{step:06d}" / "sampler"),
-                 "--n", str(cfg["win_rate_prompts"]), "--max-chars", "300", "--max-tokens", str(cfg["rl_max_tokens"]),
-                 "--seed", str(cfg["seed"]), "--reward-mode", cfg["reward_mode"], "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "winrate",
+                "--judge",
+                str(root / "rm"),
+                "--policy",
+                str(root / "rl" / "checkpoints" / f"{step:06d}" / "sampler"),
+                "--n",
+                str(cfg["win_rate_prompts"]),
+                "--max-chars",
+                "300",
+                "--max-tokens",
+                str(cfg["rl_max_tokens"]),
+                "--seed",
+                str(cfg["seed"]),
+                "--reward-mode",
+                cfg["reward_mode"],
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "winrate.json").read_text())
     assert result["metrics"]["win_rate"] == pytest.approx(win_rate, abs=1e-9)
     assert len(result["matchups"]) == cfg["win_rate_prompts"]
@@ -293,8 +386,16 @@ def test_rl_starts_from_named_sft_and_rm_checkpoints(smoke_run, tmp_path):
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         (peft_rm / name).write_bytes((final_rm / name).read_bytes())
     root = tmp_path / "named"
-    run_pipeline(root, "run_sft=false", "run_rm=false", "report=false", "rl_max_steps=1", "rl_kl_penalty_coef=0.5",
-                 f"sft_checkpoint={reference / 'sft'}", f"rm_checkpoint={peft_rm}")
+    run_pipeline(
+        root,
+        "run_sft=false",
+        "run_rm=false",
+        "report=false",
+        "rl_max_steps=1",
+        "rl_kl_penalty_coef=0.5",
+        f"sft_checkpoint={reference / 'sft'}",
+        f"rm_checkpoint={peft_rm}",
+    )
     assert not (root / "sft").exists() and not (root / "rm").exists()
     records = read_jsonl(root / "rl" / "metrics.jsonl")
     assert len(records) == 1 and abs(records[0]["kl_policy_base"]) < 1e-3  # sampled from the SFT weights
@@ -358,7 +459,9 @@ def test_out_of_distribution_splits_are_the_offline_splits_the_data_leaves_out()
     assert ood() == ()  # the smoke preset: all four splits
     assert ood("hh_data=harmless-base") == ("helpful-base", "helpful-online", "helpful-rejection-sampled")
     assert ood("pref_data=helpful-base, helpful-online", "hh_data=harmless-base") == (
-        "harmless-base", "helpful-rejection-sampled")  # pref_data wins over hh_data
+        "harmless-base",
+        "helpful-rejection-sampled",
+    )  # pref_data wins over hh_data
     assert ood("hh_data=harmless-base,helpful-base,helpful-online,helpful-rejection-sampled") == ()
 
 
@@ -380,11 +483,29 @@ def test_preference_model_is_evaluated_out_of_distribution_on_the_splits_it_neve
         assert 0 <= pm_eval[f"{prefix}/accuracy_symmetric"] <= 1 and 0 <= pm_eval[f"{prefix}/frac_A"] <= 1
     for data, prefix in (("harmless-base", "pm"), (splits, "ood")):
         out = tmp_path / prefix
-        assert main(["eval", "pm", "--model", str(root / "rm"), "--data", data, "--n", "6", "--max-chars", "300",
-                     "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "pm",
+                    "--model",
+                    str(root / "rm"),
+                    "--data",
+                    data,
+                    "--n",
+                    "6",
+                    "--max-chars",
+                    "300",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         expected = json.loads((out / "pm_eval.json").read_text())["metrics"]
         assert {f"{prefix}/{k.removeprefix('pm/')}": v for k, v in expected.items()} == {
-            k: v for k, v in pm_eval.items() if k.startswith(f"{prefix}/") and k != "ood/splits"}
+            k: v for k, v in pm_eval.items() if k.startswith(f"{prefix}/") and k != "ood/splits"
+        }
     report = (Path(write_report(root)["markdown"])).read_text()
     assert "### Judge: content or position?" in report
     assert f"| out of distribution ({splits}) | 6 | {100 * pm_eval['ood/accuracy']:.1f}% [" in report
@@ -400,8 +521,9 @@ def test_rl_over_two_seeds_gives_the_win_rate_gain_with_a_t_interval(smoke_run, 
     result = run_pipeline(root, "run_sft=false", "run_rm=false", "seeds=2")
     assert "stage rl_seed1: starting" in result.stdout and "win-rate gain over 2 seeds" in result.stdout
     # seed 0 is the run's own RL stage, exactly as in the single-seed run
-    assert without_timing(read_jsonl(root / "rl" / "metrics.jsonl")) == \
-        without_timing(read_jsonl(reference / "rl" / "metrics.jsonl"))
+    assert without_timing(read_jsonl(root / "rl" / "metrics.jsonl")) == without_timing(
+        read_jsonl(reference / "rl" / "metrics.jsonl")
+    )
     summary = json.loads((root / "seeds.json").read_text())
     runs = summary["runs"]
     assert [(r["folder"], r["seed"]) for r in runs] == [("rl", 0), ("rl_seed1", 1)] and summary["n"] == 2

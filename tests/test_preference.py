@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 
 from rlhfkit.paths import shared_data_dir
-from rlhfkit.preference.types import (Comparison, ComparisonRendererFromChatRenderer, LabeledComparison,
-                                      PreferenceModelFromChatRenderer)
+from rlhfkit.preference.types import (
+    Comparison,
+    ComparisonRendererFromChatRenderer,
+    LabeledComparison,
+    PreferenceModelFromChatRenderer,
+)
 from rlhfkit.recipes.preference import datasets as hh
 from rlhfkit.renderers import get_renderer
 
@@ -28,13 +32,18 @@ def renderer():
 
 def two_turn_comparison() -> Comparison:
     return Comparison(
-        prompt_conversation=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                             {"role": "user", "content": "Name a colour."}],
+        prompt_conversation=[
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Name a colour."},
+        ],
         completion_A=[{"role": "assistant", "content": "Blue."}],
-        completion_B=[{"role": "assistant", "content": "I won't."}])
+        completion_B=[{"role": "assistant", "content": "I won't."}],
+    )
 
 
 # --- types and rendering ---------------------------------------------------------------------------------
+
 
 def test_swap():
     c = two_turn_comparison()
@@ -53,7 +62,8 @@ def test_rendered_prompt_is_the_spec_text(renderer):
         "User: Hi\n\nAssistant: Hello!\n\nUser: Name a colour.\n\n"
         "System: ==== Completion A ====\n\nAssistant: Blue.\n\n"
         "System: ==== Completion B ====\n\nAssistant: I won't.\n\n"
-        "System: ==== Preference ====\n\nAssistant:")
+        "System: ==== Preference ====\n\nAssistant:"
+    )
 
 
 @pytest.mark.parametrize("label", ["A", "B"])
@@ -79,6 +89,7 @@ def test_training_datum_has_one_weighted_position_on_the_label(renderer, label):
 
 # --- HH-RLHF parsing ------------------------------------------------------------------------------------
 
+
 def test_parser_on_a_real_row():
     with gzip.open(HH_DIR / "helpful-base-test.jsonl.gz", "rt") as f:
         f.readline()
@@ -92,31 +103,43 @@ def test_parser_on_a_real_row():
     assert c.prompt_conversation[2]["content"] == "I am in Oregon."
     assert c.prompt_conversation[3]["content"].endswith("some of the common butterflies in Oregon")
     assert c.prompt_conversation[4]["content"] == "Great. What are some common species then?"
-    assert c.completion_A == [{"role": "assistant", "content": (
-        "About 150 species of butterflies live in Oregon, with about 100 species are moths, and about 20 "
-        "species are common here year-round, and another 10 species are seen here year-round.  I suggest you "
-        "keep an eye out for skippers, gossamer wings, and red admirals.")}]
+    assert c.completion_A == [
+        {
+            "role": "assistant",
+            "content": (
+                "About 150 species of butterflies live in Oregon, with about 100 species are moths, and about 20 "
+                "species are common here year-round, and another 10 species are seen here year-round.  I suggest you "
+                "keep an eye out for skippers, gossamer wings, and red admirals."
+            ),
+        }
+    ]
     assert c.completion_B[0]["role"] == "assistant"
     assert c.completion_B[0]["content"].startswith("Are you interested in just the common butterflies?")
     assert c.completion_B[0]["content"].endswith("because you have children?")
 
 
-@pytest.mark.parametrize("chosen, rejected", [
-    ("\n\nHuman: Hi\n\nAssistant: Hello", "\n\nHuman: Hi\n\nAssistant: Yo\n\nHuman: ok\n\nAssistant: bye"),
-    ("\n\nHuman: Hi\n\nAssistant: Hello", "\n\nHuman: Hey\n\nAssistant: Yo"),
-    ("\n\nHuman: Hi\n\nAssistant: Hello", "\n\nHuman: Hi\n\nAssistant:  Hello  "),
-    ("\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye", "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: See ya"),
-    ("Preamble\n\nHuman: Hi\n\nAssistant: Hello", "Preamble\n\nHuman: Hi\n\nAssistant: Yo"),
-], ids=["different-lengths", "prefixes-disagree", "identical-last", "last-not-assistant", "text-before-marker"])
+@pytest.mark.parametrize(
+    "chosen, rejected",
+    [
+        ("\n\nHuman: Hi\n\nAssistant: Hello", "\n\nHuman: Hi\n\nAssistant: Yo\n\nHuman: ok\n\nAssistant: bye"),
+        ("\n\nHuman: Hi\n\nAssistant: Hello", "\n\nHuman: Hey\n\nAssistant: Yo"),
+        ("\n\nHuman: Hi\n\nAssistant: Hello", "\n\nHuman: Hi\n\nAssistant:  Hello  "),
+        ("\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye", "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: See ya"),
+        ("Preamble\n\nHuman: Hi\n\nAssistant: Hello", "Preamble\n\nHuman: Hi\n\nAssistant: Yo"),
+    ],
+    ids=["different-lengths", "prefixes-disagree", "identical-last", "last-not-assistant", "text-before-marker"],
+)
 def test_parser_rejects_malformed_pairs(chosen, rejected):
     assert hh.hh_row_to_labeled_comparison({"chosen": chosen, "rejected": rejected}) is None
 
 
 def test_malformed_pairs_are_counted_and_one_is_logged_with_file_and_row(tmp_path, caplog):
     path = tmp_path / "pairs.jsonl"
-    rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Yo"},
-            {"chosen": "\n\nHuman: Hi\n\nAssistant: Same", "rejected": "\n\nHuman: Hi\n\nAssistant: Same"},
-            {"chosen": "\n\nHuman: A\n\nAssistant: B", "rejected": "\n\nHuman: C\n\nAssistant: D"}]
+    rows = [
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Yo"},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Same", "rejected": "\n\nHuman: Hi\n\nAssistant: Same"},
+        {"chosen": "\n\nHuman: A\n\nAssistant: B", "rejected": "\n\nHuman: C\n\nAssistant: D"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level(logging.WARNING):
         split = hh.split_hh_rlhf_rows(hh.load_hh_rlhf_rows([path]))
@@ -136,8 +159,11 @@ def test_bad_file_errors_name_file_row_and_field(tmp_path):
 def test_hh_data_names_offline_splits_or_files(tmp_path):
     assert hh.hh_data_files(None) is None and hh.hh_data_files("Anthropic/hh-rlhf") == "Anthropic/hh-rlhf"
     files = hh.hh_data_files("helpful-base, helpful-online," + str(tmp_path / "mine.jsonl"))
-    assert files == [shared_data_dir() / "hh-rlhf" / "helpful-base-test.jsonl.gz",
-                     shared_data_dir() / "hh-rlhf" / "helpful-online-test.jsonl.gz", tmp_path / "mine.jsonl"]
+    assert files == [
+        shared_data_dir() / "hh-rlhf" / "helpful-base-test.jsonl.gz",
+        shared_data_dir() / "hh-rlhf" / "helpful-online-test.jsonl.gz",
+        tmp_path / "mine.jsonl",
+    ]
     with pytest.raises(ValueError, match="'helpful' is neither an offline split"):
         hh.hh_data_files("helpful")
     helpful = hh.HHHComparisonBuilder(data_files=hh.hh_data_files("helpful-base"), test_size=10_000)
@@ -162,6 +188,7 @@ def test_hub_name_without_datasets_is_a_clear_error(monkeypatch):
 
 # --- the four-role split of the offline HH-RLHF rows -----------------------------------------------------
 
+
 def prompt_hashes(builder: hh.HHHComparisonBuilder, rows) -> set[str]:
     hashes = set()
     for row in rows:
@@ -175,14 +202,18 @@ def test_split_roles_are_disjoint_and_stable():
     rl = hh.HHHComparisonBuilder(role="rl", test_size=10_000)
     pm_train, pm_test = pm.get_train_and_test_datasets()
     rl_prompts, eval_prompts = rl.get_train_and_test_datasets()
-    roles = {name: prompt_hashes(pm, rows) for name, rows in
-             [("pm_train", pm_train), ("pm_test", pm_test), ("rl", rl_prompts), ("eval", eval_prompts)]}
+    roles = {
+        name: prompt_hashes(pm, rows)
+        for name, rows in [("pm_train", pm_train), ("pm_test", pm_test), ("rl", rl_prompts), ("eval", eval_prompts)]
+    }
     names = list(roles)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not roles[a] & roles[b], f"{a} and {b} share prompts"
-    opening = {name: {hh.split_key(r) for r in rows} for name, rows in
-               [("pm_train", pm_train), ("pm_test", pm_test), ("rl", rl_prompts), ("eval", eval_prompts)]}
+    opening = {
+        name: {hh.split_key(r) for r in rows}
+        for name, rows in [("pm_train", pm_train), ("pm_test", pm_test), ("rl", rl_prompts), ("eval", eval_prompts)]
+    }
     assert sum(len(s) for s in opening.values()) == len(set().union(*opening.values()))
 
     total = sum(len(rows) for rows in (pm_train, pm_test, rl_prompts, eval_prompts))
@@ -208,10 +239,14 @@ def test_role_of_uses_a_stable_hash():
 
 # --- user JSONL comparisons ------------------------------------------------------------------------------
 
+
 def test_comparison_builder_from_jsonl(tmp_path):
-    good = {"prompt_conversation": [{"role": "user", "content": "Q"}],
-            "completion_A": [{"role": "assistant", "content": "a"}],
-            "completion_B": [{"role": "assistant", "content": "b"}], "label": "B"}
+    good = {
+        "prompt_conversation": [{"role": "user", "content": "Q"}],
+        "completion_A": [{"role": "assistant", "content": "a"}],
+        "completion_B": [{"role": "assistant", "content": "b"}],
+        "label": "B",
+    }
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps(good) + "\n" + json.dumps({**good, "label": "A"}) + "\n")
     builder = hh.ComparisonBuilderFromJsonl(train)
@@ -229,6 +264,7 @@ def test_comparison_builder_from_jsonl(tmp_path):
 
 # --- the preference-model training data -----------------------------------------------------------------
 
+
 def polite_comparisons_file(tmp_path, n_rows=12):
     """A JSONL file of comparisons where the polite reply is preferred (the label names its side)."""
     polite = ["Thank you, happy to help.", "Sure, here is a kind answer.", "Of course, my pleasure."]
@@ -236,9 +272,14 @@ def polite_comparisons_file(tmp_path, n_rows=12):
     rows = []
     for i in range(n_rows):
         a, b, label = (polite[i % 3], rude[i % 3], "A") if i % 2 else (rude[i % 3], polite[i % 3], "B")
-        rows.append({"prompt_conversation": [{"role": "user", "content": f"Question number {i}?"}],
-                     "completion_A": [{"role": "assistant", "content": a}],
-                     "completion_B": [{"role": "assistant", "content": b}], "label": label})
+        rows.append(
+            {
+                "prompt_conversation": [{"role": "user", "content": f"Question number {i}?"}],
+                "completion_A": [{"role": "assistant", "content": a}],
+                "completion_B": [{"role": "assistant", "content": b}],
+                "label": label,
+            }
+        )
     path = tmp_path / "comparisons.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -268,8 +309,9 @@ def test_chat_dataset_builder_from_comparisons(tmp_path, renderer, caplog):
 
     # deterministic: a fresh builder gives the same datums
     again_test = ChatDatasetBuilderFromComparisons(config, hh.ComparisonBuilderFromJsonl(path, path))()[1]
-    assert [d.model_input.to_ints() for d in again_test.get_batch(0)] == \
-           [d.model_input.to_ints() for d in test.get_batch(0)]
+    assert [d.model_input.to_ints() for d in again_test.get_batch(0)] == [
+        d.model_input.to_ints() for d in test.get_batch(0)
+    ]
 
     # swap=True: both orders of every comparison, with opposite labels
     both = ChatDatasetBuilderFromComparisons(config, hh.ComparisonBuilderFromJsonl(path, path), swap=True)()[1]
@@ -286,11 +328,17 @@ def test_chat_dataset_builder_from_comparisons(tmp_path, renderer, caplog):
 
 # --- a trained tiny preference model ---------------------------------------------------------------------
 
+
 def filler_comparison(word: str, label: str, i: int) -> LabeledComparison:
     """The label follows the prompt's filler word ("yes" -> B, "no" -> A): easy for a tiny model to learn."""
-    return LabeledComparison(Comparison([{"role": "user", "content": " ".join([word] * 8)}],
-                                        [{"role": "assistant", "content": f"Reply {i}."}],
-                                        [{"role": "assistant", "content": f"Answer {i}."}]), label)
+    return LabeledComparison(
+        Comparison(
+            [{"role": "user", "content": " ".join([word] * 8)}],
+            [{"role": "assistant", "content": f"Reply {i}."}],
+            [{"role": "assistant", "content": f"Answer {i}."}],
+        ),
+        label,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -304,10 +352,16 @@ def trained_pm(tiny_model_dir, tmp_path_factory):
 
     renderer = get_renderer("role_colon", get_tokenizer(tiny_model_dir))
     comparison_renderer = ComparisonRendererFromChatRenderer(renderer)
-    labeled = [filler_comparison("yes", "B", 0), filler_comparison("no", "A", 1),
-               filler_comparison("yes", "B", 2), filler_comparison("no", "A", 3)]
-    data = [datum_from_model_input_weights(*comparison_renderer.to_model_input_weights(c), reduction="none")
-            for c in labeled[:2]]
+    labeled = [
+        filler_comparison("yes", "B", 0),
+        filler_comparison("no", "A", 1),
+        filler_comparison("yes", "B", 2),
+        filler_comparison("no", "A", 3),
+    ]
+    data = [
+        datum_from_model_input_weights(*comparison_renderer.to_model_input_weights(c), reduction="none")
+        for c in labeled[:2]
+    ]
     training_client = ServiceClient().create_lora_training_client(tiny_model_dir, rank=8, seed=0)
 
     def label_nll() -> float:
@@ -318,8 +372,9 @@ def trained_pm(tiny_model_dir, tmp_path_factory):
     steps = 20
     for step in range(steps):
         training_client.forward_backward(data, "cross_entropy").result()
-        training_client.optim_step(types.AdamParams(learning_rate=1e-2 * (1 - step / steps),
-                                                    grad_clip_norm=1.0)).result()
+        training_client.optim_step(
+            types.AdamParams(learning_rate=1e-2 * (1 - step / steps), grad_clip_norm=1.0)
+        ).result()
     nll_end = label_nll()
     sampling_client = training_client.save_weights_and_get_sampling_client()
     sampler_dir = tmp_path_factory.mktemp("pm") / "sampler"
@@ -357,8 +412,9 @@ def test_verdicts_and_probabilities_agree_and_batching_matches_single_calls(trai
     assert asyncio.run(pm.judge_batch(comparisons)) == [j.verdict for j in batched]
     assert asyncio.run(pm(comparisons[1])) == -1.0
     prob_pm = PreferenceModelFromChatRenderer(renderer, sampling_client, reward_mode="probability")
-    np.testing.assert_allclose(asyncio.run(prob_pm.judge_batch(comparisons)),
-                               [2 * j.p_b - 1 for j in batched], atol=1e-6)
+    np.testing.assert_allclose(
+        asyncio.run(prob_pm.judge_batch(comparisons)), [2 * j.p_b - 1 for j in batched], atol=1e-6
+    )
     np.testing.assert_allclose(asyncio.run(pm.probability_b(comparisons)), [j.p_b for j in batched], atol=1e-6)
 
     # concurrent single calls are gathered into one batch by the engine and give the same verdicts
@@ -369,8 +425,12 @@ def test_verdicts_and_probabilities_agree_and_batching_matches_single_calls(trai
 
 
 def test_pm_evaluator_metrics(trained_pm, tiny_model_dir):
-    from rlhfkit.preference.pm_eval import (PreferenceModelEvaluator, evaluate_preference_model, format_pm_eval,
-                                           wilson_interval)
+    from rlhfkit.preference.pm_eval import (
+        PreferenceModelEvaluator,
+        evaluate_preference_model,
+        format_pm_eval,
+        wilson_interval,
+    )
 
     renderer, sampling_client, labeled, _, _ = trained_pm
     # the filler rule ignores the A/B order, so each comparison is right in exactly one order
@@ -402,12 +462,16 @@ def test_symmetric_judge_combines_both_orders_and_ignores_position(trained_pm):
     pm = PreferenceModelFromChatRenderer(renderer, sampling_client)
     symmetric = PreferenceModelFromChatRenderer(renderer, sampling_client, reward_mode="symmetric")
     comparisons = [c.comparison for c in labeled]
-    given, swapped = asyncio.run(pm.judge_many(comparisons)), asyncio.run(pm.judge_many([c.swap() for c in comparisons]))
+    given, swapped = (
+        asyncio.run(pm.judge_many(comparisons)),
+        asyncio.run(pm.judge_many([c.swap() for c in comparisons])),
+    )
     expected = [2 * symmetric_p_b(a, b) - 1 for a, b in zip(given, swapped)]
     rewards = asyncio.run(symmetric.judge_batch(comparisons))
     np.testing.assert_allclose(rewards, expected, atol=1e-6)
-    np.testing.assert_allclose(asyncio.run(symmetric.judge_batch([c.swap() for c in comparisons])),
-                               [-r for r in rewards], atol=1e-6)  # order-free: swapping flips the sign only
+    np.testing.assert_allclose(
+        asyncio.run(symmetric.judge_batch([c.swap() for c in comparisons])), [-r for r in rewards], atol=1e-6
+    )  # order-free: swapping flips the sign only
     assert asyncio.run(symmetric(comparisons[0])) == pytest.approx(rewards[0], abs=1e-5)
     # the filler rule picks a side by the prompt, not the reply, so in both orders it names the same position
     # (high P(B) for "yes" prompts): the combined probability stays near 0.5, well below the one-order one
@@ -441,7 +505,5 @@ def test_preference_model_builder_loads_saved_sampler_weights(trained_pm, tiny_m
     renderer, sampling_client, labeled, _, sampler_path = trained_pm
     comparisons = [c.comparison for c in labeled]
     expected = asyncio.run(PreferenceModelFromChatRenderer(renderer, sampling_client).judge_many(comparisons))
-    pm = PreferenceModelBuilderFromChatRenderer("role_colon", tiny_model_dir, sampler_path,
-                                                reward_mode="probability")()
-    np.testing.assert_allclose(asyncio.run(pm.judge_batch(comparisons)), [2 * j.p_b - 1 for j in expected],
-                               atol=1e-5)
+    pm = PreferenceModelBuilderFromChatRenderer("role_colon", tiny_model_dir, sampler_path, reward_mode="probability")()
+    np.testing.assert_allclose(asyncio.run(pm.judge_batch(comparisons)), [2 * j.p_b - 1 for j in expected], atol=1e-5)

@@ -31,13 +31,23 @@ def ce_datum(tokens, weights=None):
 
 def is_datum(tokens, sampler_logprobs, advantage):
     n = len(tokens) - 1
-    return Datum(ModelInput.from_ints(tokens[:-1]),
-                 {"target_tokens": tokens[1:], "logprobs": sampler_logprobs[:n],
-                  "advantages": [0.0] * 2 + [advantage] * (n - 2)})
+    return Datum(
+        ModelInput.from_ints(tokens[:-1]),
+        {
+            "target_tokens": tokens[1:],
+            "logprobs": sampler_logprobs[:n],
+            "advantages": [0.0] * 2 + [advantage] * (n - 2),
+        },
+    )
 
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hi there, friend", "Data parallel training must equal one device.",
-         "Short ones are here too", "A somewhat longer sentence, so that shards differ in their token counts."]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hi there, friend",
+    "Data parallel training must equal one device.",
+    "Short ones are here too",
+    "A somewhat longer sentence, so that shards differ in their token counts.",
+]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -65,8 +75,10 @@ def _train(tc, tokenizer, steps=3):
     for _ in range(steps):
         tokens = [tokenizer.encode(t) for t in TEXTS]
         current = tc.forward(ce, "cross_entropy").result().loss_fn_outputs
-        data = [is_datum(t, (c["logprobs"].to_numpy() + 0.01).tolist(), float(rng.normal()))
-                for t, c in zip(tokens, current)]
+        data = [
+            is_datum(t, (c["logprobs"].to_numpy() + 0.01).tolist(), float(rng.normal()))
+            for t, c in zip(tokens, current)
+        ]
         losses.append(tc.forward_backward(data, "importance_sampling").result().metrics["loss:sum"])
         tc.optim_step(adam).result()
     return losses
@@ -112,24 +124,34 @@ def test_inference_engine_serves_adapters_like_the_local_sampler(ray_service, ti
         for g, w in zip(got.sequences, want.sequences):
             assert np.allclose(g.logprobs, w.logprobs, atol=1e-4)
         full = ModelInput.from_ints(prompt.to_ints() + want.sequences[0].tokens)
-        assert np.allclose(remote.compute_logprobs(full).result()[1:], local.compute_logprobs(full).result()[1:],
-                           atol=1e-4)
+        assert np.allclose(
+            remote.compute_logprobs(full).result()[1:], local.compute_logprobs(full).result()[1:], atol=1e-4
+        )
         candidates = tokenizer.encode(" A") + tokenizer.encode(" B")
 
         async def judged(client):
             return await client.score_next_token_async(prompt, candidates)
 
-        assert np.allclose(asyncio.run(judged(remote)).candidate_logprobs,
-                           asyncio.run(judged(local)).candidate_logprobs, atol=1e-4)
+        assert np.allclose(
+            asyncio.run(judged(remote)).candidate_logprobs, asyncio.run(judged(local)).candidate_logprobs, atol=1e-4
+        )
 
 
 # -------------------------------------------------------------------------------------------------
 # A two-node cluster on this machine (loopback addresses 127.0.0.2 and 127.0.0.3, one CPU each)
 
 REPO = Path(__file__).resolve().parent.parent
-CLUSTER_ENV = {**os.environ, "RLHFKIT_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0",
-               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(REPO), "RLHFKIT_INFERENCE_ENGINE": "torch"}  # the tiny Qwen2: head size 16
+CLUSTER_ENV = {
+    **os.environ,
+    "RLHFKIT_DTYPE": "float32",
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONHASHSEED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": str(REPO),
+    "RLHFKIT_INFERENCE_ENGINE": "torch",
+}  # the tiny Qwen2: head size 16
 
 
 def _free_port(host: str) -> int:
@@ -178,11 +200,28 @@ def two_node_cluster(tmp_path_factory):
     port = _free_port("127.0.0.2")
     common = ["--num-cpus=1", "--object-store-memory=100000000", f"--temp-dir={temp}", "--disable-usage-stats"]
     try:
-        subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.2",
-                        "--include-dashboard=false", *common], env=CLUSTER_ENV, check=True, capture_output=True,
-                       timeout=180)
-        subprocess.run([ray_cli, "start", f"--address=127.0.0.2:{port}", "--node-ip-address=127.0.0.3", *common],
-                       env=CLUSTER_ENV, check=True, capture_output=True, timeout=180)
+        subprocess.run(
+            [
+                ray_cli,
+                "start",
+                "--head",
+                f"--port={port}",
+                "--node-ip-address=127.0.0.2",
+                "--include-dashboard=false",
+                *common,
+            ],
+            env=CLUSTER_ENV,
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
+        subprocess.run(
+            [ray_cli, "start", f"--address=127.0.0.2:{port}", "--node-ip-address=127.0.0.3", *common],
+            env=CLUSTER_ENV,
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
         yield f"127.0.0.2:{port}"
     finally:
         _stop_cluster(str(temp))
@@ -192,8 +231,16 @@ def two_node_cluster(tmp_path_factory):
 # about 1.5 minutes here (cluster start 16 s, pipeline 64 s, stop 6 s)
 def test_two_node_cluster_runs_the_smoke_pipeline(two_node_cluster, tmp_path):
     root = tmp_path / "smoke"
-    command = [sys.executable, "-m", "rlhfkit.recipes.preference.rlhf.rlhf_pipeline", "preset=smoke",
-               f"log_root={root}", "backend=ray", f"ray_address={two_node_cluster}", "num_train_workers=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "rlhfkit.recipes.preference.rlhf.rlhf_pipeline",
+        "preset=smoke",
+        f"log_root={root}",
+        "backend=ray",
+        f"ray_address={two_node_cluster}",
+        "num_train_workers=2",
+    ]
     result = subprocess.run(command, env=CLUSTER_ENV, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert (root / "report.html").exists() and (root / "report.md").exists()
@@ -234,10 +281,18 @@ def test_a_killed_driver_resumes_on_ray_without_gap_or_duplicate(tiny_model_dir,
 
     temp = tempfile.mkdtemp(prefix="rlhfkit-ray-")  # the children's private Ray instances live here
     try:
-        kill_and_resume(tmp_path / "rl", tiny_model_dir, {"RLHFKIT_BACKEND": "ray", "RLHFKIT_NUM_TRAIN_WORKERS": "2",
-                                                          "RLHFKIT_INFERENCE_ENGINE": "torch", "RAY_TMPDIR": temp,
-                                                          "PYTHONPATH": str(REPO)},
-                        timeout=300)
+        kill_and_resume(
+            tmp_path / "rl",
+            tiny_model_dir,
+            {
+                "RLHFKIT_BACKEND": "ray",
+                "RLHFKIT_NUM_TRAIN_WORKERS": "2",
+                "RLHFKIT_INFERENCE_ENGINE": "torch",
+                "RAY_TMPDIR": temp,
+                "PYTHONPATH": str(REPO),
+            },
+            timeout=300,
+        )
     finally:  # a SIGKILLed driver's private Ray instance leaves its agent processes behind
         _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)

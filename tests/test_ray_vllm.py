@@ -33,8 +33,14 @@ def ray_service(storage: str) -> ServiceClient:
     from rlhfkit.engine.ray_cluster import connect
 
     connect(None)
-    return ServiceClient(backend="ray", inference_engine="vllm", num_train_workers=1, num_samplers=1,
-                         dtype="float32", storage_dir=storage)
+    return ServiceClient(
+        backend="ray",
+        inference_engine="vllm",
+        num_train_workers=1,
+        num_samplers=1,
+        dtype="float32",
+        storage_dir=storage,
+    )
 
 
 def stop_ray() -> None:
@@ -49,22 +55,32 @@ def setup(tmp_path_factory):
     from test_vllm_inference import trained_adapter
 
     vllm_or_skip()
-    model_dir = str(build_tiny_architecture(tmp_path_factory.mktemp("llama"), "llama", hidden_size=256,
-                                            overrides={"tie_word_embeddings": True}))
+    model_dir = str(
+        build_tiny_architecture(
+            tmp_path_factory.mktemp("llama"), "llama", hidden_size=256, overrides={"tie_word_embeddings": True}
+        )
+    )
     local = ServiceClient(dtype="float32", storage_dir=str(tmp_path_factory.mktemp("storage")))
     tokenizer = local.create_sampling_client(base_model=model_dir).get_tokenizer()
-    adapters = {name: trained_adapter(local, model_dir, tokenizer, name, text, seed)
-                for name, text, seed in (("policy", "The quick brown fox jumps over the lazy dog.", 1),
-                                         ("judge", "A: yes. B: no. The better reply is A", 2),
-                                         ("reference", "Once upon a time there was a tiny model.", 3))}
+    adapters = {
+        name: trained_adapter(local, model_dir, tokenizer, name, text, seed)
+        for name, text, seed in (
+            ("policy", "The quick brown fox jumps over the lazy dog.", 1),
+            ("judge", "A: yes. B: no. The better reply is A", 2),
+            ("reference", "Once upon a time there was a tiny model.", 3),
+        )
+    }
     remote = ray_service(str(tmp_path_factory.mktemp("ray-storage")))
     yield remote, local, tokenizer, model_dir, adapters
     stop_ray()
 
 
 def clients(service, model_dir, adapters, name):
-    return (service.create_sampling_client(model_path=adapters[name]) if name
-            else service.create_sampling_client(base_model=model_dir))
+    return (
+        service.create_sampling_client(model_path=adapters[name])
+        if name
+        else service.create_sampling_client(base_model=model_dir)
+    )
 
 
 def test_adapters_on_one_vllm_engine_match_the_local_backend(setup):
@@ -87,7 +103,7 @@ def test_adapters_on_one_vllm_engine_match_the_local_backend(setup):
             assert len(seq.tokens) == 10 and seq.stop_reason == "length"
             full = ModelInput.from_ints(prompt.to_ints() + seq.tokens)
             expected = local_clients[name].compute_logprobs(full).result()
-            assert seq.logprobs == pytest.approx(expected[prompt.length:], abs=TOLERANCE), name
+            assert seq.logprobs == pytest.approx(expected[prompt.length :], abs=TOLERANCE), name
             # compute_logprobs on the Ray backend: the pool's torch engine (vLLM's prompt logprobs crash with LoRA)
             served = remote_clients[name].compute_logprobs(full).result()
             assert served[0] is None and served[1:] == pytest.approx(expected[1:], abs=1e-4), name
@@ -95,8 +111,10 @@ def test_adapters_on_one_vllm_engine_match_the_local_backend(setup):
         async def judge_both(client):
             return await asyncio.gather(*(client.score_next_token_async(p, candidates) for p in judged))
 
-        for got, want in zip(asyncio.run(judge_both(remote_clients[name])),
-                             local_clients[name].score_next_token_batch(judged, candidates)):
+        for got, want in zip(
+            asyncio.run(judge_both(remote_clients[name])),
+            local_clients[name].score_next_token_batch(judged, candidates),
+        ):
             assert got.argmax_token == want.argmax_token
             assert got.candidate_logprobs == pytest.approx(want.candidate_logprobs, abs=TOLERANCE), name
     after = ray.get(engine.health.remote())
@@ -125,8 +143,10 @@ def test_a_vllm_engine_killed_mid_request_is_replaced_and_the_request_completes(
         return actor, load, ref
 
     monkeypatch.setattr(pool, "_submit", submit_then_kill)
-    prompts = [ModelInput.from_ints(tokenizer.encode(t)) for t in
-               ("Once upon a time", "The quick brown fox", "A: yes. B: no.", "Hello there")]
+    prompts = [
+        ModelInput.from_ints(tokenizer.encode(t))
+        for t in ("Once upon a time", "The quick brown fox", "A: yes. B: no.", "Hello there")
+    ]
     params = SamplingParams(max_tokens=96, temperature=1.0, stop=[], seed=7)
 
     async def iteration():
@@ -141,7 +161,7 @@ def test_a_vllm_engine_killed_mid_request_is_replaced_and_the_request_completes(
             assert len(seq.tokens) == 96
             full = ModelInput.from_ints(prompt.to_ints() + seq.tokens)
             expected = local_policy.compute_logprobs(full).result()
-            assert seq.logprobs == pytest.approx(expected[prompt.length:], abs=TOLERANCE)
+            assert seq.logprobs == pytest.approx(expected[prompt.length :], abs=TOLERANCE)
 
 
 # about 2 minutes here (a vLLM engine start, the three smoke stages)
@@ -157,13 +177,23 @@ def test_the_smoke_pipeline_runs_on_ray_with_a_vllm_engine(tmp_path):
     from rlhfkit.utils.atomic import read_jsonl
 
     vllm_or_skip()
-    model_dir = build_tiny_architecture(tmp_path / "llama", "llama", hidden_size=256,
-                                        overrides={"tie_word_embeddings": True})
+    model_dir = build_tiny_architecture(
+        tmp_path / "llama", "llama", hidden_size=256, overrides={"tie_word_embeddings": True}
+    )
     temp = tempfile.mkdtemp(prefix="rlhfkit-ray-")  # the pipeline's private Ray instance lives here
     root = tmp_path / "smoke"
-    command = [sys.executable, "-m", "rlhfkit.recipes.preference.rlhf.rlhf_pipeline", "preset=smoke",
-               f"base_model={model_dir}", f"log_root={root}", "backend=ray", "inference_engine=vllm",
-               "num_train_workers=1", "report=false"]
+    command = [
+        sys.executable,
+        "-m",
+        "rlhfkit.recipes.preference.rlhf.rlhf_pipeline",
+        "preset=smoke",
+        f"base_model={model_dir}",
+        f"log_root={root}",
+        "backend=ray",
+        "inference_engine=vllm",
+        "num_train_workers=1",
+        "report=false",
+    ]
     env = {**CLUSTER_ENV, "RAY_TMPDIR": temp, "RLHFKIT_VLLM_PYTHON": vllm_python(), "RLHFKIT_VLLM_KV_GB": "1"}
     try:
         result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)

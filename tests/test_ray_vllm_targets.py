@@ -24,8 +24,9 @@ def test_an_adapter_vllm_cannot_apply_stops_before_training(tmp_path):
             remote.create_lora_training_client(model_dir, rank=8, seed=1)  # train_unembed=True by default
         trainer = remote.create_lora_training_client(model_dir, rank=8, seed=1, train_unembed=False)
         tokens = trainer.get_tokenizer().encode("The quick brown fox jumps over the lazy dog.")
-        datum = Datum(ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:],
-                                                         "weights": [1.0] * (len(tokens) - 1)})
+        datum = Datum(
+            ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}
+        )
         prompt = ModelInput.from_ints(tokens[:4])
         params = SamplingParams(max_tokens=8, temperature=1.0, stop=[], seed=3)
         local = ServiceClient(dtype="float32")
@@ -36,9 +37,12 @@ def test_an_adapter_vllm_cannot_apply_stops_before_training(tmp_path):
             sampler = trainer.save_weights_and_get_sampling_client()
             adapter_ids.append(sampler.adapter_id)
             seq = sampler.sample(prompt, 1, params).result().sequences[0]
-            expected = local.create_sampling_client(model_path=sampler.adapter_path).compute_logprobs(
-                ModelInput.from_ints(prompt.to_ints() + seq.tokens)).result()
-            assert seq.logprobs == pytest.approx(expected[prompt.length:], abs=TOLERANCE)
+            expected = (
+                local.create_sampling_client(model_path=sampler.adapter_path)
+                .compute_logprobs(ModelInput.from_ints(prompt.to_ints() + seq.tokens))
+                .result()
+            )
+            assert seq.logprobs == pytest.approx(expected[prompt.length :], abs=TOLERANCE)
         assert len(set(adapter_ids)) == 2
     finally:
         stop_ray()

@@ -42,9 +42,19 @@ def trained_text(tokenizer, model_input, weights):
 
 def test_worked_example_tokens_and_weights(tokenizer, role_colon):
     # The spec's table (2.5): each piece is tokenised on its own, with its weight.
-    pieces = [("System:", 0), (" Be brief.\n\n", 0), ("User:", 0), (" Hi\n\n", 0), ("Assistant:", 0),
-              (" Hello!\n\n", 1), ("User:", 0), (" Bye\n\n", 0), ("Assistant:", 0), (" Goodbye.\n\n", 1),
-              ("User:", 1)]
+    pieces = [
+        ("System:", 0),
+        (" Be brief.\n\n", 0),
+        ("User:", 0),
+        (" Hi\n\n", 0),
+        ("Assistant:", 0),
+        (" Hello!\n\n", 1),
+        ("User:", 0),
+        (" Bye\n\n", 0),
+        ("Assistant:", 0),
+        (" Goodbye.\n\n", 1),
+        ("User:", 1),
+    ]
     expected_tokens, expected_weights = [], []
     for text, w in pieces:
         ids = tokenizer.encode(text, add_special_tokens=False)
@@ -54,18 +64,24 @@ def test_worked_example_tokens_and_weights(tokenizer, role_colon):
     assert model_input.to_ints() == expected_tokens
     assert list(weights) == expected_weights
     assert tokenizer.decode(model_input.to_ints()) == (
-        "System: Be brief.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: Bye\n\nAssistant: Goodbye.\n\nUser:")
+        "System: Be brief.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: Bye\n\nAssistant: Goodbye.\n\nUser:"
+    )
 
 
-@pytest.mark.parametrize("mode, expected", [
-    (TrainOnWhat.LAST_ASSISTANT_MESSAGE, [" Goodbye.\n\nUser:"]),
-    (TrainOnWhat.LAST_ASSISTANT_TURN, [" Goodbye.\n\nUser:"]),
-    (TrainOnWhat.ALL_ASSISTANT_MESSAGES, [" Hello!\n\n", " Goodbye.\n\nUser:"]),
-    (TrainOnWhat.ALL_MESSAGES, [" Be brief.\n\n", " Hi\n\n", " Hello!\n\n", " Bye\n\n", " Goodbye.\n\nUser:"]),
-    (TrainOnWhat.ALL_TOKENS, ["System: Be brief.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: Bye\n\n"
-                              "Assistant: Goodbye.\n\nUser:"]),
-    (TrainOnWhat.ALL_USER_AND_SYSTEM_MESSAGES, [" Be brief.\n\n", " Hi\n\n", " Bye\n\n"]),
-])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        (TrainOnWhat.LAST_ASSISTANT_MESSAGE, [" Goodbye.\n\nUser:"]),
+        (TrainOnWhat.LAST_ASSISTANT_TURN, [" Goodbye.\n\nUser:"]),
+        (TrainOnWhat.ALL_ASSISTANT_MESSAGES, [" Hello!\n\n", " Goodbye.\n\nUser:"]),
+        (TrainOnWhat.ALL_MESSAGES, [" Be brief.\n\n", " Hi\n\n", " Hello!\n\n", " Bye\n\n", " Goodbye.\n\nUser:"]),
+        (
+            TrainOnWhat.ALL_TOKENS,
+            ["System: Be brief.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: Bye\n\nAssistant: Goodbye.\n\nUser:"],
+        ),
+        (TrainOnWhat.ALL_USER_AND_SYSTEM_MESSAGES, [" Be brief.\n\n", " Hi\n\n", " Bye\n\n"]),
+    ],
+)
 def test_train_on_what_modes(tokenizer, role_colon, mode, expected):
     model_input, weights = role_colon.build_supervised_example(CONVO, mode)
     assert trained_text(tokenizer, model_input, weights) == expected
@@ -109,13 +125,16 @@ def test_bos_prepended_only_when_defined(tokenizer):
     assert list(weights[: len(bos)]) == [0] * len(bos)
 
 
-@pytest.mark.parametrize("text, eos, content, termination", [
-    (" Some answer.\n\nUser:", False, "Some answer.", ParseTermination.STOP_SEQUENCE),
-    ("Answer", True, "Answer", ParseTermination.EOS),
-    (" Cut off mid", False, "Cut off mid", ParseTermination.MALFORMED),
-    (" Answer\n\nUser:", True, "Answer", ParseTermination.MALFORMED),
-    (" One\n\nUser: more\n\nUser:", False, "One", ParseTermination.MALFORMED),
-])
+@pytest.mark.parametrize(
+    "text, eos, content, termination",
+    [
+        (" Some answer.\n\nUser:", False, "Some answer.", ParseTermination.STOP_SEQUENCE),
+        ("Answer", True, "Answer", ParseTermination.EOS),
+        (" Cut off mid", False, "Cut off mid", ParseTermination.MALFORMED),
+        (" Answer\n\nUser:", True, "Answer", ParseTermination.MALFORMED),
+        (" One\n\nUser: more\n\nUser:", False, "One", ParseTermination.MALFORMED),
+    ],
+)
 def test_parse_response(tokenizer, role_colon, text, eos, content, termination):
     tokens = tokenizer.encode(text, add_special_tokens=False) + ([tokenizer.eos_token_id] if eos else [])
     message, got = role_colon.parse_response(tokens)
@@ -139,17 +158,21 @@ def test_chat_template_renderer(tokenizer):
     assert renderer.get_stop_sequences() == [im_end]
     model_input, weights = renderer.build_supervised_example(CONVO, TrainOnWhat.ALL_ASSISTANT_MESSAGES)
     text = tokenizer.decode(model_input.to_ints())
-    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                    "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
-                    "<|im_start|>assistant\nGoodbye.<|im_end|>")
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+        "<|im_start|>assistant\nGoodbye.<|im_end|>"
+    )
     assert trained_text(tokenizer, model_input, weights) == ["Hello!<|im_end|>", "Goodbye.<|im_end|>"]
     # the generation prompt is exactly the prefix that precedes the trained reply
     prompt = renderer.build_generation_prompt(CONVO[:4]).to_ints()
     assert model_input.to_ints()[: len(prompt)] == prompt
     assert tokenizer.decode(prompt).endswith("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n")
     reply = tokenizer.encode("Goodbye.", add_special_tokens=False)
-    assert renderer.parse_response(reply + [im_end]) == ({"role": "assistant", "content": "Goodbye."},
-                                                         ParseTermination.STOP_SEQUENCE)
+    assert renderer.parse_response(reply + [im_end]) == (
+        {"role": "assistant", "content": "Goodbye."},
+        ParseTermination.STOP_SEQUENCE,
+    )
     assert renderer.parse_response(reply)[1] == ParseTermination.MALFORMED
 
 
@@ -172,7 +195,8 @@ QWEN3_STYLE_TEMPLATE = (  # ChatML that refuses a system message anywhere but fi
     "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
     "{{ raise_exception('System message must be at the beginning.') }}{% endif %}"
     "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @pytest.mark.parametrize("template", ["qwen2", "qwen3_style"])
@@ -189,14 +213,22 @@ def test_chat_template_renders_the_comparison_separators_as_user_text(tokenizer,
         tok.chat_template = QWEN3_STYLE_TEMPLATE
     renderer = get_renderer("chat_template", tok)
     assert renderer.later_system_role == "user"
-    comparison = Comparison([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "a"}],
-                            [{"role": "assistant", "content": "b"}])
+    comparison = Comparison(
+        [{"role": "user", "content": "Q"}],
+        [{"role": "assistant", "content": "a"}],
+        [{"role": "assistant", "content": "b"}],
+    )
     comparisons = ComparisonRendererFromChatRenderer(renderer)
     prompt = tok.decode(comparisons.build_generation_prompt(comparison).to_ints())
     for separator in ("==== Completion A ====", "==== Completion B ====", "==== Preference ===="):
         assert f"<|im_start|>user\n{separator}<|im_end|>" in prompt
-    assert prompt.index("Completion A") < prompt.index("\na<|im_end|>") < prompt.index("Completion B") \
-        < prompt.index("\nb<|im_end|>") < prompt.index("Preference")
+    assert (
+        prompt.index("Completion A")
+        < prompt.index("\na<|im_end|>")
+        < prompt.index("Completion B")
+        < prompt.index("\nb<|im_end|>")
+        < prompt.index("Preference")
+    )
     assert prompt.endswith("<|im_start|>assistant\n")
     model_input, weights = comparisons.to_model_input_weights(LabeledComparison(comparison, "B"))
     assert list(weights).count(1) == 1 and weights[-1] == 1

@@ -26,9 +26,15 @@ from rlhfkit.preference.types import Comparison, LabeledComparison, PreferenceMo
 from rlhfkit.renderers import ParseTermination, RoleColonRenderer, get_renderer
 from rlhfkit.rl import train
 from rlhfkit.rl.data_processing import assemble_training_data, compute_advantages, trajectory_to_data
-from rlhfkit.rl.preference_envs import (PairwisePreferenceDataset, PairwisePreferenceGroupBuilder,
-                                        PairwisePreferenceRLDatasetBuilder, PreferenceEnv, TournamentPattern,
-                                        get_pairs, get_pairs_chunked)
+from rlhfkit.rl.preference_envs import (
+    PairwisePreferenceDataset,
+    PairwisePreferenceGroupBuilder,
+    PairwisePreferenceRLDatasetBuilder,
+    PreferenceEnv,
+    TournamentPattern,
+    get_pairs,
+    get_pairs_chunked,
+)
 from rlhfkit.rl.rollouts import score_group
 from rlhfkit.rl.types import RLDatasetBuilder, Trajectory, Transition
 from rlhfkit.tokenizer_utils import get_tokenizer
@@ -117,9 +123,14 @@ class PromptRows:
         return self.rows, None
 
     def example_to_labeled_comparison(self, row):
-        return LabeledComparison(Comparison([{"role": "user", "content": row["prompt"]}],
-                                            [{"role": "assistant", "content": "a"}],
-                                            [{"role": "assistant", "content": "b"}]), "A")
+        return LabeledComparison(
+            Comparison(
+                [{"role": "user", "content": row["prompt"]}],
+                [{"role": "assistant", "content": "a"}],
+                [{"role": "assistant", "content": "b"}],
+            ),
+            "A",
+        )
 
 
 class ShortRepliesDatasetBuilder(RLDatasetBuilder):
@@ -132,15 +143,27 @@ class ShortRepliesDatasetBuilder(RLDatasetBuilder):
     async def __call__(self):
         prompts = PromptRows(self.n_rows)
         renderer = StopTokenRenderer(get_tokenizer(self.model_dir))
-        dataset = PairwisePreferenceDataset(prompts, prompts.rows, self.batch_size, renderer,
-                                            ShorterIsBetterJudge(self.judge_delay), group_size=4)
+        dataset = PairwisePreferenceDataset(
+            prompts, prompts.rows, self.batch_size, renderer, ShorterIsBetterJudge(self.judge_delay), group_size=4
+        )
         return dataset, None
 
 
 def rl_config(log_path: str, model_dir: str, max_steps: int, **overrides) -> train.Config:
-    settings = dict(learning_rate=1e-2, dataset_builder=ShortRepliesDatasetBuilder(model_dir, 2, 64),
-                    model_name=model_dir, recipe_name="test_rl", max_tokens=12, log_path=log_path,
-                    lora_rank=8, eval_every=0, save_every=0, seed=0, max_steps=max_steps, policy_kl_num_sequences=8)
+    settings = dict(
+        learning_rate=1e-2,
+        dataset_builder=ShortRepliesDatasetBuilder(model_dir, 2, 64),
+        model_name=model_dir,
+        recipe_name="test_rl",
+        max_tokens=12,
+        log_path=log_path,
+        lora_rank=8,
+        eval_every=0,
+        save_every=0,
+        seed=0,
+        max_steps=max_steps,
+        policy_kl_num_sequences=8,
+    )
     settings.update(overrides)
     return train.Config(**settings)
 
@@ -173,7 +196,19 @@ def stop_model_dir(tiny_model_dir, tmp_path_factory):
 
 def test_tournament_pairs():
     assert get_pairs(4, TournamentPattern.ALL_PAIRS_BOTH_WAYS) == [
-        (0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3), (2, 0), (2, 1), (2, 3), (3, 0), (3, 1), (3, 2)]
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (1, 0),
+        (1, 2),
+        (1, 3),
+        (2, 0),
+        (2, 1),
+        (2, 3),
+        (3, 0),
+        (3, 1),
+        (3, 2),
+    ]
     assert get_pairs(4, TournamentPattern.ALL_PAIRS_ONE_WAY) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
     chunked = get_pairs_chunked(10, TournamentPattern.ALL_PAIRS_BOTH_WAYS, 4)
     assert len(chunked) == 12 + 12 + 2  # chunks {0..3}, {4..7}, {8, 9}
@@ -195,13 +230,19 @@ def test_worked_example_rewards_and_advantages(tiny_model_dir):
     replies = ["Blue.", "Red, because red is the colour of", "Green!", "Yellow."]
     trajectories = [_trajectory(renderer, " " + r, stop=(k != 1)) for k, r in enumerate(replies)]
     judge = RankingJudge([replies[2], replies[0], replies[3], replies[1]])
-    builder = PairwisePreferenceGroupBuilder([{"role": "user", "content": "Pick a colour."}], renderer,
-                                            TournamentPattern.ALL_PAIRS_BOTH_WAYS, judge, num_envs=4)
+    builder = PairwisePreferenceGroupBuilder(
+        [{"role": "user", "content": "Pick a colour."}],
+        renderer,
+        TournamentPattern.ALL_PAIRS_BOTH_WAYS,
+        judge,
+        num_envs=4,
+    )
     group = asyncio.run(score_group(builder, [], trajectories))
 
     assert len(judge.batches) == 1 and len(judge.batches[0]) == 12  # one batched call with all 12 matchups
-    assert [(_content(c.completion_A), _content(c.completion_B)) for c in judge.batches[0]] == \
-        [(replies[i], replies[j]) for i, j in get_pairs(4, TournamentPattern.ALL_PAIRS_BOTH_WAYS)]
+    assert [(_content(c.completion_A), _content(c.completion_B)) for c in judge.batches[0]] == [
+        (replies[i], replies[j]) for i, j in get_pairs(4, TournamentPattern.ALL_PAIRS_BOTH_WAYS)
+    ]
     assert [m["format"] for m in group.metrics_G] == [1.0, 0.0, 1.0, 1.0]
     assert [m["win_minus_loss"] for m in group.metrics_G] == pytest.approx([1 / 3, -1, 1, -1 / 3], abs=1e-12)
     assert group.get_total_rewards() == pytest.approx([1 / 3, -2.0, 1.0, -1 / 3], abs=1e-12)
@@ -240,8 +281,9 @@ def test_kl_penalty_centres_and_discounts(tiny_model_dir):
             added = datum.loss_fn_inputs["advantages"].to_numpy() - adv * m
             penalty = 0.1 * m * (mean_kl - x)
             if gamma:  # each action position gets the discounted sum of the penalties from there on
-                penalty = m * np.array([sum(gamma ** k * penalty[t + k] for k in range(len(penalty) - t))
-                                        for t in range(len(penalty))])
+                penalty = m * np.array(
+                    [sum(gamma**k * penalty[t + k] for k in range(len(penalty) - t)) for t in range(len(penalty))]
+                )
             assert added == pytest.approx(penalty, abs=1e-5)
 
 
@@ -249,9 +291,14 @@ def test_rl_dataset_from_hhh_prompts(tiny_model_dir):
     from rlhfkit.recipes.preference.datasets import HHHComparisonBuilder
 
     judge = AlwaysAJudge()
-    builder = PairwisePreferenceRLDatasetBuilder(HHHComparisonBuilder(role="rl"), batch_size=8,
-                                                 policy_renderer_name="role_colon", policy_model_name=tiny_model_dir,
-                                                 preference_model_builder=JudgeBuilder(judge), group_size=4)
+    builder = PairwisePreferenceRLDatasetBuilder(
+        HHHComparisonBuilder(role="rl"),
+        batch_size=8,
+        policy_renderer_name="role_colon",
+        policy_model_name=tiny_model_dir,
+        preference_model_builder=JudgeBuilder(judge),
+        group_size=4,
+    )
     dataset, test = asyncio.run(builder())
     assert test is None and len(dataset) > 100
     groups = dataset.get_batch(3)
@@ -283,8 +330,9 @@ def _mean_reply_length(model_dir: str, sampler_path: str, n: int = 32) -> float:
 def test_rl_shortens_replies_under_a_shorter_is_better_judge(stop_model_dir, tmp_path):
     log_path = tmp_path / "rl"
     evaluator_builder = lambda: _evaluator(stop_model_dir, ShorterIsBetterJudge(), [("Say hi.", "x" * 500)])
-    train.main(rl_config(str(log_path), stop_model_dir, max_steps=3, evaluator_builders=[evaluator_builder],
-                         eval_every=2))
+    train.main(
+        rl_config(str(log_path), stop_model_dir, max_steps=3, evaluator_builders=[evaluator_builder], eval_every=2)
+    )
     records = read_jsonl(log_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]
 
@@ -299,8 +347,17 @@ def test_rl_shortens_replies_under_a_shorter_is_better_judge(stop_model_dir, tmp
     for r in records:  # on-policy: the trainer's logprobs equal the sampler's, so the IS ratio is 1
         assert r["optim/first_substep_max_abs_logratio"] < 1e-4
         assert abs(r["optim/kl_sample_train_v1"]) < 1e-5
-        for key in ("env/all/frac_truncated", "kl/policy_vs_init", "time/sample", "time/judge", "time/train",
-                    "env/all/win_minus_loss", "env/all/format", "env/all/reward/total", "optim/entropy"):
+        for key in (
+            "env/all/frac_truncated",
+            "kl/policy_vs_init",
+            "time/sample",
+            "time/judge",
+            "time/train",
+            "env/all/win_minus_loss",
+            "env/all/format",
+            "env/all/reward/total",
+            "optim/entropy",
+        ):
             assert key in r
     assert records[0]["kl/policy_vs_init"] == pytest.approx(0.0, abs=1e-4)  # step 0 samples the initial weights
     assert records[-1]["kl/policy_vs_init"] > 0.05
@@ -338,8 +395,10 @@ def kill_and_resume(log_path: Path, model_dir: str, env: dict[str, str], timeout
     # The iteration before the checkpoint was not re-run; the one after it was.
     assert (log_path / "iteration_000000" / "train.html").stat().st_mtime < restart_time
     assert (log_path / "iteration_000001" / "train.html").stat().st_mtime > restart_time
-    assert [(c["name"], c["batch"]) for c in read_jsonl(log_path / "checkpoints.jsonl")] == \
-        [("000001", 1), ("final", 2)]
+    assert [(c["name"], c["batch"]) for c in read_jsonl(log_path / "checkpoints.jsonl")] == [
+        ("000001", 1),
+        ("final", 2),
+    ]
 
 
 def test_killed_run_resumes_without_gap_or_duplicate(stop_model_dir, tmp_path):
@@ -353,8 +412,10 @@ def test_killed_run_resumes_without_gap_or_duplicate(stop_model_dir, tmp_path):
 def _evaluator(model_dir: str, judge: PreferenceModel, prompts_and_references, max_tokens: int = 4):
     from rlhfkit.preference.comparison_policy_evaluator import ComparisonEvaluator
 
-    comparisons = [Comparison([{"role": "user", "content": p}], [{"role": "assistant", "content": ref}], [])
-                   for p, ref in prompts_and_references]
+    comparisons = [
+        Comparison([{"role": "user", "content": p}], [{"role": "assistant", "content": ref}], [])
+        for p, ref in prompts_and_references
+    ]
     return ComparisonEvaluator(JudgeBuilder(judge), comparisons, "role_colon", model_dir, max_tokens=max_tokens)
 
 
@@ -375,5 +436,12 @@ def test_comparison_evaluator_win_rate(tiny_model_dir):
 
 if __name__ == "__main__":  # one RL run in a child process (for the kill test)
     log_path, model_dir, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    train.main(rl_config(log_path, model_dir, max_steps, save_every=1,
-                         dataset_builder=ShortRepliesDatasetBuilder(model_dir, 2, 64, judge_delay=0.2)))
+    train.main(
+        rl_config(
+            log_path,
+            model_dir,
+            max_steps,
+            save_every=1,
+            dataset_builder=ShortRepliesDatasetBuilder(model_dir, 2, 64, judge_delay=0.2),
+        )
+    )

@@ -19,7 +19,7 @@ from rlhfkit.utils.lr_scheduling import compute_schedule_lr_multiplier
 from rlhfkit.utils.ml_log import setup_logging
 
 # A run's script: make_config() is shared by the in-process reference run and the killed/resumed child runs.
-RUN_SCRIPT = '''
+RUN_SCRIPT = """
 import sys
 from rlhfkit.recipes.chat_sl.chat_datasets import JsonlChatBuilder
 from rlhfkit.supervised import train
@@ -40,15 +40,24 @@ if __name__ == "__main__":
     if int(slow) >= 0:
         config.dataset_builder = SlowAtBatch(config.dataset_builder, int(slow))
     train.main(config)
-'''
+"""
 
 
 def write_arithmetic_chats(path: Path, n: int, offset: int) -> None:
     with open(path, "w") as f:
         for i in range(offset, offset + n):
             a, b = i % 7, i % 5
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                             {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"What is {a} plus {b}?"},
+                            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +102,17 @@ def test_run_writes_logs_and_learns(reference_run, run_setup):
     records = read_jsonl(reference_run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(6))
     for r in records:
-        assert {"epoch", "progress", "learning_rate", "num_sequences", "num_tokens", "num_loss_tokens",
-                "train_mean_nll", "train_mean_bpb", "time/total"} <= set(r)
+        assert {
+            "epoch",
+            "progress",
+            "learning_rate",
+            "num_sequences",
+            "num_tokens",
+            "num_loss_tokens",
+            "train_mean_nll",
+            "train_mean_bpb",
+            "time/total",
+        } <= set(r)
         assert r["num_sequences"] == 4 and r["num_loss_tokens"] == pytest.approx(4.0)  # mean reduction
     assert [r["step"] for r in records if "test/nll" in r] == [0, 3]  # eval_every=3, before the update
     assert all("test/bpb" in r for r in records if "test/nll" in r)
@@ -128,8 +146,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference_run, run_setup)
     env = {**os.environ, "RLHFKIT_DTYPE": "float32"}
 
     # Batch 3 hangs: by then step 2's checkpoint (its state before the update) and metrics are on disk.
-    child = subprocess.Popen([sys.executable, str(script), str(log_path), model_dir, str(root), "3"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(log_path), model_dir, str(root), "3"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while not any(r["step"] == 2 for r in read_jsonl(log_path / "metrics.jsonl")):
@@ -142,8 +164,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference_run, run_setup)
     assert child.returncode == -9
     assert [c["name"] for c in read_jsonl(log_path / "checkpoints.jsonl")] == ["000002"]
 
-    resumed = subprocess.run([sys.executable, str(script), str(log_path), model_dir, str(root), "-1"], env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, str(script), str(log_path), model_dir, str(root), "-1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from checkpoint 000002" in (log_path / "logs.log").read_text()
 
@@ -186,7 +213,8 @@ def test_mean_nll_and_bpb():
     logprobs = [-1.0] * len(targets)
     weights = [0.0] + [1.0] * (len(targets) - 1)
     assert compute_mean_nll([logprobs, [-2.0, -4.0]], [weights, [1.0, 0.0]]) == pytest.approx(
-        (len(targets) - 1 + 2) / len(targets))
+        (len(targets) - 1 + 2) / len(targets)
+    )
     # trained, non-special tokens: all but the first and the EOS; bytes of their decoded text
     n_tokens = len(targets) - 2
     n_bytes = len(tokenizer.decode(targets[1:-1]).encode())

@@ -12,8 +12,12 @@ from rlhfkit.cli import main
 
 
 def hh_row(i: int) -> str:
-    return json.dumps({"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: Yes {i}.",
-                       "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: No."}) + "\n"
+    return (
+        json.dumps(
+            {"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: Yes {i}.", "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: No."}
+        )
+        + "\n"
+    )
 
 
 def write_gz(path: Path, text: str, truncate: bool = False) -> Path:
@@ -34,25 +38,38 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "base_model unknown Hub id (offline)": (["base_model=nosuchorg/nosuchmodel"], r"nosuchorg/nosuchmodel"),
         "sft_data missing": ([f"sft_data={tmp / 'missing.jsonl'}"], r"sft_data=.*missing\.jsonl.*not found"),
         "sft_data bad line": ([f"sft_data={tmp / 'bad.jsonl'}"], r"bad\.jsonl, line 2: not valid JSON"),
-        "sft_data truncated gzip": ([f"sft_data={write_gz(tmp / 'sft.jsonl.gz', hh_row(0) * 50, True)}"],
-                                    r"sft\.jsonl\.gz, line 1: cannot be read"),
+        "sft_data truncated gzip": (
+            [f"sft_data={write_gz(tmp / 'sft.jsonl.gz', hh_row(0) * 50, True)}"],
+            r"sft\.jsonl\.gz, line 1: cannot be read",
+        ),
         "hh_data missing": (["run_sft=false", f"hh_data={tmp / 'missing.jsonl.gz'}"], r"hh_data=.*not found"),
-        "hh_data not a data file": (["run_sft=false", f"hh_data={tmp / 'notes.txt'}"],
-                                    r"hh_data=.*notes\.txt.*unsupported file type"),
-        "hh_data truncated gzip": (["run_sft=false",
-                                    f"hh_data={write_gz(tmp / 'hh.jsonl.gz', hh_row(0) * 2000, True)}"],
-                                   r"hh\.jsonl\.gz, line \d+: cannot be read"),
+        "hh_data not a data file": (
+            ["run_sft=false", f"hh_data={tmp / 'notes.txt'}"],
+            r"hh_data=.*notes\.txt.*unsupported file type",
+        ),
+        "hh_data truncated gzip": (
+            ["run_sft=false", f"hh_data={write_gz(tmp / 'hh.jsonl.gz', hh_row(0) * 2000, True)}"],
+            r"hh\.jsonl\.gz, line \d+: cannot be read",
+        ),
         # a bad row is counted and skipped (tests/test_data_sources.py); a file with no usable row stops the run
-        "hh_data without a usable row": (["run_sft=false", f"hh_data={tmp / 'no_chosen.jsonl'}"],
-                                         r"no usable comparisons"),
+        "hh_data without a usable row": (
+            ["run_sft=false", f"hh_data={tmp / 'no_chosen.jsonl'}"],
+            r"no usable comparisons",
+        ),
     }
 
 
 def test_every_bad_input_is_one_clear_line(tmp_path, tiny_model_dir, capsys):
     failures = []
     for name, (args, pattern) in cases(tmp_path).items():
-        argv = ["pipeline", "preset=smoke", f"base_model={tiny_model_dir}", f"log_root={tmp_path / 'runs' / name}",
-                "report=false", *args]
+        argv = [
+            "pipeline",
+            "preset=smoke",
+            f"base_model={tiny_model_dir}",
+            f"log_root={tmp_path / 'runs' / name}",
+            "report=false",
+            *args,
+        ]
         capsys.readouterr()
         code = main(argv)
         err = capsys.readouterr().err

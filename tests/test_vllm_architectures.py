@@ -39,8 +39,9 @@ def trained_adapter(service, model_dir, name, train_unembed):
     a few steps away from zero."""
     trainer = service.create_lora_training_client(model_dir, rank=8, seed=1, train_unembed=train_unembed)
     tokens = trainer.get_tokenizer().encode("The quick brown fox jumps over the lazy dog, again and again.")
-    datum = Datum(ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:],
-                                                     "weights": [1.0] * (len(tokens) - 1)})
+    datum = Datum(
+        ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}
+    )
     for _ in range(3):
         trainer.forward_backward([datum], "cross_entropy")
         trainer.optim_step(AdamParams(learning_rate=5e-2))
@@ -74,13 +75,15 @@ def test_vllm_serves_the_architecture_or_says_why_not(name, local, tmp_path_fact
         for seq in response.result().sequences:
             assert len(seq.tokens) == 24
             expected = local_client.compute_logprobs(ModelInput.from_ints(prompt.to_ints() + seq.tokens)).result()
-            assert seq.logprobs == pytest.approx(expected[prompt.length:], abs=TOLERANCE)
+            assert seq.logprobs == pytest.approx(expected[prompt.length :], abs=TOLERANCE)
             base = base_client.compute_logprobs(ModelInput.from_ints(prompt.to_ints() + seq.tokens)).result()
-            assert max(abs(a - b) for a, b in zip(base[prompt.length:], expected[prompt.length:])) > 20 * TOLERANCE
+            assert max(abs(a - b) for a, b in zip(base[prompt.length :], expected[prompt.length :])) > 20 * TOLERANCE
         prompts = [prompt, ModelInput.from_ints(tokenizer.encode("A: yes. B: no. The better reply is") * 3)]
         candidates = [tokenizer.encode(" A")[0], tokenizer.encode(" B")[0], 50]
-        for remote_scores, local_scores in zip(vllm_client.score_next_token_batch(prompts, candidates),
-                                               local_client.score_next_token_batch(prompts, candidates)):
+        for remote_scores, local_scores in zip(
+            vllm_client.score_next_token_batch(prompts, candidates),
+            local_client.score_next_token_batch(prompts, candidates),
+        ):
             assert remote_scores.argmax_token == local_scores.argmax_token
             assert remote_scores.candidate_logprobs == pytest.approx(local_scores.candidate_logprobs, abs=TOLERANCE)
     finally:

@@ -23,17 +23,25 @@ def setup(tmp_path_factory):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install ray==2.60.0)")
     from rlhfkit.engine.vllm_inference import vllm_actor
 
-    model_dir = str(build_tiny_architecture(tmp_path_factory.mktemp("llama"), "llama", hidden_size=256,
-                                                overrides={"tie_word_embeddings": True}))
+    model_dir = str(
+        build_tiny_architecture(
+            tmp_path_factory.mktemp("llama"), "llama", hidden_size=256, overrides={"tie_word_embeddings": True}
+        )
+    )
     local = ServiceClient(storage_dir=str(tmp_path_factory.mktemp("storage")))
     tokenizer = local.create_sampling_client(base_model=model_dir).get_tokenizer()
-    adapters = {name: trained_adapter(local, model_dir, tokenizer, name, text, seed)
-                for name, text, seed in (("policy", "The quick brown fox jumps over the lazy dog.", 1),
-                                         ("judge", "A: yes. B: no. The better reply is A", 2),
-                                         ("reference", "Once upon a time there was a tiny model.", 3))}
+    adapters = {
+        name: trained_adapter(local, model_dir, tokenizer, name, text, seed)
+        for name, text, seed in (
+            ("policy", "The quick brown fox jumps over the lazy dog.", 1),
+            ("judge", "A: yes. B: no. The better reply is A", 2),
+            ("reference", "Once upon a time there was a tiny model.", 3),
+        )
+    }
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    actor = vllm_actor(model_dir, str(tmp_path_factory.mktemp("engine")), python=python, dtype="float32",
-                       max_lora_rank=8, max_loras=2)  # fewer slots and cache places than adapters
+    actor = vllm_actor(
+        model_dir, str(tmp_path_factory.mktemp("engine")), python=python, dtype="float32", max_lora_rank=8, max_loras=2
+    )  # fewer slots and cache places than adapters
     yield ray, actor, local, tokenizer, model_dir, adapters
     ray.shutdown()
 
@@ -42,7 +50,9 @@ def trained_adapter(service, model_dir, tokenizer, name, text, seed):
     """A LoRA adapter (attention, MLP and unembedding) a few steps away from zero."""
     trainer = service.create_lora_training_client(model_dir, rank=8, seed=seed)
     tokens = tokenizer.encode(text)
-    datum = Datum(ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+    datum = Datum(
+        ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}
+    )
     for _ in range(3):
         trainer.forward_backward([datum], "cross_entropy")
         trainer.optim_step(AdamParams(learning_rate=5e-2))
@@ -58,19 +68,23 @@ def test_adapters_served_by_one_engine_match_the_local_backend(setup):
     prompt = tokenizer.encode("Once upon a time")
     params = SamplingParams(max_tokens=10, temperature=1.0, stop=[], seed=5)
     for name in ["policy", "judge", None, "reference", "policy"]:  # switching back and forth
-        local_client = (local.create_sampling_client(model_path=adapters[name]) if name
-                        else local.create_sampling_client(base_model=model_dir))
+        local_client = (
+            local.create_sampling_client(model_path=adapters[name])
+            if name
+            else local.create_sampling_client(base_model=model_dir)
+        )
         [response] = ray.get(actor.sample.remote(name, [(prompt, 2, params)]))
         assert len(response.sequences) == 2 and response.sequences[0].tokens != response.sequences[1].tokens
         for seq in response.sequences:
             assert len(seq.tokens) == 10 and seq.stop_reason == "length"
             expected = local_client.compute_logprobs(ModelInput.from_ints(prompt + seq.tokens)).result()
-            assert seq.logprobs == pytest.approx(expected[len(prompt):], abs=TOLERANCE), name
+            assert seq.logprobs == pytest.approx(expected[len(prompt) :], abs=TOLERANCE), name
         candidates = tokenizer.encode(" A") + tokenizer.encode(" B")
         prompts = [prompt, tokenizer.encode("Which reply is better? Answer:")]
         remote_scores = ray.get(actor.score_next_token.remote(name, prompts, candidates))
-        for got, want in zip(remote_scores, local_client.score_next_token_batch(
-                [ModelInput.from_ints(p) for p in prompts], candidates)):
+        for got, want in zip(
+            remote_scores, local_client.score_next_token_batch([ModelInput.from_ints(p) for p in prompts], candidates)
+        ):
             assert got.argmax_token == want.argmax_token
             assert got.candidate_logprobs == pytest.approx(want.candidate_logprobs, abs=TOLERANCE)
     after = ray.get(actor.health.remote())

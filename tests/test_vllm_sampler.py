@@ -42,8 +42,9 @@ def trained_adapter(service, model_dir, tokenizer, name, train_unembed=False):
     """A LoRA adapter a few steps away from zero (so it changes the model's outputs)."""
     trainer = service.create_lora_training_client(model_dir, rank=8, seed=1, train_unembed=train_unembed)
     tokens = tokenizer.encode("The quick brown fox jumps over the lazy dog, again and again.")
-    datum = Datum(ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:],
-                                                     "weights": [1.0] * (len(tokens) - 1)})
+    datum = Datum(
+        ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}
+    )
     for _ in range(3):
         trainer.forward_backward([datum], "cross_entropy")
         trainer.optim_step(AdamParams(learning_rate=5e-2))
@@ -58,10 +59,16 @@ def test_vllm_samples_carry_the_adapters_logprobs(services, model_dir):
     params = SamplingParams(max_tokens=12, temperature=1.0, stop=[], seed=3)
 
     for model_path in (path, None):  # the adapter, then the base model again (the adapter must not stick)
-        vllm_client = (remote.create_sampling_client(model_path=model_path) if model_path
-                       else remote.create_sampling_client(base_model=model_dir))
-        local_client = (local.create_sampling_client(model_path=model_path) if model_path
-                        else local.create_sampling_client(base_model=model_dir))
+        vllm_client = (
+            remote.create_sampling_client(model_path=model_path)
+            if model_path
+            else remote.create_sampling_client(base_model=model_dir)
+        )
+        local_client = (
+            local.create_sampling_client(model_path=model_path)
+            if model_path
+            else local.create_sampling_client(base_model=model_dir)
+        )
         response = vllm_client.sample(prompt, 3, params).result()
         again = vllm_client.sample(prompt, 3, params).result()
         assert [s.tokens for s in response.sequences] == [s.tokens for s in again.sequences]  # seeded
@@ -69,7 +76,7 @@ def test_vllm_samples_carry_the_adapters_logprobs(services, model_dir):
         for seq in response.sequences:
             assert len(seq.tokens) == 12 and seq.stop_reason == "length"
             expected = local_client.compute_logprobs(ModelInput.from_ints(prompt.to_ints() + seq.tokens)).result()
-            assert seq.logprobs == pytest.approx(expected[prompt.length:], abs=2e-3)
+            assert seq.logprobs == pytest.approx(expected[prompt.length :], abs=2e-3)
 
 
 def test_vllm_stop_rules_and_batching_match_the_local_sampler(services, model_dir):
@@ -80,19 +87,26 @@ def test_vllm_stop_rules_and_batching_match_the_local_sampler(services, model_di
     prompt = ModelInput.from_ints(tokenizer.encode("Numbers:"))
     # greedy decoding is the same sequence on both backends (up to a near-tie in a random model's logits)
     greedy = SamplingParams(max_tokens=8, temperature=0.0, stop=[])
-    assert vllm_client.sample(prompt, 1, greedy).result().sequences[0].tokens[:4] == \
-        local_client.sample(prompt, 1, greedy).result().sequences[0].tokens[:4]
+    assert (
+        vllm_client.sample(prompt, 1, greedy).result().sequences[0].tokens[:4]
+        == local_client.sample(prompt, 1, greedy).result().sequences[0].tokens[:4]
+    )
     # a stop token id ends the sequence and stays in it
     first = vllm_client.sample(prompt, 1, greedy).result().sequences[0].tokens
     stop = first[-1]
     stopped = vllm_client.sample(prompt, 1, SamplingParams(max_tokens=8, temperature=0.0, stop=[stop])).result()
-    assert stopped.sequences[0].tokens == first[:first.index(stop) + 1]
+    assert stopped.sequences[0].tokens == first[: first.index(stop) + 1]
     assert stopped.sequences[0].stop_reason == "stop"
 
     async def many():  # concurrent requests are gathered into one vLLM call and answered in order
-        return await asyncio.gather(*(vllm_client.sample_async(ModelInput.from_ints(tokenizer.encode(text)), 2,
-                                                               SamplingParams(max_tokens=5, seed=i, stop=[]))
-                                      for i, text in enumerate(["a", "b c", "d e f"])))
+        return await asyncio.gather(
+            *(
+                vllm_client.sample_async(
+                    ModelInput.from_ints(tokenizer.encode(text)), 2, SamplingParams(max_tokens=5, seed=i, stop=[])
+                )
+                for i, text in enumerate(["a", "b c", "d e f"])
+            )
+        )
 
     responses = asyncio.run(many())
     assert [len(r.sequences) for r in responses] == [2, 2, 2]
@@ -131,6 +145,9 @@ def test_training_client_hands_out_vllm_samplers_on_its_current_weights(services
     assert type(sampler).__name__ == "VLLMSamplingClient"
     prompt = ModelInput.from_ints(tokenizer.encode("Once upon a time"))
     seq = sampler.sample(prompt, 1, SamplingParams(max_tokens=6, stop=[], seed=0)).result().sequences[0]
-    expected = local.create_sampling_client(model_path=path).compute_logprobs(
-        ModelInput.from_ints(prompt.to_ints() + seq.tokens)).result()
-    assert seq.logprobs == pytest.approx(expected[prompt.length:], abs=2e-3)
+    expected = (
+        local.create_sampling_client(model_path=path)
+        .compute_logprobs(ModelInput.from_ints(prompt.to_ints() + seq.tokens))
+        .result()
+    )
+    assert seq.logprobs == pytest.approx(expected[prompt.length :], abs=2e-3)

@@ -7,10 +7,34 @@ from rlhfkit.engine.models import ModelNotFoundError, load_tokenizer, resolve_ba
 from rlhfkit.engine.sampling import SamplingClient
 from rlhfkit.engine.service import ServiceClient
 from rlhfkit.engine.training import TrainingClient
-from rlhfkit.engine.types import (AdamParams, Datum, EncodedTextChunk, ForwardBackwardOutput, ModelInput,
-                                  SampledSequence, SampleResponse, SamplingParams, TensorData)
+from rlhfkit.engine.types import (
+    AdamParams,
+    Datum,
+    EncodedTextChunk,
+    ForwardBackwardOutput,
+    ModelInput,
+    SampledSequence,
+    SampleResponse,
+    SamplingParams,
+    TensorData,
+)
 
-__all__ = ["types", "APIFuture", "ServiceClient", "TrainingClient", "SamplingClient", "ModelNotFoundError",
-           "load_tokenizer", "resolve_base_model", "AdamParams", "Datum", "EncodedTextChunk",
-           "ForwardBackwardOutput", "ModelInput", "SampledSequence", "SampleResponse", "SamplingParams",
-           "TensorData"]
+__all__ = [
+    "types",
+    "APIFuture",
+    "ServiceClient",
+    "TrainingClient",
+    "SamplingClient",
+    "ModelNotFoundError",
+    "load_tokenizer",
+    "resolve_base_model",
+    "AdamParams",
+    "Datum",
+    "EncodedTextChunk",
+    "ForwardBackwardOutput",
+    "ModelInput",
+    "SampledSequence",
+    "SampleResponse",
+    "SamplingParams",
+    "TensorData",
+]

@@ -46,7 +46,7 @@ def plan_microbatches(lengths: Sequence[int], budget: int | None = None) -> list
     batches: list[list[int]] = []
     i = n
     while i > 0:
-        batches.append(order[cut[i]:i])
+        batches.append(order[cut[i] : i])
         i = cut[i]
     return batches[::-1]
 
@@ -62,16 +62,17 @@ def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
     return ids.to(device), mask.to(device)
 
 
-def pad_left(sequences: Sequence[Sequence[int]], pad_id: int,
-             device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_left(
+    sequences: Sequence[Sequence[int]], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, position_ids), left-padded so every sequence ends at the last column."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if len(seq):
-            ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
+            ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
 

@@ -50,11 +50,14 @@ def inspect_cache(model: torch.nn.Module) -> CacheCapabilities:
     from transformers.cache_utils import Cache, DynamicLayer
 
     device = next(model.parameters()).device
-    cache = model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=True,
-                  logits_to_keep=1).cache
+    cache = model(
+        input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=True, logits_to_keep=1
+    ).cache
     layers = list(getattr(cache, "layers", []))
     return CacheCapabilities(
         layer_kinds=tuple(type(layer).__name__ for layer in layers),
-        attention_only=isinstance(cache, Cache) and bool(layers) and all(type(layer) is DynamicLayer for layer in layers),
+        attention_only=isinstance(cache, Cache)
+        and bool(layers)
+        and all(type(layer) is DynamicLayer for layer in layers),
         selects_rows=callable(getattr(cache, "reorder_cache", None)),
     )

@@ -1,12 +1,12 @@
 """Exporting an adapter for other tools: a PEFT adapter folder, or a merged Hugging Face model folder.
 
-  * adapter: adapter_model.safetensors + adapter_config.json (as PEFT and vLLM read them) + the tokenizer files;
-    `peft.PeftModel.from_pretrained(base, folder)` or `AutoPeftModelForCausalLM.from_pretrained(folder)`.
-  * merged: model.safetensors + config.json + generation_config.json + tokenizer files (with the chat template
-    when the tokenizer has one); `AutoModelForCausalLM.from_pretrained(folder)` or `vllm.LLM(folder)`. W + s·BA
-    is computed in fp32. When the unembedding was adapted and the base model ties it to the input embeddings,
-    the merged model gets its own unembedding matrix and `tie_word_embeddings: false`, so the input embeddings
-    stay the base model's (merging into the shared matrix would change them too).
+* adapter: adapter_model.safetensors + adapter_config.json (as PEFT and vLLM read them) + the tokenizer files;
+  `peft.PeftModel.from_pretrained(base, folder)` or `AutoPeftModelForCausalLM.from_pretrained(folder)`.
+* merged: model.safetensors + config.json + generation_config.json + tokenizer files (with the chat template
+  when the tokenizer has one); `AutoModelForCausalLM.from_pretrained(folder)` or `vllm.LLM(folder)`. W + s·BA
+  is computed in fp32. When the unembedding was adapted and the base model ties it to the input embeddings,
+  the merged model gets its own unembedding matrix and `tie_word_embeddings: false`, so the input embeddings
+  stay the base model's (merging into the shared matrix would change them too).
 """
 
 from __future__ import annotations
@@ -17,8 +17,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rlhfkit.engine.lora import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, PEFT_PREFIX, load_adapter_tensors,
-                                 merge_adapter, peft_config_json, read_spec)
+from rlhfkit.engine.lora import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILE,
+    PEFT_PREFIX,
+    load_adapter_tensors,
+    merge_adapter,
+    peft_config_json,
+    read_spec,
+)
 from rlhfkit.engine.models import Precision, load_base_model, load_tokenizer
 from rlhfkit.utils.atomic import atomic_directory
 
@@ -49,9 +56,16 @@ def export_adapter(checkpoint: str | Path, out: str | Path, base_model: str | No
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
     except json.JSONDecodeError:
         config = {}
-    config.update(peft_type="LORA", task_type="CAUSAL_LM", r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
-                  bias="none", target_modules=adapted_module_names(tensors),
-                  base_model_name_or_path=base_model if base_model is not None else spec.base_model)
+    config.update(
+        peft_type="LORA",
+        task_type="CAUSAL_LM",
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=adapted_module_names(tensors),
+        base_model_name_or_path=base_model if base_model is not None else spec.base_model,
+    )
     with atomic_directory(out) as tmp:
         save_file(tensors, str(tmp / ADAPTER_FILE))
         (tmp / ADAPTER_CONFIG_FILE).write_text(peft_config_json(config))

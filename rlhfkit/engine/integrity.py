@@ -46,12 +46,18 @@ def verify_checkpoint(folder: str | Path, legacy_marker: str | tuple[str, ...]) 
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.exists():
         if any((folder / marker).exists() for marker in markers):
-            logger.warning("checkpoint %s has no %s (an older rlhfkit checkpoint or an adapter made elsewhere): "
-                           "its files are not verified", folder, MANIFEST_FILE)
+            logger.warning(
+                "checkpoint %s has no %s (an older rlhfkit checkpoint or an adapter made elsewhere): "
+                "its files are not verified",
+                folder,
+                MANIFEST_FILE,
+            )
             return
-        raise CheckpointError(f"{folder} is not a complete rlhfkit checkpoint (no {MANIFEST_FILE} or "
-                              f"{' or '.join(markers)}); expected a directory written by save_state or "
-                              f"save_weights_for_sampler")
+        raise CheckpointError(
+            f"{folder} is not a complete rlhfkit checkpoint (no {MANIFEST_FILE} or "
+            f"{' or '.join(markers)}); expected a directory written by save_state or "
+            f"save_weights_for_sampler"
+        )
     try:
         files = json.loads(manifest_path.read_text())["files"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -62,8 +68,10 @@ def verify_checkpoint(folder: str | Path, legacy_marker: str | tuple[str, ...]) 
             raise CheckpointError(f"checkpoint file {path} is missing")
         size = path.stat().st_size
         if size != expected["bytes"]:
-            raise CheckpointError(f"checkpoint file {path} is damaged: {size} bytes, {expected['bytes']} written "
-                                  f"(truncated?)")
+            raise CheckpointError(
+                f"checkpoint file {path} is damaged: {size} bytes, {expected['bytes']} written (truncated?)"
+            )
         if file_sha256(path) != expected["sha256"]:
-            raise CheckpointError(f"checkpoint file {path} is damaged: its SHA-256 differs from the one recorded "
-                                  f"when it was written")
+            raise CheckpointError(
+                f"checkpoint file {path} is damaged: its SHA-256 differs from the one recorded when it was written"
+            )

@@ -78,8 +78,14 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
 
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-                        target_modules=target_module_names(model, spec), bias="none")
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=target_module_names(model, spec),
+        bias="none",
+    )
     seed = 0 if spec.seed is None else spec.seed
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tied.*")
@@ -113,6 +119,7 @@ def load_adapter_state(peft_model: torch.nn.Module, tensors: dict[str, torch.Ten
 def peft_config_json(peft_config: dict) -> str:
     """adapter_config.json's text as PEFT and vLLM read it: sets (target_modules) as sorted lists, enums as
     their values."""
+
     def plain(value):
         if isinstance(value, (set, frozenset)):
             return sorted(value)
@@ -123,8 +130,14 @@ def peft_config_json(peft_config: dict) -> str:
     return json.dumps({k: plain(v) for k, v in peft_config.items()}, indent=2, sort_keys=True)
 
 
-def save_adapter(folder: Path, tensors: dict[str, torch.Tensor], spec: LoraSpec, peft_config: dict, kind: str,
-                 extra: dict | None = None) -> None:
+def save_adapter(
+    folder: Path,
+    tensors: dict[str, torch.Tensor],
+    spec: LoraSpec,
+    peft_config: dict,
+    kind: str,
+    extra: dict | None = None,
+) -> None:
     save_file(tensors, str(folder / ADAPTER_FILE))
     (folder / ADAPTER_CONFIG_FILE).write_text(peft_config_json(peft_config))
     meta = {"kind": kind, "lora": asdict(spec), **(extra or {})}
@@ -151,9 +164,11 @@ def read_meta(folder: str | Path) -> dict:
             raise CheckpointError(f"{meta_path}: damaged ({e})") from None
     if (folder / ADAPTER_CONFIG_FILE).exists():
         return {"kind": "peft", "lora": asdict(spec_from_peft_config(folder))}
-    raise CheckpointError(f"{folder} is neither an rlhfkit checkpoint (no {META_FILE}) nor a PEFT adapter folder "
-                          f"(no {ADAPTER_CONFIG_FILE}); expected a directory written by save_state, "
-                          f"save_weights_for_sampler or peft's save_pretrained")
+    raise CheckpointError(
+        f"{folder} is neither an rlhfkit checkpoint (no {META_FILE}) nor a PEFT adapter folder "
+        f"(no {ADAPTER_CONFIG_FILE}); expected a directory written by save_state, "
+        f"save_weights_for_sampler or peft's save_pretrained"
+    )
 
 
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "dense")
@@ -175,21 +190,32 @@ def spec_from_peft_config(folder: str | Path) -> LoraSpec:
             raise ValueError(f"{path}: field {field!r} is missing; a PEFT LoRA adapter config needs it")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {config['peft_type']!r}; only LoRA adapters are supported")
-    unsupported = [k for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save",
-                               "layers_to_transform") if config.get(k)]
+    unsupported = [
+        k
+        for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
+        if config.get(k)
+    ]
     if unsupported or config.get("bias", "none") != "none":
-        raise ValueError(f"{path}: unsupported LoRA options {unsupported or ['bias']}; rlhfkit merges plain LoRA "
-                         f"(W + alpha/r · BA) only")
+        raise ValueError(
+            f"{path}: unsupported LoRA options {unsupported or ['bias']}; rlhfkit merges plain LoRA "
+            f"(W + alpha/r · BA) only"
+        )
     targets = config["target_modules"]
     if isinstance(targets, str):
         raise ValueError(f"{path}: target_modules is a pattern string ({targets!r}); expected a list of names")
     leaves = {str(t).rsplit(".", 1)[-1] for t in targets}
-    spec = LoraSpec(base_model=config["base_model_name_or_path"], rank=int(config["r"]),
-                    alpha=config["lora_alpha"], train_attn=bool(leaves & set(ATTN_NAMES)),
-                    train_mlp=bool(leaves & set(MLP_NAMES)), train_unembed=bool(leaves & set(UNEMBED_NAMES)))
+    spec = LoraSpec(
+        base_model=config["base_model_name_or_path"],
+        rank=int(config["r"]),
+        alpha=config["lora_alpha"],
+        train_attn=bool(leaves & set(ATTN_NAMES)),
+        train_mlp=bool(leaves & set(MLP_NAMES)),
+        train_unembed=bool(leaves & set(UNEMBED_NAMES)),
+    )
     if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
-        raise ValueError(f"{path}: target_modules {sorted(leaves)} name no attention, MLP or unembedding "
-                         f"projection rlhfkit knows")
+        raise ValueError(
+            f"{path}: target_modules {sorted(leaves)} name no attention, MLP or unembedding projection rlhfkit knows"
+        )
     return spec
 
 

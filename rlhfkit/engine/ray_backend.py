@@ -15,16 +15,24 @@ from rlhfkit.engine.ray_training import RayTrainingClient, start_workers
 
 
 class RayBackend:
-    def __init__(self, address: str | None, num_train_workers: int | None, num_samplers: int | None,
-                 inference_engine: str, device: str | None, dtype: str | None):
+    def __init__(
+        self,
+        address: str | None,
+        num_train_workers: int | None,
+        num_samplers: int | None,
+        inference_engine: str,
+        device: str | None,
+        dtype: str | None,
+    ):
         if inference_engine not in ENGINES:
             raise ValueError(f"inference_engine={inference_engine!r}: expected one of {', '.join(ENGINES)}")
         connect(address)
         self.num_train_workers = num_train_workers if num_train_workers is not None else default_num_train_workers()
         self.num_samplers = num_samplers if num_samplers is not None else 1
         if self.num_train_workers < 1 or self.num_samplers < 1:
-            raise ValueError(f"num_train_workers={self.num_train_workers}, num_samplers={self.num_samplers}: "
-                             f"both must be >= 1")
+            raise ValueError(
+                f"num_train_workers={self.num_train_workers}, num_samplers={self.num_samplers}: both must be >= 1"
+            )
         self.inference_engine = inference_engine
         # Placement: every training worker and inference engine gets an equal share of the cluster's GPUs (one
         # each when there are enough); with vLLM, one more torch engine may serve what vLLM cannot.
@@ -51,8 +59,9 @@ class RayBackend:
         """The inference engines of `base_model` (started on first use, shared by every sampling client)."""
         with self._lock:
             if base_model not in self._pools:
-                self._pools[base_model] = InferencePool(base_model, self.device, self.dtype, self.num_samplers,
-                                                        self.inference_engine, self.resources)
+                self._pools[base_model] = InferencePool(
+                    base_model, self.device, self.dtype, self.num_samplers, self.inference_engine, self.resources
+                )
             return self._pools[base_model]
 
     def sampling_client(self, base_model: str, adapter_path: str | None) -> RaySamplingClient:
@@ -60,7 +69,13 @@ class RayBackend:
 
 
 @functools.cache
-def ray_backend(address: str | None, num_train_workers: int | None, num_samplers: int | None,
-                inference_engine: str, device: str | None, dtype: str | None) -> RayBackend:
+def ray_backend(
+    address: str | None,
+    num_train_workers: int | None,
+    num_samplers: int | None,
+    inference_engine: str,
+    device: str | None,
+    dtype: str | None,
+) -> RayBackend:
     """One backend per setting in a process: the stages of a pipeline share its inference engines."""
     return RayBackend(address, num_train_workers, num_samplers, inference_engine, device, dtype)

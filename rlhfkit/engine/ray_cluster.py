@@ -54,9 +54,15 @@ def connect(address: str | None) -> Any:
             return ray
         runtime_env = {"env_vars": actor_env()}
         if address is None:
-            ray.init(address="local", include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
-                     _node_ip_address="127.0.0.1", runtime_env=runtime_env, log_to_driver=False,
-                     configure_logging=False)
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                object_store_memory=OBJECT_STORE_BYTES,
+                _node_ip_address="127.0.0.1",
+                runtime_env=runtime_env,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         else:
             host = address.rsplit(":", 1)[0]
             local = {"_node_ip_address": host} if host.startswith("127.") else {}  # a cluster on loopback
@@ -85,8 +91,11 @@ def default_num_train_workers() -> int:
     return max(cluster_gpus(), 1)
 
 
-def gather(refs: list[Any], combine: Callable[[list[Any]], Any],
-           translate_error: Callable[[BaseException], BaseException] = lambda e: e) -> APIFuture:
+def gather(
+    refs: list[Any],
+    combine: Callable[[list[Any]], Any],
+    translate_error: Callable[[BaseException], BaseException] = lambda e: e,
+) -> APIFuture:
     """A future completed with `combine(results)` once every Ray call in `refs` has finished (or with the first
     error, passed through `translate_error`)."""
     ray = import_ray()

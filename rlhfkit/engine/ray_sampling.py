@@ -84,22 +84,23 @@ class TorchInferenceWorker:
                     raise KeyError(f"adapter {adapter_id!r} was not loaded into this engine")
                 path = self.paths[adapter_id]
                 spec = LoraSpec(**{**read_meta(path)["lora"], "base_model": self.base_model})
-                self.clients[adapter_id] = SamplingClient.from_adapter(spec, load_adapter_tensors(path),
-                                                                       self.precision)
+                self.clients[adapter_id] = SamplingClient.from_adapter(spec, load_adapter_tensors(path), self.precision)
             while len(self.clients) > MAX_ADAPTERS:
                 self.clients.popitem(last=False)
         self.clients.move_to_end(adapter_id)
         return self.clients[adapter_id]
 
-    def sample(self, adapter_id: str | None, requests: list[tuple[list[int], int, SamplingParams]]
-               ) -> list[SampleResponse]:
-        return self._client(adapter_id).sample_batch([(ModelInput.from_ints(p), n, params)
-                                                      for p, n, params in requests])
+    def sample(
+        self, adapter_id: str | None, requests: list[tuple[list[int], int, SamplingParams]]
+    ) -> list[SampleResponse]:
+        return self._client(adapter_id).sample_batch(
+            [(ModelInput.from_ints(p), n, params) for p, n, params in requests]
+        )
 
-    def score_next_token(self, adapter_id: str | None, prompts: list[list[int]], candidates: list[int]
-                         ) -> list[NextTokenScores]:
-        return self._client(adapter_id).score_next_token_batch([ModelInput.from_ints(p) for p in prompts],
-                                                               candidates)
+    def score_next_token(
+        self, adapter_id: str | None, prompts: list[list[int]], candidates: list[int]
+    ) -> list[NextTokenScores]:
+        return self._client(adapter_id).score_next_token_batch([ModelInput.from_ints(p) for p in prompts], candidates)
 
     def compute_logprobs(self, adapter_id: str | None, prompts: list[list[int]]) -> list[list[float | None]]:
         return self._client(adapter_id).compute_logprobs_batch([ModelInput.from_ints(p) for p in prompts])
@@ -108,8 +109,12 @@ class TorchInferenceWorker:
         """Any adapter works here: it is merged into the base's linear weights."""
 
     def health(self) -> dict:
-        return {"engine": "torch", "pid": os.getpid(), "unsupported": [],
-                "adapters_loaded": [a for a in self.clients if a is not None]}
+        return {
+            "engine": "torch",
+            "pid": os.getpid(),
+            "unsupported": [],
+            "adapters_loaded": [a for a in self.clients if a is not None],
+        }
 
 
 def default_inference_engine() -> str:
@@ -146,21 +151,35 @@ class EngineLaunch:
 
             work_dir = cache_dir() / "vllm" / f"ray-engine-{uuid.uuid4().hex[:12]}"  # adapter copies, registry
             dtype_name = str(pick_precision(device, dtype).compute_dtype).removeprefix("torch.")
-            return cls(VLLMInferenceWorker, (resolve_base_model(base_model), str(work_dir)),
-                       {"dtype": dtype_name, **engine_settings()}, ray_actor_options())
+            return cls(
+                VLLMInferenceWorker,
+                (resolve_base_model(base_model), str(work_dir)),
+                {"dtype": dtype_name, **engine_settings()},
+                ray_actor_options(),
+            )
         raise ValueError(f"inference_engine={kind!r}: expected one of {', '.join(ENGINES)}")
 
     def start(self, resources: dict[str, float]) -> Any:
         ray = import_ray()
-        return ray.remote(self.engine).options(**resources, max_restarts=0, **self.options).remote(
-            *self.args, **self.kwargs)
+        return (
+            ray.remote(self.engine)
+            .options(**resources, max_restarts=0, **self.options)
+            .remote(*self.args, **self.kwargs)
+        )
 
 
 class InferencePool:
     """K engine actors on one base model (see the module docstring)."""
 
-    def __init__(self, base_model: str, device: str | None, dtype: str | None, num_engines: int, kind: str,
-                 resources: dict[str, float]):
+    def __init__(
+        self,
+        base_model: str,
+        device: str | None,
+        dtype: str | None,
+        num_engines: int,
+        kind: str,
+        resources: dict[str, float],
+    ):
         self.base_model, self.device, self.dtype, self.kind = base_model, device, dtype, kind
         self.resources = resources
         self._lock = threading.Lock()
@@ -176,7 +195,8 @@ class InferencePool:
             raise InferenceEngineStartError(
                 f"inference_engine={kind}: the inference engine for {base_model} did not start"
                 f"{'; inference_engine=torch runs every model the local backend runs' if kind != 'torch' else ''}"
-                f" ({type(e).__name__}: {e})") from None
+                f" ({type(e).__name__}: {e})"
+            ) from None
         self.fallback = InferencePool(base_model, device, dtype, 1, "torch", resources) if unsupported else None
         self.unsupported = unsupported
 
@@ -246,8 +266,9 @@ class InferencePool:
                 self._replace(engine, actor)
         raise AssertionError("unreachable")
 
-    def run(self, method: str, adapter_id: str | None, items: list[Any], *args: Any, keys: Sequence[Any] = ()
-            ) -> list[Any]:
+    def run(
+        self, method: str, adapter_id: str | None, items: list[Any], *args: Any, keys: Sequence[Any] = ()
+    ) -> list[Any]:
         """`method` over `items` split across the engines (items with the same key on one engine; without
         keys, contiguous chunks); results in item order."""
         if method in self.unsupported:
@@ -262,8 +283,14 @@ class InferencePool:
         refs = []
         for engine, indices in enumerate(parts):
             if indices:
-                refs.append((indices, _pool_executor().submit(self._run_on, engine, method, adapter_id,
-                                                              [items[i] for i in indices], *args)))
+                refs.append(
+                    (
+                        indices,
+                        _pool_executor().submit(
+                            self._run_on, engine, method, adapter_id, [items[i] for i in indices], *args
+                        ),
+                    )
+                )
         results: list[Any] = [None] * len(items)
         for indices, future in refs:
             for i, value in zip(indices, future.result()):
@@ -318,12 +345,14 @@ class RaySamplingClient:
             return self._score_many([p for p, _ in requests], requests[0][1])
         return [self._score_many([p], c)[0] for p, c in requests]
 
-    def sample(self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
-               ) -> APIFuture[SampleResponse]:
+    def sample(
+        self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
+    ) -> APIFuture[SampleResponse]:
         return self._queue.submit(lambda: self._sample_many([(prompt, num_samples, sampling_params)])[0])
 
-    async def sample_async(self, prompt: ModelInput, num_samples: int = 1,
-                           sampling_params: SamplingParams | None = None) -> SampleResponse:
+    async def sample_async(
+        self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
+    ) -> SampleResponse:
         return await self._sample_batcher.submit((prompt, num_samples, sampling_params))
 
     def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
@@ -332,8 +361,9 @@ class RaySamplingClient:
     async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
         return await self._logprob_batcher.submit(prompt)
 
-    def score_next_token_batch(self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
-                               ) -> list[NextTokenScores]:
+    def score_next_token_batch(
+        self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
+    ) -> list[NextTokenScores]:
         return self._score_many(list(prompts), list(candidate_tokens))
 
     def score_next_token(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> APIFuture[NextTokenScores]:

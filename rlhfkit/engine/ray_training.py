@@ -25,8 +25,14 @@ from rlhfkit.engine.lora import LoraSpec
 from rlhfkit.engine.models import load_tokenizer
 from rlhfkit.engine.ray_cluster import gather, import_ray
 from rlhfkit.engine.training import AwaitableTrainingMethods
-from rlhfkit.engine.types import (AdamParams, Datum, ForwardBackwardOutput, OptimStepResponse, SaveWeightsResponse,
-                                  TensorData)
+from rlhfkit.engine.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    OptimStepResponse,
+    SaveWeightsResponse,
+    TensorData,
+)
 
 
 class TrainWorker:
@@ -66,20 +72,22 @@ class TrainWorker:
         import torch
         import torch.distributed as dist
 
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                          for p in params]
-                         + [torch.tensor([0.0 if p.grad is None else 1.0 for p in params], device=params[0].device)])
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+            + [torch.tensor([0.0 if p.grad is None else 1.0 for p in params], device=params[0].device)]
+        )
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
         for p in params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
+            p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype).clone()
             offset += p.numel()
         for p, present in zip(params, flat[offset:].tolist()):
             if present == 0:
                 p.grad = None
 
-    def forward_backward(self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None,
-                         backward: bool) -> ForwardBackwardOutput:
+    def forward_backward(
+        self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None, backward: bool
+    ) -> ForwardBackwardOutput:
         return self.trainer.forward_backward(data, loss_fn, loss_fn_config, backward)
 
     def logprobs(self, data: list[Datum]) -> list[TensorData]:
@@ -101,8 +109,13 @@ class TrainWorker:
         """Module paths (Hugging Face names, e.g. model.layers.0.self_attn.q_proj) that carry a LoRA adapter."""
         from rlhfkit.engine.lora import PEFT_PREFIX
 
-        return sorted({name.removeprefix(PEFT_PREFIX).split(".lora_")[0]
-                       for name, _ in self.trainer.model.named_parameters() if ".lora_" in name})
+        return sorted(
+            {
+                name.removeprefix(PEFT_PREFIX).split(".lora_")[0]
+                for name, _ in self.trainer.model.named_parameters()
+                if ".lora_" in name
+            }
+        )
 
 
 def split_by_tokens(lengths: Sequence[int], parts: int) -> list[tuple[int, int]]:
@@ -126,18 +139,23 @@ def _worker_death(error: BaseException) -> BaseException:
     """A dead worker's error, said plainly (the group cannot go on without it)."""
     ray = import_ray()
     if isinstance(error, ray.exceptions.RayActorError):
-        return TrainingWorkerDied("a training worker died, so this run stops; run the same command again to "
-                                  f"resume from the last checkpoint ({type(error).__name__}: {error})")
+        return TrainingWorkerDied(
+            "a training worker died, so this run stops; run the same command again to "
+            f"resume from the last checkpoint ({type(error).__name__}: {error})"
+        )
     return error
 
 
-def start_workers(spec: LoraSpec, device: str | None, dtype: str | None, num_workers: int,
-                  resources: dict[str, float]) -> list[Any]:
+def start_workers(
+    spec: LoraSpec, device: str | None, dtype: str | None, num_workers: int, resources: dict[str, float]
+) -> list[Any]:
     """The worker actors of one training client (each with `resources`), joined in one process group."""
     ray = import_ray()
     actor = ray.remote(TrainWorker)
-    workers = [actor.options(**resources, max_restarts=0).remote(spec, device, dtype, rank, num_workers)
-               for rank in range(num_workers)]
+    workers = [
+        actor.options(**resources, max_restarts=0).remote(spec, device, dtype, rank, num_workers)
+        for rank in range(num_workers)
+    ]
     if num_workers > 1:
         init_method = ray.get(workers[0].rendezvous.remote())
         ray.get([w.join_group.remote(init_method) for w in workers])
@@ -165,13 +183,16 @@ class RayTrainingClient(AwaitableTrainingMethods):
         bounds = split_by_tokens([d.model_input.length for d in data], len(self.workers))
         return [list(data[a:b]) for a, b in bounds]
 
-    def _forward(self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None, backward: bool
-                 ) -> APIFuture[ForwardBackwardOutput]:
+    def _forward(
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None, backward: bool
+    ) -> APIFuture[ForwardBackwardOutput]:
         from rlhfkit.engine.trainer import LoraTrainer
 
         LoraTrainer.check(data, loss_fn)
-        refs = [w.forward_backward.remote(shard, loss_fn, loss_fn_config, backward)
-                for w, shard in zip(self.workers, self._shards(data))]
+        refs = [
+            w.forward_backward.remote(shard, loss_fn, loss_fn_config, backward)
+            for w, shard in zip(self.workers, self._shards(data))
+        ]
 
         def combine(outputs: list[ForwardBackwardOutput]) -> ForwardBackwardOutput:
             metrics: dict[str, float] = {}
@@ -182,12 +203,14 @@ class RayTrainingClient(AwaitableTrainingMethods):
 
         return self._gather(refs, combine)
 
-    def forward_backward(self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None = None
-                         ) -> APIFuture[ForwardBackwardOutput]:
+    def forward_backward(
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None = None
+    ) -> APIFuture[ForwardBackwardOutput]:
         return self._forward(data, loss_fn, loss_fn_config, backward=True)
 
-    def forward(self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None = None
-                ) -> APIFuture[ForwardBackwardOutput]:
+    def forward(
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None = None
+    ) -> APIFuture[ForwardBackwardOutput]:
         return self._forward(data, loss_fn, loss_fn_config, backward=False)
 
     def forward_backward_custom(self, data: Sequence[Datum], fn: Callable) -> APIFuture[ForwardBackwardOutput]:
@@ -200,17 +223,24 @@ class RayTrainingClient(AwaitableTrainingMethods):
         LoraTrainer.check(data, "custom")
         data = list(data)
         refs = [w.logprobs.remote(shard) for w, shard in zip(self.workers, self._shards(data))]
-        logprobs = [lp.to_torch().requires_grad_(True)
-                    for shard in self._gather(refs, lambda r: r).result() for lp in shard]
+        logprobs = [
+            lp.to_torch().requires_grad_(True) for shard in self._gather(refs, lambda r: r).result() for lp in shard
+        ]
         loss, metrics = fn(data, logprobs)
         loss.backward()
-        linear = [Datum(d.model_input, {"target_tokens": d.loss_fn_inputs["target_tokens"],
-                                        "weights": TensorData.from_torch(-lp.grad)})
-                  for d, lp in zip(data, logprobs)]
+        linear = [
+            Datum(
+                d.model_input,
+                {"target_tokens": d.loss_fn_inputs["target_tokens"], "weights": TensorData.from_torch(-lp.grad)},
+            )
+            for d, lp in zip(data, logprobs)
+        ]
         metrics = {"loss:sum": float(loss.detach()), **{k: float(v) for k, v in (metrics or {}).items()}}
         return self.forward_backward(linear, "cross_entropy").then(
-            lambda out: ForwardBackwardOutput([{"logprobs": TensorData.from_torch(lp.detach())} for lp in logprobs],
-                                              metrics))
+            lambda out: ForwardBackwardOutput(
+                [{"logprobs": TensorData.from_torch(lp.detach())} for lp in logprobs], metrics
+            )
+        )
 
     def optim_step(self, params: AdamParams) -> APIFuture[OptimStepResponse]:
         return self._gather([w.optim_step.remote(params) for w in self.workers], lambda results: results[0])
@@ -219,8 +249,9 @@ class RayTrainingClient(AwaitableTrainingMethods):
         from rlhfkit.engine.training import resolve_checkpoint_path
 
         path = resolve_checkpoint_path(self.storage, name, kind)
-        return self._gather([self.workers[0].save.remote(str(path), kind)],
-                            lambda results: SaveWeightsResponse(path=results[0]))
+        return self._gather(
+            [self.workers[0].save.remote(str(path), kind)], lambda results: SaveWeightsResponse(path=results[0])
+        )
 
     def save_state(self, name: str, ttl_seconds: int | None = None) -> APIFuture[SaveWeightsResponse]:
         """Adapter weights + optimizer state + RNG state, written atomically by rank 0."""
@@ -249,5 +280,9 @@ class RayTrainingClient(AwaitableTrainingMethods):
         return load_tokenizer(self.spec.base_model)
 
     def get_info(self) -> dict:
-        return {"base_model": self.spec.base_model, "lora_rank": self.spec.rank, "backend": "ray",
-                "num_train_workers": len(self.workers)}
+        return {
+            "base_model": self.spec.base_model,
+            "lora_rank": self.spec.rank,
+            "backend": "ray",
+            "num_train_workers": len(self.workers),
+        }

@@ -83,6 +83,7 @@ def last_positions_only(model: torch.nn.Module, last: torch.Tensor):
     """While active, the decoder hands the head one position per row (`last[row]`) instead of all of them, so
     with right padding the model's own head (soft-capping, logit scaling and all) computes each row's
     last-position logits alone; call the model with logits_to_keep=1."""
+
     def keep(module, args, output):
         output.last_hidden_state = output.last_hidden_state[torch.arange(len(last)), last][:, None]
         return output
@@ -114,8 +115,9 @@ class _Row:
         self.generator = torch.Generator().manual_seed(self.seed)
 
 
-def make_rows(prompt: ModelInput, num_samples: int, params: SamplingParams, eos_ids: set[int], context: int
-              ) -> list[_Row]:
+def make_rows(
+    prompt: ModelInput, num_samples: int, params: SamplingParams, eos_ids: set[int], context: int
+) -> list[_Row]:
     """The sequences to generate for one request: stop conditions, max_tokens capped by the context, and one
     seed per sample (params.seed + k, so a seeded request is reproducible)."""
     tokens = prompt.to_ints()
@@ -129,11 +131,14 @@ def make_rows(prompt: ModelInput, num_samples: int, params: SamplingParams, eos_
     room = context - len(tokens)
     max_tokens = min(params.max_tokens if params.max_tokens is not None else room, room)
     if max_tokens <= 0:
-        raise ValueError(f"sample: the prompt ({len(tokens)} tokens) leaves no room in the model's context "
-                         f"({context} tokens)")
+        raise ValueError(
+            f"sample: the prompt ({len(tokens)} tokens) leaves no room in the model's context ({context} tokens)"
+        )
     base_seed = params.seed if params.seed is not None else random.getrandbits(62)
-    return [_Row(tokens, max_tokens, params.temperature, params.top_k, params.top_p, stop_strings, stop_ids,
-                 base_seed + k) for k in range(num_samples)]
+    return [
+        _Row(tokens, max_tokens, params.temperature, params.top_k, params.top_p, stop_strings, stop_ids, base_seed + k)
+        for k in range(num_samples)
+    ]
 
 
 def find_eos_ids(tokenizer, model_config_eos: Any) -> set[int]:
@@ -164,22 +169,28 @@ def _preallocated_layer_class() -> type:
             self._expose()
 
         def _expose(self) -> None:
-            self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+            self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
 
         def write_rows(self, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
             """Prefill: keys/values of `rows`, right-aligned at column `length`."""
-            self._keys[rows, :, self.length - keys.shape[2]:self.length] = keys
-            self._values[rows, :, self.length - values.shape[2]:self.length] = values
+            self._keys[rows, :, self.length - keys.shape[2] : self.length] = keys
+            self._values[rows, :, self.length - values.shape[2] : self.length] = values
 
         def _reallocate(self, rows: torch.Tensor | None, capacity: int) -> None:
-            keys = self._keys.new_empty((self._keys.shape[0] if rows is None else len(rows), *self._keys.shape[1:2],
-                                         capacity, self._keys.shape[-1]))
+            keys = self._keys.new_empty(
+                (
+                    self._keys.shape[0] if rows is None else len(rows),
+                    *self._keys.shape[1:2],
+                    capacity,
+                    self._keys.shape[-1],
+                )
+            )
             values = self._values.new_empty((keys.shape[0], *self._values.shape[1:2], capacity, self._values.shape[-1]))
             source_keys, source_values = self.keys, self.values
             if rows is not None:
                 source_keys, source_values = source_keys[rows], source_values[rows]
-            keys[:, :, :self.length] = source_keys
-            values[:, :, :self.length] = source_values
+            keys[:, :, : self.length] = source_keys
+            values[:, :, : self.length] = source_values
             self._keys, self._values = keys, values
             self._expose()
 
@@ -190,8 +201,8 @@ def _preallocated_layer_class() -> type:
             end = self.length + key_states.shape[-2]
             if end > self._keys.shape[2]:
                 self._reallocate(None, max(end, 2 * self._keys.shape[2]))
-            self._keys[:, :, self.length:end] = key_states
-            self._values[:, :, self.length:end] = value_states
+            self._keys[:, :, self.length : end] = key_states
+            self._values[:, :, self.length : end] = value_states
             self.length = end
             self._expose()
             return self.keys, self.values
@@ -215,8 +226,9 @@ class SamplingClient:
         self.precision = precision
         self.tokenizer = load_tokenizer(base_model)
         self._pad_id = self.tokenizer.pad_token_id or 0
-        self._eos_ids = find_eos_ids(self.tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id",
-                                                             None))
+        self._eos_ids = find_eos_ids(
+            self.tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        )
         self._context = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
         self._cache = cache_capabilities(base_model, self.model)
         self._queue = RequestQueue("rlhfkit-sampling")  # every computation of this client runs on its thread
@@ -248,16 +260,18 @@ class SamplingClient:
         limit = max_sampling_batch()
         if self._cache.fast_paths:
             for start in range(0, len(order), limit):
-                self._generate([rows[i] for i in order[start:start + limit]])
+                self._generate([rows[i] for i in order[start : start + limit]])
         else:  # one batch per prompt length: no padding
             by_length: dict[int, list[_Row]] = {}
             for i in order:
                 by_length.setdefault(len(rows[i].prompt), []).append(rows[i])
             for group in by_length.values():
                 for start in range(0, len(group), limit):
-                    self._generate_unpadded(group[start:start + limit])
-        return [SampleResponse([SampledSequence(r.tokens, r.logprobs, r.stop_reason) for r in group])
-                for group in per_request]
+                    self._generate_unpadded(group[start : start + limit])
+        return [
+            SampleResponse([SampledSequence(r.tokens, r.logprobs, r.stop_reason) for r in group])
+            for group in per_request
+        ]
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
         """Next token per row and its logprob under the temperature-scaled distribution (inverse-CDF draws
@@ -290,7 +304,7 @@ class SamplingClient:
             row.stop_reason = "stop"
         elif row.stop_strings:
             longest = max(len(s) for s in row.stop_strings)
-            tail = self.tokenizer.decode(row.tokens[-(longest + 2):])
+            tail = self.tokenizer.decode(row.tokens[-(longest + 2) :])
             if any(s in tail for s in row.stop_strings):
                 row.stop_reason = "stop"
         if row.stop_reason is None and len(row.tokens) >= row.max_tokens:
@@ -329,8 +343,9 @@ class SamplingClient:
         for batch in plan_microbatches([len(p) for p in prompts]):
             ids, mask, positions = pad_left([prompts[k] for k in batch], self._pad_id, self.precision.device)
             with self.precision.autocast:
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                 logits_to_keep=1)
+                out = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+                )
             source = torch.tensor([j for j, k in enumerate(batch) for _ in rows_of_prompt[k]], device=ids.device)
             target = torch.tensor([row for k in batch for row in rows_of_prompt[k]], device=ids.device)
             step_logits = out.logits[:, -1]
@@ -352,7 +367,7 @@ class SamplingClient:
         cache, logits, width = self._prefill(rows)
         mask = torch.zeros((len(rows), width + max(r.max_tokens for r in rows)), dtype=torch.long, device=device)
         for row, r in enumerate(rows):
-            mask[row, width - len(r.prompt): width] = 1
+            mask[row, width - len(r.prompt) : width] = 1
         next_position = torch.tensor([len(r.prompt) for r in rows], device=device)
         active = list(range(len(rows)))  # the row of each batch slot
         length = width
@@ -368,8 +383,13 @@ class SamplingClient:
             mask[:, length] = 1
             length += 1
             with self.precision.autocast:
-                out = self.model(input_ids=tokens[:, None], attention_mask=mask[:, :length],
-                                 position_ids=next_position[:, None], cache=cache, use_cache=True)
+                out = self.model(
+                    input_ids=tokens[:, None],
+                    attention_mask=mask[:, :length],
+                    position_ids=next_position[:, None],
+                    cache=cache,
+                    use_cache=True,
+                )
             logits = out.logits[:, -1]
             next_position = next_position + 1
 
@@ -383,8 +403,9 @@ class SamplingClient:
         device = self.precision.device
         selects = self._cache.selects_rows
         distinct: dict[tuple[int, ...], int] = {}
-        prompt_of_row = [distinct.setdefault(tuple(r.prompt), len(distinct)) if selects else i
-                         for i, r in enumerate(rows)]
+        prompt_of_row = [
+            distinct.setdefault(tuple(r.prompt), len(distinct)) if selects else i for i, r in enumerate(rows)
+        ]
         prompts = list(distinct) if selects else [r.prompt for r in rows]
         with self.precision.autocast:
             out = self.model(input_ids=torch.tensor(prompts, device=device), use_cache=True, logits_to_keep=1)
@@ -403,18 +424,25 @@ class SamplingClient:
                 cache.reorder_cache(index)
                 tokens, active = tokens[index], [active[slot] for slot in alive]
             with self.precision.autocast:
-                out = self.model(input_ids=tokens[:, None], position_ids=torch.full_like(tokens[:, None], position),
-                                 cache=cache, use_cache=True)
+                out = self.model(
+                    input_ids=tokens[:, None],
+                    position_ids=torch.full_like(tokens[:, None], position),
+                    cache=cache,
+                    use_cache=True,
+                )
             logits = out.logits[:, -1]
             position += 1
 
-    def sample(self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
-               ) -> APIFuture[SampleResponse]:
-        return self._queue.submit(lambda: self.sample_batch([(prompt, num_samples,
-                                                              sampling_params or SamplingParams())])[0])
+    def sample(
+        self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
+    ) -> APIFuture[SampleResponse]:
+        return self._queue.submit(
+            lambda: self.sample_batch([(prompt, num_samples, sampling_params or SamplingParams())])[0]
+        )
 
-    async def sample_async(self, prompt: ModelInput, num_samples: int = 1,
-                           sampling_params: SamplingParams | None = None) -> SampleResponse:
+    async def sample_async(
+        self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
+    ) -> SampleResponse:
         return await self._sample_batcher.submit((prompt, num_samples, sampling_params or SamplingParams()))
 
     # ---------------------------------------------------------------------------------------------
@@ -427,10 +455,15 @@ class SamplingClient:
         for batch in plan_microbatches([len(s) for s in sequences]):
             ids, mask, positions = pad_left([sequences[i] for i in batch], self._pad_id, self.precision.device)
             with torch.inference_mode(), self.precision.autocast:
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                                    logits_to_keep=1 if keep_last_only else 0).logits
+                logits = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=False,
+                    logits_to_keep=1 if keep_last_only else 0,
+                ).logits
             for row, i in enumerate(batch):
-                results[i] = logits[row, -1] if keep_last_only else logits[row, ids.shape[1] - len(sequences[i]):]
+                results[i] = logits[row, -1] if keep_last_only else logits[row, ids.shape[1] - len(sequences[i]) :]
         return results  # type: ignore[return-value]
 
     def _forward_right_padded(self, sequences: Sequence[list[int]], keep_last_only: bool) -> list[torch.Tensor]:
@@ -441,12 +474,16 @@ class SamplingClient:
         for batch in plan_microbatches([len(s) for s in sequences]):
             ids, mask = pad_right([sequences[i] for i in batch], self._pad_id, self.precision.device)
             last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=ids.device)
-            with torch.inference_mode(), self.precision.autocast, \
-                    (last_positions_only(self.model, last) if keep_last_only else contextlib.nullcontext()):
-                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False,
-                                    logits_to_keep=1 if keep_last_only else 0).logits
+            with (
+                torch.inference_mode(),
+                self.precision.autocast,
+                last_positions_only(self.model, last) if keep_last_only else contextlib.nullcontext(),
+            ):
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1 if keep_last_only else 0
+                ).logits
             for row, i in enumerate(batch):
-                results[i] = logits[row, -1] if keep_last_only else logits[row, :len(sequences[i])]
+                results[i] = logits[row, -1] if keep_last_only else logits[row, : len(sequences[i])]
         return results  # type: ignore[return-value]
 
     def _forward(self, sequences: Sequence[list[int]], keep_last_only: bool) -> list[torch.Tensor]:
@@ -483,11 +520,12 @@ class SamplingClient:
         shared = [g for g in groups if g[0] > 0]
         device = self.precision.device
         for batch in plan_microbatches([g[0] for g in shared]):
-            prefixes = [sequences[shared[k][1][0]][:shared[k][0]] for k in batch]
+            prefixes = [sequences[shared[k][1][0]][: shared[k][0]] for k in batch]
             ids, mask, positions = pad_left(prefixes, self._pad_id, device)
             with self.precision.autocast:
-                prefix_cache = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                          use_cache=True, logits_to_keep=1).cache
+                prefix_cache = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+                ).cache
             members = [(j, i) for j, k in enumerate(batch) for i in shared[k][1]]
             # rows x (prefix width + suffix width) within the token budget bounds the copied cache too
             lengths = [ids.shape[1] + len(sequences[i]) - shared[batch[j]][0] for j, i in members]
@@ -496,14 +534,18 @@ class SamplingClient:
                 cache = copy.copy(prefix_cache)
                 cache.layers = [copy.copy(layer) for layer in prefix_cache.layers]
                 cache.batch_select_indices(torch.tensor([j for j, _ in rows], device=device))
-                suffixes = [sequences[i][shared[batch[j]][0]:] for j, i in rows]
+                suffixes = [sequences[i][shared[batch[j]][0] :] for j, i in rows]
                 suffix_ids, suffix_mask, suffix_positions = pad_left(suffixes, self._pad_id, device)
                 starts = torch.tensor([shared[batch[j]][0] for j, _ in rows], device=device)
                 with self.precision.autocast:
-                    logits = self.model(input_ids=suffix_ids,
-                                         attention_mask=torch.cat([mask[[j for j, _ in rows]], suffix_mask], dim=1),
-                                         position_ids=suffix_positions + starts[:, None], cache=cache,
-                                         use_cache=True, logits_to_keep=1).logits
+                    logits = self.model(
+                        input_ids=suffix_ids,
+                        attention_mask=torch.cat([mask[[j for j, _ in rows]], suffix_mask], dim=1),
+                        position_ids=suffix_positions + starts[:, None],
+                        cache=cache,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    ).logits
                 for row, (_, i) in enumerate(rows):
                     results[i] = logits[row, -1]
         return results  # type: ignore[return-value]
@@ -521,8 +563,11 @@ class SamplingClient:
         device = self.precision.device
         for common, members in (g for g in groups if g[0] > 0):
             with self.precision.autocast:
-                prefix_cache = self.model(input_ids=torch.tensor([sequences[members[0]][:common]], device=device),
-                                          use_cache=True, logits_to_keep=1).cache
+                prefix_cache = self.model(
+                    input_ids=torch.tensor([sequences[members[0]][:common]], device=device),
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).cache
             for chunk in plan_microbatches([len(sequences[i]) for i in members]):
                 rows = [members[c] for c in chunk]
                 cache = copy.deepcopy(prefix_cache)
@@ -532,8 +577,14 @@ class SamplingClient:
                 positions = torch.arange(common, common + ids.shape[1], device=device).expand(len(rows), -1)
                 last = torch.tensor([len(sequences[i]) - common - 1 for i in rows], device=device)
                 with self.precision.autocast, last_positions_only(self.model, last):
-                    logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                        cache=cache, use_cache=True, logits_to_keep=1).logits
+                    logits = self.model(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        cache=cache,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    ).logits
                 for row, i in enumerate(rows):
                     results[i] = logits[row, -1]
         return results  # type: ignore[return-value]
@@ -558,8 +609,9 @@ class SamplingClient:
             return self._score_many([p for p, _ in requests], requests[0][1])
         return [self._score_many([p], c)[0] for p, c in requests]
 
-    def score_next_token_batch(self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
-                               ) -> list[NextTokenScores]:
+    def score_next_token_batch(
+        self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
+    ) -> list[NextTokenScores]:
         """For each prompt: the greedy next token and the logprobs of `candidate_tokens`, in batched passes."""
         return self._queue.submit(self._score_many, list(prompts), list(candidate_tokens)).result()
 

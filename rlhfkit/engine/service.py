@@ -30,11 +30,21 @@ class ServiceClient:
     instance, "auto" joins a running cluster (default RLHFKIT_RAY_ADDRESS). RLHFKIT_NUM_TRAIN_WORKERS and
     RLHFKIT_NUM_SAMPLERS give the counts' defaults. The storage folder must be shared by the cluster's nodes."""
 
-    def __init__(self, base_url: str | None = None, user_metadata: dict | None = None, *,
-                 device: str | None = None, dtype: str | None = None, storage_dir: str | None = None,
-                 sampler: str | None = None, backend: str | None = None, ray_address: str | None = None,
-                 num_train_workers: int | None = None, num_samplers: int | None = None,
-                 inference_engine: str | None = None):
+    def __init__(
+        self,
+        base_url: str | None = None,
+        user_metadata: dict | None = None,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        storage_dir: str | None = None,
+        sampler: str | None = None,
+        backend: str | None = None,
+        ray_address: str | None = None,
+        num_train_workers: int | None = None,
+        num_samplers: int | None = None,
+        inference_engine: str | None = None,
+    ):
         if base_url is not None:
             raise ValueError(f"base_url={base_url!r}: only the local in-process backend exists; pass None")
         self.precision = pick_precision(device, dtype)
@@ -54,8 +64,10 @@ class ServiceClient:
                 ray_address if ray_address is not None else os.environ.get("RLHFKIT_RAY_ADDRESS"),
                 num_train_workers if num_train_workers is not None else _env_int("RLHFKIT_NUM_TRAIN_WORKERS"),
                 num_samplers if num_samplers is not None else _env_int("RLHFKIT_NUM_SAMPLERS"),
-                inference_engine or os.environ.get("RLHFKIT_INFERENCE_ENGINE") or default_inference_engine(), device,
-                dtype)
+                inference_engine or os.environ.get("RLHFKIT_INFERENCE_ENGINE") or default_inference_engine(),
+                device,
+                dtype,
+            )
 
     def _training_client(self, spec: LoraSpec) -> TrainingClient:
         storage = self.storage_dir / uuid.uuid4().hex[:12]
@@ -63,11 +75,26 @@ class ServiceClient:
             return self._ray.training_client(self, spec, storage)  # type: ignore[return-value]
         return TrainingClient(self, spec, self.precision, storage)
 
-    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
-                                    train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,
-                                    user_metadata: dict | None = None) -> TrainingClient:
-        return self._training_client(LoraSpec(base_model, rank=rank, seed=seed, train_mlp=train_mlp,
-                                              train_attn=train_attn, train_unembed=train_unembed))
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = True,
+        user_metadata: dict | None = None,
+    ) -> TrainingClient:
+        return self._training_client(
+            LoraSpec(
+                base_model,
+                rank=rank,
+                seed=seed,
+                train_mlp=train_mlp,
+                train_attn=train_attn,
+                train_unembed=train_unembed,
+            )
+        )
 
     def create_training_client_from_state(self, path: str, user_metadata: dict | None = None) -> TrainingClient:
         """Adapter weights from a saved state (or sampler weights); a fresh optimizer."""
@@ -75,8 +102,9 @@ class ServiceClient:
         client.load_state(path).result()
         return client
 
-    def create_training_client_from_state_with_optimizer(self, path: str, user_metadata: dict | None = None
-                                                         ) -> TrainingClient:
+    def create_training_client_from_state_with_optimizer(
+        self, path: str, user_metadata: dict | None = None
+    ) -> TrainingClient:
         client = self._training_client(read_spec(path))
         client.load_state_with_optimizer(path).result()
         return client

@@ -23,8 +23,14 @@ from typing import Any
 
 from rlhfkit.paths import shared_data_dir
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_5", "gemma2", "qwen3_moe")
 
 
@@ -44,23 +50,46 @@ def _architecture_config(name: str, hidden_size: int, num_layers: int | None) ->
         types = ["linear_attention", "full_attention", "linear_attention"]
         if num_layers is not None:
             types = [("full_attention" if i % 4 == 1 else "linear_attention") for i in range(num_layers)]
-        return "Qwen3_5TextConfig", dict(num_hidden_layers=len(types), layer_types=types, head_dim=head_dim,
-                                         linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
-                                         linear_num_key_heads=2, linear_num_value_heads=heads,
-                                         tie_word_embeddings=False)
+        return "Qwen3_5TextConfig", dict(
+            num_hidden_layers=len(types),
+            layer_types=types,
+            head_dim=head_dim,
+            linear_key_head_dim=head_dim,
+            linear_value_head_dim=head_dim,
+            linear_num_key_heads=2,
+            linear_num_value_heads=heads,
+            tie_word_embeddings=False,
+        )
     if name == "gemma2":
-        return "Gemma2Config", dict(num_hidden_layers=num_layers or 2, head_dim=head_dim,
-                                    query_pre_attn_scalar=head_dim, sliding_window=16, tie_word_embeddings=True,
-                                    pad_token_id=None)
+        return "Gemma2Config", dict(
+            num_hidden_layers=num_layers or 2,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=16,
+            tie_word_embeddings=True,
+            pad_token_id=None,
+        )
     if name == "qwen3_moe":
-        return "Qwen3MoeConfig", dict(num_hidden_layers=num_layers or 2, head_dim=head_dim, num_experts=4,
-                                      num_experts_per_tok=2, moe_intermediate_size=hidden_size,
-                                      decoder_sparse_step=1, tie_word_embeddings=False)
+        return "Qwen3MoeConfig", dict(
+            num_hidden_layers=num_layers or 2,
+            head_dim=head_dim,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=hidden_size,
+            decoder_sparse_step=1,
+            tie_word_embeddings=False,
+        )
     raise ValueError(f"unknown tiny architecture {name!r}; available: {', '.join(ARCHITECTURES)}")
 
 
-def build_tiny_architecture(out_dir: str | Path, name: str, hidden_size: int = 64, num_layers: int | None = None,
-                            seed: int = 0, overrides: dict[str, Any] | None = None) -> Path:
+def build_tiny_architecture(
+    out_dir: str | Path,
+    name: str,
+    hidden_size: int = 64,
+    num_layers: int | None = None,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
     """Write a tiny random model of architecture `name` (see ARCHITECTURES) with the real Qwen tokenizer to
     `out_dir` (once: an existing model there is kept). `overrides`: config fields to change (e.g.
     tie_word_embeddings). vLLM's CPU build needs a head size of 64 or 128: hidden_size=256 (4 heads)."""
@@ -75,11 +104,24 @@ def build_tiny_architecture(out_dir: str | Path, name: str, hidden_size: int = 6
     qwen = json.loads((src / "config.json").read_text())
     class_name, fields = _architecture_config(name, hidden_size, num_layers)
     # Qwen2 keeps every field of the real Qwen2 config; the others take the tokenizer's ids from it
-    config = {k: v for k, v in qwen.items() if k not in ("_name_or_path", "transformers_version", "architectures",
-                                                        "model_type", "torch_dtype")} if name == "qwen2" else \
-        dict(vocab_size=qwen["vocab_size"], bos_token_id=qwen["bos_token_id"], eos_token_id=qwen["eos_token_id"])
-    config.update(hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, dtype="float32")
+    config = (
+        {
+            k: v
+            for k, v in qwen.items()
+            if k not in ("_name_or_path", "transformers_version", "architectures", "model_type", "torch_dtype")
+        }
+        if name == "qwen2"
+        else dict(vocab_size=qwen["vocab_size"], bos_token_id=qwen["bos_token_id"], eos_token_id=qwen["eos_token_id"])
+    )
+    config.update(
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        dtype="float32",
+    )
     config.update(fields)
     config.update(overrides or {})
     torch.manual_seed(seed)

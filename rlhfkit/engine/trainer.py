@@ -14,8 +14,15 @@ import torch
 from rlhfkit.engine import losses
 from rlhfkit.engine.batching import microbatch_token_budget, pad_right, plan_microbatches, token_logprobs
 from rlhfkit.engine.integrity import write_manifest
-from rlhfkit.engine.lora import (LoraSpec, add_lora, adapter_state, load_adapter_state, load_adapter_tensors,
-                                 read_meta, save_adapter)
+from rlhfkit.engine.lora import (
+    LoraSpec,
+    add_lora,
+    adapter_state,
+    load_adapter_state,
+    load_adapter_tensors,
+    read_meta,
+    save_adapter,
+)
 from rlhfkit.engine.models import Precision, load_base_model, load_tokenizer
 from rlhfkit.engine.types import AdamParams, Datum, ForwardBackwardOutput, OptimStepResponse, TensorData
 from rlhfkit.errors import CheckpointError
@@ -56,8 +63,10 @@ class LoraTrainer:
                     raise ValueError(f"datum {index}: loss {loss_fn!r} needs loss_fn_inputs[{key!r}]")
             for key, value in datum.loss_fn_inputs.items():
                 if len(value) != n:
-                    raise ValueError(f"datum {index}: loss_fn_inputs[{key!r}] has {len(value)} entries but the "
-                                     f"model input has {n} tokens")
+                    raise ValueError(
+                        f"datum {index}: loss_fn_inputs[{key!r}] has {len(value)} entries but the "
+                        f"model input has {n} tokens"
+                    )
 
     @staticmethod
     def _first_active_position(datum: Datum) -> int:
@@ -72,8 +81,9 @@ class LoraTrainer:
                     start = min(start, int(nonzero[0]))
         return start
 
-    def _run_batches(self, data: Sequence[Datum], per_microbatch: Callable[[list[int], list[torch.Tensor]], None],
-                     grad: bool) -> list[torch.Tensor]:
+    def _run_batches(
+        self, data: Sequence[Datum], per_microbatch: Callable[[list[int], list[torch.Tensor]], None], grad: bool
+    ) -> list[torch.Tensor]:
         """Forward the data in length-sorted microbatches; hand each microbatch's per-datum target logprobs
         to `per_microbatch` (which may call backward). Returns detached logprobs in data order."""
         sequences = [d.model_input.to_ints() for d in data]
@@ -91,11 +101,11 @@ class LoraTrainer:
             with torch.set_grad_enabled(grad):
                 with self.precision.autocast:
                     hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                    active = torch.cat([hidden[row, starts[i]:len(sequences[i])] for row, i in enumerate(batch)])
+                    active = torch.cat([hidden[row, starts[i] : len(sequences[i])] for row, i in enumerate(batch)])
                     logits = unembedding(active)
                 if softcap:
                     logits = torch.tanh(logits.float() / softcap) * softcap
-                active_targets = torch.tensor([t for i in batch for t in targets[i][starts[i]:]], device=device)
+                active_targets = torch.tensor([t for i in batch for t in targets[i][starts[i] :]], device=device)
                 logprobs = token_logprobs(logits, active_targets).split([len(sequences[i]) - starts[i] for i in batch])
                 rows = [torch.cat([logprobs[row].new_zeros(starts[i]), logprobs[row]]) for row, i in enumerate(batch)]
                 per_microbatch(batch, rows)
@@ -103,8 +113,9 @@ class LoraTrainer:
                 results[i] = row.detach().float().cpu()
         return results  # type: ignore[return-value]
 
-    def forward_backward(self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None,
-                         backward: bool) -> ForwardBackwardOutput:
+    def forward_backward(
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None, backward: bool
+    ) -> ForwardBackwardOutput:
         """The named loss (a sum over the data) and its gradient, accumulated into the adapters' `.grad`."""
         self.check(data, loss_fn)
         loss = losses.get_loss(loss_fn)
@@ -116,8 +127,11 @@ class LoraTrainer:
             nonlocal total
             value = torch.zeros((), device=device)
             for i, logprobs in zip(batch, rows):
-                inputs = {k: v.to_torch().to(device).float() for k, v in data[i].loss_fn_inputs.items()
-                          if k != "target_tokens"}
+                inputs = {
+                    k: v.to_torch().to(device).float()
+                    for k, v in data[i].loss_fn_inputs.items()
+                    if k != "target_tokens"
+                }
                 value = value + loss(logprobs, inputs, config)
             if backward:
                 value.backward()
@@ -150,7 +164,8 @@ class LoraTrainer:
         metrics = {"loss:sum": float(loss.detach()), **{k: float(v) for k, v in (metrics or {}).items()}}
         return ForwardBackwardOutput(
             loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp.detach().float().cpu())} for lp in logprobs],
-            metrics=metrics)
+            metrics=metrics,
+        )
 
     # ---------------------------------------------------------------------------------------------
     # Optimizer
@@ -165,13 +180,18 @@ class LoraTrainer:
         if self.optimizer is None:
             self.optimizer = self._make_optimizer()
         for group in self.optimizer.param_groups:
-            group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2), eps=params.eps,
-                         weight_decay=params.weight_decay)
+            group.update(
+                lr=params.learning_rate,
+                betas=(params.beta1, params.beta2),
+                eps=params.eps,
+                weight_decay=params.weight_decay,
+            )
         if reduce_gradients is not None:
             reduce_gradients(self._params)
         grads = [p.grad for p in self._params if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
-            if grads else 0.0
+        grad_norm = (
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        )
         fault_point("optim_step")
         if self._nonfinite_loss or not math.isfinite(grad_norm):
             self._nonfinite_loss = False
@@ -194,8 +214,14 @@ class LoraTrainer:
         """Adapter weights (+ optimizer and RNG state for kind "state") in a directory written atomically."""
         peft_config = self.model.peft_config["default"].to_dict()
         with atomic_directory(path) as tmp:
-            save_adapter(tmp, adapter_state(self.model), self.spec, peft_config, kind,
-                         extra={"optimizer_steps": self.optimizer_steps})
+            save_adapter(
+                tmp,
+                adapter_state(self.model),
+                self.spec,
+                peft_config,
+                kind,
+                extra={"optimizer_steps": self.optimizer_steps},
+            )
             if kind == "state":
                 optimizer = self.optimizer.state_dict() if self.optimizer is not None else None
                 torch.save(optimizer, tmp / OPTIMIZER_FILE)
@@ -212,8 +238,10 @@ class LoraTrainer:
             return
         optimizer_path = Path(path) / OPTIMIZER_FILE
         if not optimizer_path.exists():
-            raise CheckpointError(f"{path} has no optimizer state ({OPTIMIZER_FILE}): it is a sampler checkpoint; "
-                                  f"use a path written by save_state")
+            raise CheckpointError(
+                f"{path} has no optimizer state ({OPTIMIZER_FILE}): it is a sampler checkpoint; "
+                f"use a path written by save_state"
+            )
         try:
             state = torch.load(optimizer_path, weights_only=False)
         except Exception as e:  # a damaged file of an older checkpoint without checksums

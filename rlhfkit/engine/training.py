@@ -76,13 +76,15 @@ class TrainingClient(AwaitableTrainingMethods):
     # ---------------------------------------------------------------------------------------------
     # Requests
 
-    def forward_backward(self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None = None
-                         ) -> APIFuture[ForwardBackwardOutput]:
+    def forward_backward(
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None = None
+    ) -> APIFuture[ForwardBackwardOutput]:
         LoraTrainer.check(data, loss_fn)  # bad input fails at submission
         return self._queue.submit(self.trainer.forward_backward, list(data), loss_fn, loss_fn_config, True)
 
-    def forward(self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None = None
-                ) -> APIFuture[ForwardBackwardOutput]:
+    def forward(
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None = None
+    ) -> APIFuture[ForwardBackwardOutput]:
         LoraTrainer.check(data, loss_fn)
         return self._queue.submit(self.trainer.forward_backward, list(data), loss_fn, loss_fn_config, False)
 
@@ -96,10 +98,12 @@ class TrainingClient(AwaitableTrainingMethods):
 
     def _save(self, name: str | None, kind: str) -> APIFuture[SaveWeightsResponse]:
         """name None: `for-sampler-<optimizer steps>` (counted when the request runs)."""
+
         def run() -> SaveWeightsResponse:
             folder = name if name is not None else f"for-sampler-{self.trainer.optimizer_steps:06d}"
-            return SaveWeightsResponse(path=self.trainer.save(resolve_checkpoint_path(self.storage, folder, kind),
-                                                              kind))
+            return SaveWeightsResponse(
+                path=self.trainer.save(resolve_checkpoint_path(self.storage, folder, kind), kind)
+            )
 
         return self._queue.submit(run)
 
@@ -137,8 +141,12 @@ class TrainingClient(AwaitableTrainingMethods):
         return load_tokenizer(self.spec.base_model)
 
     def get_info(self) -> dict:
-        return {"base_model": self.spec.base_model, "lora_rank": self.spec.rank,
-                "device": str(self.precision.device), "dtype": str(self.precision.compute_dtype)}
+        return {
+            "base_model": self.spec.base_model,
+            "lora_rank": self.spec.rank,
+            "device": str(self.precision.device),
+            "dtype": str(self.precision.compute_dtype),
+        }
 
 
 def spec_from_checkpoint(path: str) -> LoraSpec:

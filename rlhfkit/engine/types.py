@@ -69,8 +69,9 @@ class TensorData:
 
     @staticmethod
     def from_torch(tensor: Any) -> TensorData:
-        return TensorData.from_numpy(tensor.detach().cpu().float().numpy()
-                                     if tensor.is_floating_point() else tensor.detach().cpu().numpy())
+        return TensorData.from_numpy(
+            tensor.detach().cpu().float().numpy() if tensor.is_floating_point() else tensor.detach().cpu().numpy()
+        )
 
     @staticmethod
     def from_list(values: Sequence[float] | Sequence[int], dtype: Literal["int64", "float32"]) -> TensorData:

@@ -47,11 +47,21 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 BASE_ADAPTER = "__base__"  # a LoRA adapter whose delta is zero: the base model (see the module docstring)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
 # which rlhfkit setting turns off LoRA on a module (LoraSpec / create_lora_training_client)
-SETTING_OF_MODULE = {"lm_head": "train_unembed=False",
-                     "q_proj": "train_attn=False", "k_proj": "train_attn=False", "v_proj": "train_attn=False",
-                     "o_proj": "train_attn=False", "gate_proj": "train_mlp=False", "up_proj": "train_mlp=False",
-                     "down_proj": "train_mlp=False", "in_proj_qkv": "train_attn=False", "in_proj_z": "train_attn=False",
-                     "in_proj_a": "train_attn=False", "in_proj_b": "train_attn=False", "out_proj": "train_attn=False"}
+SETTING_OF_MODULE = {
+    "lm_head": "train_unembed=False",
+    "q_proj": "train_attn=False",
+    "k_proj": "train_attn=False",
+    "v_proj": "train_attn=False",
+    "o_proj": "train_attn=False",
+    "gate_proj": "train_mlp=False",
+    "up_proj": "train_mlp=False",
+    "down_proj": "train_mlp=False",
+    "in_proj_qkv": "train_attn=False",
+    "in_proj_z": "train_attn=False",
+    "in_proj_a": "train_attn=False",
+    "in_proj_b": "train_attn=False",
+    "out_proj": "train_attn=False",
+}
 EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")  # config fields of mixture-of-experts models
 
 
@@ -100,15 +110,17 @@ def check_architecture(model_dir: str) -> None:
     try:
         model_class = ModelRegistry.models[arch].load_model_cls()
     except ImportError as e:
-        raise UnsupportedArchitectureError(f"{model_dir}: {build} cannot load its {arch} model class "
-                                           f"({type(e).__name__}: {e}); {advice}") from e
+        raise UnsupportedArchitectureError(
+            f"{model_dir}: {build} cannot load its {arch} model class ({type(e).__name__}: {e}); {advice}"
+        ) from e
     if not supports_lora(model_class):
         raise UnsupportedArchitectureError(f"{model_dir}: {build} serves no LoRA adapters on {arch}; {advice}")
     text_config = config.get("text_config", config)
     if current_platform.is_cpu() and any(text_config.get(field) for field in EXPERT_FIELDS):
         raise UnsupportedArchitectureError(
             f"{model_dir}: {build} cannot run {arch} with LoRA enabled: LoRA on its mixture-of-experts layers runs a"
-            f" Triton kernel, which the CPU build lacks (every rlhfkit adapter needs LoRA on); {advice}")
+            f" Triton kernel, which the CPU build lacks (every rlhfkit adapter needs LoRA on); {advice}"
+        )
 
 
 def adapter_modules(path: Path) -> set[str]:
@@ -124,9 +136,19 @@ class VLLMCore:
     """One vLLM engine (in this process) with native LoRA. Restartable: its only state besides the engine is
     the adapter registry (adapter id -> folder), which is rebuilt from the adapter folders on disk."""
 
-    def __init__(self, model_dir: str, work_dir: str, dtype: str = "bfloat16", max_model_len: int = 4096,
-                 seed: int = 0, enforce_eager: bool = True, kv_cache_gb: int = 2, max_loras: int = 4,
-                 max_lora_rank: int = 64, max_cpu_loras: int | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        work_dir: str,
+        dtype: str = "bfloat16",
+        max_model_len: int = 4096,
+        seed: int = 0,
+        enforce_eager: bool = True,
+        kv_cache_gb: int = 2,
+        max_loras: int = 4,
+        max_lora_rank: int = 64,
+        max_cpu_loras: int | None = None,
+    ):
         if max_lora_rank not in LORA_RANKS:
             raise ValueError(f"max_lora_rank={max_lora_rank}: vLLM accepts one of {LORA_RANKS}")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
@@ -137,10 +159,20 @@ class VLLMCore:
         self.model_dir = model_dir
         self.work_dir = Path(work_dir)
         self.max_lora_rank = max_lora_rank
-        self.llm = LLM(model=model_dir, tokenizer=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                       enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", enable_prefix_caching=True,
-                       enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank,
-                       max_cpu_loras=max_cpu_loras)
+        self.llm = LLM(
+            model=model_dir,
+            tokenizer=model_dir,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,
+            enable_lora=True,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
+            max_cpu_loras=max_cpu_loras,
+        )
         self.start_seconds = time.time() - started
         self.wrapped = self._wrapped_modules()
         # adapter id -> (vLLM's integer id, the PEFT-valid copy vLLM reads, the checkpoint folder it came from)
@@ -188,7 +220,8 @@ class VLLMCore:
                 f"{where}: vLLM cannot put a LoRA adapter on {', '.join(leaves)} of this model "
                 f"({len(missing)} modules, e.g. {missing[0]}); it would sample with the base weights there. "
                 f"Train without them ({' and '.join(fixes)}) or sample with the torch engine (sampler=local; with "
-                f"backend=ray: inference_engine=torch).")
+                f"backend=ray: inference_engine=torch)."
+            )
 
     def _load_base_adapter(self) -> None:
         """Register BASE_ADAPTER: rank 1, zeros, on one projection of the first layer (its MLP's down projection,
@@ -202,21 +235,37 @@ class VLLMCore:
         config = config.get("text_config", config)
         heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        shapes = {"model.layers.0.mlp.down_proj": (config.get("intermediate_size"), config["hidden_size"]),
-                  "model.layers.0.self_attn.o_proj": (heads * head_dim, config["hidden_size"])}
+        shapes = {
+            "model.layers.0.mlp.down_proj": (config.get("intermediate_size"), config["hidden_size"]),
+            "model.layers.0.self_attn.o_proj": (heads * head_dim, config["hidden_size"]),
+        }
         module = next((m for m in shapes if m in self.wrapped), None)
         if module is None:
-            raise UnsupportedAdapterError(f"{self.model_dir}: vLLM wraps none of {', '.join(shapes)} for LoRA; the "
-                                          f"base-model adapter needs one")
+            raise UnsupportedAdapterError(
+                f"{self.model_dir}: vLLM wraps none of {', '.join(shapes)} for LoRA; the base-model adapter needs one"
+            )
         (fan_in, fan_out), leaf = shapes[module], module.rpartition(".")[2]
         folder = self.work_dir / "peft" / BASE_ADAPTER
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({f"{PEFT_PREFIX}{module}.lora_A.weight": torch.zeros(1, fan_in),
-                   f"{PEFT_PREFIX}{module}.lora_B.weight": torch.zeros(fan_out, 1)},
-                  str(folder / ADAPTER_FILE))
-        (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(
-            {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "target_modules": [leaf],
-             "bias": "none"}))
+        save_file(
+            {
+                f"{PEFT_PREFIX}{module}.lora_A.weight": torch.zeros(1, fan_in),
+                f"{PEFT_PREFIX}{module}.lora_B.weight": torch.zeros(fan_out, 1),
+            },
+            str(folder / ADAPTER_FILE),
+        )
+        (folder / ADAPTER_CONFIG_FILE).write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "task_type": "CAUSAL_LM",
+                    "r": 1,
+                    "lora_alpha": 1,
+                    "target_modules": [leaf],
+                    "bias": "none",
+                }
+            )
+        )
         self.llm.llm_engine.add_lora(LoRARequest(BASE_ADAPTER, 1, str(folder)))
         self.adapters[BASE_ADAPTER] = (1, str(folder), "")
 
@@ -228,8 +277,9 @@ class VLLMCore:
 
     def _write_registry(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        registry = {adapter_id: source for adapter_id, (_, _, source) in self.adapters.items()
-                    if adapter_id != BASE_ADAPTER}
+        registry = {
+            adapter_id: source for adapter_id, (_, _, source) in self.adapters.items() if adapter_id != BASE_ADAPTER
+        }
         tmp = self.registry_path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(registry, indent=1))
         os.replace(tmp, self.registry_path)
@@ -243,8 +293,10 @@ class VLLMCore:
             raise ValueError(f"adapter id {BASE_ADAPTER!r} is reserved for the base model")
         if adapter_id in self.adapters:
             if self.adapters[adapter_id][2] != source:
-                raise UnsupportedAdapterError(f"adapter id {adapter_id!r} already names {self.adapters[adapter_id][2]}"
-                                              f"; give the new weights ({source}) a fresh id")
+                raise UnsupportedAdapterError(
+                    f"adapter id {adapter_id!r} already names {self.adapters[adapter_id][2]}"
+                    f"; give the new weights ({source}) a fresh id"
+                )
             return
         from vllm.lora.request import LoRARequest
 
@@ -252,8 +304,10 @@ class VLLMCore:
         config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
         rank = int(config["r"])
         if rank > self.max_lora_rank:
-            raise UnsupportedAdapterError(f"{folder}: LoRA rank {rank} is above the engine's max_lora_rank "
-                                          f"{self.max_lora_rank}; start the engine with max_lora_rank >= {rank}")
+            raise UnsupportedAdapterError(
+                f"{folder}: LoRA rank {rank} is above the engine's max_lora_rank "
+                f"{self.max_lora_rank}; start the engine with max_lora_rank >= {rank}"
+            )
         self.check_targets(adapter_modules(folder), str(folder))
         int_id = max((i for i, _, _ in self.adapters.values()), default=0) + 1
         copy = self.work_dir / "peft" / f"{int_id}-{folder.name}"
@@ -273,8 +327,10 @@ class VLLMCore:
             adapter_id = BASE_ADAPTER
 
         if adapter_id not in self.adapters:
-            raise UnknownAdapterError(f"adapter {adapter_id!r} was not loaded into this engine (load_adapter first);"
-                                      f" loaded: {sorted(set(self.adapters) - {BASE_ADAPTER})}")
+            raise UnknownAdapterError(
+                f"adapter {adapter_id!r} was not loaded into this engine (load_adapter first);"
+                f" loaded: {sorted(set(self.adapters) - {BASE_ADAPTER})}"
+            )
         int_id, folder, _ = self.adapters[adapter_id]
         return LoRARequest(adapter_id, int_id, folder)
 
@@ -286,36 +342,62 @@ class VLLMCore:
         from vllm import SamplingParams
 
         lora = self._lora_request(adapter_id)
-        params = [SamplingParams(n=1, max_tokens=r["max_tokens"], temperature=r["temperature"], top_p=r["top_p"],
-                                 top_k=r["top_k"], seed=r["seed"], stop=r["stop_strings"] or None,
-                                 stop_token_ids=r["stop_ids"] or None, ignore_eos=True,
-                                 include_stop_str_in_output=True, logprobs=0, skip_special_tokens=False,
-                                 detokenize=bool(r["stop_strings"]))
-                  for r in rows]
-        outputs = self.llm.generate([{"prompt_token_ids": r["prompt"]} for r in rows], params, use_tqdm=False,
-                                    lora_request=lora)
+        params = [
+            SamplingParams(
+                n=1,
+                max_tokens=r["max_tokens"],
+                temperature=r["temperature"],
+                top_p=r["top_p"],
+                top_k=r["top_k"],
+                seed=r["seed"],
+                stop=r["stop_strings"] or None,
+                stop_token_ids=r["stop_ids"] or None,
+                ignore_eos=True,
+                include_stop_str_in_output=True,
+                logprobs=0,
+                skip_special_tokens=False,
+                detokenize=bool(r["stop_strings"]),
+            )
+            for r in rows
+        ]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": r["prompt"]} for r in rows], params, use_tqdm=False, lora_request=lora
+        )
         self.requests_served += len(rows)
         results = []
         for output in outputs:
             seq = output.outputs[0]
             tokens = list(seq.token_ids)
             logprobs = [float(step[t].logprob) for step, t in zip(seq.logprobs or [], tokens)]
-            results.append({"tokens": tokens, "logprobs": logprobs,
-                            "stop_reason": "length" if seq.finish_reason == "length" else "stop"})
+            results.append(
+                {
+                    "tokens": tokens,
+                    "logprobs": logprobs,
+                    "stop_reason": "length" if seq.finish_reason == "length" else "stop",
+                }
+            )
         return results
 
-    def score_next_token(self, adapter_id: str | None, prompts: list[list[int]], candidates: list[int]
-                         ) -> list[tuple[int, list[float]]]:
+    def score_next_token(
+        self, adapter_id: str | None, prompts: list[list[int]], candidates: list[int]
+    ) -> list[tuple[int, list[float]]]:
         """(argmax token, logprobs of `candidates` under the full-vocabulary softmax) for each prompt: one greedy
         one-token request each, with the candidates' logprobs gathered by vLLM (logprob_token_ids)."""
         from vllm import SamplingParams
 
         lora = self._lora_request(adapter_id)
-        params = SamplingParams(n=1, max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False,
-                                logprob_token_ids=list(candidates) if candidates else None,
-                                logprobs=None if candidates else 0)
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
-                                    lora_request=lora)
+        params = SamplingParams(
+            n=1,
+            max_tokens=1,
+            temperature=0.0,
+            ignore_eos=True,
+            detokenize=False,
+            logprob_token_ids=list(candidates) if candidates else None,
+            logprobs=None if candidates else 0,
+        )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=lora
+        )
         self.requests_served += len(prompts)
         results = []
         for output in outputs:
@@ -328,7 +410,8 @@ class VLLMCore:
         raise PromptLogprobsUnsupported(
             "compute_logprobs: vLLM 0.32's prompt_logprobs crash an engine started with enable_lora=True (even for "
             "requests without an adapter), so this engine does not compute per-token logprobs of given text; "
-            "run them on the training workers / the torch inference worker")
+            "run them on the training workers / the torch inference worker"
+        )
 
     def health(self) -> dict:
         """Engine facts that show what it did: when it started, which adapters it holds, and a fingerprint of
@@ -342,8 +425,13 @@ class VLLMCore:
                     total += float(param.detach().float().abs().sum())
             return total
 
-        return {"model_dir": self.model_dir, "pid": os.getpid(), "start_seconds": self.start_seconds,
-                "adapters": {a: i for a, (i, _, _) in self.adapters.items() if a != BASE_ADAPTER},
-                "engine_adapters": sorted(self.llm.llm_engine.list_loras()),
-                "requests_served": self.requests_served, "torch_threads": torch.get_num_threads(),
-                "base_weights_fingerprint": self.llm.apply_model(fingerprint)[0]}
+        return {
+            "model_dir": self.model_dir,
+            "pid": os.getpid(),
+            "start_seconds": self.start_seconds,
+            "adapters": {a: i for a, (i, _, _) in self.adapters.items() if a != BASE_ADAPTER},
+            "engine_adapters": sorted(self.llm.llm_engine.list_loras()),
+            "requests_served": self.requests_served,
+            "torch_threads": torch.get_num_threads(),
+            "base_weights_fingerprint": self.llm.apply_model(fingerprint)[0],
+        }

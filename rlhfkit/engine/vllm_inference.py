@@ -26,8 +26,15 @@ from typing import Any, Sequence
 from rlhfkit.engine.vllm_core import LORA_RANKS, PromptLogprobsUnsupported, UnsupportedAdapterError, VLLMCore
 from rlhfkit.engine.types import NextTokenScores, SampledSequence, SampleResponse, SamplingParams
 
-__all__ = ["VLLMInferenceWorker", "PromptLogprobsUnsupported", "vllm_actor", "ray_actor_options", "sample_rows",
-           "responses_from", "sampling_limits"]
+__all__ = [
+    "VLLMInferenceWorker",
+    "PromptLogprobsUnsupported",
+    "vllm_actor",
+    "ray_actor_options",
+    "sample_rows",
+    "responses_from",
+    "sampling_limits",
+]
 
 MAX_MODEL_LEN = 8192  # the engine's context at most (the KV cache is sized for it)
 
@@ -47,8 +54,9 @@ def sampling_limits(model_dir: str) -> tuple[set[int], int]:
     return eos_ids, min(int(getattr(config, "max_position_embeddings", 4096) or 4096), MAX_MODEL_LEN)
 
 
-def sample_rows(requests: Sequence[tuple[list[int], int, SamplingParams | None]], eos_ids: set[int], context: int
-                ) -> tuple[list[int], list[dict]]:
+def sample_rows(
+    requests: Sequence[tuple[list[int], int, SamplingParams | None]], eos_ids: set[int], context: int
+) -> tuple[list[int], list[dict]]:
     """The sequences to generate for `requests` as plain rows for VLLMCore.sample, and the number of rows of
     each request (the local sampler's make_rows decides stops, lengths and seeds)."""
     from rlhfkit.engine.sampling import make_rows
@@ -58,17 +66,30 @@ def sample_rows(requests: Sequence[tuple[list[int], int, SamplingParams | None]]
     for prompt, n, params in requests:
         rows = make_rows(ModelInput.from_ints(prompt), n, params or SamplingParams(), eos_ids, context)
         counts.append(len(rows))
-        payload += [{"prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": r.temperature, "top_p": r.top_p,
-                     "top_k": r.top_k if r.top_k > 0 else 0, "seed": r.seed, "stop_strings": r.stop_strings,
-                     "stop_ids": sorted(r.stop_ids)} for r in rows]
+        payload += [
+            {
+                "prompt": r.prompt,
+                "max_tokens": r.max_tokens,
+                "temperature": r.temperature,
+                "top_p": r.top_p,
+                "top_k": r.top_k if r.top_k > 0 else 0,
+                "seed": r.seed,
+                "stop_strings": r.stop_strings,
+                "stop_ids": sorted(r.stop_ids),
+            }
+            for r in rows
+        ]
     return counts, payload
 
 
 def responses_from(counts: list[int], results: list[dict]) -> list[SampleResponse]:
     out, k = [], 0
     for count in counts:
-        out.append(SampleResponse([SampledSequence(r["tokens"], r["logprobs"], r["stop_reason"])
-                                   for r in results[k:k + count]]))
+        out.append(
+            SampleResponse(
+                [SampledSequence(r["tokens"], r["logprobs"], r["stop_reason"]) for r in results[k : k + count]]
+            )
+        )
         k += count
     return out
 
@@ -77,13 +98,31 @@ class VLLMInferenceWorker:
     """One vLLM engine with native LoRA behind the inference-engine interface (see the module docstring).
     `work_dir` must stay the same across restarts of one actor (its adapter registry lives there)."""
 
-    def __init__(self, model_dir: str, work_dir: str, dtype: str = "bfloat16", seed: int = 0,
-                 max_loras: int = 4, max_lora_rank: int = 64, max_cpu_loras: int | None = None,
-                 kv_cache_gb: int = 2, enforce_eager: bool = True):
+    def __init__(
+        self,
+        model_dir: str,
+        work_dir: str,
+        dtype: str = "bfloat16",
+        seed: int = 0,
+        max_loras: int = 4,
+        max_lora_rank: int = 64,
+        max_cpu_loras: int | None = None,
+        kv_cache_gb: int = 2,
+        enforce_eager: bool = True,
+    ):
         self.eos_ids, self.context = sampling_limits(model_dir)
-        self.core = VLLMCore(model_dir, work_dir, dtype=dtype, max_model_len=self.context, seed=seed,
-                             enforce_eager=enforce_eager, kv_cache_gb=kv_cache_gb, max_loras=max_loras,
-                             max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras)
+        self.core = VLLMCore(
+            model_dir,
+            work_dir,
+            dtype=dtype,
+            max_model_len=self.context,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            kv_cache_gb=kv_cache_gb,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
+            max_cpu_loras=max_cpu_loras,
+        )
 
     def load_adapter(self, adapter_id: str, path: str) -> None:
         self.core.load_adapter(adapter_id, path)
@@ -97,17 +136,22 @@ class VLLMInferenceWorker:
             allowed = [r for r in LORA_RANKS if r >= rank]
             raise UnsupportedAdapterError(
                 f"LoRA rank {rank} is above the vLLM engine's max_lora_rank {self.core.max_lora_rank}: set "
-                f"RLHFKIT_VLLM_MAX_LORA_RANK={allowed[0] if allowed else max(LORA_RANKS)} or a lower lora_rank")
+                f"RLHFKIT_VLLM_MAX_LORA_RANK={allowed[0] if allowed else max(LORA_RANKS)} or a lower lora_rank"
+            )
 
-    def sample(self, adapter_id: str | None, requests: list[tuple[list[int], int, SamplingParams]]
-               ) -> list[SampleResponse]:
+    def sample(
+        self, adapter_id: str | None, requests: list[tuple[list[int], int, SamplingParams]]
+    ) -> list[SampleResponse]:
         counts, rows = sample_rows(requests, self.eos_ids, self.context)
         return responses_from(counts, self.core.sample(adapter_id, rows))
 
-    def score_next_token(self, adapter_id: str | None, prompts: list[list[int]], candidates: list[int]
-                         ) -> list[NextTokenScores]:
-        return [NextTokenScores(argmax, logprobs)
-                for argmax, logprobs in self.core.score_next_token(adapter_id, prompts, list(candidates))]
+    def score_next_token(
+        self, adapter_id: str | None, prompts: list[list[int]], candidates: list[int]
+    ) -> list[NextTokenScores]:
+        return [
+            NextTokenScores(argmax, logprobs)
+            for argmax, logprobs in self.core.score_next_token(adapter_id, prompts, list(candidates))
+        ]
 
     def compute_logprobs(self, adapter_id: str | None, prompts: list[list[int]]) -> list[list[float | None]]:
         return self.core.compute_logprobs(adapter_id, prompts)
@@ -121,12 +165,17 @@ def vllm_environment(cpus: str | None = None) -> dict[str, str]:
     """Environment variables of a vLLM engine process on CPU: in-process engine core (faster on a few cores),
     OpenMP threads bound to `cpus` (default: the CPUs this process may use), no Hub access."""
     if cpus is None:
-        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
-            range(os.cpu_count() or 1))
+        allowed = (
+            sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        )
         contiguous = allowed == list(range(allowed[0], allowed[-1] + 1))
         cpus = f"{allowed[0]}-{allowed[-1]}" if contiguous else ",".join(map(str, allowed))
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": cpus, "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_OMP_THREADS_BIND": cpus,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def package_path() -> str:
@@ -146,15 +195,25 @@ def package_path() -> str:
     return str(folder)
 
 
-def vllm_actor(model_dir: str, work_dir: str, *, python: str | None = None, num_cpus: float = 1,
-               cpus: str | None = None, max_restarts: int = 3, name: str | None = None, **settings: Any):
+def vllm_actor(
+    model_dir: str,
+    work_dir: str,
+    *,
+    python: str | None = None,
+    num_cpus: float = 1,
+    cpus: str | None = None,
+    max_restarts: int = 3,
+    name: str | None = None,
+    **settings: Any,
+):
     """Start a VLLMInferenceWorker as a Ray actor in the vLLM environment's Python (`python`, default
     vllm_python()) with Ray's runtime_env py_executable; it imports this rlhfkit through PYTHONPATH (see
     package_path). Needs ray.init() first. `settings` go to VLLMInferenceWorker (dtype, max_loras, ...)."""
     import ray
 
-    actor = ray.remote(VLLMInferenceWorker).options(**ray_actor_options(python, cpus), num_cpus=num_cpus,
-                                                     max_restarts=max_restarts, max_task_retries=0, name=name)
+    actor = ray.remote(VLLMInferenceWorker).options(
+        **ray_actor_options(python, cpus), num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0, name=name
+    )
     return actor.remote(model_dir, work_dir, **settings)
 
 
@@ -164,5 +223,9 @@ def ray_actor_options(python: str | None = None, cpus: str | None = None) -> dic
     PYTHONPATH = package_path()."""
     from rlhfkit.engine.vllm_sampling import vllm_python
 
-    return {"runtime_env": {"py_executable": python or vllm_python(),
-                            "env_vars": {**vllm_environment(cpus), "PYTHONPATH": package_path()}}}
+    return {
+        "runtime_env": {
+            "py_executable": python or vllm_python(),
+            "env_vars": {**vllm_environment(cpus), "PYTHONPATH": package_path()},
+        }
+    }

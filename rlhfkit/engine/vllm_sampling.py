@@ -58,8 +58,10 @@ def vllm_python() -> str:
 
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
-    raise VLLMUnavailableError("sampler=vllm: no Python with vLLM found. Run scripts/setup-vllm.sh (makes "
-                               ".venv-vllm), or set RLHFKIT_VLLM_PYTHON to a Python that has vLLM")
+    raise VLLMUnavailableError(
+        "sampler=vllm: no Python with vLLM found. Run scripts/setup-vllm.sh (makes "
+        ".venv-vllm), or set RLHFKIT_VLLM_PYTHON to a Python that has vLLM"
+    )
 
 
 def engine_settings() -> dict:
@@ -67,10 +69,12 @@ def engine_settings() -> dict:
     vLLM inference engines use them): RLHFKIT_VLLM_COMPILE=1 compiles (~80 s start, ~10% faster; default eager),
     RLHFKIT_VLLM_KV_GB (KV cache, default 2), RLHFKIT_VLLM_MAX_LORAS (adapters in one batch, default 4),
     RLHFKIT_VLLM_MAX_LORA_RANK (default 64: adapters of a higher rank are refused)."""
-    return {"enforce_eager": os.environ.get("RLHFKIT_VLLM_COMPILE", "0") != "1",
-            "kv_cache_gb": int(os.environ.get("RLHFKIT_VLLM_KV_GB", "2")),
-            "max_loras": int(os.environ.get("RLHFKIT_VLLM_MAX_LORAS", "4")),
-            "max_lora_rank": int(os.environ.get("RLHFKIT_VLLM_MAX_LORA_RANK", "64"))}
+    return {
+        "enforce_eager": os.environ.get("RLHFKIT_VLLM_COMPILE", "0") != "1",
+        "kv_cache_gb": int(os.environ.get("RLHFKIT_VLLM_KV_GB", "2")),
+        "max_loras": int(os.environ.get("RLHFKIT_VLLM_MAX_LORAS", "4")),
+        "max_lora_rank": int(os.environ.get("RLHFKIT_VLLM_MAX_LORA_RANK", "64")),
+    }
 
 
 class VLLMEngine:
@@ -91,14 +95,27 @@ class VLLMEngine:
             # run_path, not `python vllm_worker.py`: the script's folder first on sys.path would let this
             # package's types.py shadow the standard library's
             launcher = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
-            self.process = subprocess.Popen([vllm_python(), "-c", launcher, str(WORKER_SCRIPT), address],
-                                            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            cwd=Path(address).parent)
+            self.process = subprocess.Popen(
+                [vllm_python(), "-c", launcher, str(WORKER_SCRIPT), address],
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=Path(address).parent,
+            )
         self.process.stdin.write(authkey.hex().encode() + b"\n")
         self.process.stdin.close()
         self.connection = self._connect(address, authkey)
-        self.connection.send({"model_dir": model_dir, "work_dir": tempfile.mkdtemp(prefix="engine-", dir=folder),
-                              "dtype": dtype, "max_model_len": context, "seed": seed, **engine_settings()})
+        self.connection.send(
+            {
+                "model_dir": model_dir,
+                "work_dir": tempfile.mkdtemp(prefix="engine-", dir=folder),
+                "dtype": dtype,
+                "max_model_len": context,
+                "seed": seed,
+                **engine_settings(),
+            }
+        )
         reply = self._receive(START_TIMEOUT)
         if "error" in reply:
             raise VLLMUnavailableError(f"the vLLM worker failed to start: {reply['error']} (log: {self.log_path})")
@@ -113,14 +130,16 @@ class VLLMEngine:
         deadline = time.time() + 120
         while True:
             if self.process.poll() is not None:
-                raise VLLMUnavailableError(f"the vLLM worker exited (code {self.process.returncode}); "
-                                           f"see {self.log_path}:\n{self._log_tail()}")
+                raise VLLMUnavailableError(
+                    f"the vLLM worker exited (code {self.process.returncode}); see {self.log_path}:\n{self._log_tail()}"
+                )
             try:
                 return Client(address, authkey=authkey)
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.time() > deadline:
                     raise VLLMUnavailableError(
-                        f"the vLLM worker did not listen within 120 s; see {self.log_path}") from None
+                        f"the vLLM worker did not listen within 120 s; see {self.log_path}"
+                    ) from None
                 time.sleep(0.2)
 
     def _log_tail(self, lines: int = 20) -> str:
@@ -132,8 +151,9 @@ class VLLMEngine:
     def _receive(self, timeout: float | None = None) -> dict:
         while not self.connection.poll(1.0):
             if self.process.poll() is not None:
-                raise VLLMUnavailableError(f"the vLLM worker died (code {self.process.returncode}); see "
-                                           f"{self.log_path}:\n{self._log_tail()}")
+                raise VLLMUnavailableError(
+                    f"the vLLM worker died (code {self.process.returncode}); see {self.log_path}:\n{self._log_tail()}"
+                )
             if timeout is not None:
                 timeout -= 1.0
                 if timeout <= 0:
@@ -215,8 +235,10 @@ def lora_target_leaves(spec: LoraSpec) -> tuple[str, ...]:
 
 
 def targets_description(spec: LoraSpec) -> str:
-    return (f"LoRA targets of {spec.base_model} (train_mlp={spec.train_mlp}, train_attn={spec.train_attn}, "
-            f"train_unembed={spec.train_unembed})")
+    return (
+        f"LoRA targets of {spec.base_model} (train_mlp={spec.train_mlp}, train_attn={spec.train_attn}, "
+        f"train_unembed={spec.train_unembed})"
+    )
 
 
 def check_lora_targets(spec: LoraSpec, precision: Precision) -> None:
@@ -225,8 +247,9 @@ def check_lora_targets(spec: LoraSpec, precision: Precision) -> None:
     a training client with `spec` adapts: call it before training. Starts that engine (the one sampling uses);
     raises VLLMUnavailableError when vLLM cannot serve the architecture at all."""
     context = sampling_limits(resolve_base_model(spec.base_model))[1]
-    engine_for(spec.base_model, precision, context).check_targets(set(lora_target_leaves(spec)),
-                                                                  targets_description(spec))
+    engine_for(spec.base_model, precision, context).check_targets(
+        set(lora_target_leaves(spec)), targets_description(spec)
+    )
 
 
 class VLLMSamplingClient:
@@ -256,28 +279,38 @@ class VLLMSamplingClient:
         return self._engine
 
     def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
-        counts, rows = sample_rows([(prompt.to_ints(), n, params) for prompt, n, params in requests], self._eos_ids,
-                                   self._context)
+        counts, rows = sample_rows(
+            [(prompt.to_ints(), n, params) for prompt, n, params in requests], self._eos_ids, self._context
+        )
         adapter_id = self.engine.use_adapter(self.adapter_path)
         results = []
         limit = max(max_sampling_batch(), 1) * 4  # vLLM schedules its own batches; this bounds one message
         for start in range(0, len(rows), limit):
-            results += self.engine.request({"op": "sample", "adapter_id": adapter_id,
-                                            "rows": rows[start:start + limit]})
+            results += self.engine.request(
+                {"op": "sample", "adapter_id": adapter_id, "rows": rows[start : start + limit]}
+            )
         return responses_from(counts, results)
 
-    def sample(self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
-               ) -> APIFuture[SampleResponse]:
+    def sample(
+        self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
+    ) -> APIFuture[SampleResponse]:
         return self._queue.submit(lambda: self._sample_many([(prompt, num_samples, sampling_params)])[0])
 
-    async def sample_async(self, prompt: ModelInput, num_samples: int = 1,
-                           sampling_params: SamplingParams | None = None) -> SampleResponse:
+    async def sample_async(
+        self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
+    ) -> SampleResponse:
         return await self._sample_batcher.submit((prompt, num_samples, sampling_params))
 
     def _score_many(self, prompts: list[ModelInput], candidates: Sequence[int]) -> list[NextTokenScores]:
         adapter_id = self.engine.use_adapter(self.adapter_path)
-        scores = self.engine.request({"op": "score_next_token", "adapter_id": adapter_id,
-                                      "prompts": [p.to_ints() for p in prompts], "candidates": list(candidates)})
+        scores = self.engine.request(
+            {
+                "op": "score_next_token",
+                "adapter_id": adapter_id,
+                "prompts": [p.to_ints() for p in prompts],
+                "candidates": list(candidates),
+            }
+        )
         return [NextTokenScores(argmax, logprobs) for argmax, logprobs in scores]
 
     def _score_requests(self, requests: list[tuple[ModelInput, list[int]]]) -> list[NextTokenScores]:
@@ -286,8 +319,9 @@ class VLLMSamplingClient:
             return self._score_many([p for p, _ in requests], requests[0][1])
         return [self._score_many([p], c)[0] for p, c in requests]
 
-    def score_next_token_batch(self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
-                               ) -> list[NextTokenScores]:
+    def score_next_token_batch(
+        self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
+    ) -> list[NextTokenScores]:
         return self._queue.submit(self._score_many, list(prompts), list(candidate_tokens)).result()
 
     def score_next_token(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> APIFuture[NextTokenScores]:
@@ -303,8 +337,9 @@ class VLLMSamplingClient:
             if self.adapter_path is None or self.spec is None:
                 self._local_client = SamplingClient.from_base(self.base_model, self.precision)
             else:
-                self._local_client = SamplingClient.from_adapter(self.spec, load_adapter_tensors(self.adapter_path),
-                                                                 self.precision)
+                self._local_client = SamplingClient.from_adapter(
+                    self.spec, load_adapter_tensors(self.adapter_path), self.precision
+                )
         return self._local_client
 
     def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:

@@ -12,8 +12,13 @@ from rlhfkit.compat import warn_ignored
 from rlhfkit.completers import TinkerMessageCompleter
 from rlhfkit.evaluators import SamplingClientEvaluator
 from rlhfkit.preference.preference_datasets import ComparisonDatasetBuilder
-from rlhfkit.preference.types import (Comparison, PreferenceModel, PreferenceModelBuilder,
-                                     PreferenceModelFromChatRenderer, symmetric_p_b)
+from rlhfkit.preference.types import (
+    Comparison,
+    PreferenceModel,
+    PreferenceModelBuilder,
+    PreferenceModelFromChatRenderer,
+    symmetric_p_b,
+)
 from rlhfkit.renderers import Message, get_renderer
 from rlhfkit.tokenizer_utils import get_tokenizer
 
@@ -31,12 +36,12 @@ def win_rate_scores(verdicts_policy_as_b: Sequence[float], verdicts_policy_as_a:
 class WinRateMatchups:
     """One win-rate evaluation in full: per prompt, the policy's reply, the two orders' verdicts and the score."""
 
-    comparisons: list[Comparison]          # prompt and the opponent's reply (completion_A)
-    replies: list[dict]                    # the policy's reply to each prompt
-    verdicts_policy_as_b: list[float]      # PM(opponent A, policy B): +1 = policy preferred
-    verdicts_policy_as_a: list[float]      # PM(policy A, opponent B): -1 = policy preferred
-    scores: np.ndarray                     # win_rate_scores of the two orders
-    symmetric: np.ndarray | None = None    # P(policy wins), both orders' probabilities combined (chat PMs)
+    comparisons: list[Comparison]  # prompt and the opponent's reply (completion_A)
+    replies: list[dict]  # the policy's reply to each prompt
+    verdicts_policy_as_b: list[float]  # PM(opponent A, policy B): +1 = policy preferred
+    verdicts_policy_as_a: list[float]  # PM(policy A, opponent B): -1 = policy preferred
+    scores: np.ndarray  # win_rate_scores of the two orders
+    symmetric: np.ndarray | None = None  # P(policy wins), both orders' probabilities combined (chat PMs)
 
     def metrics(self) -> dict[str, float]:
         win_rate, stderr = mean_and_stderr(self.scores)
@@ -53,23 +58,30 @@ def mean_and_stderr(scores: np.ndarray) -> tuple[float, float]:
     return float(scores.mean()), float(scores.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
 
 
-async def judge_against_reference(preference_model: PreferenceModel, comparisons: Sequence[Comparison],
-                                  replies: Sequence[Message]) -> WinRateMatchups:
+async def judge_against_reference(
+    preference_model: PreferenceModel, comparisons: Sequence[Comparison], replies: Sequence[Message]
+) -> WinRateMatchups:
     """Each reply judged against its comparison's completion_A in both orders, in one batched pass."""
     policy_as_b = [Comparison(c.prompt_conversation, c.completion_A, [r]) for c, r in zip(comparisons, replies)]
     policy_as_a = [c.swap() for c in policy_as_b]
     n = len(comparisons)
     if not isinstance(preference_model, PreferenceModelFromChatRenderer):
         verdicts = await preference_model.judge_batch(policy_as_b + policy_as_a)
-        return WinRateMatchups(list(comparisons), list(replies), verdicts[:n], verdicts[n:],
-                               win_rate_scores(verdicts[:n], verdicts[n:]))
+        return WinRateMatchups(
+            list(comparisons), list(replies), verdicts[:n], verdicts[n:], win_rate_scores(verdicts[:n], verdicts[n:])
+        )
     judged = await preference_model.judge_many(policy_as_b + policy_as_a)
     as_b, as_a = judged[:n], judged[n:]
     verdicts_b = [preference_model.reward(b, a) for b, a in zip(as_b, as_a)]
     verdicts_a = [preference_model.reward(a, b) for b, a in zip(as_b, as_a)]
-    return WinRateMatchups(list(comparisons), list(replies), verdicts_b, verdicts_a,
-                           win_rate_scores(verdicts_b, verdicts_a),
-                           np.asarray([symmetric_p_b(b, a) for b, a in zip(as_b, as_a)]))
+    return WinRateMatchups(
+        list(comparisons),
+        list(replies),
+        verdicts_b,
+        verdicts_a,
+        win_rate_scores(verdicts_b, verdicts_a),
+        np.asarray([symmetric_p_b(b, a) for b, a in zip(as_b, as_a)]),
+    )
 
 
 class ComparisonEvaluator(SamplingClientEvaluator):
@@ -83,9 +95,17 @@ class ComparisonEvaluator(SamplingClientEvaluator):
     over the two orders (`symmetric_p_b`), which a purely position-biased judge scores at exactly 0.5 and which
     moves with the judge's confidence rather than only its argmax."""
 
-    def __init__(self, preference_model_builder: PreferenceModelBuilder, comparisons: Sequence[Comparison],
-                 renderer_name: str, model_name_for_tokenizer: str, both_ways: bool = True, max_tokens: int = 1024,
-                 content_preprocessor: Callable[[str], str] | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        preference_model_builder: PreferenceModelBuilder,
+        comparisons: Sequence[Comparison],
+        renderer_name: str,
+        model_name_for_tokenizer: str,
+        both_ways: bool = True,
+        max_tokens: int = 1024,
+        content_preprocessor: Callable[[str], str] | None = None,
+        seed: int | None = None,
+    ):
         if not comparisons:
             raise ValueError("ComparisonEvaluator needs at least one comparison")
         self.preference_model_builder = preference_model_builder
@@ -98,8 +118,9 @@ class ComparisonEvaluator(SamplingClientEvaluator):
 
     async def matchups(self, sampling_client: Any) -> WinRateMatchups:
         preference_model = self.preference_model_builder()  # fresh PM (and PM sampling client) per evaluation
-        policy = TinkerMessageCompleter(sampling_client, self.renderer, self.max_tokens, temperature=1.0,
-                                        seed=self.seed)
+        policy = TinkerMessageCompleter(
+            sampling_client, self.renderer, self.max_tokens, temperature=1.0, seed=self.seed
+        )
         # All prompts at once: the engine batches the concurrent sampling calls.
         replies = await asyncio.gather(*(policy(c.prompt_conversation) for c in self.comparisons))
         if self.content_preprocessor is not None:
@@ -124,5 +145,11 @@ class ComparisonEvaluatorBuilder:
 
     def __call__(self) -> ComparisonEvaluator:
         comparisons = [c.comparison for c in self.comparison_builder.held_out_comparisons()]
-        return ComparisonEvaluator(self.preference_model_builder, comparisons, self.renderer_name,
-                                   self.model_name_for_tokenizer, max_tokens=self.max_tokens, seed=self.seed)
+        return ComparisonEvaluator(
+            self.preference_model_builder,
+            comparisons,
+            self.renderer_name,
+            self.model_name_for_tokenizer,
+            max_tokens=self.max_tokens,
+            seed=self.seed,
+        )

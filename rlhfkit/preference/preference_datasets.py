@@ -25,12 +25,10 @@ class ComparisonDatasetBuilder(ABC):
     swap: bool
 
     @abstractmethod
-    def get_train_and_test_datasets(self) -> tuple[list[Any], list[Any] | None]:
-        ...
+    def get_train_and_test_datasets(self) -> tuple[list[Any], list[Any] | None]: ...
 
     @abstractmethod
-    def example_to_labeled_comparison(self, example: Any) -> LabeledComparison | None:
-        ...
+    def example_to_labeled_comparison(self, example: Any) -> LabeledComparison | None: ...
 
     def _labeled(self, rows: list[Any]) -> list[LabeledComparison]:
         out = []
@@ -86,17 +84,19 @@ class ChatDatasetBuilderFromComparisons(ChatDatasetBuilder):
                 model_input, weights = comparison_renderer.to_model_input_weights(labeled)
                 if max_length is not None and model_input.length > max_length:
                     if too_long == 0:
-                        logger.warning("skipping comparisons longer than max_length=%d tokens (the label token "
-                                       "would be cut off); first one has %d tokens", max_length,
-                                       model_input.length)
+                        logger.warning(
+                            "skipping comparisons longer than max_length=%d tokens (the label token "
+                            "would be cut off); first one has %d tokens",
+                            max_length,
+                            model_input.length,
+                        )
                     too_long += 1
                     continue
                 datums.append(datum_from_model_input_weights(model_input, weights, max_length, reduction="none"))
             return datums
 
         train = SupervisedDatasetFromList(train_items, self.common_config.batch_size, flatmap_fn=to_datums)
-        test = (SupervisedDatasetFromList(test_items, len(test_items), flatmap_fn=to_datums)
-                if test_items else None)
+        test = SupervisedDatasetFromList(test_items, len(test_items), flatmap_fn=to_datums) if test_items else None
         return train, test
 
     def _orient(self, rows: list[Any], rng: random.Random) -> list[list[LabeledComparison]]:

@@ -52,8 +52,13 @@ logger = logging.getLogger(__name__)
 
 LossType = Literal["sigmoid", "ipo"]
 REFERENCE_DIR = "reference_sampler"  # the frozen reference: the run's initial weights
-PLOT_PANELS = [["dpo_loss", "test/dpo_loss"], ["accuracy", "test/accuracy"],
-               ["margin", "chosen_reward", "rejected_reward"], ["test/nll"], ["learning_rate"]]
+PLOT_PANELS = [
+    ["dpo_loss", "test/dpo_loss"],
+    ["accuracy", "test/accuracy"],
+    ["margin", "chosen_reward", "rejected_reward"],
+    ["test/nll"],
+    ["learning_rate"],
+]
 
 
 @dataclass
@@ -114,8 +119,13 @@ def main(config: Config) -> Any:
 # The loss
 
 
-def dpo_loss(chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor, beta: float,
-             label_smoothing: float = 0.0, loss_type: LossType = "sigmoid") -> tuple[torch.Tensor, dict[str, float]]:
+def dpo_loss(
+    chosen_logratio: torch.Tensor,
+    rejected_logratio: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    loss_type: LossType = "sigmoid",
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The DPO loss of a batch of pairs and its metrics. `chosen_logratio[i]` = Δ_c = s_policy − s_reference
     of pair i's chosen reply (s = per-sequence sum of trained-token logprobs), `rejected_logratio` likewise;
     x = Δ_c − Δ_r. Loss = mean over pairs of
@@ -124,29 +134,39 @@ def dpo_loss(chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor, bet
     Metrics: dpo_loss, accuracy = mean[Δ_c > Δ_r], margin = mean βx, chosen_reward = mean βΔ_c,
     rejected_reward = mean βΔ_r, num_pairs."""
     if chosen_logratio.shape != rejected_logratio.shape or chosen_logratio.ndim != 1:
-        raise ValueError(f"expected two equal 1-d tensors, got {tuple(chosen_logratio.shape)} and "
-                         f"{tuple(rejected_logratio.shape)}")
+        raise ValueError(
+            f"expected two equal 1-d tensors, got {tuple(chosen_logratio.shape)} and {tuple(rejected_logratio.shape)}"
+        )
     x = chosen_logratio - rejected_logratio
     if loss_type == "sigmoid":
-        per_pair = (-(1 - label_smoothing) * torch.nn.functional.logsigmoid(beta * x)
-                    - label_smoothing * torch.nn.functional.logsigmoid(-beta * x))
+        per_pair = -(1 - label_smoothing) * torch.nn.functional.logsigmoid(
+            beta * x
+        ) - label_smoothing * torch.nn.functional.logsigmoid(-beta * x)
     elif loss_type == "ipo":
         per_pair = (x - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
     loss = per_pair.mean()
     with torch.no_grad():
-        metrics = {"dpo_loss": float(loss.detach()), "accuracy": float((x > 0).float().mean()),
-                   "margin": float((beta * x).mean()), "chosen_reward": float((beta * chosen_logratio).mean()),
-                   "rejected_reward": float((beta * rejected_logratio).mean()), "num_pairs": float(len(x))}
+        metrics = {
+            "dpo_loss": float(loss.detach()),
+            "accuracy": float((x > 0).float().mean()),
+            "margin": float((beta * x).mean()),
+            "chosen_reward": float((beta * chosen_logratio).mean()),
+            "rejected_reward": float((beta * rejected_logratio).mean()),
+            "num_pairs": float(len(x)),
+        }
     return loss, metrics
 
 
 def pair_loss_fn(reference_sums: Sequence[float], config: Config) -> Callable:
     """The `forward_backward_custom` loss of a batch of adjacent (chosen, rejected) datums, given each datum's
     reference sum s_ref."""
+
     def fn(data: list[Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        sums = torch.stack([(lp * d.loss_fn_inputs["weights"].to_torch().to(lp)).sum() for d, lp in zip(data, logprobs)])
+        sums = torch.stack(
+            [(lp * d.loss_fn_inputs["weights"].to_torch().to(lp)).sum() for d, lp in zip(data, logprobs)]
+        )
         delta = sums - torch.as_tensor(reference_sums, dtype=sums.dtype, device=sums.device)
         return dpo_loss(delta[0::2], delta[1::2], config.dpo_beta, config.label_smoothing, config.loss_type)
 
@@ -163,8 +183,10 @@ def reference_sampler(service: ServiceClient, training_client: Any, log_path: Pa
     if not resumed:
         training_client.save_weights_for_sampler(str(path)).result()
     elif not path.exists():
-        raise FileNotFoundError(f"{path} is missing: a DPO run resumes against the reference saved when it "
-                                f"started; start the run again in a new log_path")
+        raise FileNotFoundError(
+            f"{path} is missing: a DPO run resumes against the reference saved when it "
+            f"started; start the run again in a new log_path"
+        )
     return service.create_sampling_client(model_path=str(path))
 
 
@@ -179,8 +201,9 @@ def paired(batch: list[Datum]) -> list[Datum]:
     return batch[: len(batch) // 2 * 2]
 
 
-async def evaluate(training_client: Any, test_data: list[Datum], test_reference_sums: list[float],
-                   config: Config) -> dict[str, float]:
+async def evaluate(
+    training_client: Any, test_data: list[Datum], test_reference_sums: list[float], config: Config
+) -> dict[str, float]:
     """test/nll of the held-out datums and the DPO metrics of the held-out pairs, from one forward pass."""
     output = training_client.forward(test_data, "cross_entropy").result()
     logprobs = [out["logprobs"].to_torch() for out in output.loss_fn_outputs]
@@ -192,8 +215,9 @@ async def evaluate(training_client: Any, test_data: list[Datum], test_reference_
 async def main_async(config: Config) -> None:
     log_path = Path(config.log_path).expanduser().resolve()
     log_path.mkdir(parents=True, exist_ok=True)
-    ml_logger = ml_log.setup_logging(log_path, config.wandb_project, config.wandb_name, config=config,
-                                     plot_panels=PLOT_PANELS)
+    ml_logger = ml_log.setup_logging(
+        log_path, config.wandb_project, config.wandb_name, config=config, plot_panels=PLOT_PANELS
+    )
     try:
         await _train(config, log_path, ml_logger)
     finally:
@@ -204,8 +228,9 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
     service = ServiceClient(base_url=config.base_url)
     checkpoints = CheckpointManager(log_path, config.save_every)
-    training_client, resume = checkpoints.training_client(service, config.model_name, config.lora_rank,
-                                                          config.load_checkpoint_path)
+    training_client, resume = checkpoints.training_client(
+        service, config.model_name, config.lora_rank, config.load_checkpoint_path
+    )
     start_epoch, start_batch = (resume.get("epoch", 0), resume.get("batch", 0)) if resume is not None else (0, 0)
     elapsed_tokens = resume.get("elapsed_tokens", 0) if resume is not None else 0
     reference = reference_sampler(service, training_client, log_path, resumed=resume is not None)
@@ -225,8 +250,15 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
     test_data = paired(test_dataset.get_batch(0)) if test_dataset is not None and len(test_dataset) > 0 else []
     test_reference_sums = await reference_sums(test_data, reference) if test_data else []
     evaluators = [build() for build in config.evaluator_builders]
-    logger.info("DPO on %s for %d steps (%d batches per epoch, %d epochs, %d held-out pairs), starting at step %d",
-                config.model_name, total_steps, n_batches, config.num_epochs, len(test_data) // 2, start_step)
+    logger.info(
+        "DPO on %s for %d steps (%d batches per epoch, %d epochs, %d held-out pairs), starting at step %d",
+        config.model_name,
+        total_steps,
+        n_batches,
+        config.num_epochs,
+        len(test_data) // 2,
+        start_step,
+    )
 
     progress = tqdm(total=total_steps, initial=start_step, desc=config.recipe_name, unit="step", dynamic_ncols=True)
     for step in range(start_step, total_steps):
@@ -239,8 +271,7 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
         # the resumed-from checkpoint already holds the state before start_step
         if step != start_step and checkpoints.due(step):
             with timer.span("save_checkpoint"):
-                checkpoints.save(training_client, f"{step:06d}", {"epoch": epoch, "batch": batch_index},
-                                 elapsed_tokens)
+                checkpoints.save(training_client, f"{step:06d}", {"epoch": epoch, "batch": batch_index}, elapsed_tokens)
         if (config.eval_every > 0 and step % config.eval_every == 0) or step == total_steps - 1:
             with timer.span("evals"):
                 if test_data:
@@ -253,37 +284,50 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
         if not batch:
             raise ValueError(f"DPO batch {batch_index} (epoch {epoch}) has no usable pair; see the warning above")
         if step == start_step:
-            logger.info("first DPO pair ([[trained]] tokens):\nchosen: %s\nrejected: %s",
-                        describe_datum(batch[0], tokenizer), describe_datum(batch[1], tokenizer))
+            logger.info(
+                "first DPO pair ([[trained]] tokens):\nchosen: %s\nrejected: %s",
+                describe_datum(batch[0], tokenizer),
+                describe_datum(batch[1], tokenizer),
+            )
         with timer.span("reference_logprobs"):
             batch_reference_sums = await reference_sums(batch, reference)
         with timer.span("forward_backward"):
             output = training_client.forward_backward_custom(batch, pair_loss_fn(batch_reference_sums, config)).result()
         with timer.span("optim_step"):
-            optim = training_client.optim_step(AdamParams(learning_rate=learning_rate, beta1=config.adam_beta1,
-                                                          beta2=config.adam_beta2, eps=config.adam_eps)).result()
+            optim = training_client.optim_step(
+                AdamParams(
+                    learning_rate=learning_rate, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps
+                )
+            ).result()
 
         num_tokens = sum(d.model_input.length for d in batch)
         elapsed_tokens += num_tokens
-        metrics.update({
-            "epoch": epoch,
-            "progress": min((step + 1) / total_steps, 1.0),
-            "learning_rate": learning_rate,
-            "num_tokens": num_tokens,
-            **output.metrics,
-            **(optim.metrics or {}),
-            **timer.total(),
-        })
+        metrics.update(
+            {
+                "epoch": epoch,
+                "progress": min((step + 1) / total_steps, 1.0),
+                "learning_rate": learning_rate,
+                "num_tokens": num_tokens,
+                **output.metrics,
+                **(optim.metrics or {}),
+                **timer.total(),
+            }
+        )
         metrics["batch_time"] = metrics["time/total"]
         ml_logger.log_metrics(metrics, step=step)
-        progress.set_postfix(loss=f"{metrics['dpo_loss']:.4f}", acc=f"{metrics['accuracy']:.2f}",
-                             margin=f"{metrics['margin']:.3f}")
+        progress.set_postfix(
+            loss=f"{metrics['dpo_loss']:.4f}", acc=f"{metrics['accuracy']:.2f}", margin=f"{metrics['margin']:.3f}"
+        )
         progress.update(1)
     progress.close()
 
     checkpoints.save(training_client, "final", {"epoch": config.num_epochs, "batch": 0}, elapsed_tokens)
-    logger.info("DPO done: %d steps, %d tokens; final checkpoint in %s", total_steps, elapsed_tokens,
-                log_path / "checkpoints" / "final")
+    logger.info(
+        "DPO done: %d steps, %d tokens; final checkpoint in %s",
+        total_steps,
+        elapsed_tokens,
+        log_path / "checkpoints" / "final",
+    )
 
 
 __all__ = ["Config", "dpo_loss", "main", "main_async"]

@@ -55,17 +55,14 @@ class LabeledComparison:
 
 class ComparisonRenderer(ABC):
     @abstractmethod
-    def build_generation_prompt(self, comparison: Comparison) -> ModelInput:
-        ...
+    def build_generation_prompt(self, comparison: Comparison) -> ModelInput: ...
 
     @abstractmethod
-    def to_model_input_weights(self, labeled_comparison: LabeledComparison) -> tuple[ModelInput, np.ndarray]:
-        ...
+    def to_model_input_weights(self, labeled_comparison: LabeledComparison) -> tuple[ModelInput, np.ndarray]: ...
 
     @property
     @abstractmethod
-    def tokenizer(self) -> Any:
-        ...
+    def tokenizer(self) -> Any: ...
 
 
 class ComparisonRendererFromChatRenderer(ComparisonRenderer):
@@ -76,12 +73,14 @@ class ComparisonRendererFromChatRenderer(ComparisonRenderer):
 
     @staticmethod
     def comparison_to_conversation(comparison: Comparison) -> list[Message]:
-        return [*comparison.prompt_conversation,
-                {"role": "system", "content": "==== Completion A ===="},
-                *comparison.completion_A,
-                {"role": "system", "content": "==== Completion B ===="},
-                *comparison.completion_B,
-                {"role": "system", "content": "==== Preference ===="}]
+        return [
+            *comparison.prompt_conversation,
+            {"role": "system", "content": "==== Completion A ===="},
+            *comparison.completion_A,
+            {"role": "system", "content": "==== Completion B ===="},
+            *comparison.completion_B,
+            {"role": "system", "content": "==== Preference ===="},
+        ]
 
     def build_generation_prompt(self, comparison: Comparison) -> ModelInput:
         return self.convo_renderer.build_generation_prompt(self.comparison_to_conversation(comparison))
@@ -94,7 +93,8 @@ class ComparisonRendererFromChatRenderer(ComparisonRenderer):
             get_text_content(message)  # text-only content; raises otherwise
         conversation.append({"role": "assistant", "content": labeled_comparison.label})
         model_input, weights = self.convo_renderer.build_supervised_example(
-            conversation, TrainOnWhat.LAST_ASSISTANT_MESSAGE)
+            conversation, TrainOnWhat.LAST_ASSISTANT_MESSAGE
+        )
         trained = np.flatnonzero(np.asarray(weights) == 1)
         if len(trained) == 0:
             raise ValueError("the rendered comparison has no trained token")
@@ -107,8 +107,11 @@ class ComparisonRendererFromChatRenderer(ComparisonRenderer):
 
     def label_token(self, label: Label) -> int:
         """The single token the PM is trained to emit for `label` (found by rendering a dummy comparison)."""
-        dummy = Comparison([{"role": "user", "content": "Q"}], [{"role": "assistant", "content": "a"}],
-                           [{"role": "assistant", "content": "b"}])
+        dummy = Comparison(
+            [{"role": "user", "content": "Q"}],
+            [{"role": "assistant", "content": "a"}],
+            [{"role": "assistant", "content": "b"}],
+        )
         model_input, _ = self.to_model_input_weights(LabeledComparison(dummy, label))
         return model_input.to_ints()[-1]
 
@@ -137,8 +140,7 @@ class PreferenceModel(ABC):
     """-1 = A preferred, +1 = B preferred, 0 = tie/other."""
 
     @abstractmethod
-    async def __call__(self, comparison: Comparison) -> float:
-        ...
+    async def __call__(self, comparison: Comparison) -> float: ...
 
     async def judge_batch(self, comparisons: Sequence[Comparison]) -> list[float]:
         return list(await asyncio.gather(*(self(c) for c in comparisons)))
@@ -146,8 +148,7 @@ class PreferenceModel(ABC):
 
 class PreferenceModelBuilder(ABC):
     @abstractmethod
-    def __call__(self) -> PreferenceModel:
-        ...
+    def __call__(self) -> PreferenceModel: ...
 
 
 def symmetric_p_b(judged: Judgement, judged_swapped: Judgement) -> float:
@@ -183,8 +184,11 @@ class PreferenceModelFromChatRenderer(PreferenceModel):
             verdict = VERDICT_OF_LABEL[text]
         else:
             if text not in self.other_answers:
-                logger.warning("preference model answered %r (not A, B or Tie); scoring it as 0 (later "
-                               "occurrences are counted in .other_answers, not logged)", text)
+                logger.warning(
+                    "preference model answered %r (not A, B or Tie); scoring it as 0 (later "
+                    "occurrences are counted in .other_answers, not logged)",
+                    text,
+                )
             self.other_answers[text] += 1
             verdict = 0.0
         logprob_a, logprob_b = scores.candidate_logprobs
@@ -250,5 +254,6 @@ class PreferenceModelBuilderFromChatRenderer(PreferenceModelBuilder):
 
         renderer = get_renderer(self.renderer_name, get_tokenizer(self.model_name))
         sampling_client = ServiceClient(base_url=self.base_url).create_sampling_client(
-            model_path=self.rm_weights_path, base_model=self.model_name)
+            model_path=self.rm_weights_path, base_model=self.model_name
+        )
         return PreferenceModelFromChatRenderer(renderer, sampling_client, self.reward_mode)

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlhfkit.renderers.base import (Message, ParseTermination, RenderedConversation, RenderedMessage, Renderer,
-                                    RendererError, TrainOnWhat, get_text_content)
+from rlhfkit.renderers.base import (
+    Message,
+    ParseTermination,
+    RenderedConversation,
+    RenderedMessage,
+    Renderer,
+    RendererError,
+    TrainOnWhat,
+    get_text_content,
+)
 from rlhfkit.renderers.chat_template import ChatTemplateRenderer
 from rlhfkit.renderers.role_colon import RoleColonRenderer
 
@@ -20,6 +28,17 @@ def get_renderer(name: str, tokenizer: Any, image_processor: Any = None, model_n
     return RENDERERS[name](tokenizer)
 
 
-__all__ = ["ChatTemplateRenderer", "Message", "ParseTermination", "RENDERERS", "RenderedConversation",
-           "RenderedMessage", "Renderer", "RendererError", "RoleColonRenderer", "TrainOnWhat", "get_renderer",
-           "get_text_content"]
+__all__ = [
+    "ChatTemplateRenderer",
+    "Message",
+    "ParseTermination",
+    "RENDERERS",
+    "RenderedConversation",
+    "RenderedMessage",
+    "Renderer",
+    "RendererError",
+    "RoleColonRenderer",
+    "TrainOnWhat",
+    "get_renderer",
+    "get_text_content",
+]

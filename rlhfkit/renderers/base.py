@@ -126,15 +126,14 @@ class Renderer(ABC):
         """Token pieces of `messages`, plus the header of an empty `next_role` message if given."""
 
     @abstractmethod
-    def get_stop_sequences(self) -> list[str] | list[int]:
-        ...
+    def get_stop_sequences(self) -> list[str] | list[int]: ...
 
     @abstractmethod
-    def parse_response(self, tokens: Sequence[int]) -> tuple[Message, ParseTermination]:
-        ...
+    def parse_response(self, tokens: Sequence[int]) -> tuple[Message, ParseTermination]: ...
 
-    def build_generation_prompt(self, messages: list[Message], role: str = "assistant",
-                                prefill: str | None = None) -> ModelInput:
+    def build_generation_prompt(
+        self, messages: list[Message], role: str = "assistant", prefill: str | None = None
+    ) -> ModelInput:
         """prefix + (header, output) of every message + header of an empty `role` message + prefill."""
         rendered = self.render(messages, next_role=role)
         pieces = [rendered.prefix]
@@ -145,9 +144,11 @@ class Renderer(ABC):
             pieces.append(self.encode(prefill))
         return _model_input(pieces)
 
-    def build_supervised_example(self, messages: list[Message],
-                                 train_on_what: TrainOnWhat | str = TrainOnWhat.LAST_ASSISTANT_MESSAGE,
-                                 ) -> tuple[ModelInput, np.ndarray]:
+    def build_supervised_example(
+        self,
+        messages: list[Message],
+        train_on_what: TrainOnWhat | str = TrainOnWhat.LAST_ASSISTANT_MESSAGE,
+    ) -> tuple[ModelInput, np.ndarray]:
         """Tokens of the conversation and a 0/1 int64 weight per token (spec 2.5)."""
         train_on_what = TrainOnWhat(train_on_what)
         if not messages:
@@ -167,16 +168,19 @@ class Renderer(ABC):
         self._zero_generation_prompt_prefix(messages, train_on_what, model_input, weights)
         return model_input, weights
 
-    def build_supervised_examples(self, messages: list[Message],
-                                  train_on_what: TrainOnWhat | str = TrainOnWhat.LAST_ASSISTANT_MESSAGE,
-                                  ) -> list[tuple[ModelInput, np.ndarray]]:
+    def build_supervised_examples(
+        self,
+        messages: list[Message],
+        train_on_what: TrainOnWhat | str = TrainOnWhat.LAST_ASSISTANT_MESSAGE,
+    ) -> list[tuple[ModelInput, np.ndarray]]:
         return [self.build_supervised_example(messages, train_on_what)]
 
     def create_conversation_prefix_with_tools(self, *args: Any, **kwargs: Any) -> list[Message]:
         raise NotImplementedError(f"{type(self).__name__} does not support tool calling")
 
-    def _zero_generation_prompt_prefix(self, messages: list[Message], train_on_what: TrainOnWhat,
-                                       model_input: ModelInput, weights: np.ndarray) -> None:
+    def _zero_generation_prompt_prefix(
+        self, messages: list[Message], train_on_what: TrainOnWhat, model_input: ModelInput, weights: np.ndarray
+    ) -> None:
         """Post-pass: for the LAST_ASSISTANT_* modes, never train on the generation prompt of the boundary
         assistant message, even if the template renders history differently."""
         if train_on_what == TrainOnWhat.LAST_ASSISTANT_MESSAGE:

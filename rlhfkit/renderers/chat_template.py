@@ -21,8 +21,15 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
-from rlhfkit.renderers.base import (Message, ParseTermination, RenderedConversation, RenderedMessage, Renderer,
-                                    RendererError, text_only_content)
+from rlhfkit.renderers.base import (
+    Message,
+    ParseTermination,
+    RenderedConversation,
+    RenderedMessage,
+    Renderer,
+    RendererError,
+    text_only_content,
+)
 
 
 def _sentinel(i: int) -> str:
@@ -33,8 +40,9 @@ class ChatTemplateRenderer(Renderer):
     def __init__(self, tokenizer: Any):
         super().__init__(tokenizer)
         if not getattr(tokenizer, "chat_template", None):
-            raise RendererError("the 'chat_template' renderer needs a tokenizer with a chat template; "
-                                "use 'role_colon' for base models")
+            raise RendererError(
+                "the 'chat_template' renderer needs a tokenizer with a chat template; use 'role_colon' for base models"
+            )
         self.end_of_turn_id = self._find_end_of_turn_token()
         self.end_of_turn_text = tokenizer.decode([self.end_of_turn_id])
         self.later_system_role = "system" if self._places_later_system_messages() else "user"
@@ -44,12 +52,14 @@ class ChatTemplateRenderer(Renderer):
             return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
         except Exception as e:  # template errors (jinja) for conversations the template rejects
             raise RendererError(
-                f"the chat template cannot render roles {[m['role'] for m in conversation]}: {e}") from e
+                f"the chat template cannot render roles {[m['role'] for m in conversation]}: {e}"
+            ) from e
 
     def _find_end_of_turn_token(self) -> int:
         """The first special token the template writes after an assistant message's content."""
-        text = self._render_text([{"role": "user", "content": _sentinel(0)},
-                                  {"role": "assistant", "content": _sentinel(1)}])
+        text = self._render_text(
+            [{"role": "user", "content": _sentinel(0)}, {"role": "assistant", "content": _sentinel(1)}]
+        )
         tail = text.split(_sentinel(1), 1)[-1]
         special = set(self.tokenizer.all_special_ids)
         for token in self.encode(tail):
@@ -62,9 +72,13 @@ class ChatTemplateRenderer(Renderer):
     def _places_later_system_messages(self) -> bool:
         """Whether the template renders a system message that follows a user message."""
         try:
-            text = self._render_text([{"role": "user", "content": _sentinel(0)},
-                                      {"role": "system", "content": _sentinel(1)},
-                                      {"role": "assistant", "content": _sentinel(2)}])
+            text = self._render_text(
+                [
+                    {"role": "user", "content": _sentinel(0)},
+                    {"role": "system", "content": _sentinel(1)},
+                    {"role": "assistant", "content": _sentinel(2)},
+                ]
+            )
         except RendererError:  # the template rejects it
             return False
         return _sentinel(1) in text
@@ -75,13 +89,15 @@ class ChatTemplateRenderer(Renderer):
         i = gap.rfind(marker) if last else gap.find(marker)
         if i < 0:
             return "", gap
-        return gap[: i + len(marker)], gap[i + len(marker):]
+        return gap[: i + len(marker)], gap[i + len(marker) :]
 
     def render(self, messages: list[Message], next_role: str | None = None) -> RenderedConversation:
         contents = [text_only_content(m) for m in messages]
         roles = [m["role"] for m in messages] + ([next_role] if next_role is not None else [])
-        skeleton = [{"role": self.later_system_role if role == "system" and i > 0 else role, "content": _sentinel(i)}
-                    for i, role in enumerate(roles)]
+        skeleton = [
+            {"role": self.later_system_role if role == "system" and i > 0 else role, "content": _sentinel(i)}
+            for i, role in enumerate(roles)
+        ]
         text = self._render_text(skeleton)
         gaps = []
         cursor = 0
@@ -99,8 +115,10 @@ class ChatTemplateRenderer(Renderer):
             ending, header = self._split_after_end_of_turn(gap)
             endings.append(ending)
             headers.append(header)
-        rendered = [RenderedMessage(header=self.encode(headers[i]), output=self.encode(contents[i] + endings[i]))
-                    for i in range(len(messages))]
+        rendered = [
+            RenderedMessage(header=self.encode(headers[i]), output=self.encode(contents[i] + endings[i]))
+            for i in range(len(messages))
+        ]
         next_header = self.encode(headers[len(messages)]) if next_role is not None else []
         return RenderedConversation(self.encode(prefix), rendered, next_header)
 
@@ -120,5 +138,7 @@ class ChatTemplateRenderer(Renderer):
             return {"role": "assistant", "content": self.tokenizer.decode(tokens)}, ParseTermination.MALFORMED
         content = self.tokenizer.decode(tokens[:stop_at])
         clean = stop_at == len(tokens) - 1
-        return ({"role": "assistant", "content": content},
-                ParseTermination.STOP_SEQUENCE if clean else ParseTermination.MALFORMED)
+        return (
+            {"role": "assistant", "content": content},
+            ParseTermination.STOP_SEQUENCE if clean else ParseTermination.MALFORMED,
+        )

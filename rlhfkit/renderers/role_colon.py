@@ -5,8 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from rlhfkit.renderers.base import (Message, ParseTermination, RenderedConversation, RenderedMessage, Renderer,
-                                    text_only_content)
+from rlhfkit.renderers.base import (
+    Message,
+    ParseTermination,
+    RenderedConversation,
+    RenderedMessage,
+    Renderer,
+    text_only_content,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +35,11 @@ class RoleColonRenderer(Renderer):
         content = text_only_content(message)
         role = message["role"]
         overlap = "User:" if role == "assistant" else UNUSED_STOP_OVERLAP
-        return RenderedMessage(header=self.encode(role.capitalize() + ":"),
-                               output=self.encode(" " + content + "\n\n"),
-                               stop_overlap=self.encode(overlap))
+        return RenderedMessage(
+            header=self.encode(role.capitalize() + ":"),
+            output=self.encode(" " + content + "\n\n"),
+            stop_overlap=self.encode(overlap),
+        )
 
     def get_stop_sequences(self) -> list[str]:
         return [STOP_SEQUENCE]
@@ -51,7 +59,8 @@ class RoleColonRenderer(Renderer):
             termination = ParseTermination.STOP_SEQUENCE
         else:
             if n_delimiters > 1:
-                logger.warning("response contains %d stop sequences %r; treating it as malformed",
-                               n_delimiters, STOP_SEQUENCE)
+                logger.warning(
+                    "response contains %d stop sequences %r; treating it as malformed", n_delimiters, STOP_SEQUENCE
+                )
             termination = ParseTermination.MALFORMED
         return {"role": "assistant", "content": content}, termination

@@ -64,7 +64,7 @@ def trajectory_to_data(trajectory: Trajectory, traj_advantage: float) -> list[Da
         ob = transition.ob.to_ints()
         if ob[: len(tokens)] != tokens:  # the observation does not extend the sequence so far
             flush()
-        new_ob = ob[len(tokens):]
+        new_ob = ob[len(tokens) :]
         ac = transition.ac
         if len(ac.logprobs) != len(ac.tokens):
             raise ValueError(f"action has {len(ac.tokens)} tokens but {len(ac.logprobs)} logprobs")
@@ -76,8 +76,10 @@ def trajectory_to_data(trajectory: Trajectory, traj_advantage: float) -> list[Da
     return data
 
 
-def assemble_training_data(trajectory_groups: list[TrajectoryGroup], advantages_P: list[np.ndarray],
-                           ) -> tuple[list[Datum], list[dict[str, int]]]:
+def assemble_training_data(
+    trajectory_groups: list[TrajectoryGroup],
+    advantages_P: list[np.ndarray],
+) -> tuple[list[Datum], list[dict[str, int]]]:
     """All datums of the batch, and for each datum the (group_idx, traj_idx) it came from."""
     data, metadata = [], []
     for group_idx, (group, advantages) in enumerate(zip(trajectory_groups, advantages_P, strict=True)):

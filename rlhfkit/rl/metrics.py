@@ -31,13 +31,16 @@ def compute_kl_sample_train(data: list[Datum], training_logprobs: Sequence[Tenso
     diff = np.concatenate(diffs) if diffs else np.zeros(0)
     if diff.size == 0:
         return {}
-    return {"optim/kl_sample_train_v1": float(diff.mean()),
-            "optim/kl_sample_train_v2": float(0.5 * np.mean(diff ** 2)),
-            "optim/entropy": float(-np.concatenate(sampler).mean())}
+    return {
+        "optim/kl_sample_train_v1": float(diff.mean()),
+        "optim/kl_sample_train_v2": float(0.5 * np.mean(diff**2)),
+        "optim/entropy": float(-np.concatenate(sampler).mean()),
+    }
 
 
 async def compute_reference_logprobs(data: list[Datum], sampling_client: Any) -> list[np.ndarray]:
     """Logprob of each datum's target tokens under another model (all requests issued concurrently)."""
+
     async def one(datum: Datum) -> np.ndarray:
         full = datum.model_input.append_int(int(datum.loss_fn_inputs["target_tokens"].to_numpy()[-1]))
         logprobs = await sampling_client.compute_logprobs_async(full)
@@ -55,8 +58,9 @@ def _discounted_future_sum(x: np.ndarray, gamma: float) -> np.ndarray:
     return out
 
 
-async def incorporate_kl_penalty(data: list[Datum], base_sampling_client: Any, kl_penalty_coef: float,
-                                 kl_discount_factor: float = 0.0) -> dict[str, float]:
+async def incorporate_kl_penalty(
+    data: list[Datum], base_sampling_client: Any, kl_penalty_coef: float, kl_discount_factor: float = 0.0
+) -> dict[str, float]:
     """Shift advantages towards the reference: d_t = (logp_sampler - logp_ref) on action tokens,
     advantage_t += coef * mask_t * (mean(d) - d_t) (discounted future sum if kl_discount_factor > 0)."""
     ref_logprobs = await compute_reference_logprobs(data, base_sampling_client)
@@ -76,8 +80,10 @@ async def compute_kl_policy_vs_reference(data: list[Datum], reference_sampling_c
     """Monte-Carlo KL(policy || reference) per action token: mean of logp_sampler - logp_reference over the
     action tokens of `data` (sampled from the policy at temperature 1)."""
     ref_logprobs = await compute_reference_logprobs(data, reference_sampling_client)
-    diffs = [action_values(d, "logprobs") - ref[d.loss_fn_inputs["mask"].to_numpy() > 0]
-             for d, ref in zip(data, ref_logprobs)]
+    diffs = [
+        action_values(d, "logprobs") - ref[d.loss_fn_inputs["mask"].to_numpy() > 0]
+        for d, ref in zip(data, ref_logprobs)
+    ]
     diff = np.concatenate(diffs) if diffs else np.zeros(0)
     return float(diff.mean()) if diff.size else 0.0
 
@@ -113,15 +119,18 @@ def _trajectory_metrics(groups: list[TrajectoryGroup], prefix: str) -> dict[str,
     constant = [len(set(g.get_total_rewards())) == 1 for g in groups]
     n_groups = max(len(groups), 1)
     metrics["by_group/frac_mixed"] = sum(not c for c in constant) / n_groups
-    metrics["by_group/frac_all_good"] = sum(c and g.get_total_rewards()[0] >= 0.5
-                                           for c, g in zip(constant, groups)) / n_groups
-    metrics["by_group/frac_all_bad"] = sum(c and g.get_total_rewards()[0] < 0.5
-                                          for c, g in zip(constant, groups)) / n_groups
+    metrics["by_group/frac_all_good"] = (
+        sum(c and g.get_total_rewards()[0] >= 0.5 for c, g in zip(constant, groups)) / n_groups
+    )
+    metrics["by_group/frac_all_bad"] = (
+        sum(c and g.get_total_rewards()[0] < 0.5 for c, g in zip(constant, groups)) / n_groups
+    )
     return {f"{prefix}/{key}": value for key, value in metrics.items()}
 
 
-def compute_trajectory_metrics(trajectory_groups: list[TrajectoryGroup],
-                               builders: Sequence[EnvGroupBuilder]) -> dict[str, float]:
+def compute_trajectory_metrics(
+    trajectory_groups: list[TrajectoryGroup], builders: Sequence[EnvGroupBuilder]
+) -> dict[str, float]:
     """`env/all/...` over the batch, plus `env/<tag>/...` for each logging tag that covers only part of it."""
     metrics = _trajectory_metrics(trajectory_groups, "env/all")
     by_tag: dict[str, list[TrajectoryGroup]] = defaultdict(list)

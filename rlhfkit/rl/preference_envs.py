@@ -15,14 +15,24 @@ from rlhfkit.completers import StopCondition
 from rlhfkit.engine.types import ModelInput
 from rlhfkit.preference.types import Comparison, PreferenceModel, PreferenceModelBuilder
 from rlhfkit.renderers import Message, Renderer, get_renderer, get_text_content
-from rlhfkit.rl.types import (Action, Env, EnvGroupBuilder, Logs, Metrics, Observation, RLDataset,
-                              RLDatasetBuilder, StepResult, Trajectory)
+from rlhfkit.rl.types import (
+    Action,
+    Env,
+    EnvGroupBuilder,
+    Logs,
+    Metrics,
+    Observation,
+    RLDataset,
+    RLDatasetBuilder,
+    StepResult,
+    Trajectory,
+)
 from rlhfkit.tokenizer_utils import get_tokenizer
 
 
 class TournamentPattern(str, enum.Enum):
     ALL_PAIRS_BOTH_WAYS = "all_pairs_both_ways"  # every ordered pair (i, j), i != j
-    ALL_PAIRS_ONE_WAY = "all_pairs_one_way"      # i < j only; the lower index is always A
+    ALL_PAIRS_ONE_WAY = "all_pairs_one_way"  # i < j only; the lower index is always A
 
 
 def get_pairs(n: int, pattern: TournamentPattern) -> list[tuple[int, int]]:
@@ -59,17 +69,25 @@ class PreferenceEnv(Env):
         return self.policy_renderer.build_generation_prompt(self.convo_prefix), self.stop_condition
 
     async def step(self, action: Action, *, extra: dict | None = None) -> StepResult:
-        return StepResult(reward=0.0, episode_done=True, next_observation=ModelInput.empty(),
-                          next_stop_condition=self.stop_condition)
+        return StepResult(
+            reward=0.0, episode_done=True, next_observation=ModelInput.empty(), next_stop_condition=self.stop_condition
+        )
 
 
 class PairwisePreferenceGroupBuilder(EnvGroupBuilder):
     format_coef = 1.0  # penalty for a reply that did not end on the stop sequence
 
-    def __init__(self, convo_prefix: list[Message], policy_renderer: Renderer,
-                 tournament_pattern: TournamentPattern, preference_model: PreferenceModel, num_envs: int,
-                 content_preprocessor: Callable[[str], str] | None = None, matchup_group_size: int = 4,
-                 eval_target_completion_A: list[Message] | None = None):
+    def __init__(
+        self,
+        convo_prefix: list[Message],
+        policy_renderer: Renderer,
+        tournament_pattern: TournamentPattern,
+        preference_model: PreferenceModel,
+        num_envs: int,
+        content_preprocessor: Callable[[str], str] | None = None,
+        matchup_group_size: int = 4,
+        eval_target_completion_A: list[Message] | None = None,
+    ):
         self.convo_prefix = convo_prefix
         self.policy_renderer = policy_renderer
         self.tournament_pattern = TournamentPattern(tournament_pattern)
@@ -90,8 +108,9 @@ class PairwisePreferenceGroupBuilder(EnvGroupBuilder):
             content = self.content_preprocessor(content)
         return {"role": "assistant", "content": content}, termination.is_stop_sequence
 
-    async def compute_group_rewards(self, trajectory_group: list[Trajectory],
-                                    env_group: Sequence[Env]) -> list[tuple[float, Metrics]]:
+    async def compute_group_rewards(
+        self, trajectory_group: list[Trajectory], env_group: Sequence[Env]
+    ) -> list[tuple[float, Metrics]]:
         parsed = [self._parse(traj) for traj in trajectory_group]
         messages = [m for m, _ in parsed]
         valid = [v for _, v in parsed]
@@ -123,8 +142,7 @@ class PairwisePreferenceGroupBuilder(EnvGroupBuilder):
             "matchups": [{"A": i, "B": j, "verdict": float(v)} for (i, j), v in zip(matchups, verdicts)],
             "win_minus_loss": win_minus_loss,
         }
-        return [(r, {"win_minus_loss": wml, "format": float(ok)})
-                for r, wml, ok in zip(rewards, win_minus_loss, valid)]
+        return [(r, {"win_minus_loss": wml, "format": float(ok)}) for r, wml, ok in zip(rewards, win_minus_loss, valid)]
 
     def reward_logs(self) -> Logs:
         return self._reward_logs
@@ -136,10 +154,18 @@ class PairwisePreferenceGroupBuilder(EnvGroupBuilder):
 class PairwisePreferenceDataset(RLDataset):
     """Batches of prompts from a comparison dataset's rows; the rows' completions and labels are ignored."""
 
-    def __init__(self, comparison_builder: Any, rows: Any, batch_size: int, policy_renderer: Renderer,
-                 preference_model: PreferenceModel, group_size: int,
-                 tournament_pattern: TournamentPattern = TournamentPattern.ALL_PAIRS_BOTH_WAYS,
-                 content_preprocessor: Callable[[str], str] | None = None, matchup_group_size: int = 4):
+    def __init__(
+        self,
+        comparison_builder: Any,
+        rows: Any,
+        batch_size: int,
+        policy_renderer: Renderer,
+        preference_model: PreferenceModel,
+        group_size: int,
+        tournament_pattern: TournamentPattern = TournamentPattern.ALL_PAIRS_BOTH_WAYS,
+        content_preprocessor: Callable[[str], str] | None = None,
+        matchup_group_size: int = 4,
+    ):
         if batch_size < 1 or group_size < 1:
             raise ValueError(f"batch_size and group_size must be >= 1, got {batch_size} and {group_size}")
         self.comparison_builder = comparison_builder
@@ -163,11 +189,17 @@ class PairwisePreferenceDataset(RLDataset):
             labeled = self.comparison_builder.example_to_labeled_comparison(self.rows[row_idx])
             if labeled is None:
                 continue
-            builders.append(PairwisePreferenceGroupBuilder(
-                convo_prefix=labeled.comparison.prompt_conversation, policy_renderer=self.policy_renderer,
-                tournament_pattern=self.tournament_pattern, preference_model=self.preference_model,
-                num_envs=self.group_size, content_preprocessor=self.content_preprocessor,
-                matchup_group_size=self.matchup_group_size))
+            builders.append(
+                PairwisePreferenceGroupBuilder(
+                    convo_prefix=labeled.comparison.prompt_conversation,
+                    policy_renderer=self.policy_renderer,
+                    tournament_pattern=self.tournament_pattern,
+                    preference_model=self.preference_model,
+                    num_envs=self.group_size,
+                    content_preprocessor=self.content_preprocessor,
+                    matchup_group_size=self.matchup_group_size,
+                )
+            )
         return builders
 
 
@@ -193,9 +225,19 @@ class PairwisePreferenceRLDatasetBuilder(RLDatasetBuilder):
         renderer = get_renderer(self.policy_renderer_name, get_tokenizer(self.policy_model_name))
         train_rows, _ = self.comparison_builder.get_train_and_test_datasets()
         dataset = PairwisePreferenceDataset(
-            self.comparison_builder, train_rows, self.batch_size, renderer, self.preference_model_builder(),
-            self.group_size, self.tournament_pattern, self.content_preprocessor, self.matchup_group_size)
+            self.comparison_builder,
+            train_rows,
+            self.batch_size,
+            renderer,
+            self.preference_model_builder(),
+            self.group_size,
+            self.tournament_pattern,
+            self.content_preprocessor,
+            self.matchup_group_size,
+        )
         if len(dataset) == 0:
-            raise ValueError(f"the RL prompt set has {len(train_rows)} rows, fewer than one batch of "
-                             f"{self.batch_size}; lower batch_size")
+            raise ValueError(
+                f"the RL prompt set has {len(train_rows)} rows, fewer than one batch of "
+                f"{self.batch_size}; lower batch_size"
+            )
         return dataset, None

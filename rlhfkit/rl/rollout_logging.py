@@ -35,8 +35,9 @@ def _verdict_text(verdict: float, a: str, b: str) -> str:
     return "verdict 0: tie / no usable answer"
 
 
-def _group_html(group_idx: int, group: TrajectoryGroup, builder: EnvGroupBuilder, advantages: np.ndarray,
-                tokenizer: Any) -> str:
+def _group_html(
+    group_idx: int, group: TrajectoryGroup, builder: EnvGroupBuilder, advantages: np.ndarray, tokenizer: Any
+) -> str:
     logs = builder.reward_logs()
     first = group.trajectories_G[0].transitions[0]
     parts = [f'<div class="group"><h2>Group {group_idx}</h2>', "<h3>Prompt</h3>"]
@@ -55,12 +56,16 @@ def _group_html(group_idx: int, group: TrajectoryGroup, builder: EnvGroupBuilder
         if valid is not None:
             cls = "good" if valid[k] else "bad"
             parts.append(f'<div class="{cls}">Valid format: {valid[k]}</div>')
-        parts.append(f"<details><summary>raw sampled text ({len(ac.tokens)} tokens, stop reason "
-                     f"{html.escape(str(ac.stop_reason))})</summary>{_pre(tokenizer.decode(ac.tokens))}</details>")
+        parts.append(
+            f"<details><summary>raw sampled text ({len(ac.tokens)} tokens, stop reason "
+            f"{html.escape(str(ac.stop_reason))})</summary>{_pre(tokenizer.decode(ac.tokens))}</details>"
+        )
     matchups = logs.get("matchups")
     if matchups is not None:
-        parts.append(f"<h3>Pairwise comparisons</h3><p>Got {len(group.trajectories_G)} trajectories, doing "
-                     f"{len(matchups)} pairwise matchups.</p><ol start=0>")
+        parts.append(
+            f"<h3>Pairwise comparisons</h3><p>Got {len(group.trajectories_G)} trajectories, doing "
+            f"{len(matchups)} pairwise matchups.</p><ol start=0>"
+        )
         for m in matchups:
             a = "the target" if m["A"] < 0 else f"completion {m['A']}"
             b = f"completion {m['B']}"
@@ -80,32 +85,67 @@ def _group_html(group_idx: int, group: TrajectoryGroup, builder: EnvGroupBuilder
     return "\n".join(parts)
 
 
-def write_train_html(path: str | Path, iteration: int, groups: Sequence[TrajectoryGroup],
-                     builders: Sequence[EnvGroupBuilder], advantages: Sequence[np.ndarray], tokenizer: Any) -> None:
+def write_train_html(
+    path: str | Path,
+    iteration: int,
+    groups: Sequence[TrajectoryGroup],
+    builders: Sequence[EnvGroupBuilder],
+    advantages: Sequence[np.ndarray],
+    tokenizer: Any,
+) -> None:
     body = [f"<h1>Iteration {iteration}: training rollouts (first {len(groups)} groups)</h1>"]
-    body += [_group_html(g, group, builder, adv, tokenizer)
-             for g, (group, builder, adv) in enumerate(zip(groups, builders, advantages, strict=True))]
-    write_text_atomic(path, "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
-                            f"<title>Iteration {iteration}</title><style>{STYLE}</style></head>"
-                            f"<body>{''.join(body)}</body></html>\n")
+    body += [
+        _group_html(g, group, builder, adv, tokenizer)
+        for g, (group, builder, adv) in enumerate(zip(groups, builders, advantages, strict=True))
+    ]
+    write_text_atomic(
+        path,
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>Iteration {iteration}</title><style>{STYLE}</style></head>"
+        f"<body>{''.join(body)}</body></html>\n",
+    )
 
 
-def rollout_summary_records(groups: Sequence[TrajectoryGroup], builders: Sequence[EnvGroupBuilder],
-                            iteration: int, sampling_client_step: int, split: str = "train") -> list[dict]:
+def rollout_summary_records(
+    groups: Sequence[TrajectoryGroup],
+    builders: Sequence[EnvGroupBuilder],
+    iteration: int,
+    sampling_client_step: int,
+    split: str = "train",
+) -> list[dict]:
     """One record per trajectory (schema_version 1)."""
     records = []
     for group_idx, (group, builder) in enumerate(zip(groups, builders, strict=True)):
-        for traj_idx, (traj, total, final) in enumerate(zip(group.trajectories_G, group.get_total_rewards(),
-                                                            group.final_rewards_G)):
-            records.append({
-                "schema_version": 1, "split": split, "iteration": iteration, "group_idx": group_idx,
-                "traj_idx": traj_idx, "tags": builder.logging_tags(), "sampling_client_step": sampling_client_step,
-                "total_reward": total, "final_reward": final, "trajectory_metrics": group.metrics_G[traj_idx],
-                "final_ob_len": traj.final_ob.length,
-                "steps": [{"step_idx": s, "ob_len": t.ob.length, "ac_len": len(t.ac.tokens), "reward": t.reward,
-                           "episode_done": t.episode_done, "metrics": t.metrics, "logs": t.logs}
-                          for s, t in enumerate(traj.transitions)],
-            })
+        for traj_idx, (traj, total, final) in enumerate(
+            zip(group.trajectories_G, group.get_total_rewards(), group.final_rewards_G)
+        ):
+            records.append(
+                {
+                    "schema_version": 1,
+                    "split": split,
+                    "iteration": iteration,
+                    "group_idx": group_idx,
+                    "traj_idx": traj_idx,
+                    "tags": builder.logging_tags(),
+                    "sampling_client_step": sampling_client_step,
+                    "total_reward": total,
+                    "final_reward": final,
+                    "trajectory_metrics": group.metrics_G[traj_idx],
+                    "final_ob_len": traj.final_ob.length,
+                    "steps": [
+                        {
+                            "step_idx": s,
+                            "ob_len": t.ob.length,
+                            "ac_len": len(t.ac.tokens),
+                            "reward": t.reward,
+                            "episode_done": t.episode_done,
+                            "metrics": t.metrics,
+                            "logs": t.logs,
+                        }
+                        for s, t in enumerate(traj.transitions)
+                    ],
+                }
+            )
     return records
 
 

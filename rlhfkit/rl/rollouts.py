@@ -25,22 +25,25 @@ async def do_single_rollout(policy: TokenCompleter, env: Env) -> Trajectory:
             return Trajectory(transitions, final_ob=ob, stop_reason=ac.stop_reason)
 
 
-async def sample_group(builder: EnvGroupBuilder,
-                       policy_for_env: Callable[[int], TokenCompleter]) -> tuple[Sequence[Env], list[Trajectory]]:
+async def sample_group(
+    builder: EnvGroupBuilder, policy_for_env: Callable[[int], TokenCompleter]
+) -> tuple[Sequence[Env], list[Trajectory]]:
     """Make the group's envs and roll out one episode in each, concurrently."""
     envs = await builder.make_envs()
     trajectories = await asyncio.gather(*(do_single_rollout(policy_for_env(k), env) for k, env in enumerate(envs)))
     return envs, list(trajectories)
 
 
-async def score_group(builder: EnvGroupBuilder, envs: Sequence[Env],
-                      trajectories: list[Trajectory]) -> TrajectoryGroup:
+async def score_group(builder: EnvGroupBuilder, envs: Sequence[Env], trajectories: list[Trajectory]) -> TrajectoryGroup:
     rewards_and_metrics = await builder.compute_group_rewards(trajectories, envs)
     if len(rewards_and_metrics) != len(trajectories):
-        raise ValueError(f"{type(builder).__name__}.compute_group_rewards returned {len(rewards_and_metrics)} "
-                         f"rewards for {len(trajectories)} trajectories")
-    return TrajectoryGroup(trajectories, [float(r) for r, _ in rewards_and_metrics],
-                           [dict(m) for _, m in rewards_and_metrics])
+        raise ValueError(
+            f"{type(builder).__name__}.compute_group_rewards returned {len(rewards_and_metrics)} "
+            f"rewards for {len(trajectories)} trajectories"
+        )
+    return TrajectoryGroup(
+        trajectories, [float(r) for r, _ in rewards_and_metrics], [dict(m) for _, m in rewards_and_metrics]
+    )
 
 
 async def do_group_rollout(builder: EnvGroupBuilder, policy: TokenCompleter) -> TrajectoryGroup:

@@ -33,12 +33,10 @@ class Env(ABC):
     """A single episode. Envs are used once and then discarded."""
 
     @abstractmethod
-    async def initial_observation(self) -> tuple[Observation, StopCondition]:
-        ...
+    async def initial_observation(self) -> tuple[Observation, StopCondition]: ...
 
     @abstractmethod
-    async def step(self, action: Action, *, extra: dict | None = None) -> StepResult:
-        ...
+    async def step(self, action: Action, *, extra: dict | None = None) -> StepResult: ...
 
 
 @dataclass
@@ -69,19 +67,21 @@ class TrajectoryGroup:
 
     def get_total_rewards(self) -> list[float]:
         """Per trajectory: the sum of its step rewards plus its group reward."""
-        return [sum(t.reward for t in traj.transitions) + final
-                for traj, final in zip(self.trajectories_G, self.final_rewards_G, strict=True)]
+        return [
+            sum(t.reward for t in traj.transitions) + final
+            for traj, final in zip(self.trajectories_G, self.final_rewards_G, strict=True)
+        ]
 
 
 class EnvGroupBuilder(ABC):
     """Makes a group of envs and scores the group's trajectories together."""
 
     @abstractmethod
-    async def make_envs(self) -> Sequence[Env]:
-        ...
+    async def make_envs(self) -> Sequence[Env]: ...
 
-    async def compute_group_rewards(self, trajectory_group: list[Trajectory],
-                                    env_group: Sequence[Env]) -> list[tuple[float, Metrics]]:
+    async def compute_group_rewards(
+        self, trajectory_group: list[Trajectory], env_group: Sequence[Env]
+    ) -> list[tuple[float, Metrics]]:
         return [(0.0, {}) for _ in trajectory_group]
 
     async def cleanup(self) -> None:
@@ -98,15 +98,12 @@ class EnvGroupBuilder(ABC):
 
 class RLDataset(ABC):
     @abstractmethod
-    def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
-        ...
+    def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]: ...
 
     @abstractmethod
-    def __len__(self) -> int:
-        ...
+    def __len__(self) -> int: ...
 
 
 class RLDatasetBuilder(ABC):
     @abstractmethod
-    async def __call__(self) -> tuple[RLDataset, RLDataset | None]:
-        ...
+    async def __call__(self) -> tuple[RLDataset, RLDataset | None]: ...

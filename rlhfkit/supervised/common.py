@@ -23,8 +23,9 @@ def _truncate(model_input: ModelInput, length: int) -> ModelInput:
     return ModelInput(tuple(chunks))
 
 
-def datum_from_model_input_weights(model_input: ModelInput, weights: Any, max_length: int | None = None,
-                                   reduction: Literal["none", "mean"] = "none") -> Datum:
+def datum_from_model_input_weights(
+    model_input: ModelInput, weights: Any, max_length: int | None = None, reduction: Literal["none", "mean"] = "none"
+) -> Datum:
     """Truncate to max_length, shift by one (input = tokens[:-1], targets = tokens[1:], weights[1:]) and,
     with reduction "mean", scale the weights to sum to 1."""
     weights = np.asarray(weights, dtype=np.float32).reshape(-1)
@@ -44,9 +45,13 @@ def datum_from_model_input_weights(model_input: ModelInput, weights: Any, max_le
             weights = weights / total
     elif reduction != "none":
         raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
-    return Datum(model_input=_truncate(model_input, len(tokens) - 1),
-                 loss_fn_inputs={"weights": TensorData.from_numpy(weights.astype(np.float32)),
-                                 "target_tokens": TensorData.from_numpy(targets)})
+    return Datum(
+        model_input=_truncate(model_input, len(tokens) - 1),
+        loss_fn_inputs={
+            "weights": TensorData.from_numpy(weights.astype(np.float32)),
+            "target_tokens": TensorData.from_numpy(targets),
+        },
+    )
 
 
 def _array(x: Any, dtype: Any) -> np.ndarray:
@@ -67,8 +72,9 @@ def compute_mean_nll(logprobs_list: Sequence[Any], weights_list: Sequence[Any]) 
     return total / weight if weight > 0 else float("nan")
 
 
-def compute_bpb(logprobs_list: Sequence[Any], weights_list: Sequence[Any], target_tokens_list: Sequence[Any],
-                tokenizer: Any) -> float:
+def compute_bpb(
+    logprobs_list: Sequence[Any], weights_list: Sequence[Any], target_tokens_list: Sequence[Any], tokenizer: Any
+) -> float:
     """Bits per UTF-8 byte of the trained text: the NLL (nats, unweighted) of target tokens with weight > 0
     that are not special tokens, over ln 2 times the byte count of those tokens decoded in contiguous runs."""
     special = set(tokenizer.all_special_ids)

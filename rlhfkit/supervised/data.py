@@ -26,9 +26,13 @@ class DataFormatError(DataError, ValueError):
     """A data file that cannot be parsed; the message names the file and line."""
 
 
-def conversation_to_datum(conversation: list[Message], renderer: Renderer, max_length: int | None,
-                          train_on_what: TrainOnWhat = TrainOnWhat.ALL_ASSISTANT_MESSAGES,
-                          reduction: str = "mean") -> Datum:
+def conversation_to_datum(
+    conversation: list[Message],
+    renderer: Renderer,
+    max_length: int | None,
+    train_on_what: TrainOnWhat = TrainOnWhat.ALL_ASSISTANT_MESSAGES,
+    reduction: str = "mean",
+) -> Datum:
     model_input, weights = renderer.build_supervised_example(conversation, train_on_what)
     return datum_from_model_input_weights(model_input, weights, max_length, reduction)
 
@@ -38,8 +42,13 @@ class SupervisedDatasetFromList(SupervisedDataset):
     by `map_fn` (one datum per row) or `flatmap_fn` (any number). `set_epoch(seed)` shuffles the base list
     with `random.Random(seed)`; before any set_epoch the base order is used."""
 
-    def __init__(self, rows: Sequence[Any], batch_size: int, map_fn: Callable[[Any], Datum] | None = None,
-                 flatmap_fn: Callable[[Any], list[Datum]] | None = None):
+    def __init__(
+        self,
+        rows: Sequence[Any],
+        batch_size: int,
+        map_fn: Callable[[Any], Datum] | None = None,
+        flatmap_fn: Callable[[Any], list[Datum]] | None = None,
+    ):
         if (map_fn is None) == (flatmap_fn is None):
             raise ValueError("give exactly one of map_fn and flatmap_fn")
         if batch_size <= 0:
@@ -59,7 +68,7 @@ class SupervisedDatasetFromList(SupervisedDataset):
     def get_batch(self, index: int) -> list[Datum]:
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range (dataset has {len(self)} batches)")
-        rows = [self.rows[i] for i in self._order[index * self.batch_size:(index + 1) * self.batch_size]]
+        rows = [self.rows[i] for i in self._order[index * self.batch_size : (index + 1) * self.batch_size]]
         if self.map_fn is not None:
             return [self.map_fn(row) for row in rows]
         return [datum for row in rows for datum in self.flatmap_fn(row)]
@@ -89,8 +98,10 @@ def read_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 except json.JSONDecodeError as e:
                     raise DataFormatError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DataFormatError(f"{path}, line {line_no + 1}: cannot be read as UTF-8 JSON lines, the file is "
-                              f"truncated or corrupt after line {line_no} ({e})") from None
+        raise DataFormatError(
+            f"{path}, line {line_no + 1}: cannot be read as UTF-8 JSON lines, the file is "
+            f"truncated or corrupt after line {line_no} ({e})"
+        ) from None
 
 
 def read_json_file(path: str | os.PathLike) -> Any:
@@ -138,13 +149,18 @@ class SkippedRows:
     def report(self, total: int) -> None:
         if self.example is not None:
             row, reason = self.example
-            logger.warning("%s: skipped %d of %d rows with bad data; e.g. %s: %s",
-                           self.source, self.count, total, row, reason)
+            logger.warning(
+                "%s: skipped %d of %d rows with bad data; e.g. %s: %s", self.source, self.count, total, row, reason
+            )
 
 
-def filter_trainable_conversations(conversations: Sequence[tuple[str, list[Message]]], renderer: Renderer,
-                                   max_length: int | None, train_on_what: TrainOnWhat,
-                                   skipped: SkippedRows) -> list[list[Message]]:
+def filter_trainable_conversations(
+    conversations: Sequence[tuple[str, list[Message]]],
+    renderer: Renderer,
+    max_length: int | None,
+    train_on_what: TrainOnWhat,
+    skipped: SkippedRows,
+) -> list[list[Message]]:
     """Keep the (row id, conversation) pairs that render and keep at least one trained token after
     truncation to max_length; the others are counted in `skipped`."""
     kept = []
@@ -155,8 +171,10 @@ def filter_trainable_conversations(conversations: Sequence[tuple[str, list[Messa
             skipped.skip(row_id, f"cannot be rendered: {e}")
             continue
         if sum(datum.loss_fn_inputs["weights"].data) <= 0:
-            skipped.skip(row_id, f"no trainable token (train_on_what={TrainOnWhat(train_on_what).value}, "
-                                 f"max_length={max_length})")
+            skipped.skip(
+                row_id,
+                f"no trainable token (train_on_what={TrainOnWhat(train_on_what).value}, max_length={max_length})",
+            )
             continue
         kept.append(conversation)
     return kept

@@ -54,25 +54,31 @@ class Config:
     lr_schedule: Literal["linear", "cosine", "constant"] = setting("linear", "learning-rate schedule over the steps")
     num_epochs: int = setting(1, "passes over the training data", check=at_least(1))
     lora_rank: int = setting(32, "LoRA rank", check=at_least(1))
-    evaluator_builders: list[EvaluatorBuilder] = setting(help="evaluators run every eval_every steps",
-                                                         default_factory=list)
+    evaluator_builders: list[EvaluatorBuilder] = setting(
+        help="evaluators run every eval_every steps", default_factory=list
+    )
     infrequent_evaluator_builders: list[EvaluatorBuilder] = setting(
-        help="evaluators run every infrequent_eval_every steps", default_factory=list)
+        help="evaluators run every infrequent_eval_every steps", default_factory=list
+    )
     save_every: int = setting(20, "checkpoint every this many steps (0: only the final one)", check=at_least(0))
-    save_every_tokens: int = setting(0, "also checkpoint once this many tokens were trained since the last save "
-                                     "(0: off)", check=at_least(0))
-    save_every_seconds: float = setting(0.0, "also checkpoint once this much wall time passed since the last save "
-                                        "(0: off)", check=at_least(0))
+    save_every_tokens: int = setting(
+        0, "also checkpoint once this many tokens were trained since the last save (0: off)", check=at_least(0)
+    )
+    save_every_seconds: float = setting(
+        0.0, "also checkpoint once this much wall time passed since the last save (0: off)", check=at_least(0)
+    )
     eval_every: int = setting(10, "evaluate every this many steps (0: off)", check=at_least(0))
-    infrequent_eval_every: int = setting(100, "run the infrequent evaluators every this many steps (0: off)",
-                                         check=at_least(0))
+    infrequent_eval_every: int = setting(
+        100, "run the infrequent evaluators every this many steps (0: off)", check=at_least(0)
+    )
     adam_beta1: float = setting(0.9, "Adam beta1", check=between(0, 1))
     adam_beta2: float = setting(0.95, "Adam beta2", check=between(0, 1))
     adam_eps: float = setting(1e-8, "Adam epsilon", check=positive)
     wandb_project: str | None = setting(None, "Weights & Biases project (None: off)")
     wandb_name: str | None = setting(None, "Weights & Biases run name")
-    max_steps: int | None = setting(None, "stop after this many steps (None: num_epochs of the data)",
-                                    check=at_least(0))
+    max_steps: int | None = setting(
+        None, "stop after this many steps (None: num_epochs of the data)", check=at_least(0)
+    )
     base_url: str | None = setting(None, "the service address; only None (the local engine) is supported")
     ttl_seconds: int | None = compat_setting("ttl_seconds", 604800)
     rolling_save_every: int = compat_setting("rolling_save_every", 0)
@@ -83,11 +89,15 @@ class Config:
     submit_ahead: int = compat_setting("submit_ahead", 1)
     backend: Literal["local", "ray"] | None = setting(None, "engine backend: 'local' or 'ray' (None: $RLHFKIT_BACKEND)")
     ray_address: str | None = setting(None, "backend=ray: None starts a local Ray instance; 'auto' joins a cluster")
-    num_train_workers: int | None = setting(None, "backend=ray: data-parallel training workers (None: one per GPU, "
-                                            "else 1)", check=at_least(1))
+    num_train_workers: int | None = setting(
+        None, "backend=ray: data-parallel training workers (None: one per GPU, else 1)", check=at_least(1)
+    )
     num_samplers: int | None = setting(None, "backend=ray: inference-engine actors (None: 1)", check=at_least(1))
-    max_nonfinite_in_a_row: int = setting(3, "stop after this many steps in a row with a NaN/inf loss or gradient "
-                                          "(each such update is skipped)", check=at_least(1))
+    max_nonfinite_in_a_row: int = setting(
+        3,
+        "stop after this many steps in a row with a NaN/inf loss or gradient (each such update is skipped)",
+        check=at_least(1),
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -111,11 +121,17 @@ async def main_async(config: Config) -> None:
 
 async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger) -> None:
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
-    service = ServiceClient(base_url=config.base_url, backend=config.backend, ray_address=config.ray_address,
-                            num_train_workers=config.num_train_workers, num_samplers=config.num_samplers)
+    service = ServiceClient(
+        base_url=config.base_url,
+        backend=config.backend,
+        ray_address=config.ray_address,
+        num_train_workers=config.num_train_workers,
+        num_samplers=config.num_samplers,
+    )
     checkpoints = CheckpointManager(log_path, config.save_every, config.save_every_tokens, config.save_every_seconds)
-    training_client, resume = checkpoints.training_client(service, config.model_name, config.lora_rank,
-                                                          config.load_checkpoint_path)
+    training_client, resume = checkpoints.training_client(
+        service, config.model_name, config.lora_rank, config.load_checkpoint_path
+    )
     start_epoch = resume.get("epoch", 0) if resume else 0
     start_batch = resume.get("batch", 0) if resume else 0
     elapsed_tokens = resume.get("elapsed_tokens", 0) if resume else 0
@@ -137,8 +153,14 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
     if start_step >= total_steps:
         logger.info("Training was already complete (%d of %d steps done)", start_step, total_steps)
         return
-    logger.info("training %s for %d steps (%d batches per epoch, %d epochs), starting at step %d",
-                config.model_name, total_steps, n_batches, config.num_epochs, start_step)
+    logger.info(
+        "training %s for %d steps (%d batches per epoch, %d epochs), starting at step %d",
+        config.model_name,
+        total_steps,
+        n_batches,
+        config.num_epochs,
+        start_step,
+    )
 
     nonfinite = NonFiniteGuard(config.max_nonfinite_in_a_row, str(log_path))
     progress = tqdm(total=total_steps, initial=start_step, desc=config.recipe_name, unit="step", dynamic_ncols=True)
@@ -152,8 +174,7 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
         # the resumed-from checkpoint already holds the state before start_step
         if step != start_step and checkpoints.due(step, elapsed_tokens):
             with timer.span("save_checkpoint"):
-                checkpoints.save(training_client, f"{step:06d}", {"epoch": epoch, "batch": batch_index},
-                                 elapsed_tokens)
+                checkpoints.save(training_client, f"{step:06d}", {"epoch": epoch, "batch": batch_index}, elapsed_tokens)
 
         if config.eval_every > 0 and step % config.eval_every == 0:
             with timer.span("evals"):
@@ -170,8 +191,11 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
         with timer.span("forward_backward"):
             output = training_client.forward_backward(batch, "cross_entropy").result()
         with timer.span("optim_step"):
-            optim = training_client.optim_step(AdamParams(learning_rate=learning_rate, beta1=config.adam_beta1,
-                                                          beta2=config.adam_beta2, eps=config.adam_eps)).result()
+            optim = training_client.optim_step(
+                AdamParams(
+                    learning_rate=learning_rate, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps
+                )
+            ).result()
 
         num_tokens = sum(d.model_input.length for d in batch)
         elapsed_tokens += num_tokens
@@ -179,29 +203,38 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
         weights = [d.loss_fn_inputs["weights"] for d in batch]
         targets = [d.loss_fn_inputs["target_tokens"] for d in batch]
         train_nll = compute_mean_nll(logprobs, weights)
-        metrics.update({
-            "epoch": epoch,
-            "progress": min((step + 1) / total_steps, 1.0),
-            "learning_rate": learning_rate,
-            "num_sequences": len(batch),
-            "num_tokens": num_tokens,
-            "num_loss_tokens": float(sum(sum(w.data) for w in weights)),
-            "train_mean_nll": train_nll,
-            "train_mean_bpb": compute_bpb(logprobs, weights, targets, tokenizer),
-            **output.metrics,
-            **(optim.metrics or {}),
-            **timer.total(),
-        })
+        metrics.update(
+            {
+                "epoch": epoch,
+                "progress": min((step + 1) / total_steps, 1.0),
+                "learning_rate": learning_rate,
+                "num_sequences": len(batch),
+                "num_tokens": num_tokens,
+                "num_loss_tokens": float(sum(sum(w.data) for w in weights)),
+                "train_mean_nll": train_nll,
+                "train_mean_bpb": compute_bpb(logprobs, weights, targets, tokenizer),
+                **output.metrics,
+                **(optim.metrics or {}),
+                **timer.total(),
+            }
+        )
         ml_logger.log_metrics(metrics, step=step)
         nonfinite.check(step, output.metrics.get("loss:sum", 0.0), metrics, lambda: describe_rows(batch, tokenizer))
-        progress.set_postfix(loss=f"{train_nll:.4f}", lr=f"{learning_rate:.2e}",
-                             **({"test_nll": f"{metrics['test/nll']:.4f}"} if "test/nll" in metrics else {}))
+        progress.set_postfix(
+            loss=f"{train_nll:.4f}",
+            lr=f"{learning_rate:.2e}",
+            **({"test_nll": f"{metrics['test/nll']:.4f}"} if "test/nll" in metrics else {}),
+        )
         progress.update(1)
     progress.close()
 
     checkpoints.save(training_client, "final", {"epoch": config.num_epochs, "batch": 0}, elapsed_tokens)
-    logger.info("training done: %d steps, %d tokens; final checkpoint in %s", total_steps, elapsed_tokens,
-                log_path / "checkpoints" / "final")
+    logger.info(
+        "training done: %d steps, %d tokens; final checkpoint in %s",
+        total_steps,
+        elapsed_tokens,
+        log_path / "checkpoints" / "final",
+    )
 
 
 __all__ = ["Config", "main", "main_async"]

@@ -23,12 +23,10 @@ class SupervisedDataset(ABC):
     """Batches of datums. `set_epoch(seed)` reshuffles the order deterministically."""
 
     @abstractmethod
-    def get_batch(self, index: int) -> list[Datum]:
-        ...
+    def get_batch(self, index: int) -> list[Datum]: ...
 
     @abstractmethod
-    def __len__(self) -> int:
-        ...
+    def __len__(self) -> int: ...
 
     def set_epoch(self, seed: int = 0) -> None:
         pass
@@ -38,8 +36,7 @@ class SupervisedDatasetBuilder(ABC):
     """Zero-argument factory of (train dataset, test dataset or None)."""
 
     @abstractmethod
-    def __call__(self) -> tuple[SupervisedDataset, SupervisedDataset | None]:
-        ...
+    def __call__(self) -> tuple[SupervisedDataset, SupervisedDataset | None]: ...
 
 
 @dataclass(frozen=True)

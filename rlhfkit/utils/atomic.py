@@ -92,18 +92,26 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             if not line.strip():
                 continue
             if not line.endswith("\n"):
-                logger.warning("%s, line %d: skipping an unfinished last line (left by a killed writer)", path,
-                               line_no)
+                logger.warning("%s, line %d: skipping an unfinished last line (left by a killed writer)", path, line_no)
                 break
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                logger.warning("%s, line %d: skipping a damaged line (not valid JSON: %s): %.80s", path, line_no,
-                               e.msg, line.strip())
+                logger.warning(
+                    "%s, line %d: skipping a damaged line (not valid JSON: %s): %.80s",
+                    path,
+                    line_no,
+                    e.msg,
+                    line.strip(),
+                )
                 continue
             if not isinstance(record, dict):
-                logger.warning("%s, line %d: skipping a damaged line (a JSON %s, not an object)", path, line_no,
-                               type(record).__name__)
+                logger.warning(
+                    "%s, line %d: skipping a damaged line (a JSON %s, not an object)",
+                    path,
+                    line_no,
+                    type(record).__name__,
+                )
                 continue
             records.append(record)
     return records
@@ -156,13 +164,17 @@ def clean_partial_writes(folder: str | os.PathLike, skip: tuple[Path, ...] = ())
                 tmp.unlink()
         touched.append(tmp)
     for old in sorted(p for p in folder.rglob(".*.old") if not skipped(p)):
-        target = old.with_name(old.name[1:-len(".old")])
+        target = old.with_name(old.name[1 : -len(".old")])
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(old, target)
         touched.append(old)
     if touched:
-        logger.warning("%s: removed or restored %d files left by a killed run: %s", folder, len(touched),
-                       ", ".join(str(p.relative_to(folder)) for p in touched[:5]))
+        logger.warning(
+            "%s: removed or restored %d files left by a killed run: %s",
+            folder,
+            len(touched),
+            ", ".join(str(p.relative_to(folder)) for p in touched[:5]),
+        )
     return touched

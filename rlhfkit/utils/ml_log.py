@@ -84,8 +84,9 @@ class _TqdmConsoleHandler(logging.StreamHandler):
 def _format_table(metrics: dict, step: int) -> str:
     rows = [(k, v) for k, v in metrics.items() if not (k.endswith(":total") or k.endswith(":count"))]
     width = max((len(k) for k, _ in rows), default=4)
-    lines = [f"step {step}"] + [f"  {k:<{width}}  {v:.6g}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
-                                for k, v in rows]
+    lines = [f"step {step}"] + [
+        f"  {k:<{width}}  {v:.6g}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in rows
+    ]
     return "\n".join(lines)
 
 
@@ -107,8 +108,9 @@ def _write_code_diff(log_dir: Path) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: Path, start_step: int | None, plot_panels: Sequence[Sequence[str]] | None,
-                 wandb_run: Any = None):
+    def __init__(
+        self, log_dir: Path, start_step: int | None, plot_panels: Sequence[Sequence[str]] | None, wandb_run: Any = None
+    ):
         self.log_dir = log_dir
         self.metrics_path = log_dir / "metrics.jsonl"
         self.plot_path = log_dir / "metrics.png"
@@ -153,8 +155,12 @@ class MetricsLogger:
         logging.getLogger(METRICS_LOGGER_NAME).info(_format_table(record, step))
         writer = self._tensorboard_writer()
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and math.isfinite(value):
+            if (
+                key != "step"
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ):
                 writer.add_scalar(key, value, global_step=step)
         writer.flush()
         if self._wandb is not None:
@@ -204,9 +210,15 @@ def _configure_logging_module(log_dir: Path) -> None:
     _installed_handlers[str(log_dir)] = [file_handler, console]
 
 
-def setup_logging(log_dir: str | os.PathLike, wandb_project: str | None = None, wandb_name: str | None = None,
-                  config: Any = None, do_configure_logging_module: bool = True, start_step: int | None = None,
-                  plot_panels: Sequence[Sequence[str]] | None = None) -> MetricsLogger:
+def setup_logging(
+    log_dir: str | os.PathLike,
+    wandb_project: str | None = None,
+    wandb_name: str | None = None,
+    config: Any = None,
+    do_configure_logging_module: bool = True,
+    start_step: int | None = None,
+    plot_panels: Sequence[Sequence[str]] | None = None,
+) -> MetricsLogger:
     """Create `log_dir` and a MetricsLogger writing there (see the module docstring).
     `plot_panels`: groups of metric keys, one plot panel each (default: plots.DEFAULT_PANELS)."""
     log_dir = Path(log_dir).expanduser().resolve()
@@ -218,10 +230,16 @@ def setup_logging(log_dir: str | os.PathLike, wandb_project: str | None = None, 
         try:
             import wandb
         except ImportError as e:
-            raise ImportError("wandb_project is set but wandb is not installed: pip install wandb "
-                              "(set WANDB_MODE=offline to log without a network)") from e
-        wandb_run = wandb.init(project=wandb_project, name=wandb_name, dir=str(log_dir),
-                               config=dump_run_config(config) if config is not None else None)
+            raise ImportError(
+                "wandb_project is set but wandb is not installed: pip install wandb "
+                "(set WANDB_MODE=offline to log without a network)"
+            ) from e
+        wandb_run = wandb.init(
+            project=wandb_project,
+            name=wandb_name,
+            dir=str(log_dir),
+            config=dump_run_config(config) if config is not None else None,
+        )
     ml_logger = MetricsLogger(log_dir, start_step, plot_panels, wandb_run)
     if config is not None:
         ml_logger.log_hparams(config)

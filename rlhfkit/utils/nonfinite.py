@@ -40,11 +40,19 @@ class NonFiniteGuard:
             self.in_a_row = 0
             return
         self.in_a_row += 1
-        logger.warning("step %d: the loss (%s) or gradient norm (%s) is not finite; the update was skipped "
-                       "(weights and optimizer state unchanged), %d of %d allowed in a row. The batch:\n%s",
-                       step, loss, metrics.get("optim/grad_norm"), self.in_a_row, self.max_in_a_row, rows())
+        logger.warning(
+            "step %d: the loss (%s) or gradient norm (%s) is not finite; the update was skipped "
+            "(weights and optimizer state unchanged), %d of %d allowed in a row. The batch:\n%s",
+            step,
+            loss,
+            metrics.get("optim/grad_norm"),
+            self.in_a_row,
+            self.max_in_a_row,
+            rows(),
+        )
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteError(
                 f"step {step}: {self.in_a_row} steps in a row had a NaN or infinite loss or gradient, so training "
                 f"stopped (the batches are in {self.log_path}/logs.log); the checkpoints in {self.log_path} are "
-                f"intact: lower the learning rate or fix the data, then run again")
+                f"intact: lower the learning rate or fix the data, then run again"
+            )

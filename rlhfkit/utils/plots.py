@@ -29,8 +29,12 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def plot_metrics(records: Sequence[dict], path: str | os.PathLike,
-                 panels: Sequence[Sequence[str]] | None = None, title: str | None = None) -> bool:
+def plot_metrics(
+    records: Sequence[dict],
+    path: str | os.PathLike,
+    panels: Sequence[Sequence[str]] | None = None,
+    title: str | None = None,
+) -> bool:
     """Plot `records` ({"step": s, key: value, ...}) to `path`; returns False if nothing was plottable."""
     present = {k for r in records for k, v in r.items() if _is_number(v)}
     panels = [[k for k in panel if k in present] for panel in (panels or DEFAULT_PANELS)]
@@ -54,7 +58,7 @@ def plot_metrics(records: Sequence[dict], path: str | os.PathLike,
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)

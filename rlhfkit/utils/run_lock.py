@@ -37,8 +37,10 @@ class RunLock:
             handle.seek(0)
             holder = handle.read().strip()
             handle.close()
-            raise RunLockedError(f"{self.folder} is in use by another run ({_describe(holder)}); wait for it to "
-                                 f"end or stop it, or choose another log folder") from None
+            raise RunLockedError(
+                f"{self.folder} is in use by another run ({_describe(holder)}); wait for it to "
+                f"end or stop it, or choose another log folder"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}))

@@ -28,9 +28,16 @@ from typing import Any, Sequence
 from rlhfkit.data_sources import DatasetUnavailableError, parse_columns, parse_sources, read_tables
 from rlhfkit.paths import shared_data_dir
 from rlhfkit.renderers import Message, TrainOnWhat
-from rlhfkit.supervised.data import (DataFormatError, SkippedRows, SupervisedDatasetFromList,
-                                     conversation_to_datum, filter_trainable_conversations, read_json_file,
-                                     read_jsonl_rows, validate_messages)
+from rlhfkit.supervised.data import (
+    DataFormatError,
+    SkippedRows,
+    SupervisedDatasetFromList,
+    conversation_to_datum,
+    filter_trainable_conversations,
+    read_json_file,
+    read_jsonl_rows,
+    validate_messages,
+)
 from rlhfkit.supervised.types import ChatDatasetBuilder, SupervisedDataset
 
 logger = logging.getLogger(__name__)
@@ -56,15 +63,22 @@ class _ChatBuilderBase(ChatDatasetBuilder):
         return TrainOnWhat(self.common_config.train_on_what or TrainOnWhat.ALL_ASSISTANT_MESSAGES)
 
     def _keep_trainable(self, conversations: Conversations, skipped: SkippedRows) -> list[list[Message]]:
-        return filter_trainable_conversations(conversations, self.renderer, self.common_config.max_length,
-                                              self.train_on_what, skipped)
+        return filter_trainable_conversations(
+            conversations, self.renderer, self.common_config.max_length, self.train_on_what, skipped
+        )
 
     def _map_fn(self):
-        return partial(conversation_to_datum, renderer=self.renderer, max_length=self.common_config.max_length,
-                       train_on_what=self.train_on_what, reduction="mean")
+        return partial(
+            conversation_to_datum,
+            renderer=self.renderer,
+            max_length=self.common_config.max_length,
+            train_on_what=self.train_on_what,
+            reduction="mean",
+        )
 
-    def _datasets(self, train: list[list[Message]], test: list[list[Message]] | None,
-                  test_batch_size: int | None = None) -> tuple[SupervisedDataset, SupervisedDataset | None]:
+    def _datasets(
+        self, train: list[list[Message]], test: list[list[Message]] | None, test_batch_size: int | None = None
+    ) -> tuple[SupervisedDataset, SupervisedDataset | None]:
         """Train shuffled with seed 0; test unshuffled, by default one batch holding all test rows."""
         if not train:
             raise ValueError(f"{type(self).__name__}: no usable training conversations")
@@ -73,11 +87,19 @@ class _ChatBuilderBase(ChatDatasetBuilder):
         map_fn = self._map_fn()
         train_ds = SupervisedDatasetFromList(train, self.common_config.batch_size, map_fn=map_fn)
         if len(train_ds) == 0:
-            raise ValueError(f"{type(self).__name__}: {len(train)} training conversations do not fill one batch "
-                             f"of batch_size={self.common_config.batch_size}")
+            raise ValueError(
+                f"{type(self).__name__}: {len(train)} training conversations do not fill one batch "
+                f"of batch_size={self.common_config.batch_size}"
+            )
         test_ds = SupervisedDatasetFromList(test, test_batch_size or len(test), map_fn=map_fn) if test else None
-        logger.info("%s: %d train conversations (%d batches of %d), %d test conversations", type(self).__name__,
-                    len(train), len(train_ds), self.common_config.batch_size, len(test or []))
+        logger.info(
+            "%s: %d train conversations (%d batches of %d), %d test conversations",
+            type(self).__name__,
+            len(train),
+            len(train_ds),
+            self.common_config.batch_size,
+            len(test or []),
+        )
         return train_ds, test_ds
 
 
@@ -109,17 +131,21 @@ class NoRobotsBuilder(_ChatBuilderBase):
     (spec 3.1: with batch 256 only its first 256 rows are evaluated)."""
 
     def __call__(self) -> tuple[SupervisedDataset, SupervisedDataset | None]:
-        hint = ("Offline, use LimaBuilder (human-written instructions from shared_data_dir()/lima/lima.json) "
-                "or JsonlChatBuilder with your own file.")
+        hint = (
+            "Offline, use LimaBuilder (human-written instructions from shared_data_dir()/lima/lima.json) "
+            "or JsonlChatBuilder with your own file."
+        )
         try:
             import datasets
         except ImportError:
-            raise DatasetUnavailableError("NoRobotsBuilder loads HuggingFaceH4/no_robots from the Hugging Face "
-                                          "Hub, which needs the `datasets` package (pip install datasets). "
-                                          + hint) from None
+            raise DatasetUnavailableError(
+                "NoRobotsBuilder loads HuggingFaceH4/no_robots from the Hugging Face "
+                "Hub, which needs the `datasets` package (pip install datasets). " + hint
+            ) from None
         if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-            raise DatasetUnavailableError(f"NoRobotsBuilder needs the Hugging Face Hub, but HF_HUB_OFFLINE/"
-                                          f"HF_DATASETS_OFFLINE is set. {hint}")
+            raise DatasetUnavailableError(
+                f"NoRobotsBuilder needs the Hugging Face Hub, but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set. {hint}"
+            )
         try:
             ds = datasets.load_dataset("HuggingFaceH4/no_robots")
         except Exception as e:
@@ -128,8 +154,9 @@ class NoRobotsBuilder(_ChatBuilderBase):
         for split in ("train", "test"):
             skipped = SkippedRows(f"HuggingFaceH4/no_robots[{split}]")
             rows = [(f"row {i}", row) for i, row in enumerate(ds[split])]
-            conversations = self._keep_trainable(_conversations_from_rows(rows, lambda r: r["messages"], skipped),
-                                                 skipped)
+            conversations = self._keep_trainable(
+                _conversations_from_rows(rows, lambda r: r["messages"], skipped), skipped
+            )
             skipped.report(len(rows))
             result.append(conversations)
         return self._datasets(result[0], result[1], test_batch_size=self.common_config.batch_size)
@@ -171,8 +198,9 @@ class LimaBuilder(_ChatBuilderBase):
         if not isinstance(data, list):
             raise DataFormatError(f"{path}, line 1: expected a JSON list of rows, got {type(data).__name__}")
         skipped = SkippedRows(str(path))
-        conversations = _conversations_from_rows([(f"row {i}", r) for i, r in enumerate(data)],
-                                                 lima_row_to_messages, skipped)
+        conversations = _conversations_from_rows(
+            [(f"row {i}", r) for i, r in enumerate(data)], lima_row_to_messages, skipped
+        )
         train, test = split_train_test(conversations, self.test_size)
         train, test = self._keep_trainable(train, skipped), self._keep_trainable(test, skipped)
         skipped.report(len(data))
@@ -210,7 +238,7 @@ _HH_MARKER = re.compile(r"(\n\nHuman:|\n\nAssistant:)")
 
 
 def parse_hh_transcript(text: str) -> list[Message]:
-    """"\\n\\nHuman: ... \\n\\nAssistant: ..." -> messages (texts stripped). ValueError if malformed."""
+    """ "\\n\\nHuman: ... \\n\\nAssistant: ..." -> messages (texts stripped). ValueError if malformed."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("missing or empty transcript")
     if text.startswith(("Human:", "Assistant:")):
@@ -218,8 +246,10 @@ def parse_hh_transcript(text: str) -> list[Message]:
     pieces = _HH_MARKER.split(text)
     if pieces[0].strip():
         raise ValueError("text before the first '\\n\\nHuman:' / '\\n\\nAssistant:' marker")
-    return [{"role": "user" if marker == "\n\nHuman:" else "assistant", "content": body.strip()}
-            for marker, body in zip(pieces[1::2], pieces[2::2])]
+    return [
+        {"role": "user" if marker == "\n\nHuman:" else "assistant", "content": body.strip()}
+        for marker, body in zip(pieces[1::2], pieces[2::2])
+    ]
 
 
 def default_hh_paths() -> list[Path]:
@@ -246,8 +276,7 @@ class HHChosenBuilder(_ChatBuilderBase):
         for path in paths:
             skipped = SkippedRows(str(path))
             rows = [(f"line {n}", row) for n, row in read_jsonl_rows(path)]
-            file_conversations = _conversations_from_rows(rows, lambda r: parse_hh_transcript(r.get("chosen")),
-                                                          skipped)
+            file_conversations = _conversations_from_rows(rows, lambda r: parse_hh_transcript(r.get("chosen")), skipped)
             skipped.report(len(rows))
             conversations += [(f"{path.name} {name}", c) for name, c in file_conversations]
         train, test = split_train_test(conversations, self.test_size)
@@ -278,12 +307,15 @@ def chat_row_to_messages(row: dict) -> list[Message]:
     if row.get("messages") is not None:
         return row["messages"]
     if row.get("prompt") is not None or row.get("completion") is not None:
-        return (_chat_messages(row.get("prompt"), "prompt", "user")
-                + _chat_messages(row.get("completion"), "completion", "assistant"))
+        return _chat_messages(row.get("prompt"), "prompt", "user") + _chat_messages(
+            row.get("completion"), "completion", "assistant"
+        )
     if row.get("instruction") is not None or row.get("output") is not None:
         return lima_row_to_messages(row)
-    raise ValueError(f"no chat fields: expected 'messages', 'prompt' + 'completion', or 'instruction' + 'output' "
-                     f"(the row has {', '.join(map(repr, row)) or 'no fields'})")
+    raise ValueError(
+        f"no chat fields: expected 'messages', 'prompt' + 'completion', or 'instruction' + 'output' "
+        f"(the row has {', '.join(map(repr, row)) or 'no fields'})"
+    )
 
 
 @dataclass(frozen=True)
@@ -310,8 +342,10 @@ class ChatSourceBuilder(_ChatBuilderBase):
         conversations: Conversations = []
         for table in tables:
             skipped = SkippedRows(table.name)
-            conversations += [(f"{table.name}, {name}", c) for name, c in
-                              _conversations_from_rows(table.rows, chat_row_to_messages, skipped)]
+            conversations += [
+                (f"{table.name}, {name}", c)
+                for name, c in _conversations_from_rows(table.rows, chat_row_to_messages, skipped)
+            ]
             skipped.report(len(table.rows))
         return conversations
 

@@ -39,6 +39,7 @@ Role = Literal["pm_train", "pm_test", "rl", "winrate_eval"]
 # ---------------------------------------------------------------------------------------------------------
 # HH-RLHF transcripts
 
+
 def parse_hh_transcript(text: str) -> list[dict[str, str]] | None:
     """Split a transcript on the literal "Human:" / "Assistant:" markers into stripped user/assistant
     messages; None if text precedes the first marker."""
@@ -46,8 +47,10 @@ def parse_hh_transcript(text: str) -> list[dict[str, str]] | None:
     if pieces[0].strip():
         return None
     pieces = pieces[1:]
-    return [{"role": "user" if marker == "Human:" else "assistant", "content": body.strip()}
-            for marker, body in zip(pieces[0::2], pieces[1::2])]
+    return [
+        {"role": "user" if marker == "Human:" else "assistant", "content": body.strip()}
+        for marker, body in zip(pieces[0::2], pieces[1::2])
+    ]
 
 
 def hh_pair_problem(chosen: list[dict] | None, rejected: list[dict] | None) -> str | None:
@@ -120,22 +123,29 @@ def load_hh_rlhf_rows(data_files: Sequence[str | Path] | str | None = None) -> l
     rows = []
     for path in map(Path, data_files):
         if not path.is_file():
-            raise DataFileNotFoundError(f"HH-RLHF file not found: {path} (expected .jsonl or .jsonl.gz files of "
-                                    f"{{'chosen', 'rejected'}} transcripts, or data_files={HH_RLHF_HUB_NAME!r})")
+            raise DataFileNotFoundError(
+                f"HH-RLHF file not found: {path} (expected .jsonl or .jsonl.gz files of "
+                f"{{'chosen', 'rejected'}} transcripts, or data_files={HH_RLHF_HUB_NAME!r})"
+            )
         file_rows = _read_jsonl_rows(path)
         for row in file_rows:
             for field in ("chosen", "rejected"):
                 if not isinstance(row.get(field), str):
-                    raise DataFormatError(f"{path}, row {row['_row']}, field {field!r}: expected a transcript string, "
-                                     f"got {row.get(field)!r:.100}")
+                    raise DataFormatError(
+                        f"{path}, row {row['_row']}, field {field!r}: expected a transcript string, "
+                        f"got {row.get(field)!r:.100}"
+                    )
         rows += file_rows
     return rows
 
 
 def _load_hh_rlhf_from_hub() -> list[dict[str, Any]]:
     tables = read_tables([DataSource("hub", HH_RLHF_HUB_NAME)])
-    return [{"chosen": r["chosen"], "rejected": r["rejected"], "_source": table.name, "_row": name}
-            for table in tables for name, r in table.rows]
+    return [
+        {"chosen": r["chosen"], "rejected": r["rejected"], "_source": table.name, "_row": name}
+        for table in tables
+        for name, r in table.rows
+    ]
 
 
 def split_hh_rlhf_rows(rows: Sequence[dict[str, Any]]) -> dict[Role, list[dict[str, Any]]]:
@@ -146,8 +156,9 @@ def split_hh_rlhf_rows(rows: Sequence[dict[str, Any]]) -> dict[Role, list[dict[s
         problem = hh_pair_problem(parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"]))
         if problem is not None:
             if not problems:
-                logger.warning("skipping malformed HH-RLHF pair (%s) at %s, row %s",
-                               problem, row.get("_source"), row.get("_row"))
+                logger.warning(
+                    "skipping malformed HH-RLHF pair (%s) at %s, row %s", problem, row.get("_source"), row.get("_row")
+                )
             problems[problem] += 1
             continue
         by_role[role_of(split_key(row))].append(row)
@@ -210,11 +221,14 @@ class HHHComparisonBuilder(ComparisonDatasetBuilder):
 # ---------------------------------------------------------------------------------------------------------
 # User JSONL files of labelled comparisons
 
+
 def _check_messages(value: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value):
-        raise DataFormatError(f"{where}: expected a list of {{'role': str, 'content': str}} messages, got {value!r:.200}")
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        raise DataFormatError(
+            f"{where}: expected a list of {{'role': str, 'content': str}} messages, got {value!r:.200}"
+        )
     return value
 
 
@@ -228,21 +242,23 @@ def comparison_fields_to_labeled_comparison(row: dict[str, Any], where: str = ""
     for field in COMPARISON_FIELDS:
         if field not in row:
             raise DataFormatError(f"{where or 'row'}: missing field {field!r}")
-    messages = {field: _check_messages(row[field], f"{prefix}field {field!r}")
-                for field in ("prompt_conversation", "completion_A", "completion_B")}
+    messages = {
+        field: _check_messages(row[field], f"{prefix}field {field!r}")
+        for field in ("prompt_conversation", "completion_A", "completion_B")
+    }
     for field in ("completion_A", "completion_B"):
         if not messages[field]:
             raise DataFormatError(f"{prefix}field {field!r}: a completion needs at least one message")
     if row["label"] not in ("A", "B", "Tie"):
         raise DataFormatError(f"{prefix}field 'label': expected 'A', 'B' or 'Tie', got {row['label']!r}")
-    return LabeledComparison(Comparison(messages["prompt_conversation"], messages["completion_A"],
-                                        messages["completion_B"]), row["label"])
+    return LabeledComparison(
+        Comparison(messages["prompt_conversation"], messages["completion_A"], messages["completion_B"]), row["label"]
+    )
 
 
 def jsonl_row_to_labeled_comparison(row: dict[str, Any]) -> LabeledComparison:
     """A {"prompt_conversation", "completion_A", "completion_B", "label"} row; errors name file/row/field."""
-    return comparison_fields_to_labeled_comparison(
-        row, f"{row.get('_source', '<row>')}, row {row.get('_row', '?')}")
+    return comparison_fields_to_labeled_comparison(row, f"{row.get('_source', '<row>')}, row {row.get('_row', '?')}")
 
 
 @dataclass(frozen=True)
@@ -277,17 +293,24 @@ def load_labeled_comparisons(path: str | Path) -> list[LabeledComparison]:
     return [jsonl_row_to_labeled_comparison(row) for row in ComparisonBuilderFromJsonl._load(path)]
 
 
-def held_out_comparisons(data: str | None, role: Literal["preference_model", "rl"], count: int,
-                         max_chars: int | None = None, columns: str | None = None) -> list[LabeledComparison]:
+def held_out_comparisons(
+    data: str | None,
+    role: Literal["preference_model", "rl"],
+    count: int,
+    max_chars: int | None = None,
+    columns: str | None = None,
+) -> list[LabeledComparison]:
     """The first `count` held-out labelled comparisons of a data spec (as ComparisonBuilderFromSource takes it;
     None: the offline HH-RLHF splits) for a role ("preference_model": the PM test rows, "rl": the win-rate rows);
     a larger count extends the list."""
-    return ComparisonBuilderFromSource(data=data, columns=columns, role=role, test_size=count,
-                                       max_chars=max_chars).held_out_comparisons()
+    return ComparisonBuilderFromSource(
+        data=data, columns=columns, role=role, test_size=count, max_chars=max_chars
+    ).held_out_comparisons()
 
 
-def read_eval_comparisons(data: str | None, role: Literal["preference_model", "rl"], count: int,
-                          max_chars: int | None = None) -> list[LabeledComparison]:
+def read_eval_comparisons(
+    data: str | None, role: Literal["preference_model", "rl"], count: int, max_chars: int | None = None
+) -> list[LabeledComparison]:
     """Comparisons to evaluate on: a JSONL file of labelled comparisons (its first `count` rows), else HH-RLHF
     data as the pipeline takes it (split names, files, "Anthropic/hh-rlhf"; None: the offline splits), of which
     the held-out rows of `role` are used, as the pipeline's own evaluations use them."""
@@ -319,8 +342,8 @@ def _messages(value: Any, field: str, default_role: str) -> list[dict[str, str]]
 def _completion(value: Any, field: str, prompt: list[dict[str, str]]) -> list[dict[str, str]]:
     """A reply: a string, or messages that may repeat the prompt first (UltraFeedback-binarized)."""
     messages = _messages(value, field, "assistant")
-    if messages[:len(prompt)] == prompt:
-        messages = messages[len(prompt):]
+    if messages[: len(prompt)] == prompt:
+        messages = messages[len(prompt) :]
     if not messages or messages[0]["role"] != "assistant":
         raise ValueError(f"field {field!r}: expected the assistant's reply after the prompt")
     return messages
@@ -329,8 +352,9 @@ def _completion(value: Any, field: str, prompt: list[dict[str, str]]) -> list[di
 def _check_scores(row: dict[str, Any]) -> None:
     chosen, rejected = row.get("score_chosen"), row.get("score_rejected")
     if isinstance(chosen, (int, float)) and isinstance(rejected, (int, float)) and chosen <= rejected:
-        raise ValueError(f"fields 'score_chosen' and 'score_rejected': {chosen} <= {rejected} (no preference "
-                         "for the chosen reply)")
+        raise ValueError(
+            f"fields 'score_chosen' and 'score_rejected': {chosen} <= {rejected} (no preference for the chosen reply)"
+        )
 
 
 def preference_row_to_comparison(row: Any) -> tuple[LabeledComparison, int]:
@@ -353,21 +377,27 @@ def preference_row_to_comparison(row: Any) -> tuple[LabeledComparison, int]:
         return labeled, sum(len(m["content"]) for m in conversation)
     missing = [field for field in ("chosen", "rejected") if row.get(field) is None]
     if missing:
-        raise ValueError(f"missing field {missing[0]!r} (a comparison needs 'chosen' and 'rejected', with or "
-                         f"without 'prompt'; the row has {', '.join(map(repr, row)) or 'no fields'})")
+        raise ValueError(
+            f"missing field {missing[0]!r} (a comparison needs 'chosen' and 'rejected', with or "
+            f"without 'prompt'; the row has {', '.join(map(repr, row)) or 'no fields'})"
+        )
     _check_scores(row)
     chars = None
     if row.get("prompt") is None and isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
         labeled = pair_to_labeled_comparison(parse_hh_transcript(row["chosen"]), parse_hh_transcript(row["rejected"]))
         chars = len(row["chosen"])
     elif row.get("prompt") is None:
-        chosen, rejected = _messages(row["chosen"], "chosen", "assistant"), _messages(row["rejected"], "rejected",
-                                                                                       "assistant")
+        chosen, rejected = (
+            _messages(row["chosen"], "chosen", "assistant"),
+            _messages(row["rejected"], "rejected", "assistant"),
+        )
         labeled = pair_to_labeled_comparison(chosen, rejected)
     else:
         prompt = _messages(row["prompt"], "prompt", "user")
-        chosen, rejected = _completion(row["chosen"], "chosen", prompt), _completion(row["rejected"], "rejected",
-                                                                                     prompt)
+        chosen, rejected = (
+            _completion(row["chosen"], "chosen", prompt),
+            _completion(row["rejected"], "rejected", prompt),
+        )
         if chosen == rejected:
             raise ValueError("fields 'chosen' and 'rejected': the replies are identical")
         labeled = LabeledComparison(Comparison(prompt, chosen, rejected), "A")

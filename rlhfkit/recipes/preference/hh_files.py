@@ -8,8 +8,12 @@ from pathlib import Path
 from rlhfkit.paths import shared_data_dir
 
 HH_RLHF_HUB_NAME = "Anthropic/hh-rlhf"
-HH_RLHF_FILES = ("harmless-base-test.jsonl.gz", "helpful-base-test.jsonl.gz", "helpful-online-test.jsonl.gz",
-                 "helpful-rejection-sampled-test.jsonl.gz")
+HH_RLHF_FILES = (
+    "harmless-base-test.jsonl.gz",
+    "helpful-base-test.jsonl.gz",
+    "helpful-online-test.jsonl.gz",
+    "helpful-rejection-sampled-test.jsonl.gz",
+)
 
 
 def hh_data_files(spec: str | None) -> list[Path] | str | None:
@@ -26,8 +30,9 @@ def hh_data_files(spec: str | None) -> list[Path] | str | None:
         elif Path(item).suffix in (".jsonl", ".gz"):
             files.append(Path(item))
         else:
-            raise ValueError(f"hh_data: {item!r} is neither an offline split ({', '.join(offline)}) nor a "
-                             ".jsonl/.jsonl.gz file path")
+            raise ValueError(
+                f"hh_data: {item!r} is neither an offline split ({', '.join(offline)}) nor a .jsonl/.jsonl.gz file path"
+            )
     if not files:
         raise ValueError(f"hh_data: no files in {spec!r}")
     return files

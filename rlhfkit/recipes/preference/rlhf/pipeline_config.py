@@ -14,8 +14,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlhfkit import model_info
-from rlhfkit.config import (ConfigError, at_least, between, existing_path, format_help, parse_values, positive,
-                            setting, split_key_values, validate)
+from rlhfkit.config import (
+    ConfigError,
+    at_least,
+    between,
+    existing_path,
+    format_help,
+    parse_values,
+    positive,
+    setting,
+    split_key_values,
+    validate,
+)
 
 GROUPS = ("shared", "data", "SFT", "preference model", "RL", "DPO", "engine", "report")
 METHODS = {"rlhf": ("sft", "rm", "rl"), "dpo": ("sft", "dpo"), "both": ("sft", "rm", "rl", "dpo")}
@@ -24,9 +34,26 @@ SFT_DATA_NAMES = ("lima", "no_robots", "hh_chosen")
 # started, logged or reported, never what a stage computes, so they may always differ from the recorded ones.
 # `sampler` changes where rollouts are computed, not their distribution. Step counts are not here: the linear
 # learning-rate decay depends on them, and a finished stage is not extended.
-FREE_TO_CHANGE = ("log_root", "run_sft", "run_rm", "run_rl", "run_dpo", "method", "report", "report_prompts",
-                  "wandb_project", "wandb_name", "num_groups_to_log", "sampler", "backend", "ray_address",
-                  "num_train_workers", "num_samplers", "inference_engine", "allow_changed_settings")
+FREE_TO_CHANGE = (
+    "log_root",
+    "run_sft",
+    "run_rm",
+    "run_rl",
+    "run_dpo",
+    "method",
+    "report",
+    "report_prompts",
+    "wandb_project",
+    "wandb_name",
+    "num_groups_to_log",
+    "sampler",
+    "backend",
+    "ray_address",
+    "num_train_workers",
+    "num_samplers",
+    "inference_engine",
+    "allow_changed_settings",
+)
 # A stage's own settings (by help group) may also change until the stage has started (its folder exists); the
 # preference model's settings also choose DPO's comparisons.
 GROUP_STAGES = {"SFT": ("sft",), "preference model": ("rm", "dpo"), "RL": ("rl",), "DPO": ("dpo",)}
@@ -37,146 +64,248 @@ class PipelineConfig:
     """Every setting of `rlhfkit pipeline`. A stage's own value (sft_/rm_/rl_...) overrides the shared one when it
     is set; `stage_value` resolves that, in one place."""
 
-    base_model: str = setting("smollm2-135m-instruct", "base model: the embedded 'smollm2-135m-instruct', 'tiny' "
-                              "(a random test model), a model folder, a .gguf file or a Hub id")
+    base_model: str = setting(
+        "smollm2-135m-instruct",
+        "base model: the embedded 'smollm2-135m-instruct', 'tiny' "
+        "(a random test model), a model folder, a .gguf file or a Hub id",
+    )
     renderer_name: Literal["chat_template", "role_colon"] | None = setting(
-        None, "chat renderer; None: the base model's recommended one")
+        None, "chat renderer; None: the base model's recommended one"
+    )
     log_root: str = setting("runs/demo", "run folder: stages write log_root/{sft,rm,rl}; starting again resumes")
     allow_changed_settings: bool = setting(
-        False, "start on a run folder whose recorded settings (pipeline_config.json) differ: the earlier record is "
+        False,
+        "start on a run folder whose recorded settings (pipeline_config.json) differ: the earlier record is "
         "kept as pipeline_config.N.json. Without it such a start is refused, except for settings that never change "
-        f"what a stage computes ({', '.join(FREE_TO_CHANGE[:-1])}) and a stage's own settings before it starts")
+        f"what a stage computes ({', '.join(FREE_TO_CHANGE[:-1])}) and a stage's own settings before it starts",
+    )
     run_sft: bool = setting(True, "run stage 1 (supervised fine-tuning)")
     run_rm: bool = setting(True, "run stage 2 (the pairwise preference model)")
     run_rl: bool = setting(True, "run stage 3 (RL against the preference model)")
     method: Literal["rlhf", "dpo", "both"] = setting(
-        "rlhf", "rlhf: SFT -> preference model -> RL; dpo: SFT -> DPO from the SFT policy on the preference model's "
+        "rlhf",
+        "rlhf: SFT -> preference model -> RL; dpo: SFT -> DPO from the SFT policy on the preference model's "
         "comparisons (log_root/dpo); both: all four, then SFT, DPO and RLHF compared by the same preference model "
-        "(log_root/comparison.json and the report)")
+        "(log_root/comparison.json and the report)",
+    )
     run_dpo: bool = setting(True, "with method dpo|both: run the DPO stage (`rlhfkit dpo` runs only this one)")
     lora_rank: int = setting(64, "LoRA rank of every stage", check=at_least(1))
-    max_length: int = setting(16384, "longest training sequence in tokens (SFT and preference model)",
-                              check=at_least(8))
-    batch_size: int = setting(256, "SFT rows, preference-model rows and RL groups per step, unless a stage's own "
-                              "*_batch_size is set", check=at_least(1))
-    save_every: int = setting(100, "checkpoint every this many steps in every stage (0: only the final one)",
-                              check=at_least(0))
-    eval_every: int = setting(20, "evaluate every this many steps, unless a stage's own *_eval_every is set "
-                              "(0: off)", check=at_least(0))
-    max_steps: int | None = setting(None, "stop every stage after this many steps, unless a stage's own "
-                                    "*_max_steps is set (None: one epoch of the data)", check=at_least(0))
+    max_length: int = setting(
+        16384, "longest training sequence in tokens (SFT and preference model)", check=at_least(8)
+    )
+    batch_size: int = setting(
+        256,
+        "SFT rows, preference-model rows and RL groups per step, unless a stage's own *_batch_size is set",
+        check=at_least(1),
+    )
+    save_every: int = setting(
+        100, "checkpoint every this many steps in every stage (0: only the final one)", check=at_least(0)
+    )
+    eval_every: int = setting(
+        20, "evaluate every this many steps, unless a stage's own *_eval_every is set (0: off)", check=at_least(0)
+    )
+    max_steps: int | None = setting(
+        None,
+        "stop every stage after this many steps, unless a stage's own *_max_steps is set (None: one epoch of the data)",
+        check=at_least(0),
+    )
     seed: int = setting(0, "seed of the LoRA init, RL sampling and the report's replies")
     wandb_project: str | None = setting(None, "log metrics to this Weights & Biases project (None: off)")
     wandb_name: str = setting("rlhf", "W&B run name prefix (stages append -sft, -rm, -rl)")
     # data
-    sft_data: str = setting("lima", "SFT conversations: 'lima' (offline), 'no_robots' (Hub), 'hh_chosen' (HH-RLHF "
-                            "chosen transcripts), or comma-separated files (.jsonl .json .parquet .csv, gzipped too) "
-                            "or Hub names[:split] with rows of messages, prompt/completion or instruction/input/"
-                            "output", group="data")
-    sft_columns: str | None = setting(None, "sft_data's column mapping, e.g. prompt=question,completion=answer",
-                                      group="data")
-    pref_data: str | None = setting(None, "comparisons for the preference model, RL prompts, win-rate prompts and "
-                                    "DPO (split disjointly by prompt), comma-separated: offline HH-RLHF split names "
-                                    "(helpful-base, harmless-base, helpful-online, helpful-rejection-sampled), files "
-                                    "or Hub names[:split] with HH transcripts, TRL prompt/chosen/rejected or "
-                                    "UltraFeedback-binarized rows; None: hh_data", group="data")
-    pref_columns: str | None = setting(None, "pref_data's column mapping, e.g. prompt=question,chosen=good,"
-                                       "rejected=bad", group="data")
-    hh_data: str | None = setting(None, "the older name of pref_data, used when pref_data is None (None: all four "
-                                  "offline HH-RLHF splits; 'Anthropic/hh-rlhf': the Hub)", group="data")
-    hh_max_chars: int | None = setting(None, "keep only comparisons whose chosen conversation is at most this many "
-                                       "characters long (None: all)", group="data", check=at_least(1))
+    sft_data: str = setting(
+        "lima",
+        "SFT conversations: 'lima' (offline), 'no_robots' (Hub), 'hh_chosen' (HH-RLHF "
+        "chosen transcripts), or comma-separated files (.jsonl .json .parquet .csv, gzipped too) "
+        "or Hub names[:split] with rows of messages, prompt/completion or instruction/input/"
+        "output",
+        group="data",
+    )
+    sft_columns: str | None = setting(
+        None, "sft_data's column mapping, e.g. prompt=question,completion=answer", group="data"
+    )
+    pref_data: str | None = setting(
+        None,
+        "comparisons for the preference model, RL prompts, win-rate prompts and "
+        "DPO (split disjointly by prompt), comma-separated: offline HH-RLHF split names "
+        "(helpful-base, harmless-base, helpful-online, helpful-rejection-sampled), files "
+        "or Hub names[:split] with HH transcripts, TRL prompt/chosen/rejected or "
+        "UltraFeedback-binarized rows; None: hh_data",
+        group="data",
+    )
+    pref_columns: str | None = setting(
+        None, "pref_data's column mapping, e.g. prompt=question,chosen=good,rejected=bad", group="data"
+    )
+    hh_data: str | None = setting(
+        None,
+        "the older name of pref_data, used when pref_data is None (None: all four "
+        "offline HH-RLHF splits; 'Anthropic/hh-rlhf': the Hub)",
+        group="data",
+    )
+    hh_max_chars: int | None = setting(
+        None,
+        "keep only comparisons whose chosen conversation is at most this many characters long (None: all)",
+        group="data",
+        check=at_least(1),
+    )
     # SFT
     sft_learning_rate: float = setting(2e-4, "SFT peak learning rate (linear decay)", group="SFT", check=positive)
-    sft_batch_size: int | None = setting(None, "SFT rows per step (None: batch_size)", group="SFT",
-                                         check=at_least(1))
+    sft_batch_size: int | None = setting(None, "SFT rows per step (None: batch_size)", group="SFT", check=at_least(1))
     sft_max_steps: int | None = setting(None, "SFT steps (None: max_steps)", group="SFT", check=at_least(0))
-    sft_eval_every: int | None = setting(None, "SFT test NLL every this many steps (0: off; None: eval_every)",
-                                         group="SFT", check=at_least(0))
+    sft_eval_every: int | None = setting(
+        None, "SFT test NLL every this many steps (0: off; None: eval_every)", group="SFT", check=at_least(0)
+    )
     sft_test_size: int = setting(256, "held-out SFT conversations for test/nll", group="SFT", check=at_least(0))
     # preference model
-    rm_learning_rate: float = setting(3e-4, "preference-model peak learning rate (linear decay)",
-                                      group="preference model", check=positive)
-    rm_batch_size: int | None = setting(None, "preference-model rows per step (None: batch_size)",
-                                        group="preference model", check=at_least(1))
-    rm_max_steps: int | None = setting(None, "preference-model steps (None: max_steps)", group="preference model",
-                                       check=at_least(0))
-    rm_eval_every: int | None = setting(None, "preference-model test NLL every this many steps (0: off; None: "
-                                        "eval_every)", group="preference model", check=at_least(0))
-    pm_test_size: int = setting(1024, "held-out comparisons for the test/nll curve while the preference model "
-                                "trains", group="preference model", check=at_least(1))
-    pm_eval_size: int = setting(400, "held-out comparisons for the final evaluation (rm/pm_eval.json), in "
-                                "distribution and, when the data names only some offline HH-RLHF splits, out of "
-                                "distribution on the others; capped by the PM-test rows that exist (6% of the "
-                                "rows). 400: a 95% interval of about +-5 points", group="preference model",
-                                check=at_least(1))
-    rm_both_orders: bool = setting(False, "train on each comparison in both A/B orders (else one random order)",
-                                   group="preference model")
+    rm_learning_rate: float = setting(
+        3e-4, "preference-model peak learning rate (linear decay)", group="preference model", check=positive
+    )
+    rm_batch_size: int | None = setting(
+        None, "preference-model rows per step (None: batch_size)", group="preference model", check=at_least(1)
+    )
+    rm_max_steps: int | None = setting(
+        None, "preference-model steps (None: max_steps)", group="preference model", check=at_least(0)
+    )
+    rm_eval_every: int | None = setting(
+        None,
+        "preference-model test NLL every this many steps (0: off; None: eval_every)",
+        group="preference model",
+        check=at_least(0),
+    )
+    pm_test_size: int = setting(
+        1024,
+        "held-out comparisons for the test/nll curve while the preference model trains",
+        group="preference model",
+        check=at_least(1),
+    )
+    pm_eval_size: int = setting(
+        400,
+        "held-out comparisons for the final evaluation (rm/pm_eval.json), in "
+        "distribution and, when the data names only some offline HH-RLHF splits, out of "
+        "distribution on the others; capped by the PM-test rows that exist (6% of the "
+        "rows). 400: a 95% interval of about +-5 points",
+        group="preference model",
+        check=at_least(1),
+    )
+    rm_both_orders: bool = setting(
+        False, "train on each comparison in both A/B orders (else one random order)", group="preference model"
+    )
     # RL
     rl_learning_rate: float = setting(1e-5, "RL learning rate", group="RL", check=positive)
-    rl_batch_size: int | None = setting(None, "RL prompts (groups) per iteration (None: batch_size)", group="RL",
-                                        check=at_least(1))
+    rl_batch_size: int | None = setting(
+        None, "RL prompts (groups) per iteration (None: batch_size)", group="RL", check=at_least(1)
+    )
     rl_max_steps: int | None = setting(None, "RL iterations (None: max_steps)", group="RL", check=at_least(0))
-    rl_eval_every: int | None = setting(None, "RL win rate every this many iterations (0: off; None: eval_every)",
-                                        group="RL", check=at_least(0))
-    rl_group_size: int = setting(4, "replies per prompt, judged in an all-pairs tournament", group="RL",
-                                 check=at_least(2))
+    rl_eval_every: int | None = setting(
+        None, "RL win rate every this many iterations (0: off; None: eval_every)", group="RL", check=at_least(0)
+    )
+    rl_group_size: int = setting(
+        4, "replies per prompt, judged in an all-pairs tournament", group="RL", check=at_least(2)
+    )
     rl_max_tokens: int = setting(1024, "longest sampled reply in tokens", group="RL", check=at_least(1))
     rl_loss_fn: Literal["importance_sampling", "ppo", "cispo"] = setting(
-        "importance_sampling", "policy-gradient loss", group="RL")
-    rl_kl_penalty_coef: float = setting(0.0, "> 0: penalise each reply token's log-ratio to the SFT policy "
-                                        "(spec 5.7); 0: off", group="RL", check=at_least(0))
+        "importance_sampling", "policy-gradient loss", group="RL"
+    )
+    rl_kl_penalty_coef: float = setting(
+        0.0,
+        "> 0: penalise each reply token's log-ratio to the SFT policy (spec 5.7); 0: off",
+        group="RL",
+        check=at_least(0),
+    )
     reward_mode: Literal["verdict", "probability", "symmetric"] = setting(
-        "verdict", "reward of a matchup: the judge's greedy A/B verdict (the reference), 2*P(B) - 1, or "
-        "'symmetric': both A/B orders judged and their probabilities combined (cancels position bias)", group="RL")
-    sft_checkpoint: str | None = setting(None, "the policy RL starts from and its KL reference: an rlhfkit checkpoint, "
-                                         "a stage log folder or a PEFT adapter folder (None: this run's SFT stage)",
-                                         group="RL", check=existing_path)
-    rm_checkpoint: str | None = setting(None, "the preference model RL is judged by: an rlhfkit checkpoint, a stage "
-                                        "log folder or a PEFT adapter folder (None: this run's preference model)",
-                                        group="RL", check=existing_path)
+        "verdict",
+        "reward of a matchup: the judge's greedy A/B verdict (the reference), 2*P(B) - 1, or "
+        "'symmetric': both A/B orders judged and their probabilities combined (cancels position bias)",
+        group="RL",
+    )
+    sft_checkpoint: str | None = setting(
+        None,
+        "the policy RL starts from and its KL reference: an rlhfkit checkpoint, "
+        "a stage log folder or a PEFT adapter folder (None: this run's SFT stage)",
+        group="RL",
+        check=existing_path,
+    )
+    rm_checkpoint: str | None = setting(
+        None,
+        "the preference model RL is judged by: an rlhfkit checkpoint, a stage "
+        "log folder or a PEFT adapter folder (None: this run's preference model)",
+        group="RL",
+        check=existing_path,
+    )
     win_rate_prompts: int = setting(256, "held-out prompts for test/win_rate", group="RL", check=at_least(1))
-    seeds: int = setting(1, "RL runs from the same SFT policy and judge, with seeds seed, seed+1, ...: the first in "
-                         "log_root/rl, the others in log_root/rl_seed1, ...; with 2 or more, the win-rate gain (last "
-                         "minus first test/win_rate) as a mean with a 95% t-interval over seeds goes to "
-                         "log_root/seeds.json and the report", group="RL", check=at_least(1))
-    num_groups_to_log: int = setting(4, "groups per iteration written to train.html", group="RL",
-                                     check=at_least(0))
+    seeds: int = setting(
+        1,
+        "RL runs from the same SFT policy and judge, with seeds seed, seed+1, ...: the first in "
+        "log_root/rl, the others in log_root/rl_seed1, ...; with 2 or more, the win-rate gain (last "
+        "minus first test/win_rate) as a mean with a 95% t-interval over seeds goes to "
+        "log_root/seeds.json and the report",
+        group="RL",
+        check=at_least(1),
+    )
+    num_groups_to_log: int = setting(4, "groups per iteration written to train.html", group="RL", check=at_least(0))
     # DPO
-    dpo_beta: float = setting(0.1, "beta of the DPO loss (the pull towards the SFT policy)", group="DPO",
-                              check=positive)
+    dpo_beta: float = setting(
+        0.1, "beta of the DPO loss (the pull towards the SFT policy)", group="DPO", check=positive
+    )
     dpo_learning_rate: float = setting(1e-5, "DPO peak learning rate (linear decay)", group="DPO", check=positive)
-    dpo_label_smoothing: float = setting(0.0, "conservative DPO: the assumed share of flipped labels, in [0, 0.5)",
-                                         group="DPO", check=between(0.0, 0.499999))
+    dpo_label_smoothing: float = setting(
+        0.0,
+        "conservative DPO: the assumed share of flipped labels, in [0, 0.5)",
+        group="DPO",
+        check=between(0.0, 0.499999),
+    )
     dpo_loss_type: Literal["sigmoid", "ipo"] = setting("sigmoid", "sigmoid (DPO) or ipo", group="DPO")
-    dpo_batch_size: int | None = setting(None, "comparisons per DPO step (None: batch_size)", group="DPO",
-                                         check=at_least(1))
+    dpo_batch_size: int | None = setting(
+        None, "comparisons per DPO step (None: batch_size)", group="DPO", check=at_least(1)
+    )
     dpo_max_steps: int | None = setting(None, "DPO steps (None: max_steps)", group="DPO", check=at_least(0))
-    dpo_eval_every: int | None = setting(None, "DPO held-out evaluation every this many steps (0: only the last; "
-                                         "None: eval_every)", group="DPO", check=at_least(0))
+    dpo_eval_every: int | None = setting(
+        None,
+        "DPO held-out evaluation every this many steps (0: only the last; None: eval_every)",
+        group="DPO",
+        check=at_least(0),
+    )
     # engine
     sampler: Literal["local", "vllm"] | None = setting(
-        None, "RL rollouts: 'local' (in this process) or 'vllm' (see README); None: $RLHFKIT_SAMPLER or local",
-        group="engine")
+        None,
+        "RL rollouts: 'local' (in this process) or 'vllm' (see README); None: $RLHFKIT_SAMPLER or local",
+        group="engine",
+    )
     backend: Literal["local", "ray"] | None = setting(
-        None, "engine backend of every stage: 'local' (this process) or 'ray' (training workers and inference "
-        "engines as Ray actors, docs/cluster.md); None: $RLHFKIT_BACKEND or local", group="engine")
-    ray_address: str | None = setting(None, "backend=ray: None starts a local Ray instance; 'auto' joins a running "
-                                      "cluster; or HOST:PORT", group="engine")
-    num_train_workers: int | None = setting(None, "backend=ray: data-parallel training workers (None: one per GPU "
-                                            "of the cluster, else 1)", group="engine", check=at_least(1))
-    num_samplers: int | None = setting(None, "backend=ray: inference-engine actors (None: 1)", group="engine",
-                                       check=at_least(1))
+        None,
+        "engine backend of every stage: 'local' (this process) or 'ray' (training workers and inference "
+        "engines as Ray actors, docs/cluster.md); None: $RLHFKIT_BACKEND or local",
+        group="engine",
+    )
+    ray_address: str | None = setting(
+        None,
+        "backend=ray: None starts a local Ray instance; 'auto' joins a running cluster; or HOST:PORT",
+        group="engine",
+    )
+    num_train_workers: int | None = setting(
+        None,
+        "backend=ray: data-parallel training workers (None: one per GPU of the cluster, else 1)",
+        group="engine",
+        check=at_least(1),
+    )
+    num_samplers: int | None = setting(
+        None, "backend=ray: inference-engine actors (None: 1)", group="engine", check=at_least(1)
+    )
     inference_engine: Literal["torch", "vllm"] | None = setting(
-        None, "backend=ray: the inference engines: 'vllm' (vLLM's native LoRA, every model an adapter of one "
+        None,
+        "backend=ray: the inference engines: 'vllm' (vLLM's native LoRA, every model an adapter of one "
         "engine; compute_logprobs on a torch engine) or 'torch' (the local sampler's code); None: "
         "$RLHFKIT_INFERENCE_ENGINE, else vllm when a Python with vLLM is found, else torch (docs/cluster.md)",
-        group="engine")
+        group="engine",
+    )
     # report
-    report: bool = setting(True, "when all three stages are finished, write log_root/report.{html,md}",
-                           group="report")
-    report_prompts: int = setting(3, "held-out prompts (besides the tutorial's) in the report's reply comparison",
-                                  group="report", check=at_least(0))
+    report: bool = setting(True, "when all three stages are finished, write log_root/report.{html,md}", group="report")
+    report_prompts: int = setting(
+        3,
+        "held-out prompts (besides the tutorial's) in the report's reply comparison",
+        group="report",
+        check=at_least(0),
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -231,8 +360,13 @@ def check_data_spec(key: str, spec: str, names: dict[str, Any]) -> None:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The tutorial's exact values (Qwen3.5-9B-Base, NoRobots; needs a GPU and a network).
-    "tutorial": dict(base_model="Qwen/Qwen3.5-9B-Base", log_root="/tmp/tinker-tutorials/rlhf", sft_data="no_robots",
-                     rl_eval_every=10, rl_max_steps=40),
+    "tutorial": dict(
+        base_model="Qwen/Qwen3.5-9B-Base",
+        log_root="/tmp/tinker-tutorials/rlhf",
+        sft_data="no_robots",
+        rl_eval_every=10,
+        rl_max_steps=40,
+    ),
     # The embedded SmolLM2-135M-Instruct and the offline data, sized for a 2-core CPU without bf16 (fp32):
     # short HH-RLHF conversations (hh_max_chars) keep judging affordable. Only harmless-base: in 41 steps a
     # preference model learns which reply is the less harmful (63.6% held-out accuracy in a trial run) but not
@@ -240,13 +374,37 @@ PRESETS: dict[str, dict[str, Any]] = {
     # judge whose verdicts follow the content. Rewards are the reference's greedy verdicts: in trial runs on the
     # same judge, 13 RL iterations raised the win rate by 24 points with verdicts, by 10 with probabilities.
     # A KL penalty to the SFT policy keeps replies fluent: without it the policy learned to say almost nothing.
-    "demo": dict(base_model="smollm2-135m-instruct", log_root="runs/demo", lora_rank=16, max_length=256,
-                 sft_batch_size=4, sft_max_steps=13, sft_learning_rate=3e-4, sft_test_size=16, sft_eval_every=6,
-                 rm_batch_size=8, rm_max_steps=41, rm_learning_rate=1e-3, rm_both_orders=True, pm_test_size=200,
-                 rm_eval_every=20, rl_batch_size=4, rl_max_steps=17, rl_learning_rate=2e-4, rl_max_tokens=48,
-                 rl_eval_every=4, rl_kl_penalty_coef=0.2, win_rate_prompts=32, hh_max_chars=400,
-                 hh_data="harmless-base", save_every=5, dpo_batch_size=8, dpo_max_steps=41, dpo_learning_rate=1e-4,
-                 dpo_eval_every=20),
+    "demo": dict(
+        base_model="smollm2-135m-instruct",
+        log_root="runs/demo",
+        lora_rank=16,
+        max_length=256,
+        sft_batch_size=4,
+        sft_max_steps=13,
+        sft_learning_rate=3e-4,
+        sft_test_size=16,
+        sft_eval_every=6,
+        rm_batch_size=8,
+        rm_max_steps=41,
+        rm_learning_rate=1e-3,
+        rm_both_orders=True,
+        pm_test_size=200,
+        rm_eval_every=20,
+        rl_batch_size=4,
+        rl_max_steps=17,
+        rl_learning_rate=2e-4,
+        rl_max_tokens=48,
+        rl_eval_every=4,
+        rl_kl_penalty_coef=0.2,
+        win_rate_prompts=32,
+        hh_max_chars=400,
+        hh_data="harmless-base",
+        save_every=5,
+        dpo_batch_size=8,
+        dpo_max_steps=41,
+        dpo_learning_rate=1e-4,
+        dpo_eval_every=20,
+    ),
     # The most the embedded 135M judge can learn in about 2 hours on a 2-core CPU (fp32). UNMEASURED: the times
     # below are estimates from the demo's per-step costs (README, AMD EPYC: SFT 8.8 s per step of 4 rows; preference
     # model 0.77 s per trained sequence at 354 characters per comparison; RL 38 s per iteration).
@@ -265,22 +423,64 @@ PRESETS: dict[str, dict[str, Any]] = {
     #   iterations (95% CI about +-12 points instead of +-17): ~38 s x 1.26 (longer prompts) x 1.4 (symmetric)
     #   + the larger evaluation = ~80 s per iteration, ~32 min.
     # * Expected total ~100 min (+ model loading and the report's replies), under the 2-hour budget.
-    "quality": dict(base_model="smollm2-135m-instruct", log_root="runs/quality", lora_rank=16, max_length=384,
-                    hh_data=None, hh_max_chars=500, save_every=10,
-                    sft_batch_size=4, sft_max_steps=26, sft_learning_rate=3e-4, sft_test_size=16, sft_eval_every=13,
-                    rm_batch_size=16, rm_max_steps=110, rm_learning_rate=1e-3, rm_both_orders=True,
-                    pm_test_size=164, rm_eval_every=37, pm_eval_size=400,
-                    rl_batch_size=4, rl_max_steps=24, rl_learning_rate=2e-4, rl_max_tokens=48, rl_eval_every=4,
-                    rl_kl_penalty_coef=0.2, reward_mode="symmetric", win_rate_prompts=64,
-                    dpo_batch_size=16, dpo_max_steps=110, dpo_learning_rate=1e-4, dpo_eval_every=37),
+    "quality": dict(
+        base_model="smollm2-135m-instruct",
+        log_root="runs/quality",
+        lora_rank=16,
+        max_length=384,
+        hh_data=None,
+        hh_max_chars=500,
+        save_every=10,
+        sft_batch_size=4,
+        sft_max_steps=26,
+        sft_learning_rate=3e-4,
+        sft_test_size=16,
+        sft_eval_every=13,
+        rm_batch_size=16,
+        rm_max_steps=110,
+        rm_learning_rate=1e-3,
+        rm_both_orders=True,
+        pm_test_size=164,
+        rm_eval_every=37,
+        pm_eval_size=400,
+        rl_batch_size=4,
+        rl_max_steps=24,
+        rl_learning_rate=2e-4,
+        rl_max_tokens=48,
+        rl_eval_every=4,
+        rl_kl_penalty_coef=0.2,
+        reward_mode="symmetric",
+        win_rate_prompts=64,
+        dpo_batch_size=16,
+        dpo_max_steps=110,
+        dpo_learning_rate=1e-4,
+        dpo_eval_every=37,
+    ),
     # A tiny random model: every stage runs in about a minute (for tests and quick checks).
     # Its random judge never answers "A" or "B" greedily, so verdict rewards would all be ties and RL would do
     # nothing; with reward_mode="probability" the replies' rewards differ and every RL step changes the weights.
     # Its head size (16) is one vLLM's CPU build cannot run (64 or 128), so backend=ray serves it with torch engines.
-    "smoke": dict(base_model="tiny", log_root="runs/smoke", lora_rank=4, max_length=128, batch_size=4,
-                  max_steps=3, rm_max_steps=12, rl_max_tokens=12, save_every=2, eval_every=2, sft_test_size=4,
-                  pm_test_size=8, pm_eval_size=8, win_rate_prompts=4, report_prompts=1, rl_learning_rate=1e-3,
-                  hh_max_chars=300, reward_mode="probability", inference_engine="torch"),
+    "smoke": dict(
+        base_model="tiny",
+        log_root="runs/smoke",
+        lora_rank=4,
+        max_length=128,
+        batch_size=4,
+        max_steps=3,
+        rm_max_steps=12,
+        rl_max_tokens=12,
+        save_every=2,
+        eval_every=2,
+        sft_test_size=4,
+        pm_test_size=8,
+        pm_eval_size=8,
+        win_rate_prompts=4,
+        report_prompts=1,
+        rl_learning_rate=1e-3,
+        hh_max_chars=300,
+        reward_mode="probability",
+        inference_engine="torch",
+    ),
 }
 
 
@@ -327,8 +527,10 @@ def help_text(command: str, argv: list[str]) -> str:
     """Usage and every setting, grouped, with defaults and the chosen preset's values."""
     preset = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("preset=")), "demo")
     preset_values = PRESETS.get(preset, {})
-    return (f"usage: rlhfkit {command} [preset={'|'.join(PRESETS)}] [config=FILE.json|.toml] [key=value ...]\n\n"
-            f"Settings apply in order: the preset (default demo), config files, then key=value. A stage's own "
-            f"value\n(sft_/rm_/rl_...) overrides the shared one when set. Shown: name (type) = default "
-            f"[preset {preset}: value].\n\n"
-            + format_help(PipelineConfig, GROUPS, preset_values, override_label=f"preset {preset}"))
+    return (
+        f"usage: rlhfkit {command} [preset={'|'.join(PRESETS)}] [config=FILE.json|.toml] [key=value ...]\n\n"
+        f"Settings apply in order: the preset (default demo), config files, then key=value. A stage's own "
+        f"value\n(sft_/rm_/rl_...) overrides the shared one when set. Shown: name (type) = default "
+        f"[preset {preset}: value].\n\n"
+        + format_help(PipelineConfig, GROUPS, preset_values, override_label=f"preset {preset}")
+    )

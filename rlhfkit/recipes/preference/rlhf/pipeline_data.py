@@ -15,12 +15,14 @@ def sft_dataset_builder(cfg: PipelineConfig, common: ChatDatasetBuilderCommonCon
     return chat_builder(common, cfg.sft_data, cfg.sft_columns, cfg.sft_test_size)
 
 
-def comparison_builder(cfg: PipelineConfig, role: Literal["preference_model", "rl"],
-                       test_size: int = 1024) -> ComparisonBuilderFromSource:
+def comparison_builder(
+    cfg: PipelineConfig, role: Literal["preference_model", "rl"], test_size: int = 1024
+) -> ComparisonBuilderFromSource:
     """The run's comparisons for a role ("preference_model": PM train/test, "rl": RL prompts/win-rate prompts),
     from pref_data (else hh_data), split disjointly by prompt."""
-    return ComparisonBuilderFromSource(data=comparison_data(cfg), columns=cfg.pref_columns, role=role,
-                                       test_size=test_size, max_chars=cfg.hh_max_chars)
+    return ComparisonBuilderFromSource(
+        data=comparison_data(cfg), columns=cfg.pref_columns, role=role, test_size=test_size, max_chars=cfg.hh_max_chars
+    )
 
 
 def comparison_data(cfg: PipelineConfig) -> str | None:
@@ -28,8 +30,9 @@ def comparison_data(cfg: PipelineConfig) -> str | None:
     return cfg.pref_data if cfg.pref_data is not None else cfg.hh_data
 
 
-def held_out_comparisons(cfg: PipelineConfig, role: Literal["preference_model", "rl"],
-                         count: int) -> list[LabeledComparison]:
+def held_out_comparisons(
+    cfg: PipelineConfig, role: Literal["preference_model", "rl"], count: int
+) -> list[LabeledComparison]:
     """The first `count` held-out labelled comparisons of the run's data for a role (the same ones at any count: a
     larger count extends the list)."""
     return comparison_builder(cfg, role, count).held_out_comparisons()
@@ -55,5 +58,6 @@ def held_out_ood_comparisons(cfg: PipelineConfig, count: int) -> list[LabeledCom
     splits = out_of_distribution_splits(cfg)
     if not splits:
         return []
-    return ComparisonBuilderFromSource(data=",".join(splits), role="preference_model", test_size=count,
-                                       max_chars=cfg.hh_max_chars).held_out_comparisons()
+    return ComparisonBuilderFromSource(
+        data=",".join(splits), role="preference_model", test_size=count, max_chars=cfg.hh_max_chars
+    ).held_out_comparisons()

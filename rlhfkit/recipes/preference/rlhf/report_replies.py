@@ -38,27 +38,37 @@ async def sample_report_replies(cfg: PipelineConfig, base_model: str, renderer_n
 
     out_path = Path(cfg.log_root) / REPLIES_FILE
     prompts = report_prompts(cfg)
-    last = {name: checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/{stage}", required_key="sampler_path")
-            for name, stage in (("sft", "sft"), ("rlhf", "rl"))}
+    last = {
+        name: checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/{stage}", required_key="sampler_path")
+        for name, stage in (("sft", "sft"), ("rlhf", "rl"))
+    }
     checkpoints = {name: os.path.relpath(record.sampler_path, cfg.log_root) for name, record in last.items()}
-    header = {"base_model": base_model, "renderer_name": renderer_name,
-              "sampling": {"temperature": TEMPERATURE, "max_tokens": MAX_TOKENS, "seed": cfg.seed},
-              "policies": {"base": None, **checkpoints}}
+    header = {
+        "base_model": base_model,
+        "renderer_name": renderer_name,
+        "sampling": {"temperature": TEMPERATURE, "max_tokens": MAX_TOKENS, "seed": cfg.seed},
+        "policies": {"base": None, **checkpoints},
+    }
     if out_path.exists():
         earlier = json.loads(out_path.read_text())
         if {k: earlier.get(k) for k in header} == header and [i["prompt"] for i in earlier["replies"]] == prompts:
             return out_path
     service = ServiceClient()
-    samplers = {name: service.create_sampling_client(model_path=None if path is None else f"{cfg.log_root}/{path}",
-                                                     base_model=base_model)
-                for name, path in header["policies"].items()}
+    samplers = {
+        name: service.create_sampling_client(
+            model_path=None if path is None else f"{cfg.log_root}/{path}", base_model=base_model
+        )
+        for name, path in header["policies"].items()
+    }
     renderer = get_renderer(renderer_name, samplers["base"].get_tokenizer())
-    params = types.SamplingParams(max_tokens=MAX_TOKENS, temperature=TEMPERATURE, stop=renderer.get_stop_sequences(),
-                                  seed=cfg.seed)
+    params = types.SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=TEMPERATURE, stop=renderer.get_stop_sequences(), seed=cfg.seed
+    )
     replies: list[dict[str, Any]] = [{"prompt": p} for p in prompts]
     for name, sampler in samplers.items():
-        responses = await asyncio.gather(*(sampler.sample_async(renderer.build_generation_prompt(p), 1, params)
-                                           for p in prompts))
+        responses = await asyncio.gather(
+            *(sampler.sample_async(renderer.build_generation_prompt(p), 1, params) for p in prompts)
+        )
         for item, response in zip(replies, responses, strict=True):
             text = get_text_content(renderer.parse_response(response.sequences[0].tokens)[0])
             item[name] = text if text.strip() else EMPTY_REPLY

@@ -25,10 +25,14 @@ from typing import Any
 
 from rlhfkit import checkpoint_utils, model_info
 from rlhfkit.config import environment
-from rlhfkit.recipes.preference.rlhf.pipeline_config import (METHODS, PRESETS, PipelineConfig, parse_args)
-from rlhfkit.recipes.preference.rlhf.pipeline_data import (comparison_builder, held_out_comparisons,
-                                                           held_out_ood_comparisons, out_of_distribution_splits,
-                                                           sft_dataset_builder)
+from rlhfkit.recipes.preference.rlhf.pipeline_config import METHODS, PRESETS, PipelineConfig, parse_args
+from rlhfkit.recipes.preference.rlhf.pipeline_data import (
+    comparison_builder,
+    held_out_comparisons,
+    held_out_ood_comparisons,
+    out_of_distribution_splits,
+    sft_dataset_builder,
+)
 from rlhfkit.recipes.preference.rlhf.seeds import format_seeds, rl_runs, summarize_seeds
 from rlhfkit.recipes.preference.rlhf.run_record import CONFIG_FILE, check_recorded_settings, write_record
 from rlhfkit.utils.async_utils import run_or_await
@@ -113,16 +117,31 @@ async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
     from rlhfkit.supervised import train as supervised_train
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
-    common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model, renderer_name=renderer_name,
-                                            max_length=cfg.max_length, batch_size=cfg.stage_value("sft", "batch_size"),
-                                            train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES)
-    await supervised_train.main(supervised_train.Config(
-        log_path=f"{cfg.log_root}/sft", model_name=base_model, recipe_name="recipe_preference_rlhf_sft",
-        renderer_name=renderer_name, dataset_builder=sft_dataset_builder(cfg, common),
-        learning_rate=cfg.sft_learning_rate, lr_schedule="linear", num_epochs=1, lora_rank=cfg.lora_rank,
-        save_every=cfg.save_every, eval_every=cfg.stage_value("sft", "eval_every"),
-        wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-sft",
-        max_steps=cfg.stage_value("sft", "max_steps")))
+    common = ChatDatasetBuilderCommonConfig(
+        model_name_for_tokenizer=base_model,
+        renderer_name=renderer_name,
+        max_length=cfg.max_length,
+        batch_size=cfg.stage_value("sft", "batch_size"),
+        train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES,
+    )
+    await supervised_train.main(
+        supervised_train.Config(
+            log_path=f"{cfg.log_root}/sft",
+            model_name=base_model,
+            recipe_name="recipe_preference_rlhf_sft",
+            renderer_name=renderer_name,
+            dataset_builder=sft_dataset_builder(cfg, common),
+            learning_rate=cfg.sft_learning_rate,
+            lr_schedule="linear",
+            num_epochs=1,
+            lora_rank=cfg.lora_rank,
+            save_every=cfg.save_every,
+            eval_every=cfg.stage_value("sft", "eval_every"),
+            wandb_project=cfg.wandb_project,
+            wandb_name=f"{cfg.wandb_name}-sft",
+            max_steps=cfg.stage_value("sft", "max_steps"),
+        )
+    )
 
 
 async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
@@ -130,18 +149,34 @@ async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
     from rlhfkit.supervised import train as supervised_train
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
-    common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model, renderer_name=renderer_name,
-                                            max_length=cfg.max_length, batch_size=cfg.stage_value("rm", "batch_size"))
-    await supervised_train.main(supervised_train.Config(
-        log_path=f"{cfg.log_root}/rm", model_name=base_model, recipe_name="recipe_preference_rlhf_rm",
+    common = ChatDatasetBuilderCommonConfig(
+        model_name_for_tokenizer=base_model,
         renderer_name=renderer_name,
-        dataset_builder=ChatDatasetBuilderFromComparisons(
-            common_config=common, comparison_builder=comparison_builder(cfg, "preference_model", cfg.pm_test_size),
-            swap=cfg.rm_both_orders),
-        learning_rate=cfg.rm_learning_rate, lr_schedule="linear", num_epochs=1, lora_rank=cfg.lora_rank,
-        save_every=cfg.save_every, eval_every=cfg.stage_value("rm", "eval_every"),
-        wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-rm",
-        max_steps=cfg.stage_value("rm", "max_steps")))
+        max_length=cfg.max_length,
+        batch_size=cfg.stage_value("rm", "batch_size"),
+    )
+    await supervised_train.main(
+        supervised_train.Config(
+            log_path=f"{cfg.log_root}/rm",
+            model_name=base_model,
+            recipe_name="recipe_preference_rlhf_rm",
+            renderer_name=renderer_name,
+            dataset_builder=ChatDatasetBuilderFromComparisons(
+                common_config=common,
+                comparison_builder=comparison_builder(cfg, "preference_model", cfg.pm_test_size),
+                swap=cfg.rm_both_orders,
+            ),
+            learning_rate=cfg.rm_learning_rate,
+            lr_schedule="linear",
+            num_epochs=1,
+            lora_rank=cfg.lora_rank,
+            save_every=cfg.save_every,
+            eval_every=cfg.stage_value("rm", "eval_every"),
+            wandb_project=cfg.wandb_project,
+            wandb_name=f"{cfg.wandb_name}-rm",
+            max_steps=cfg.stage_value("rm", "max_steps"),
+        )
+    )
 
 
 async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> dict:
@@ -166,8 +201,10 @@ async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) 
     ood_splits = out_of_distribution_splits(cfg)
     held_out = {"pm": ("in distribution", held_out_comparisons(cfg, "preference_model", cfg.pm_eval_size))}
     if ood_splits:
-        held_out["ood"] = (f"out of distribution: {', '.join(ood_splits)}",
-                           held_out_ood_comparisons(cfg, cfg.pm_eval_size))
+        held_out["ood"] = (
+            f"out of distribution: {', '.join(ood_splits)}",
+            held_out_ood_comparisons(cfg, cfg.pm_eval_size),
+        )
     metrics: dict[str, Any] = {}
     for prefix, (title, comparisons) in held_out.items():
         result = await evaluate_preference_model(pm, comparisons)
@@ -179,8 +216,9 @@ async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) 
     return metrics
 
 
-async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str, folder: str = "rl",
-                 seed: int | None = None) -> None:
+async def run_rl(
+    cfg: PipelineConfig, base_model: str, renderer_name: str, folder: str = "rl", seed: int | None = None
+) -> None:
     """RL in log_root/`folder` with RL seed `seed` (None: cfg.seed); the win-rate evaluation always uses cfg.seed
     (the same prompts and samples in every seed's run)."""
     from rlhfkit.preference.comparison_policy_evaluator import ComparisonEvaluatorBuilder
@@ -191,31 +229,59 @@ async def run_rl(cfg: PipelineConfig, base_model: str, renderer_name: str, folde
     sft_path = starting_point(cfg.sft_checkpoint, f"{cfg.log_root}/sft", "state_path")
     rm_path = starting_point(cfg.rm_checkpoint, f"{cfg.log_root}/rm", "sampler_path")
     if sft_path is None or rm_path is None:
-        raise ValueError(f"RL needs the SFT and preference-model checkpoints in {cfg.log_root}/sft and "
-                         f"{cfg.log_root}/rm; run those stages first (run_sft=true run_rm=true) or name them "
-                         f"(sft_checkpoint=PATH rm_checkpoint=PATH)")
-    pm_builder = PreferenceModelBuilderFromChatRenderer(renderer_name=renderer_name, model_name=base_model,
-                                                        rm_weights_path=rm_path, reward_mode=cfg.reward_mode)
+        raise ValueError(
+            f"RL needs the SFT and preference-model checkpoints in {cfg.log_root}/sft and "
+            f"{cfg.log_root}/rm; run those stages first (run_sft=true run_rm=true) or name them "
+            f"(sft_checkpoint=PATH rm_checkpoint=PATH)"
+        )
+    pm_builder = PreferenceModelBuilderFromChatRenderer(
+        renderer_name=renderer_name, model_name=base_model, rm_weights_path=rm_path, reward_mode=cfg.reward_mode
+    )
     dataset_builder = preference_envs.PairwisePreferenceRLDatasetBuilder(
-        comparison_builder=comparison_builder(cfg, "rl"), policy_renderer_name=renderer_name,
-        policy_model_name=base_model, preference_model_builder=pm_builder,
-        batch_size=cfg.stage_value("rl", "batch_size"), group_size=cfg.rl_group_size,
-        tournament_pattern=preference_envs.TournamentPattern.ALL_PAIRS_BOTH_WAYS)
-    win_rate = ComparisonEvaluatorBuilder(preference_model_builder=pm_builder,
-                                          comparison_builder=comparison_builder(cfg, "rl", cfg.win_rate_prompts),
-                                          renderer_name=renderer_name, model_name_for_tokenizer=base_model,
-                                          max_tokens=cfg.rl_max_tokens, seed=cfg.seed)
-    kl_reference = (rl_train.KLReferenceConfig(base_model, load_checkpoint_path=sft_path)
-                    if cfg.rl_kl_penalty_coef > 0 else None)
-    await rl_train.main(rl_train.Config(
-        model_name=base_model, recipe_name="recipe_preference_rlhf_rl", renderer_name=renderer_name,
-        dataset_builder=dataset_builder, load_checkpoint_path=sft_path, learning_rate=cfg.rl_learning_rate,
-        max_tokens=cfg.rl_max_tokens, log_path=f"{cfg.log_root}/{folder}", evaluator_builders=[win_rate],
-        wandb_project=cfg.wandb_project, wandb_name=f"{cfg.wandb_name}-{folder}", lora_rank=cfg.lora_rank,
-        save_every=cfg.save_every, eval_every=cfg.stage_value("rl", "eval_every"),
-        num_groups_to_log=cfg.num_groups_to_log, max_steps=cfg.stage_value("rl", "max_steps"),
-        loss_fn=cfg.rl_loss_fn, seed=cfg.seed if seed is None else seed, sampler=cfg.sampler,
-        kl_penalty_coef=cfg.rl_kl_penalty_coef, kl_reference_config=kl_reference))
+        comparison_builder=comparison_builder(cfg, "rl"),
+        policy_renderer_name=renderer_name,
+        policy_model_name=base_model,
+        preference_model_builder=pm_builder,
+        batch_size=cfg.stage_value("rl", "batch_size"),
+        group_size=cfg.rl_group_size,
+        tournament_pattern=preference_envs.TournamentPattern.ALL_PAIRS_BOTH_WAYS,
+    )
+    win_rate = ComparisonEvaluatorBuilder(
+        preference_model_builder=pm_builder,
+        comparison_builder=comparison_builder(cfg, "rl", cfg.win_rate_prompts),
+        renderer_name=renderer_name,
+        model_name_for_tokenizer=base_model,
+        max_tokens=cfg.rl_max_tokens,
+        seed=cfg.seed,
+    )
+    kl_reference = (
+        rl_train.KLReferenceConfig(base_model, load_checkpoint_path=sft_path) if cfg.rl_kl_penalty_coef > 0 else None
+    )
+    await rl_train.main(
+        rl_train.Config(
+            model_name=base_model,
+            recipe_name="recipe_preference_rlhf_rl",
+            renderer_name=renderer_name,
+            dataset_builder=dataset_builder,
+            load_checkpoint_path=sft_path,
+            learning_rate=cfg.rl_learning_rate,
+            max_tokens=cfg.rl_max_tokens,
+            log_path=f"{cfg.log_root}/{folder}",
+            evaluator_builders=[win_rate],
+            wandb_project=cfg.wandb_project,
+            wandb_name=f"{cfg.wandb_name}-{folder}",
+            lora_rank=cfg.lora_rank,
+            save_every=cfg.save_every,
+            eval_every=cfg.stage_value("rl", "eval_every"),
+            num_groups_to_log=cfg.num_groups_to_log,
+            max_steps=cfg.stage_value("rl", "max_steps"),
+            loss_fn=cfg.rl_loss_fn,
+            seed=cfg.seed if seed is None else seed,
+            sampler=cfg.sampler,
+            kl_penalty_coef=cfg.rl_kl_penalty_coef,
+            kl_reference_config=kl_reference,
+        )
+    )
 
 
 async def run_dpo(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
@@ -226,19 +292,38 @@ async def run_dpo(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
 
     sft_path = starting_point(cfg.sft_checkpoint, f"{cfg.log_root}/sft", "state_path")
     if sft_path is None:
-        raise ValueError(f"DPO starts from the SFT policy in {cfg.log_root}/sft; run that stage first (run_sft=true) "
-                         f"or name it (sft_checkpoint=PATH)")
-    common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=base_model, renderer_name=renderer_name,
-                                            max_length=cfg.max_length, batch_size=cfg.stage_value("dpo", "batch_size"))
-    await train_dpo.main(train_dpo.Config(
-        log_path=f"{cfg.log_root}/dpo", model_name=base_model, recipe_name="recipe_preference_dpo",
-        renderer_name=renderer_name, load_checkpoint_path=sft_path,
-        dataset_builder=DPODatasetBuilderFromComparisons(common, comparison_builder(cfg, "preference_model",
-                                                                                   cfg.pm_test_size)),
-        learning_rate=cfg.dpo_learning_rate, dpo_beta=cfg.dpo_beta, label_smoothing=cfg.dpo_label_smoothing,
-        loss_type=cfg.dpo_loss_type, lora_rank=cfg.lora_rank, save_every=cfg.save_every,
-        eval_every=cfg.stage_value("dpo", "eval_every"), wandb_project=cfg.wandb_project,
-        wandb_name=f"{cfg.wandb_name}-dpo", max_steps=cfg.stage_value("dpo", "max_steps")))
+        raise ValueError(
+            f"DPO starts from the SFT policy in {cfg.log_root}/sft; run that stage first (run_sft=true) "
+            f"or name it (sft_checkpoint=PATH)"
+        )
+    common = ChatDatasetBuilderCommonConfig(
+        model_name_for_tokenizer=base_model,
+        renderer_name=renderer_name,
+        max_length=cfg.max_length,
+        batch_size=cfg.stage_value("dpo", "batch_size"),
+    )
+    await train_dpo.main(
+        train_dpo.Config(
+            log_path=f"{cfg.log_root}/dpo",
+            model_name=base_model,
+            recipe_name="recipe_preference_dpo",
+            renderer_name=renderer_name,
+            load_checkpoint_path=sft_path,
+            dataset_builder=DPODatasetBuilderFromComparisons(
+                common, comparison_builder(cfg, "preference_model", cfg.pm_test_size)
+            ),
+            learning_rate=cfg.dpo_learning_rate,
+            dpo_beta=cfg.dpo_beta,
+            label_smoothing=cfg.dpo_label_smoothing,
+            loss_type=cfg.dpo_loss_type,
+            lora_rank=cfg.lora_rank,
+            save_every=cfg.save_every,
+            eval_every=cfg.stage_value("dpo", "eval_every"),
+            wandb_project=cfg.wandb_project,
+            wandb_name=f"{cfg.wandb_name}-dpo",
+            max_steps=cfg.stage_value("dpo", "max_steps"),
+        )
+    )
 
 
 async def compare_sft_dpo_rlhf(cfg: PipelineConfig, base_model: str, renderer_name: str) -> dict:
@@ -254,29 +339,43 @@ async def compare_sft_dpo_rlhf(cfg: PipelineConfig, base_model: str, renderer_na
     if out.exists():
         return json.loads(out.read_text())
     service = ServiceClient()  # local sampler: the comparison also needs compute_logprobs (KL from SFT)
-    paths = {name: checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/{stage}", required_key="sampler_path"
-                                                        ).sampler_path
-             for name, stage in (("sft", "sft"), ("dpo", "dpo"), ("rlhf", "rl"))}
+    paths = {
+        name: checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/{stage}", required_key="sampler_path").sampler_path
+        for name, stage in (("sft", "sft"), ("dpo", "dpo"), ("rlhf", "rl"))
+    }
     rm = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/rm", required_key="sampler_path")
-    preference_model = PreferenceModelBuilderFromChatRenderer(renderer_name, base_model, rm.sampler_path,
-                                                              reward_mode=cfg.reward_mode)()
+    preference_model = PreferenceModelBuilderFromChatRenderer(
+        renderer_name, base_model, rm.sampler_path, reward_mode=cfg.reward_mode
+    )()
     comparisons = [c.comparison for c in held_out_comparisons(cfg, "rl", cfg.win_rate_prompts)]
     print(f"[rlhfkit] comparing the SFT, DPO and RLHF policies on {len(comparisons)} held-out prompts")
     result = await compare_policies(
         {name: service.create_sampling_client(model_path=path, base_model=base_model) for name, path in paths.items()},
-        "sft", preference_model, comparisons, get_renderer(renderer_name, get_tokenizer(base_model)),
-        max_tokens=cfg.rl_max_tokens, seed=cfg.seed, replies_to_keep=cfg.report_prompts)
+        "sft",
+        preference_model,
+        comparisons,
+        get_renderer(renderer_name, get_tokenizer(base_model)),
+        max_tokens=cfg.rl_max_tokens,
+        seed=cfg.seed,
+        replies_to_keep=cfg.report_prompts,
+    )
     result["checkpoints"] = {**paths, "preference_model": rm.sampler_path}
     write_json_atomic(out, result)
     for name, row in result["policies"].items():
-        print(f"[rlhfkit]   {name:5s} win rate {100 * row['win_rate']:.1f}% ± {100 * row['stderr']:.1f}%, "
-              f"{row['mean_reply_tokens']:.1f} reply tokens, KL from SFT {row['kl_from_sft']:.2f} nats/reply")
+        print(
+            f"[rlhfkit]   {name:5s} win rate {100 * row['win_rate']:.1f}% ± {100 * row['stderr']:.1f}%, "
+            f"{row['mean_reply_tokens']:.1f} reply tokens, KL from SFT {row['kl_from_sft']:.2f} nats/reply"
+        )
     return result
 
 
-ENGINE_ENV = {"backend": "RLHFKIT_BACKEND", "ray_address": "RLHFKIT_RAY_ADDRESS",
-              "num_train_workers": "RLHFKIT_NUM_TRAIN_WORKERS", "num_samplers": "RLHFKIT_NUM_SAMPLERS",
-              "inference_engine": "RLHFKIT_INFERENCE_ENGINE"}
+ENGINE_ENV = {
+    "backend": "RLHFKIT_BACKEND",
+    "ray_address": "RLHFKIT_RAY_ADDRESS",
+    "num_train_workers": "RLHFKIT_NUM_TRAIN_WORKERS",
+    "num_samplers": "RLHFKIT_NUM_SAMPLERS",
+    "inference_engine": "RLHFKIT_INFERENCE_ENGINE",
+}
 
 
 def apply_engine_settings(cfg: PipelineConfig) -> None:
@@ -317,10 +416,12 @@ async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
     timings_path = root / "stage_times.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     rl_seeds = rl_runs(cfg.seed, cfg.seeds)
-    stages = [("sft", "sft", cfg.run_sft, run_sft), ("rm", "rm", cfg.run_rm, run_rm),
-              *[(folder, "rl", cfg.run_rl, functools.partial(run_rl, folder=folder, seed=seed))
-                for folder, seed in rl_seeds],
-              ("dpo", "dpo", cfg.run_dpo, run_dpo)]
+    stages = [
+        ("sft", "sft", cfg.run_sft, run_sft),
+        ("rm", "rm", cfg.run_rm, run_rm),
+        *[(folder, "rl", cfg.run_rl, functools.partial(run_rl, folder=folder, seed=seed)) for folder, seed in rl_seeds],
+        ("dpo", "dpo", cfg.run_dpo, run_dpo),
+    ]
     for name, stage, enabled, run in stages:
         if not enabled or stage not in METHODS[cfg.method]:
             continue

@@ -39,8 +39,9 @@ def read_record(log_root: str | Path) -> dict[str, Any] | None:
     try:
         recorded = json.loads(path.read_text())
     except ValueError as e:
-        raise UserError(f"{path}: the run's recorded settings cannot be read ({e}); repair or remove the "
-                        f"file") from None
+        raise UserError(
+            f"{path}: the run's recorded settings cannot be read ({e}); repair or remove the file"
+        ) from None
     if not isinstance(recorded, dict):
         raise UserError(f"{path}: the run's recorded settings are not a JSON object; repair or remove the file")
     return recorded
@@ -84,7 +85,8 @@ def check_recorded_settings(cfg: PipelineConfig) -> None:
         raise SettingsChangedError(
             f"{Path(cfg.log_root) / CONFIG_FILE}: these settings differ from the ones the run was started with: "
             f"{listed}. Use another log_root, or allow_changed_settings=true to continue with the new settings "
-            f"(the earlier record is kept)")
+            f"(the earlier record is kept)"
+        )
 
 
 def write_record(cfg: PipelineConfig) -> Path | None:
