@@ -60,7 +60,9 @@ def test_vllm_serves_the_architecture_or_says_why_not(name, local, tmp_path_fact
     try:
         if name in REFUSED:  # the engine does not start; the error says why and what to change
             with pytest.raises(VLLMUnavailableError, match=REFUSED[name]):
-                remote.create_sampling_client(base_model=model_dir).sample(prompt, 1, SamplingParams(max_tokens=2))
+                remote.create_sampling_client(base_model=model_dir).sample(
+                    prompt, 1, SamplingParams(max_tokens=2)
+                ).result()
             return
         if name not in UNEMBED_ADAPTED:  # the check before training names the setting to change
             with pytest.raises(UnsupportedAdapterError, match=r"lm_head.*train_unembed=False"):
