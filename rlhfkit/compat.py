@@ -22,6 +22,7 @@ IGNORED: dict[str, tuple[tuple[Any, ...], str]] = {
     "enable_trace": ((False,), "tracing is not implemented"),
     "span_chart_every": ((0,), "tracing is not implemented"),
     "submit_ahead": ((1,), "the local engine runs requests synchronously"),
+    "reference_model_name": ((None,), "DPO's reference is the initial weights (spec 12)"),
     "both_ways": ((True,), "the win rate always judges both orders, as the reference does"),
 }
 _warned: set[tuple[str, str]] = set()

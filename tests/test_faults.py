@@ -43,6 +43,7 @@ STAGES = [
     Stage("sft", ("sft",), (), ("run_rm=false", "run_rl=false")),
     Stage("rm", ("rm",), ("sft",), ("run_sft=false", "run_rl=false")),  # training and the PM evaluation
     Stage("rl", ("rl",), ("sft", "rm"), ("run_sft=false", "run_rm=false")),  # training and the report
+    Stage("dpo", ("dpo",), ("sft",), ("method=dpo", "run_sft=false")),  # the reference snapshot and training
 ]
 BY_NAME = {stage.name: stage for stage in STAGES}
 

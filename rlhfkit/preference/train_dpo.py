@@ -26,7 +26,7 @@ Local choices and deviations:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -35,6 +35,8 @@ import torch
 from tqdm import tqdm
 
 from rlhfkit.checkpoint_manager import CheckpointManager
+from rlhfkit.compat import compat_setting, warn_ignored_fields
+from rlhfkit.config import ConfigError, at_least, between, positive, setting, validate
 from rlhfkit.engine import ServiceClient
 from rlhfkit.engine.types import AdamParams, Datum
 from rlhfkit.evaluators import EvaluatorBuilder
@@ -46,6 +48,8 @@ from rlhfkit.supervised.types import SupervisedDatasetBuilder
 from rlhfkit.utils import ml_log
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.lr_scheduling import compute_schedule_lr_multiplier
+from rlhfkit.utils.nonfinite import NonFiniteGuard, describe_rows
+from rlhfkit.utils.run_lock import RunLock
 from rlhfkit.utils.timing import Timer
 
 logger = logging.getLogger(__name__)
@@ -63,51 +67,54 @@ PLOT_PANELS = [
 
 @dataclass
 class Config:
-    log_path: str  # the run's folder: metrics.jsonl, checkpoints, reference_sampler, metrics.png
-    model_name: str  # base model (embedded name, folder or Hub id)
-    dataset_builder: SupervisedDatasetBuilder  # DPO pairs, e.g. DPODatasetBuilderFromComparisons
-    recipe_name: str = "dpo"  # the progress bar's label
-    load_checkpoint_path: str | None = None  # start from these weights (e.g. the SFT state), fresh optimizer
-    renderer_name: str | None = None  # only checked against the model's recommended renderer
-    learning_rate: float = 1e-5  # Adam learning rate at step 0
-    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"  # multiplier of learning_rate over the run
-    num_epochs: int = 1  # passes over the training pairs
-    dpo_beta: float = 0.1  # β: strength of the implicit KL regularisation towards the reference
-    label_smoothing: float = 0.0  # ε in [0, 0.5): assumed rate of flipped labels (conservative DPO; sigmoid only)
-    loss_type: LossType = "sigmoid"  # "sigmoid" (DPO) or "ipo" ((x − 1/(2β))²)
-    reference_model_name: str | None = None  # accepted for compatibility; the reference is the initial weights
-    lora_rank: int = 32  # LoRA rank of a fresh adapter (ignored when loading a checkpoint)
-    evaluator_builders: list[EvaluatorBuilder] = field(default_factory=list)  # extra evals at eval steps
-    save_every: int = 20  # checkpoint every this many steps (0: only the final one)
-    eval_every: int = 10  # held-out evaluation every this many steps and at the final step (0: final only)
-    ttl_seconds: int | None = 604800  # accepted for compatibility: local checkpoints never expire
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    wandb_project: str | None = None  # log to Weights & Biases too
-    wandb_name: str | None = None
-    max_steps: int | None = None  # stop after this many steps (None: num_epochs full passes)
-    base_url: str | None = None  # must be None: the local engine
+    """The DPO loop's settings (spec §12)."""
+
+    log_path: str = setting(help="run folder: metrics.jsonl, checkpoints, reference_sampler, metrics.png")
+    model_name: str = setting(help="base model (embedded name, folder or Hub id)")
+    dataset_builder: SupervisedDatasetBuilder = setting(help="DPO pairs, e.g. DPODatasetBuilderFromComparisons")
+    recipe_name: str = setting("dpo", "the progress bar's label")
+    load_checkpoint_path: str | None = setting(None, "start from these weights (e.g. the SFT state), fresh optimizer")
+    renderer_name: str | None = setting(None, "only checked against the model's recommended renderer")
+    learning_rate: float = setting(1e-5, "Adam learning rate at step 0", check=positive)
+    lr_schedule: Literal["linear", "cosine", "constant"] = setting("linear", "multiplier of learning_rate over the run")
+    num_epochs: int = setting(1, "passes over the training pairs", check=at_least(1))
+    dpo_beta: float = setting(
+        0.1, "beta: strength of the implicit KL regularisation towards the reference", check=positive
+    )
+    label_smoothing: float = setting(
+        0.0,
+        "epsilon in [0, 0.5): assumed rate of flipped labels (conservative DPO; sigmoid only)",
+        check=between(0.0, 0.499999),
+    )
+    loss_type: LossType = setting("sigmoid", "sigmoid (DPO) or ipo ((x - 1/(2 beta))^2)")
+    lora_rank: int = setting(32, "LoRA rank of a fresh adapter (ignored when loading a checkpoint)", check=at_least(1))
+    evaluator_builders: list[EvaluatorBuilder] = setting(help="extra evaluators at eval steps", default_factory=list)
+    save_every: int = setting(20, "checkpoint every this many steps (0: only the final one)", check=at_least(0))
+    eval_every: int = setting(
+        10, "held-out evaluation every this many steps and at the final step (0: final only)", check=at_least(0)
+    )
+    adam_beta1: float = setting(0.9, "Adam beta1", check=between(0, 1))
+    adam_beta2: float = setting(0.95, "Adam beta2", check=between(0, 1))
+    adam_eps: float = setting(1e-8, "Adam epsilon", check=positive)
+    wandb_project: str | None = setting(None, "Weights & Biases project (None: off)")
+    wandb_name: str | None = setting(None, "Weights & Biases run name")
+    max_steps: int | None = setting(
+        None, "stop after this many steps (None: num_epochs full passes)", check=at_least(1)
+    )
+    base_url: str | None = setting(None, "the service address; only None (the local engine) is supported")
+    max_nonfinite_in_a_row: int = setting(
+        3,
+        "stop after this many steps in a row with a NaN/inf loss or gradient (each such update is skipped)",
+        check=at_least(1),
+    )
+    reference_model_name: str | None = compat_setting("reference_model_name", None)
+    ttl_seconds: int | None = compat_setting("ttl_seconds", 604800)
 
     def __post_init__(self) -> None:
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.lr_schedule not in ("linear", "cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'linear', 'cosine' or 'constant', got {self.lr_schedule!r}")
-        if self.num_epochs < 1:
-            raise ValueError(f"num_epochs must be at least 1, got {self.num_epochs}")
-        if self.dpo_beta <= 0:
-            raise ValueError(f"dpo_beta must be positive, got {self.dpo_beta}")
-        if self.loss_type not in ("sigmoid", "ipo"):
-            raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        validate(self)
+        warn_ignored_fields(self)
         if self.label_smoothing > 0 and self.loss_type != "sigmoid":
-            raise ValueError("label_smoothing applies to loss_type='sigmoid' only")
-        if self.save_every < 0 or self.eval_every < 0:
-            raise ValueError(f"save_every and eval_every must be >= 0, got {self.save_every}, {self.eval_every}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1 (or None), got {self.max_steps}")
+            raise ConfigError("label_smoothing", self.label_smoothing, "applies to loss_type='sigmoid' only")
 
 
 def main(config: Config) -> Any:
@@ -215,13 +222,14 @@ async def evaluate(
 async def main_async(config: Config) -> None:
     log_path = Path(config.log_path).expanduser().resolve()
     log_path.mkdir(parents=True, exist_ok=True)
-    ml_logger = ml_log.setup_logging(
-        log_path, config.wandb_project, config.wandb_name, config=config, plot_panels=PLOT_PANELS
-    )
-    try:
-        await _train(config, log_path, ml_logger)
-    finally:
-        ml_logger.close()
+    with RunLock(log_path):
+        ml_logger = ml_log.setup_logging(
+            log_path, config.wandb_project, config.wandb_name, config=config, plot_panels=PLOT_PANELS
+        )
+        try:
+            await _train(config, log_path, ml_logger)
+        finally:
+            ml_logger.close()
 
 
 async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger) -> None:
@@ -260,6 +268,7 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
         start_step,
     )
 
+    nonfinite = NonFiniteGuard(config.max_nonfinite_in_a_row, str(log_path))
     progress = tqdm(total=total_steps, initial=start_step, desc=config.recipe_name, unit="step", dynamic_ncols=True)
     for step in range(start_step, total_steps):
         epoch, batch_index = divmod(step, n_batches)
@@ -315,6 +324,7 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
         )
         metrics["batch_time"] = metrics["time/total"]
         ml_logger.log_metrics(metrics, step=step)
+        nonfinite.check(step, output.metrics.get("loss:sum", 0.0), metrics, lambda: describe_rows(batch, tokenizer))
         progress.set_postfix(
             loss=f"{metrics['dpo_loss']:.4f}", acc=f"{metrics['accuracy']:.2f}", margin=f"{metrics['margin']:.3f}"
         )
