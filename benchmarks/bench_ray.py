@@ -109,6 +109,13 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="preset=smoke (a tiny random model): checks the script")
     parser.add_argument("--reps", type=int, default=3, help="RL iterations per backend (alternating)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--stages",
+        type=Path,
+        default=None,
+        help="a run folder whose finished sft/ and rm/ stages to use (e.g. runs/demo); default: "
+        "made here with the local backend",
+    )
     args = parser.parse_args()
     preset = "smoke" if args.tiny else "demo"
     # the smoke preset's tiny model has a head size vLLM's CPU build cannot run: torch engines there
@@ -120,9 +127,13 @@ def main() -> None:
         "RLHFKIT_INFERENCE_ENGINE": engine,
     }
     before = load_snapshot()
-    stages = Path(tempfile.mkdtemp(prefix="bench-ray-stages-"))
-    print(f"[bench_ray] SFT and preference model ({preset}, local) in {stages}")
-    run([f"preset={preset}", f"log_root={stages}", "run_rl=false", "report=false"], env)
+    if args.stages is not None:
+        stages = args.stages.resolve()
+        print(f"[bench_ray] SFT and preference model of {stages}")
+    else:
+        stages = Path(tempfile.mkdtemp(prefix="bench-ray-stages-"))
+        print(f"[bench_ray] SFT and preference model ({preset}, local) in {stages}")
+        run([f"preset={preset}", f"log_root={stages}", "run_rl=false", "report=false"], env)
     times: dict[str, list[float]] = {"local": [], "ray": []}
     for k in range(args.reps):
         for backend in ("local", "ray"):
