@@ -112,7 +112,8 @@ def adapters(folder: Path) -> dict[str, np.ndarray]:
 
 
 def without_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+    """Metrics records without wall times (time/..., and DPO's batch_time, a spec metric)."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "batch_time"} for r in records]
 
 
 def jsonl(path: Path) -> list[dict]:
