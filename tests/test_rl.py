@@ -445,3 +445,55 @@ if __name__ == "__main__":  # one RL run in a child process (for the kill test)
             dataset_builder=ShortRepliesDatasetBuilder(model_dir, 2, 64, judge_delay=0.2),
         )
     )
+
+
+def test_a_sampler_that_did_not_apply_the_adapter_stops_the_run(tiny_model_dir):
+    """The guard: replies sampled by the base model (as an engine that silently dropped the policy's adapter
+    would) while the trainer holds a trained adapter stop the RL step with an error naming the sampler; the
+    policy's own sampler passes."""
+    from rlhfkit.engine import ServiceClient
+    from rlhfkit.engine.types import AdamParams, Datum, ModelInput, SamplingParams, TensorData
+    from rlhfkit.rl.train import SamplerMismatchError, _train_step
+
+    service = ServiceClient()
+    client = service.create_lora_training_client(tiny_model_dir, rank=4, seed=0)
+    text = [1, 2, 3, 4, 5, 6, 7, 8]
+    weights = np.ones(len(text) - 1, dtype=np.float32)
+    teach = Datum(ModelInput.from_ints(text[:-1]), {"target_tokens": np.array(text[1:]), "weights": weights})
+    for _ in range(5):  # an adapter far from the base model
+        client.forward_backward([teach], "cross_entropy").result()
+        client.optim_step(AdamParams(learning_rate=5e-2)).result()
+
+    def datums(sampler) -> list[Datum]:
+        prompt = [1, 2, 3]
+        response = sampler.sample(ModelInput.from_ints(prompt), 4, SamplingParams(max_tokens=8, seed=1, stop=[]))
+        out = []
+        for seq in response.result().sequences:
+            tokens = prompt + seq.tokens
+            n = len(tokens) - 1
+            mask = np.array([0.0] * (len(prompt) - 1) + [1.0] * len(seq.tokens), dtype=np.float32)
+            logprobs = np.array([0.0] * (len(prompt) - 1) + seq.logprobs, dtype=np.float32)
+            inputs = {
+                "target_tokens": np.array(tokens[1:]),
+                "logprobs": logprobs,
+                "mask": mask,
+                "advantages": np.full(n, 0.1, dtype=np.float32),
+            }
+            out.append(
+                Datum(ModelInput.from_ints(tokens[:-1]), {k: TensorData.from_numpy(v) for k, v in inputs.items()})
+            )
+        return out
+
+    config = train.Config(
+        learning_rate=1e-4,
+        dataset_builder=None,
+        model_name=tiny_model_dir,
+        recipe_name="t",
+        max_tokens=8,
+        log_path="unused",
+    )
+    base = service.create_sampling_client(base_model=tiny_model_dir)
+    with pytest.raises(SamplerMismatchError, match=r"base sampler.*nats per token"):
+        _train_step(config, client, datums(base), "base sampler")
+    metrics = _train_step(config, client, datums(client.save_weights_and_get_sampling_client()), "policy")
+    assert abs(metrics["optim/first_substep_kl_sample_train"]) < 1e-4

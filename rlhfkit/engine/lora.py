@@ -89,6 +89,7 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
     seed = 0 if spec.seed is None else spec.seed
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tied.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     # PEFT records the local folder the weights came from; record the portable name the user gave instead.

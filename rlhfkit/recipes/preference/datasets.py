@@ -8,6 +8,7 @@ preference-model test, RL prompts and win-rate evaluation prompts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
@@ -422,11 +423,26 @@ def offline_hh_splits() -> dict[str, Path]:
     return {name.removesuffix("-test.jsonl.gz"): shared_data_dir() / "hh-rlhf" / name for name in HH_RLHF_FILES}
 
 
-def load_comparison_examples(data: str | None = None, columns: str | None = None) -> list[ComparisonExample]:
+def load_comparison_examples(data: str | None = None, columns: str | None = None) -> tuple[ComparisonExample, ...]:
     """Every usable comparison of a data spec (see rlhfkit.data_sources; items may also name the offline
     HH-RLHF splits; None: all four), in source order. Unusable rows are skipped: per file, counted and one
-    example logged."""
+    example logged. Read once per process while the files are unchanged (the pipeline's roles and evaluations
+    ask for the same data several times)."""
     spec = data if data is not None else ",".join(offline_hh_splits())
+    sources = parse_sources(spec, offline_hh_splits())
+    stamps = tuple((str(s), *_file_stamp(s)) for s in sources)
+    return _read_comparison_examples(spec, columns, stamps)
+
+
+def _file_stamp(source: DataSource) -> tuple[int, int]:
+    if source.kind != "file":
+        return (0, 0)
+    stat = Path(source.location).stat()
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_comparison_examples(spec: str, columns: str | None, stamps: tuple) -> tuple[ComparisonExample, ...]:
     tables = read_tables(parse_sources(spec, offline_hh_splits()), parse_columns(columns, PREFERENCE_COLUMNS))
     examples = []
     for table in tables:
@@ -441,7 +457,7 @@ def load_comparison_examples(data: str | None = None, columns: str | None = None
         skipped.report(len(table.rows))
     if not examples:
         raise DataError(f"no usable comparisons in {spec!r} (every row was skipped: see the warnings above)")
-    return examples
+    return tuple(examples)
 
 
 def comparison_split_key(example: ComparisonExample) -> str:
