@@ -60,3 +60,20 @@ def test_local_sampling_futures_are_pending_until_computed(tiny_model_dir):
     assert not future.done()
     gate.set()
     assert len(future.result(timeout=60).sequences) == 2
+
+
+def test_an_idle_request_thread_does_not_keep_its_client_alive(tiny_model_dir):
+    """A client whose requests are done is freed with its model once the caller drops it (an RL run makes a
+    sampling client per iteration: kept alive by their idle threads, they filled 24 GB in the demo)."""
+    import gc
+    import weakref
+
+    from rlhfkit.engine import ServiceClient
+    from rlhfkit.engine.types import ModelInput
+
+    client = ServiceClient().create_sampling_client(base_model=tiny_model_dir)
+    client.compute_logprobs(ModelInput.from_ints([1, 2, 3])).result()
+    model = weakref.ref(client.model)
+    del client
+    gc.collect()
+    assert model() is None

@@ -115,12 +115,13 @@ class _DaemonExecutor(concurrent.futures.Executor):
             if item is None:
                 return
             future, fn, args, kwargs = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as e:  # handed to the caller's .result()
-                future.set_exception(e)
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # handed to the caller's .result()
+                    future.set_exception(e)
+            # an idle thread must not keep its last call alive: its closure holds the client (and its model)
+            del item, future, fn, args, kwargs
 
 
 class RequestBatcher:
