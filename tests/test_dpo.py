@@ -3,11 +3,7 @@ exact resume after a SIGKILL."""
 
 import json
 import math
-import os
 import runpy
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +11,7 @@ import pytest
 import torch
 
 from rlhfkit.preference.train_dpo import Config, dpo_loss
+from rlhfkit.supervised.testing import kill_at_step_then_resume
 from rlhfkit.utils.atomic import read_jsonl
 
 # A run's script: make_config() is shared by the in-process reference run and the killed/resumed child runs.
@@ -219,36 +216,7 @@ def load_adapter(log_path: Path) -> dict:
 def test_sigkill_then_resume_gives_identical_weights_and_one_record_per_step(reference_run, run_setup):
     root, model_dir, script = run_setup
     log_path = root / "killed"
-    env = {**os.environ, "RLHFKIT_DTYPE": "float32"}
-
-    # Batch 3 (step 3) hangs: by then step 2's checkpoint and metrics are on disk.
-    child = subprocess.Popen(
-        [sys.executable, str(script), str(log_path), model_dir, str(root), "3"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not any(r["step"] == 2 for r in read_jsonl(log_path / "metrics.jsonl")):
-            assert child.poll() is None, "the child run ended before it could be killed"
-            assert time.monotonic() < deadline, "the child run did not reach step 2"
-            time.sleep(0.2)
-    finally:
-        child.kill()  # SIGKILL
-        child.wait()
-    assert child.returncode == -9
-    assert [c["name"] for c in read_jsonl(log_path / "checkpoints.jsonl")] == ["000002"]
-
-    resumed = subprocess.run(
-        [sys.executable, str(script), str(log_path), model_dir, str(root), "-1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from checkpoint 000002" in (log_path / "logs.log").read_text()
+    kill_at_step_then_resume(script, log_path, model_dir, root, step=2)  # batch 3 hangs: step 2 is on disk
 
     expected, got = load_adapter(reference_run), load_adapter(log_path)
     assert expected.keys() == got.keys()

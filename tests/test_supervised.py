@@ -1,11 +1,7 @@
 """The SFT loop with the tiny model: outputs on disk, learning, exact resume after a SIGKILL."""
 
 import json
-import os
 import runpy
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +10,7 @@ import pytest
 from rlhfkit.engine.types import ModelInput, EncodedTextChunk
 from rlhfkit.supervised.common import compute_bpb, compute_mean_nll, datum_from_model_input_weights
 from rlhfkit.supervised.data import SupervisedDatasetFromList
+from rlhfkit.supervised.testing import kill_at_step_then_resume
 from rlhfkit.utils.atomic import read_jsonl
 from rlhfkit.utils.lr_scheduling import compute_schedule_lr_multiplier
 from rlhfkit.utils.ml_log import setup_logging
@@ -143,36 +140,7 @@ def test_rerun_after_completion_does_nothing(reference_run, run_setup):
 def test_sigkill_then_resume_matches_uninterrupted_run(reference_run, run_setup):
     root, model_dir, script = run_setup
     log_path = root / "killed"
-    env = {**os.environ, "RLHFKIT_DTYPE": "float32"}
-
-    # Batch 3 hangs: by then step 2's checkpoint (its state before the update) and metrics are on disk.
-    child = subprocess.Popen(
-        [sys.executable, str(script), str(log_path), model_dir, str(root), "3"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not any(r["step"] == 2 for r in read_jsonl(log_path / "metrics.jsonl")):
-            assert child.poll() is None, "the child run ended before it could be killed"
-            assert time.monotonic() < deadline, "the child run did not reach step 2"
-            time.sleep(0.2)
-    finally:
-        child.kill()  # SIGKILL
-        child.wait()
-    assert child.returncode == -9
-    assert [c["name"] for c in read_jsonl(log_path / "checkpoints.jsonl")] == ["000002"]
-
-    resumed = subprocess.run(
-        [sys.executable, str(script), str(log_path), model_dir, str(root), "-1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from checkpoint 000002" in (log_path / "logs.log").read_text()
+    kill_at_step_then_resume(script, log_path, model_dir, root, step=2)  # batch 3 hangs: step 2 is on disk
 
     expected, got = load_adapter(reference_run), load_adapter(log_path)
     assert expected.keys() == got.keys()
