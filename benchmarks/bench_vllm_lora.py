@@ -4,7 +4,9 @@ Measures, on one vLLM engine in the vLLM environment (scripts/setup-vllm.sh):
   * sampling tokens/s: the base model (served as a zero adapter), the policy adapter (native LoRA, attention +
     MLP + unembedding), and the same adapter merged into a copy of the weights served without LoRA (what the
     earlier merging path ran at);
-  * judging: next-token scores (argmax + two label tokens' logprobs) per second with the adapter.
+  * judging: next-token scores (argmax + two label tokens' logprobs) per second with the adapter;
+  * each LoRA figure with vLLM's own CPU LoRA ops and with rlhfkit's grouped ones (vllm_cpu_ops.py), in
+    alternating child processes (`--reps`).
 The model, adapter and merged copy are made here (rlhfkit's environment); each engine runs in a child process
 in the vLLM environment. Run it alone (other processes on the cores make the figures meaningless):
 
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from statistics import median
 from pathlib import Path
 
 SAMPLE_SEED = 0
@@ -64,6 +67,7 @@ def child(settings: dict) -> dict:
         outputs = llm.generate([{"prompt_token_ids": r["prompt"]} for r in rows], params, use_tqdm=False)
         results["merged_tokens_per_s"] = sum(len(o.outputs[0].token_ids) for o in outputs) / (time.time() - started)
         return results
+    os.environ["RLHFKIT_VLLM_CPU_OPS"] = settings["lora_ops"]
     core = VLLMCore(
         settings["model"],
         settings["work_dir"],
@@ -148,6 +152,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per reply (default 64; tiny 8)")
     parser.add_argument("--dtype", default="bfloat16", help="engine dtype (bfloat16 or float32)")
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank of the adapter")
+    parser.add_argument("--reps", type=int, default=1, help="alternating runs of each LoRA ops variant")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # settings on stdin
     args = parser.parse_args()
     if args.child:
@@ -176,20 +181,31 @@ def main() -> None:
         "max_lora_rank": max(64, args.rank),
         "work_dir": tempfile.mkdtemp(prefix="engine-", dir=folder),
     }
-    lora = run_child({**settings, "mode": "lora"})
+    # vLLM's reference LoRA ops and rlhfkit's grouped ones (vllm_cpu_ops.py), alternating, then the merged copy
+    runs: dict[str, list[dict]] = {"vllm": [], "rlhfkit": []}
+    for _ in range(args.reps):
+        for ops in runs:
+            runs[ops].append(run_child({**settings, "mode": "lora", "lora_ops": ops}))
+    lora = {ops: {key: median([r[key] for r in results]) for key in results[0]} for ops, results in runs.items()}
     plain = run_child({**settings, "mode": "merged"})
+
+    def pair(key: str) -> list[str]:
+        ref, grouped = lora["vllm"][key], lora["rlhfkit"][key]
+        return [f"{ref:.2f}", f"{grouped:.2f}", f"{grouped / ref:.1f}x"]
+
     rows = [
-        ["base model (zero adapter)", f"{lora['base_tokens_per_s']:.1f}"],
-        ["policy adapter, native LoRA", f"{lora['adapter_tokens_per_s']:.1f}"],
-        ["policy merged into a copy (no LoRA)", f"{plain['merged_tokens_per_s']:.1f}"],
+        ["sampling, base model (zero adapter), tokens/s", *pair("base_tokens_per_s")],
+        ["sampling, policy adapter, tokens/s", *pair("adapter_tokens_per_s")],
+        ["judging with the adapter, comparisons/s", *pair("judge_per_s")],
+        ["sampling, policy merged into a copy (no LoRA), tokens/s", f"{plain['merged_tokens_per_s']:.2f}", "", ""],
     ]
     markdown = (
-        f"Sampling {count} prompts x {new_tokens} tokens, vLLM {args.dtype}, rank {args.rank} "
-        f"({'tiny Llama' if args.tiny else 'SmolLM2-135M'}):\n\n"
-        + markdown_table(["engine", "tokens/s"], rows)
-        + f"\n\nJudging with the adapter: {lora['judge_per_s']:.2f} comparisons/s "
-        f"({lora['judge_prompt_tokens'] // count} tokens each). Engine start: LoRA "
-        f"{lora['start_seconds']:.0f} s, merged {plain['start_seconds']:.0f} s."
+        f"Sampling {count} prompts x {new_tokens} tokens and judging {count} comparisons "
+        f"({lora['rlhfkit']['judge_prompt_tokens'] // count} tokens each), vLLM {args.dtype}, rank {args.rank} "
+        f"({'tiny Llama' if args.tiny else 'SmolLM2-135M'}); medians of {args.reps} alternating runs per LoRA "
+        f"ops:\n\n"
+        + markdown_table(["workload", "vLLM's reference ops", "rlhfkit grouped ops", "ratio"], rows)
+        + f"\n\nEngine start: LoRA {lora['rlhfkit']['start_seconds']:.0f} s, merged {plain['start_seconds']:.0f} s."
     )
     info = machine_info(int(os.environ.get("OMP_NUM_THREADS", "0") or 0))
     write_results(

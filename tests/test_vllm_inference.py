@@ -78,7 +78,9 @@ def test_adapters_served_by_one_engine_match_the_local_backend(setup):
         for seq in response.sequences:
             assert len(seq.tokens) == 10 and seq.stop_reason == "length"
             expected = local_client.compute_logprobs(ModelInput.from_ints(prompt + seq.tokens)).result()
-            assert seq.logprobs == pytest.approx(expected[len(prompt) :], abs=TOLERANCE), name
+            assert seq.logprobs == pytest.approx(expected[len(prompt) :], abs=TOLERANCE)
+            [served] = ray.get(actor.compute_logprobs.remote(name, [prompt + seq.tokens]))  # prompt logprobs
+            assert served[0] is None and served[1:] == pytest.approx(expected[1:], abs=TOLERANCE), name
         candidates = tokenizer.encode(" A") + tokenizer.encode(" B")
         prompts = [prompt, tokenizer.encode("Which reply is better? Answer:")]
         remote_scores = ray.get(actor.score_next_token.remote(name, prompts, candidates))
@@ -94,16 +96,16 @@ def test_adapters_served_by_one_engine_match_the_local_backend(setup):
     assert sorted(after["adapters"]) == ["judge", "policy", "reference"]
 
 
-def test_unknown_adapters_and_prompt_logprobs_fail_loudly(setup):
+def test_unknown_adapters_fail_loudly(setup):
     ray, actor, *_ = setup
-    from rlhfkit.engine.vllm_core import PromptLogprobsUnsupported, UnknownAdapterError
+    from rlhfkit.engine.vllm_core import UnknownAdapterError
 
     with pytest.raises(UnknownAdapterError, match="not loaded"):
         ray.get(actor.sample.remote("never-loaded", [([1, 2, 3], 1, SamplingParams(max_tokens=2))]))
     with pytest.raises(UnknownAdapterError):
         ray.get(actor.score_next_token.remote("never-loaded", [[1, 2, 3]], [4, 5]))
-    with pytest.raises(PromptLogprobsUnsupported):  # a NotImplementedError: the pool routes it elsewhere
-        ray.get(actor.compute_logprobs.remote(None, [[1, 2, 3]]))
+    with pytest.raises(UnknownAdapterError):
+        ray.get(actor.compute_logprobs.remote("never-loaded", [[1, 2, 3]]))
 
 
 def test_a_killed_actor_restarts_with_its_adapters(setup):

@@ -77,6 +77,8 @@ def test_vllm_samples_carry_the_adapters_logprobs(services, model_dir):
             assert len(seq.tokens) == 12 and seq.stop_reason == "length"
             expected = local_client.compute_logprobs(ModelInput.from_ints(prompt.to_ints() + seq.tokens)).result()
             assert seq.logprobs == pytest.approx(expected[prompt.length :], abs=2e-3)
+            served = vllm_client.compute_logprobs(ModelInput.from_ints(prompt.to_ints() + seq.tokens)).result()
+            assert served[0] is None and served[1:] == pytest.approx(expected[1:], abs=2e-3)  # on vLLM
 
 
 def test_vllm_stop_rules_and_batching_match_the_local_sampler(services, model_dir):

@@ -35,9 +35,8 @@ class RayBackend:
             )
         self.inference_engine = inference_engine
         # Placement: every training worker and inference engine gets an equal share of the cluster's GPUs (one
-        # each when there are enough); with vLLM, one more torch engine may serve what vLLM cannot.
-        fallback = 1 if inference_engine == "vllm" else 0
-        self.resources = actor_resources(self.num_train_workers + self.num_samplers + fallback)
+        # each when there are enough).
+        self.resources = actor_resources(self.num_train_workers + self.num_samplers)
         self.device, self.dtype = device, dtype
         self._pools: dict[str, InferencePool] = {}
         self._lock = threading.Lock()

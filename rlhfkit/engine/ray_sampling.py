@@ -7,12 +7,11 @@ An inference-engine actor implements:
     score_next_token(adapter_id, prompts, candidates) -> [NextTokenScores]
     compute_logprobs(adapter_id, prompts) -> [[float | None]]
     check_lora_targets(modules, rank)                     # raises when it could not serve such an adapter
-    health() -> {"engine": name, "unsupported": [methods it cannot serve], ...}
+    health() -> {"engine": name, ...}
 (adapter_id None = the base model). `TorchInferenceWorker` (here) runs the local sampler's code; the vLLM
 engine is `vllm_inference.VLLMInferenceWorker` (native LoRA, in the vLLM environment's Python). `EngineLaunch`
-is the one place that knows how each kind is started (class, constructor arguments, actor options). A method an
-engine lists as unsupported (compute_logprobs on vLLM: its prompt logprobs crash an engine with LoRA on the
-CPU build) is served by a torch engine of the same pool, which merges the adapter into a copy of the base.
+is the one place that knows how each kind is started (class, constructor arguments, actor options). Every method
+runs on every engine (vLLM's prompt logprobs included: vllm_cpu_ops.py makes them work on the CPU build).
 
 The pool gives each checkpoint a fresh adapter id (a new version never reuses an id), loads it into an engine
 lazily before the engine's first request for it, sends the samples of one prompt to one engine (a group's
@@ -112,7 +111,6 @@ class TorchInferenceWorker:
         return {
             "engine": "torch",
             "pid": os.getpid(),
-            "unsupported": [],
             "adapters_loaded": [a for a in self.clients if a is not None],
         }
 
@@ -190,15 +188,13 @@ class InferencePool:
         self.restarts = 0
         ray = import_ray()
         try:
-            unsupported = set(ray.get(self.actors[0].health.remote()).get("unsupported", []))
+            ray.get(self.actors[0].health.remote())
         except ray.exceptions.RayActorError as e:  # its constructor failed: say which engine, and the way out
             raise InferenceEngineStartError(
                 f"inference_engine={kind}: the inference engine for {base_model} did not start"
                 f"{'; inference_engine=torch runs every model the local backend runs' if kind != 'torch' else ''}"
                 f" ({type(e).__name__}: {e})"
             ) from None
-        self.fallback = InferencePool(base_model, device, dtype, 1, "torch", resources) if unsupported else None
-        self.unsupported = unsupported
 
     def _start(self) -> Any:
         return EngineLaunch.of(self.kind, self.base_model, self.device, self.dtype).start(self.resources)
@@ -220,8 +216,6 @@ class InferencePool:
         with self._lock:
             adapter_id = f"adapter-{next(self._ids)}"
             self.paths[adapter_id] = path
-        if self.fallback is not None:
-            self.fallback.paths[adapter_id] = path
         return adapter_id
 
     def _submit(self, engine: int, method: str, adapter_id: str | None, *args: Any) -> tuple[Any, Any, Any]:
@@ -271,8 +265,6 @@ class InferencePool:
     ) -> list[Any]:
         """`method` over `items` split across the engines (items with the same key on one engine; without
         keys, contiguous chunks); results in item order."""
-        if method in self.unsupported:
-            return self.fallback.run(method, adapter_id, items, *args, keys=keys)  # type: ignore[union-attr]
         engines = len(self.actors)
         if keys:
             slots = {key: i % engines for i, key in enumerate(dict.fromkeys(keys))}

