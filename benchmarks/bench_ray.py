@@ -3,8 +3,8 @@
 1. The demo's RL iteration (preset=demo: its SFT and preference-model checkpoints, made once here with the
    local backend; then one RL iteration per run) with backend=local and with backend=ray (one node, one
    training worker, one inference engine: $RLHFKIT_INFERENCE_ENGINE, else vLLM's CPU build when a vLLM Python
-   is found (RLHFKIT_VLLM_PYTHON / .venv-vllm), else the torch engine; with vLLM, compute_logprobs (the KL
-   penalty's reference logprobs) runs on the pool's torch engine), alternating local, ray, local, ray, ...
+   is found (RLHFKIT_VLLM_PYTHON / .venv-vllm), else the torch engine; sampling, judging and compute_logprobs
+   (the KL penalty's reference logprobs) all run on it), alternating local, ray, local, ray, ...
    Each run is its own process; the time is the iteration's own `time/total` minus its evaluation
    (`time/eval`), so process and Ray start-up are not in it. Medians are reported.
 2. The Ray layer's overhead on a trivial request, in ms: a no-op actor call, and `compute_logprobs` of a

@@ -30,7 +30,9 @@ OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_e
 
 def grouped_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype):
     """Row i of the result is inputs[i] @ weights[indices[i]].T, in `dtype`; rows with a negative index are
-    zero. weights: [adapters, out, in] or [adapters, 1, out, in]."""
+    zero. weights: [adapters, out, in] or [adapters, 1, out, in]. One index for any number of rows when all
+    indices are equal (vLLM's prompt-logprob rows come with one index per request: rlhfkit's requests of one
+    call share their adapter)."""
     if weights.dim() == 4:
         weights = weights.squeeze(1)
     inputs = inputs.to(dtype)
@@ -42,6 +44,8 @@ def grouped_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.T
         if first < 0:
             return inputs.new_zeros((rows, weights.shape[1]))
         return inputs @ weights[first].to(dtype).T
+    if len(indices) != rows:  # vLLM gives one index per request for prompt-logprob rows: right only when uniform
+        raise ValueError(f"{len(indices)} adapter indices for {rows} rows, with different adapters")
     result = inputs.new_zeros((rows, weights.shape[1]))
     for adapter in indices.unique().tolist():
         if adapter < 0:
@@ -83,54 +87,21 @@ def token_indices(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tenso
     return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
 
 
-def sgmv_shrink(
-    inputs,
-    lora_a_weights,
-    output_tensor,
-    b_seq_start_loc,
-    seq_len_tensor,
-    lora_indices_tensor,
-    batches,
-    max_seq_length,
-    token_nums,
-    scaling: float,
-):
-    indices = token_indices(lora_indices_tensor, seq_len_tensor)
-    bgmv_shrink(inputs, lora_a_weights, output_tensor, indices, scaling)
+def prefill_form(op):
+    """The prefill (sgmv) form of a decode (bgmv) op: vLLM passes the batch's metadata (sequence starts, lengths,
+    one adapter per sequence, batch count, longest length, token count) after the first three arguments, and
+    the op's own arguments after those (PunicaWrapperCPU passes every one, so the defaults never apply)."""
+
+    def sgmv(inputs, weights, output_tensor, _starts, lengths, adapters, _batches, _longest, _tokens, *rest, **named):
+        op(inputs, weights, output_tensor, token_indices(adapters, lengths), *rest, **named)
+
+    sgmv.__name__ = op.__name__.replace("bgmv", "sgmv")
+    return sgmv
 
 
-def sgmv_expand(
-    inputs,
-    lora_b_weights,
-    output_tensor,
-    b_seq_start_loc,
-    seq_len_tensor,
-    lora_indices_tensor,
-    batches,
-    max_seq_length,
-    token_nums,
-    add_inputs: bool = False,
-):
-    indices = token_indices(lora_indices_tensor, seq_len_tensor)
-    bgmv_expand(inputs, lora_b_weights, output_tensor, indices, add_inputs)
-
-
-def sgmv_expand_slice(
-    inputs,
-    lora_b_weights,
-    output_tensor,
-    b_seq_start_loc,
-    seq_len_tensor,
-    lora_indices_tensor,
-    batches,
-    max_seq_length,
-    token_nums,
-    slice_offset,
-    slice_size,
-    add_inputs: bool = False,
-):
-    indices = token_indices(lora_indices_tensor, seq_len_tensor)
-    bgmv_expand_slice(inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs)
+sgmv_shrink = prefill_form(bgmv_shrink)
+sgmv_expand = prefill_form(bgmv_expand)
+sgmv_expand_slice = prefill_form(bgmv_expand_slice)
 
 
 def count_greater_or_equal(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
