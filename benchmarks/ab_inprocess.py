@@ -3,7 +3,8 @@ variants see the same machine load (finer-grained than ab_engine.py's alternatin
 
   * `--change lora`: LoRA training steps (forward_backward cross_entropy + optim_step on one batch of LIMA
     conversations) with lora.fused_lora_forward against PEFT's own LoRA forward;
-  * `--change head`: preference-model scoring (score_next_token_batch on HH-RLHF judging prompts) with and
+  * `--change head`: preference-model scoring (score_next_token_batch on HH-RLHF judging prompts), or with
+    `--head-workload sampling` generation (`--sample-batch` LIMA prompts, `--new-tokens` each), with and
     without sampling.contiguous_input on the unembedding.
 
     python benchmarks/ab_inprocess.py --change lora --dtype bfloat16 --rounds 6
@@ -59,8 +60,8 @@ def lora_steps(args: argparse.Namespace, model: str):
 
 
 def head_steps(args: argparse.Namespace, model: str):
-    """(switch(on), step() -> comparisons/s) for next-token scoring."""
-    from bench_engine import judge_prompts
+    """(switch(on), step() -> comparisons/s or tokens/s) for next-token scoring or sampling."""
+    from bench_engine import judge_prompts, measure_sampling
     from rlhfkit.engine import ServiceClient
     from rlhfkit.engine.sampling import contiguous_input
 
@@ -78,6 +79,9 @@ def head_steps(args: argparse.Namespace, model: str):
         sampler.score_next_token_batch(prompts, candidates)
         return len(prompts) / (time.perf_counter() - start)
 
+    if args.head_workload == "sampling":
+        lima = common.lima_prompts(model, args.sample_batch)
+        return switch, lambda: measure_sampling(sampler, lima, len(lima), 1, args.new_tokens).median, "tokens/s"
     return switch, step, "comparisons/s"
 
 
@@ -90,6 +94,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--judge-batch", type=int, default=16)
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--head-workload", choices=("scoring", "sampling"), default="scoring")
+    parser.add_argument("--sample-batch", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--tiny", action="store_true", help="a small random model (quick check)")
     parser.add_argument("--out", default=None)
@@ -114,7 +121,7 @@ def main() -> None:
     load_at_end = common.load_snapshot()
     markdown = "\n\n".join(
         [
-            f"# In-process A/B: {args.change}, {args.dtype}, {Path(model).name}",
+            f"# In-process A/B: {args.change} ({args.head_workload if args.change == 'head' else 'training'}), {args.dtype}, {Path(model).name}",
             "\n".join(
                 line
                 for line in common.machine_markdown(info, load_at_end, {}, [args.dtype]).splitlines()
@@ -136,7 +143,8 @@ def main() -> None:
         ]
     )
     payload = {"machine": info, "load_at_end": load_at_end, "settings": vars(args), "on": values[True], "off": values[False]}
-    common.write_results(args.out or f"ab-{args.change}-{args.dtype}", payload, markdown)
+    workload = f"-{args.head_workload}" if args.change == "head" else ""
+    common.write_results(args.out or f"ab-{args.change}{workload}-{args.dtype}", payload, markdown)
 
 
 if __name__ == "__main__":
