@@ -77,7 +77,7 @@ def fused_lora_forward(module: torch.nn.Module, x: torch.Tensor, *args, **kwargs
     addmm that adds scale · B (A x) to the base output inside the matrix multiply. PEFT's own forward casts
     x to the adapters' fp32 (which autocast casts back to bf16), then scales and adds the full-width output
     in separate passes: on a bf16 CPU those copies and elementwise passes took more time than the matmuls
-    (benchmarks/results/engine-ab.md). Same maths, same dtypes under autocast (bf16 products, fp32 adapter
+    (benchmarks/results/cpu-bf16.md). Same maths, same dtypes under autocast (bf16 products, fp32 adapter
     parameters and gradients); anything else (merged or disabled adapters, several adapters, no autocast
     with dtypes that differ) takes PEFT's forward."""
     adapters = module.active_adapters
