@@ -72,8 +72,47 @@ def target_module_names(model: torch.nn.Module, spec: LoraSpec) -> list[str]:
     return sorted(names)
 
 
+def fused_lora_forward(module: torch.nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A PEFT LoRA Linear's output W x + b + scale · B A x in two calls: the low-rank product A x, then one
+    addmm that adds scale · B (A x) to the base output inside the matrix multiply. PEFT's own forward casts
+    x to the adapters' fp32 (which autocast casts back to bf16), then scales and adds the full-width output
+    in separate passes: on a bf16 CPU those copies and elementwise passes took more time than the matmuls
+    (benchmarks/results/cpu-bf16.md). Same maths, same dtypes under autocast (bf16 products, fp32 adapter
+    parameters and gradients); anything else (merged or disabled adapters, several adapters, no autocast
+    with dtypes that differ) takes PEFT's forward."""
+    adapters = module.active_adapters
+    plain = (
+        not args
+        and not kwargs
+        and not module.disable_adapters
+        and not module.merged
+        and len(adapters) == 1
+        and adapters[0] in module.lora_A
+        and adapters[0] not in module.lora_variant
+    )
+    if plain:
+        lora_a, lora_b = module.lora_A[adapters[0]].weight, module.lora_B[adapters[0]].weight
+        plain = torch.is_autocast_enabled(x.device.type) or x.dtype == lora_a.dtype == module.base_layer.weight.dtype
+    if not plain:
+        return type(module).forward(module, x, *args, **kwargs)
+    result = module.base_layer(x)
+    low = torch.nn.functional.linear(x, lora_a)
+    out = torch.addmm(
+        result.reshape(-1, result.shape[-1]),
+        low.reshape(-1, low.shape[-1]),
+        lora_b.t(),
+        alpha=module.scaling[adapters[0]],
+    )
+    return out.view(result.shape)
+
+
 def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
-    """Wrap the model with fresh LoRA adapters (dropout 0, adapters kept in fp32)."""
+    """Wrap the model with fresh LoRA adapters (dropout 0, adapters kept in fp32), each adapted Linear layer
+    computing through fused_lora_forward."""
+    import types
+
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
     import warnings
 
     from peft import LoraConfig, get_peft_model
@@ -97,6 +136,9 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
     for _name, param in peft_model.named_parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    for module in peft_model.modules():
+        if type(module) is LoraLinear:
+            module.forward = types.MethodType(fused_lora_forward, module)
     return peft_model
 
 
