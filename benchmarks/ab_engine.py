@@ -107,9 +107,7 @@ def main() -> None:
         a = statistics.median(r[workload] for r in results["A"])
         b = statistics.median(r[workload] for r in results["B"])
         per_round = [rb[workload] / ra[workload] for ra, rb in zip(results["A"], results["B"])]
-        rows.append(
-            [workload, fmt(a, 2), fmt(b, 2), f"{b / a:.2f}x", ", ".join(f"{x:.2f}" for x in per_round)]
-        )
+        rows.append([workload, fmt(a, 2), fmt(b, 2), f"{b / a:.2f}x", ", ".join(f"{x:.2f}" for x in per_round)])
     markdown = "\n\n".join(
         [
             f"# A/B: {args.dtype}, {Path(common.workload_model(args.tiny)).name}",

@@ -142,7 +142,13 @@ def main() -> None:
             ),
         ]
     )
-    payload = {"machine": info, "load_at_end": load_at_end, "settings": vars(args), "on": values[True], "off": values[False]}
+    payload = {
+        "machine": info,
+        "load_at_end": load_at_end,
+        "settings": vars(args),
+        "on": values[True],
+        "off": values[False],
+    }
     workload = f"-{args.head_workload}" if args.change == "head" else ""
     common.write_results(args.out or f"ab-{args.change}{workload}-{args.dtype}", payload, markdown)
 
