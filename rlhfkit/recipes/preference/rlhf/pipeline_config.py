@@ -434,9 +434,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     #   iterations (95% CI about +-12 points instead of +-17): ~38 s x 1.26 (longer prompts) x 1.4 (symmetric)
     #   + the larger evaluation = ~80 s per iteration, ~32 min.
     # * The judge's data-scaling curve (pm_scaling_points=5): 4 of its checkpoints besides the final one evaluated
-    #   like the final one (~2 min each, an estimate), in the report. Measured on the demo's data (harmless-base, one epoch, bf16
-    #   AMD EPYC): in-distribution accuracy rose 50% -> 67% over 555 comparisons while the helpful splits stayed at
-    #   50-54% and the share of "A" verdicts swung between 41% and 74% from checkpoint to checkpoint.
+    #   like the final one (~2 min each, an estimate), in the report. Measured on the demo's data (harmless-base,
+    #   one epoch, bf16 AMD EPYC): in-distribution accuracy rose 50% -> 67% over 555 comparisons while the helpful
+    #   splits stayed at 50-54% and the share of "A" verdicts swung between 41% and 74% from checkpoint to checkpoint.
     # * Expected total ~110 min (+ model loading and the report's replies), under the 2-hour budget.
     "quality": dict(
         base_model="smollm2-135m-instruct",
