@@ -276,7 +276,10 @@ def scaling_section(root: Path, out_dir: Path) -> tuple[list[str], str]:
         for p in points
     ]
     records = [{"step": p["comparisons"], **p} for p in points]
-    panels = [["pm/accuracy", "ood/accuracy", "pm/accuracy_symmetric", "ood/accuracy_symmetric"], ["pm/frac_A", "ood/frac_A"]]
+    panels = [
+        ["pm/accuracy", "ood/accuracy", "pm/accuracy_symmetric", "ood/accuracy_symmetric"],
+        ["pm/frac_A", "ood/frac_A"],
+    ]
     plot = plot_metrics(
         records, out_dir / "pm_scaling.png", panels=panels, title="judge vs data", xlabel="training comparisons"
     )
