@@ -436,7 +436,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # * The judge's data-scaling curve (pm_scaling_points=5): 4 of its checkpoints besides the final one evaluated
     #   like the final one (~2 min each, an estimate), in the report. Measured on the demo's data (harmless-base,
     #   one epoch, bf16 AMD EPYC): in-distribution accuracy rose 50% -> 67% over 555 comparisons while the helpful
-    #   splits stayed at 50-54% and the share of "A" verdicts swung between 41% and 74% from checkpoint to checkpoint.
+    #   splits stayed at 50-54% and the share of "A" verdicts swung between 41% and 74% from checkpoint to checkpoint
+    #   (README, "Training the judge: variants measured").
     # * Expected total ~110 min (+ model loading and the report's replies), under the 2-hour budget.
     "quality": dict(
         base_model="smollm2-135m-instruct",
