@@ -1,8 +1,9 @@
 """The pipeline's report: one HTML page with PNG plots and a Markdown summary (log_root/report.{html,md}).
 
-It only reads the run folder: the stages' metrics.jsonl, rm/pm_eval.json, stage_times.json, seeds.json (RL over
-seeds), the RL rollout pages (rl/iteration_NNNNNN/train.html, linked) and the replies the pipeline sampled into
-report_replies.json (base, SFT and RLHF, with their sampling settings). No model is loaded.
+It only reads the run folder: the stages' metrics.jsonl, rm/pm_eval.json, rm/pm_scaling.json (the judge's
+data-scaling curve), stage_times.json, seeds.json (RL over seeds), the RL rollout pages
+(rl/iteration_NNNNNN/train.html, linked) and the replies the pipeline sampled into report_replies.json (base, SFT
+and RLHF, with their sampling settings). No model is loaded.
 
     python -m rlhfkit.report RUN_FOLDER
 """
@@ -245,6 +246,71 @@ def judge_section(pm: dict, settings: dict) -> tuple[list[str], str]:
     return md, page
 
 
+SCALING_HEADER = (
+    "training comparisons",
+    "steps",
+    "in distribution: accuracy (both orders)",
+    "order-symmetric",
+    "out of distribution: accuracy (both orders)",
+    "order-symmetric",
+    "verdicts 'A' (out of distribution)",
+)
+
+
+def scaling_section(root: Path, out_dir: Path) -> tuple[list[str], str]:
+    """Markdown lines and HTML of the judge's data-scaling curve in root/rm/pm_scaling.json (written by the pipeline
+    with pm_scaling_points > 0), with its plot; nothing if the file is absent."""
+    points = _read_json(root / "rm" / "pm_scaling.json").get("points", [])
+    if not points:
+        return [], ""
+    rows = [
+        (
+            str(p["comparisons"]),
+            str(p["steps"]),
+            _pct(p.get("pm/accuracy")),
+            _pct(p.get("pm/accuracy_symmetric")),
+            _pct(p.get("ood/accuracy")),
+            _pct(p.get("ood/accuracy_symmetric")),
+            _pct(p.get("ood/frac_A")),
+        )
+        for p in points
+    ]
+    records = [{"step": p["comparisons"], **p} for p in points]
+    panels = [
+        ["pm/accuracy", "ood/accuracy", "pm/accuracy_symmetric", "ood/accuracy_symmetric"],
+        ["pm/frac_A", "ood/frac_A"],
+    ]
+    plot = plot_metrics(
+        records, out_dir / "pm_scaling.png", panels=panels, title="judge vs data", xlabel="training comparisons"
+    )
+    note = (
+        f"The preference model's checkpoints along its run, on the held-out comparisons of the table above "
+        f"({int(points[-1].get('pm/n', 0))} in distribution, {int(points[-1].get('ood/n', 0))} out). The points "
+        f"share one learning-rate schedule: an early point was not trained to the end of a decay."
+    )
+    md = [
+        "### Judge: accuracy against training comparisons",
+        "",
+        note,
+        "",
+        "| " + " | ".join(SCALING_HEADER) + " |",
+        "|---" * len(SCALING_HEADER) + "|",
+        *["| " + " | ".join(row) + " |" for row in rows],
+        "",
+        *(["![judge vs data](report/pm_scaling.png)", ""] if plot else []),
+    ]
+    esc = html.escape
+    page = (
+        f"<h3>Judge: accuracy against training comparisons</h3><p>{esc(note)}</p><table><tr>"
+        + "".join(f"<th>{esc(h)}</th>" for h in SCALING_HEADER)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+        + "</table>"
+        + ("<img src='report/pm_scaling.png'>" if plot else "")
+    )
+    return md, page
+
+
 def seeds_section(root: Path) -> tuple[list[str], str]:
     """Markdown lines and HTML of the RL win-rate gain over seeds in root/seeds.json (written by the pipeline
     with seeds >= 2); nothing if the file is absent."""
@@ -333,6 +399,7 @@ def write_report(log_root: str | Path) -> dict[str, str]:
             f"{100 * pm['pm/order_agreement']:.1f}%; mean P(correct) {pm['pm/mean_p_correct']:.3f}",
         ]
     judge_md, judge_html = judge_section(pm, settings)
+    scaling_md, scaling_html = scaling_section(root, out_dir)
     seeds_md, seeds_html = seeds_section(root)
     time_line = ", ".join(f"{stage} {times[stage] / 60:.1f} min" for stage in ("sft", "rm", "rl") if stage in times)
     win_rate_line = final_win_rate(root)
@@ -355,6 +422,7 @@ def write_report(log_root: str | Path) -> dict[str, str]:
         *[f"- {line}" for line in pm_lines],
         "",
         *judge_md,
+        *scaling_md,
         *seeds_md,
         "## Curves",
         "",
@@ -403,7 +471,7 @@ Wall time: {esc(time_line or "n/a")}.</p>
 {win_rate_html}
 <table><tr><th>stage</th><th>metric</th><th>tutorial (Qwen3.5-9B-Base)</th><th>this run</th></tr>{table}</table>
 <h2>Preference model (held out)</h2><ul>{"".join(f"<li>{esc(line)}</li>" for line in pm_lines)}</ul>
-{judge_html}{seeds_html}
+{judge_html}{scaling_html}{seeds_html}
 <h2>Curves</h2>{"".join(f'<h3>{esc(s)}</h3><img src="{esc(p)}">' for s, p in plots.items())}
 <p>RL rollouts (the logged groups of each iteration): {rollout_html}</p>
 <h2>Base model vs SFT vs RLHF model</h2><p>{esc(sampling)}</p>{reply_html}{comparison_html}</body></html>"""

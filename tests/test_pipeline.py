@@ -512,6 +512,58 @@ def test_preference_model_is_evaluated_out_of_distribution_on_the_splits_it_neve
     assert "| in distribution (harmless-base) | 6 |" in report
 
 
+def test_scaling_checkpoints_are_evenly_spaced_and_end_with_the_final_one():
+    from rlhfkit.checkpoint_utils import CheckpointRecord
+    from rlhfkit.recipes.preference.rlhf.pm_scaling import (
+        scaling_checkpoints,
+        training_comparisons,
+        training_steps,
+    )
+
+    records = [CheckpointRecord(f"{s:06d}", sampler_path=f"s{s}") for s in (2, 4, 6, 8, 10)]
+    records += [CheckpointRecord("000011", state_path="only a state"), CheckpointRecord("final", sampler_path="f")]
+    names = [[r.name for r in scaling_checkpoints(records, k)] for k in (1, 2, 3, 6, 9)]
+    assert names[:3] == [["final"], ["000002", "final"], ["000002", "000006", "final"]]
+    assert names[3] == names[4] == ["000002", "000004", "000006", "000008", "000010", "final"]
+    metrics = [{"step": s, "train_mean_nll": 1.0, "num_sequences": 8} for s in range(12)] + [{"step": 0, "x": 1}]
+    assert [training_steps(r, metrics) for r in records[:2] + records[-1:]] == [2, 4, 12]
+    assert training_comparisons(2, metrics, both_orders=True) == 8  # 2 steps of 8 sequences, each comparison twice
+    assert training_comparisons(12, metrics, both_orders=False) == 96
+
+
+def test_data_scaling_curve_evaluates_the_preference_models_checkpoints(smoke_run, tmp_path):
+    """pm_scaling_points=3 on the smoke run's preference model (12 steps, checkpoints every 2): three checkpoints
+    judged on pm_eval.json's held-out sets, the last one the final (pm_eval.json's figures), shown by the report; a
+    second start evaluates nothing again."""
+    from rlhfkit.report import write_report
+
+    reference, _ = smoke_run
+    root = tmp_path / "scaling"
+    copy_stages(reference, root, "rm")
+    (root / "rm" / "pm_eval.json").unlink()
+    args = ("run_sft=false", "run_rl=false", "hh_data=harmless-base", "pm_eval_size=6", "pm_scaling_points=3")
+    run_pipeline(root, *args)
+    pm_eval = json.loads((root / "rm" / "pm_eval.json").read_text())
+    points = json.loads((root / "rm" / "pm_scaling.json").read_text())["points"]
+    assert [(p["checkpoint"], p["steps"]) for p in points] == [("000002", 2), ("000006", 6), ("final", 12)]
+    trained = [r["num_sequences"] for r in read_jsonl(root / "rm" / "metrics.jsonl") if "num_sequences" in r]
+    assert [p["comparisons"] for p in points] == [sum(trained[:2]), sum(trained[:6]), sum(trained)]
+    assert 0 < points[0]["comparisons"] < points[1]["comparisons"] < points[2]["comparisons"] <= 48  # 4 per step
+    assert {k: v for k, v in points[-1].items() if k in pm_eval} == {
+        k: v for k, v in pm_eval.items() if k != "ood/splits"
+    }
+    for p in points:
+        assert p["pm/n"] == 6 and p["ood/n"] == 6 and 0 <= p["pm/accuracy"] <= 1 and 0 <= p["ood/frac_A"] <= 1
+    assert points[0]["pm/mean_p_correct"] != points[-1]["pm/mean_p_correct"]  # different weights were judged
+    result = run_pipeline(root, *args)
+    assert "data-scaling curve" not in result.stdout
+    assert json.loads((root / "rm" / "pm_scaling.json").read_text())["points"] == points
+    report = Path(write_report(root)["markdown"]).read_text()
+    assert "### Judge: accuracy against training comparisons" in report
+    assert f"| {points[1]['comparisons']} | 6 | {100 * points[1]['pm/accuracy']:.1f}% |" in report
+    assert (root / "report" / "pm_scaling.png").exists()
+
+
 def test_rl_over_two_seeds_gives_the_win_rate_gain_with_a_t_interval(smoke_run, tmp_path):
     from rlhfkit.utils.stats import t_interval
 

@@ -34,8 +34,10 @@ def plot_metrics(
     path: str | os.PathLike,
     panels: Sequence[Sequence[str]] | None = None,
     title: str | None = None,
+    xlabel: str = "step",
 ) -> bool:
-    """Plot `records` ({"step": s, key: value, ...}) to `path`; returns False if nothing was plottable."""
+    """Plot `records` ({"step": s, key: value, ...}; `xlabel` names what "step" counts) to `path`; returns False if
+    nothing was plottable."""
     present = {k for r in records for k, v in r.items() if _is_number(v)}
     panels = [[k for k in panel if k in present] for panel in (panels or DEFAULT_PANELS)]
     panels = [p for p in panels if p]
@@ -55,7 +57,7 @@ def plot_metrics(
             points = [(r["step"], r[key]) for r in records if _is_number(r.get(key))]
             steps, values = zip(*points)
             ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=key)
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:

@@ -8,7 +8,8 @@ This module only composes the stages: each one is the supervised or RL training 
 settings (pipeline_config.py, pipeline_data.py). Stages live in `log_root/{sft,rm,rl,dpo}`. Starting again resumes: a
 finished stage (its checkpoints.jsonl has a "final" record) is skipped, a stopped one continues from its last
 checkpoint; settings that differ from the folder's recorded ones are refused unless allowed (run_record.py).
-After the preference model, its held-out evaluation is written to rm/pm_eval.json; with seeds=N, RL runs N times
+After the preference model, its held-out evaluation is written to rm/pm_eval.json (with pm_scaling_points, also
+the data-scaling curve over its checkpoints, rm/pm_scaling.json); with seeds=N, RL runs N times
 (log_root/rl, rl_seed1, ...) and the win-rate gain over seeds goes to seeds.json; after RL, the replies the report
 shows (base, SFT, RLHF) to report_replies.json (and with method=both the SFT/DPO/RLHF comparison to
 comparison.json); the report is then written from the run folder alone, and the final win rate printed.
@@ -29,10 +30,10 @@ from rlhfkit.recipes.preference.rlhf.pipeline_config import METHODS, PRESETS, Pi
 from rlhfkit.recipes.preference.rlhf.pipeline_data import (
     comparison_builder,
     held_out_comparisons,
-    held_out_ood_comparisons,
     out_of_distribution_splits,
     sft_dataset_builder,
 )
+from rlhfkit.recipes.preference.rlhf.pm_scaling import evaluate_checkpoint, evaluate_pm_scaling, held_out_sets
 from rlhfkit.recipes.preference.rlhf.seeds import format_seeds, rl_runs, summarize_seeds
 from rlhfkit.recipes.preference.rlhf.run_record import CONFIG_FILE, check_recorded_settings, write_record
 from rlhfkit.utils.async_utils import run_or_await
@@ -185,31 +186,13 @@ async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) 
     PM-test comparisons of the run's own data (in distribution); `ood/...`: up to pm_eval_size PM-test comparisons
     of the offline HH-RLHF splits the run's data leaves out (out of distribution, named in `ood/splits`; only
     when the data names some of the offline splits). Saved to rm/pm_eval.json (computed once) and printed."""
-    from rlhfkit.engine import ServiceClient
-    from rlhfkit.preference.pm_eval import evaluate_preference_model, format_pm_eval
-    from rlhfkit.preference.types import PreferenceModelFromChatRenderer
-    from rlhfkit.renderers import get_renderer
-    from rlhfkit.tokenizer_utils import get_tokenizer
-
     out = Path(cfg.log_root) / "rm" / "pm_eval.json"
     if out.exists():
         return json.loads(out.read_text())
     record = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/rm", required_key="sampler_path")
-    sampler = ServiceClient().create_sampling_client(model_path=record.sampler_path)
-    renderer = get_renderer(renderer_name, get_tokenizer(base_model))
-    pm = PreferenceModelFromChatRenderer(renderer, sampler)
+    sets = held_out_sets(cfg)
+    metrics: dict[str, Any] = await evaluate_checkpoint(record.sampler_path, renderer_name, base_model, sets)
     ood_splits = out_of_distribution_splits(cfg)
-    held_out = {"pm": ("in distribution", held_out_comparisons(cfg, "preference_model", cfg.pm_eval_size))}
-    if ood_splits:
-        held_out["ood"] = (
-            f"out of distribution: {', '.join(ood_splits)}",
-            held_out_ood_comparisons(cfg, cfg.pm_eval_size),
-        )
-    metrics: dict[str, Any] = {}
-    for prefix, (title, comparisons) in held_out.items():
-        result = await evaluate_preference_model(pm, comparisons)
-        print(f"[rlhfkit] {title}\n{format_pm_eval(result)}")
-        metrics.update(result.metrics(prefix))
     if ood_splits:
         metrics["ood/splits"] = ",".join(ood_splits)
     write_json_atomic(out, metrics)
@@ -434,7 +417,9 @@ async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
                 await run(cfg, base_model, renderer_name)
         if name == "rm":
             set_phase("pm_eval")
-            await evaluate_rm(cfg, base_model, renderer_name)
+            final_metrics = await evaluate_rm(cfg, base_model, renderer_name)
+            if cfg.pm_scaling_points > 0:
+                await evaluate_pm_scaling(cfg, base_model, renderer_name, final_metrics)
     if len(rl_seeds) > 1 and all(stage_finished(f"{cfg.log_root}/{folder}") for folder, _ in rl_seeds):
         print(f"[rlhfkit] {format_seeds(summarize_seeds(cfg.log_root, rl_seeds))}")
     if cfg.method == "both" and all(stage_finished(f"{cfg.log_root}/{s}") for s in METHODS["both"]):
