@@ -42,8 +42,12 @@ def run(args: list[str], env: dict[str, str]) -> None:
         raise RuntimeError(f"{' '.join(args)} failed:\n{result.stderr[-4000:]}")
 
 
-def rl_iteration_seconds(preset: str, stages: Path, backend: str, env: dict[str, str]) -> float:
-    """One RL iteration from the prepared SFT and preference-model checkpoints, in a fresh log folder."""
+PHASES = ("sample", "judge", "train", "sync_weights")  # the RL iteration's own time/* metrics
+
+
+def rl_iteration_seconds(preset: str, stages: Path, backend: str, env: dict[str, str]) -> dict[str, float]:
+    """One RL iteration from the prepared SFT and preference-model checkpoints, in a fresh log folder: its time
+    without the evaluation (`total`) and the time of each phase."""
     root = Path(tempfile.mkdtemp(prefix=f"bench-ray-{backend}-"))
     for stage in ("sft", "rm"):
         (root / stage).symlink_to(stages / stage)
@@ -62,7 +66,10 @@ def rl_iteration_seconds(preset: str, stages: Path, backend: str, env: dict[str,
         env,
     )
     record = read_jsonl(root / "rl" / "metrics.jsonl")[0]
-    return record["time/total"] - record.get("time/eval", 0.0)
+    return {
+        "total": record["time/total"] - record.get("time/eval", 0.0),
+        **{phase: record.get(f"time/{phase}", float("nan")) for phase in PHASES},
+    }
 
 
 def ray_overheads_ms(base_model: str, reps: int) -> dict[str, float]:
@@ -134,17 +141,17 @@ def main() -> None:
         stages = Path(tempfile.mkdtemp(prefix="bench-ray-stages-"))
         print(f"[bench_ray] SFT and preference model ({preset}, local) in {stages}")
         run([f"preset={preset}", f"log_root={stages}", "run_rl=false", "report=false"], env)
-    times: dict[str, list[float]] = {"local": [], "ray": []}
+    times: dict[str, list[dict[str, float]]] = {"local": [], "ray": []}
     for k in range(args.reps):
         for backend in ("local", "ray"):
             seconds = rl_iteration_seconds(preset, stages, backend, env)
             times[backend].append(seconds)
-            print(f"[bench_ray] rep {k + 1}/{args.reps} {backend}: {seconds:.2f} s per RL iteration")
+            print(f"[bench_ray] rep {k + 1}/{args.reps} {backend}: {seconds['total']:.2f} s per RL iteration")
     base_model = json.loads((stages / "pipeline_config.json").read_text())["base_model"]
     if base_model == "tiny":  # the smoke preset's random model, built in the log folder
         base_model = str(stages / "tiny_model")
     overheads = ray_overheads_ms(base_model, reps=20 if args.tiny else 200)
-    medians = {b: statistics.median(t) for b, t in times.items()}
+    medians = {b: {key: statistics.median(r[key] for r in t) for key in t[0]} for b, t in times.items()}
     results = {
         "machine": machine_info(args.threads),
         "load_before": before,
@@ -159,9 +166,10 @@ def main() -> None:
         [
             f"| RL iteration ({preset}), median of {args.reps} | backend=local | backend=ray ({env['RLHFKIT_INFERENCE_ENGINE']} engine) |",
             "|---|---|---|",
-            f"| seconds | {medians['local']:.2f} | {medians['ray']:.2f} |",
+            f"| seconds, without its evaluation | {medians['local']['total']:.2f} | {medians['ray']['total']:.2f} |",
+            *[f"| of which {p} | {medians['local'][p]:.2f} | {medians['ray'][p]:.2f} |" for p in PHASES],
             "",
-            "| Ray layer on a trivial request | ms |",
+            "| Ray layer on a trivial request (torch engine on both sides) | ms |",
             "|---|---|",
             f"| no-op actor call (round trip) | {overheads['noop_actor_call_ms']:.2f} |",
             f"| compute_logprobs, 2 tokens: local client | {overheads['compute_logprobs_local_ms']:.2f} |",
