@@ -208,6 +208,7 @@ def main() -> None:
         + f"\n\nEngine start: LoRA {lora['rlhfkit']['start_seconds']:.0f} s, merged {plain['start_seconds']:.0f} s."
     )
     info = machine_info(int(os.environ.get("OMP_NUM_THREADS", "0") or 0))
+    markdown = f"{info['cpu']}, {info['date']}, alone on the machine\n\n{markdown}"
     write_results(
         "vllm_lora" + ("_tiny" if args.tiny else ""),
         {
