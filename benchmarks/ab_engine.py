@@ -111,11 +111,7 @@ def main() -> None:
     markdown = "\n\n".join(
         [
             f"# A/B: {args.dtype}, {Path(common.workload_model(args.tiny)).name}",
-            "\n".join(
-                line
-                for line in common.machine_markdown(info, load_at_end, {}, [args.dtype]).splitlines()
-                if not line.startswith("- matmul limit")
-            ),
+            common.machine_lines_without_limit(info, load_at_end, [args.dtype]),
             f"- A = `{args.a}`, B = `{args.b}`; {args.rounds} rounds alternating A and B, one process each "
             f"({args.reps} timed repetitions after a warm-up; training tokens/s, scoring comparisons/s, sampling "
             f"tokens/s at batch {args.sample_batch}).",

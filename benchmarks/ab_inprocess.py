@@ -122,11 +122,7 @@ def main() -> None:
     markdown = "\n\n".join(
         [
             f"# In-process A/B: {args.change} ({args.head_workload if args.change == 'head' else 'training'}), {args.dtype}, {Path(model).name}",
-            "\n".join(
-                line
-                for line in common.machine_markdown(info, load_at_end, {}, [args.dtype]).splitlines()
-                if not line.startswith("- matmul limit")
-            ),
+            common.machine_lines_without_limit(info, load_at_end, [args.dtype]),
             common.markdown_table(
                 ["change", "unit", "off (median)", "on (median)", "on / off", "on / off per round"],
                 [

@@ -388,3 +388,12 @@ def machine_markdown(
     if start["busy_processes"]:
         lines.append("- busy processes at start: " + "; ".join(f"`{p}`" for p in start["busy_processes"]))
     return "\n".join(lines)
+
+
+def machine_lines_without_limit(info: dict, load_at_end: dict, dtypes: list[str]) -> str:
+    """machine_markdown's lines without the matmul-limit line (A/B scripts compare two variants, not MFU)."""
+    return "\n".join(
+        line
+        for line in machine_markdown(info, load_at_end, {}, dtypes).splitlines()
+        if not line.startswith("- matmul limit")
+    )

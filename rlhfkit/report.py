@@ -14,7 +14,7 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rlhfkit.utils.atomic import read_jsonl, write_text_atomic
 from rlhfkit.utils.plots import plot_metrics
@@ -225,23 +225,33 @@ def judge_section(pm: dict, settings: dict) -> tuple[list[str], str]:
         "judge that only reads the position scores 50%). A judge that follows length rather than content picks "
         "the longer reply more often than people preferred it."
     )
+    return table_section("Judge: content or position?", note, JUDGE_HEADER, rows)
+
+
+def table_section(
+    title: str, note: str, header: Sequence[str], rows: Sequence[Sequence[str]], image: str | None = None
+) -> tuple[list[str], str]:
+    """Markdown lines and HTML of a report section: a title, a note, a table and optionally an image (a path
+    relative to the report)."""
     md = [
-        "### Judge: content or position?",
+        f"### {title}",
         "",
         note,
         "",
-        "| " + " | ".join(JUDGE_HEADER) + " |",
-        "|---" * len(JUDGE_HEADER) + "|",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
         *["| " + " | ".join(row) + " |" for row in rows],
         "",
+        *([f"![{title}]({image})", ""] if image else []),
     ]
     esc = html.escape
     page = (
-        f"<h3>Judge: content or position?</h3><p>{esc(note)}</p><table><tr>"
-        + "".join(f"<th>{esc(h)}</th>" for h in JUDGE_HEADER)
+        f"<h3>{esc(title)}</h3><p>{esc(note)}</p><table><tr>"
+        + "".join(f"<th>{esc(h)}</th>" for h in header)
         + "</tr>"
         + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
         + "</table>"
+        + (f"<img src='{esc(image)}'>" if image else "")
     )
     return md, page
 
@@ -288,27 +298,13 @@ def scaling_section(root: Path, out_dir: Path) -> tuple[list[str], str]:
         f"({int(points[-1].get('pm/n', 0))} in distribution, {int(points[-1].get('ood/n', 0))} out). The points "
         f"share one learning-rate schedule: an early point was not trained to the end of a decay."
     )
-    md = [
-        "### Judge: accuracy against training comparisons",
-        "",
+    return table_section(
+        "Judge: accuracy against training comparisons",
         note,
-        "",
-        "| " + " | ".join(SCALING_HEADER) + " |",
-        "|---" * len(SCALING_HEADER) + "|",
-        *["| " + " | ".join(row) + " |" for row in rows],
-        "",
-        *(["![judge vs data](report/pm_scaling.png)", ""] if plot else []),
-    ]
-    esc = html.escape
-    page = (
-        f"<h3>Judge: accuracy against training comparisons</h3><p>{esc(note)}</p><table><tr>"
-        + "".join(f"<th>{esc(h)}</th>" for h in SCALING_HEADER)
-        + "</tr>"
-        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-        + "</table>"
-        + ("<img src='report/pm_scaling.png'>" if plot else "")
+        SCALING_HEADER,
+        rows,
+        image="report/pm_scaling.png" if plot else None,
     )
-    return md, page
 
 
 def seeds_section(root: Path) -> tuple[list[str], str]:
