@@ -166,3 +166,28 @@ def test_smoke_pipeline_on_the_tutorials_model_family(tmp_path, model_dirs):
     run_pipeline(tmp_path, f"base_model={model_dirs['qwen3_5']}")
     assert (tmp_path / "report.md").exists()
     assert json.loads((tmp_path / "rm" / "pm_eval.json").read_text())["pm/n"] > 0  # the step that failed
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_training_logprobs_of_a_padded_batch_equal_each_sequence_alone(name, trained):
+    """The trainer pads a batch on the right and runs it causally without a padding mask: every row's logprobs
+    (and the summed loss) equal those of the row alone (linear attention, sliding windows and experts included)."""
+    trainer, _ = trained(name)
+    tokenizer = trainer.get_tokenizer()
+    texts = ("Once upon a time there was a fox", "Hi there", "A much longer sequence than the others, by far, it is")
+    data = []
+    for text in texts:
+        tokens = tokenizer.encode(text)
+        data.append(
+            Datum(
+                ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}
+            )
+        )
+    together = trainer.forward(data, "cross_entropy").result()
+    total = 0.0
+    for datum, out in zip(data, together.loss_fn_outputs):
+        alone = trainer.forward([datum], "cross_entropy").result()
+        total += alone.metrics["loss:sum"]
+        expected = alone.loss_fn_outputs[0]["logprobs"].tolist()
+        assert max(abs(a - b) for a, b in zip(out["logprobs"].tolist(), expected)) < 1e-4
+    assert together.metrics["loss:sum"] == pytest.approx(total, rel=1e-5)

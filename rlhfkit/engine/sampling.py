@@ -478,20 +478,18 @@ class SamplingClient:
 
     def _forward_right_padded(self, sequences: Sequence[list[int]], keep_last_only: bool) -> list[torch.Tensor]:
         """The general path's _forward_left_padded: right padding comes after each row's tokens, so it changes
-        none of their logits in any causal model; with keep_last_only the head sees each row's last position only
-        (last_positions_only)."""
+        none of their logits in any causal model and needs no padding mask (plain causal attention); with
+        keep_last_only the head sees each row's last position only (last_positions_only)."""
         results: list[torch.Tensor | None] = [None] * len(sequences)
         for batch in plan_microbatches([len(s) for s in sequences]):
-            ids, mask = pad_right([sequences[i] for i in batch], self._pad_id, self.precision.device)
+            ids, _ = pad_right([sequences[i] for i in batch], self._pad_id, self.precision.device)
             last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=ids.device)
             with (
                 torch.inference_mode(),
                 self.precision.autocast,
                 last_positions_only(self.model, last) if keep_last_only else contextlib.nullcontext(),
             ):
-                logits = self.model(
-                    input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1 if keep_last_only else 0
-                ).logits
+                logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=1 if keep_last_only else 0).logits
             for row, i in enumerate(batch):
                 results[i] = logits[row, -1] if keep_last_only else logits[row, : len(sequences[i])]
         return results  # type: ignore[return-value]

@@ -97,10 +97,14 @@ class LoraTrainer:
         self.model.train(grad)
         budget = microbatch_token_budget(device, training=True)
         for batch in plan_microbatches([len(s) for s in sequences], budget):
-            ids, mask = pad_right([sequences[i] for i in batch], self._pad_id, device)
+            # Right padding comes after each row's tokens, so in a causal model it changes none of their outputs:
+            # no padding mask is needed, and without one attention runs as plain causal attention (sdpa's causal
+            # kernel on the key/value heads as they are, instead of a masked kernel over every position pair
+            # and key/value heads repeated per query head).
+            ids, _ = pad_right([sequences[i] for i in batch], self._pad_id, device)
             with torch.set_grad_enabled(grad):
                 with self.precision.autocast:
-                    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
                     active = torch.cat([hidden[row, starts[i] : len(sequences[i])] for row, i in enumerate(batch)])
                     logits = unembedding(active)
                 if softcap:
