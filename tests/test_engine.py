@@ -222,3 +222,26 @@ def test_bad_base_model_errors_name_it_and_list_what_is_accepted(service, tmp_pa
             service.create_lora_training_client(value)
         message = str(info.value)
         assert value in message and "accepted base_model values" in message and ".gguf" in message
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_target_logprobs_and_their_gradient_equal_cross_entropys(dtype, monkeypatch):
+    """The trainer's chunked log p(target) (batching.token_logprobs) equals -cross_entropy in fp32, values and
+    gradient, with the rows split over several chunks; the gradient keeps the logits' dtype."""
+    from rlhfkit.engine import batching
+
+    monkeypatch.setattr(batching, "LOGPROB_CHUNK_BYTES", 4 * 1000 * 5)  # 5 rows per chunk, the last one short
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 19, 1000) * 3).to(dtype)
+    targets = torch.randint(0, 1000, (2, 19))
+    weights = torch.randn(2, 19)
+    reference, chunked = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    expected = -torch.nn.functional.cross_entropy(
+        reference.float().flatten(0, 1), targets.flatten(), reduction="none"
+    ).view(2, 19)
+    (expected * weights).sum().backward()
+    got = batching.token_logprobs(chunked, targets)
+    (got * weights).sum().backward()
+    assert got.dtype == torch.float32 and chunked.grad.dtype == dtype
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked.grad.float(), reference.grad.float(), atol=1e-5, rtol=1e-2)
