@@ -32,6 +32,28 @@ def test_every_preset_parses_and_validates(preset):
         assert getattr(cfg, key) == value
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_presets_rl_stage_builds_its_judge(preset, monkeypatch):
+    """The RL stage's configuration is built from each preset (its reward mode included), the loop captured
+    instead of run."""
+    import asyncio
+
+    from rlhfkit.recipes.preference.rlhf import rlhf_pipeline
+    from rlhfkit.rl import train as rl_train
+
+    seen = []
+
+    async def capture(config):
+        seen.append(config)
+
+    monkeypatch.setattr(rl_train, "main", capture)
+    monkeypatch.setattr(rlhf_pipeline, "starting_point", lambda given, stage_log, key: f"{stage_log}/{key}")
+    cfg = parse_args([f"preset={preset}"])
+    asyncio.run(rlhf_pipeline.run_rl(cfg, cfg.base_model, "chat_template"))
+    (config,) = seen
+    assert config.dataset_builder.preference_model_builder.reward_mode == cfg.reward_mode
+
+
 def test_every_field_has_a_help_text_and_a_known_group():
     for f in dataclasses.fields(PipelineConfig):
         assert f.metadata.get("help"), f.name

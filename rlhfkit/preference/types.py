@@ -246,8 +246,8 @@ class PreferenceModelBuilderFromChatRenderer(PreferenceModelBuilder):
     reward_mode: RewardMode = "verdict"
 
     def __post_init__(self) -> None:
-        if self.reward_mode not in ("verdict", "probability"):
-            raise ValueError(f"reward_mode must be 'verdict' or 'probability', got {self.reward_mode!r}")
+        if self.reward_mode not in REWARD_MODES:
+            raise ValueError(f"reward_mode must be one of {', '.join(REWARD_MODES)}, got {self.reward_mode!r}")
 
     def __call__(self) -> PreferenceModelFromChatRenderer:
         from rlhfkit.engine import ServiceClient
