@@ -245,3 +245,25 @@ def test_target_logprobs_and_their_gradient_equal_cross_entropys(dtype, monkeypa
     assert got.dtype == torch.float32 and chunked.grad.dtype == dtype
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked.grad.float(), reference.grad.float(), atol=1e-5, rtol=1e-2)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)], ids=["grouped", "one_per_head"])
+def test_the_trainers_causal_attention_equals_sdpas(heads, kv_heads):
+    """rlhfkit's causal attention (stacked query groups, fp32 softmax) gives sdpa's output and gradients."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from rlhfkit.engine.attention import causal_attention
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, 7, 8, requires_grad=True)
+    k = torch.randn(2, kv_heads, 7, 8, requires_grad=True)
+    v = torch.randn(2, kv_heads, 7, 8, requires_grad=True)
+    grad = torch.randn(2, 7, heads, 8)
+    outputs = []
+    for attention in (causal_attention, sdpa_attention_forward):
+        out, _ = attention(module, q, k, v, None, scaling=0.3)
+        outputs.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for ours, reference in zip(*outputs):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from rlhfkit.engine import losses
+from rlhfkit.engine.attention import use_causal_attention
 from rlhfkit.engine.batching import microbatch_token_budget, pad_right, plan_microbatches, token_logprobs
 from rlhfkit.engine.integrity import write_manifest
 from rlhfkit.engine.lora import (
@@ -41,7 +42,9 @@ class LoraTrainer:
     def __init__(self, spec: LoraSpec, precision: Precision):
         self.spec = spec
         self.precision = precision
-        self.model = add_lora(load_base_model(spec.base_model, precision), spec)
+        base = load_base_model(spec.base_model, precision)
+        use_causal_attention(base)  # the batches below need no padding mask: plain causal attention
+        self.model = add_lora(base, spec)
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_steps = 0
         self._nonfinite_loss = False  # set by a backward pass whose loss was NaN/inf; the next optim_step skips

@@ -1,0 +1,88 @@
+"""Causal self-attention for LoRA training on a CPU, as a transformers attention implementation.
+
+The trainer runs right-padded batches without a padding mask (trainer.py), so every full-attention layer computes
+plain causal self-attention. On the CPU, sdpa's fused flash kernel does that at a small fraction of the matrix
+units' speed for these shapes (hidden 576 = 9 heads of 64, a few hundred tokens): in a bf16 LoRA training step of
+SmolLM2-135M its forward and backward took a third of the time for a tenth of the FLOPs
+(benchmarks/results/profile-training-bfloat16.md). Here the same maths runs as two batched matrix products and a
+softmax: the query heads that share a key/value head are stacked along the sequence axis, so each group multiplies
+its key/value head once (no copies of the key/value heads per query head), and the scores' softmax runs in fp32.
+
+Anything else (a mask, sliding windows, soft-capping, dropout, a query shorter than the keys, a GPU) goes to
+transformers' sdpa implementation unchanged, as do models whose attention is not sdpa to begin with."""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "rlhfkit_causal"
+_causal_masks: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def _grouped_causal_mask(length: int, groups: int, device: torch.device) -> torch.Tensor:
+    """[groups * length, length] additive mask (0 on and below the diagonal, -inf above) for `groups` query heads
+    stacked along the sequence axis; cached per shape."""
+    key = (length, groups, str(device))
+    if key not in _causal_masks:
+        if len(_causal_masks) > 64:
+            _causal_masks.clear()
+        mask = torch.full((length, length), float("-inf"), device=device).triu(1)
+        _causal_masks[key] = mask.repeat(groups, 1)
+    return _causal_masks[key]
+
+
+def causal_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: query [batch, heads, length, dim], key and value [batch, kv_heads,
+    length, dim]; returns ([batch, length, heads, dim], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plain = (
+        attention_mask is None
+        and not dropout
+        and kwargs.get("softcap") is None
+        and kwargs.get("sliding_window") is None
+        and kwargs.get("position_bias") is None
+        and query.device.type == "cpu"
+        and query.shape[2] == key.shape[2] > 1
+        and getattr(module, "is_causal", True)
+    )
+    if not plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scale = dim**-0.5 if scaling is None else scaling
+    # head h uses key/value head h // groups: stack each group's query heads along the sequence axis
+    q = query.reshape(batch * kv_heads, groups * length, dim)
+    k = key.reshape(batch * kv_heads, length, dim)
+    v = value.reshape(batch * kv_heads, length, dim)
+    scores = (
+        torch.matmul(q, k.transpose(1, 2)).float().mul_(scale).add_(_grouped_causal_mask(length, groups, query.device))
+    )
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v).view(batch, kv_heads, groups, length, dim)
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, length, heads, dim), None
+
+
+def use_causal_attention(model: torch.nn.Module) -> None:
+    """Make `model` (a transformers model computing attention with sdpa) compute plain causal attention with
+    causal_attention; masks are built as for sdpa (none when a batch needs none). Other models are left as
+    they are."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    if NAME not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(NAME, causal_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(NAME)
