@@ -248,11 +248,12 @@ def test_target_logprobs_and_their_gradient_equal_cross_entropys(dtype, monkeypa
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)], ids=["grouped", "one_per_head"])
-def test_the_trainers_causal_attention_equals_sdpas(heads, kv_heads):
-    """rlhfkit's causal attention (stacked query groups, fp32 softmax) gives sdpa's output and gradients."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def test_the_trainers_causal_attention_equals_sdpas(heads, kv_heads, monkeypatch):
+    """rlhfkit's causal attention (query heads stacked per key/value head, fp32 softmax) gives sdpa's output and
+    gradients (fp32); in bf16 the trainer's attention function takes that path, not sdpa's."""
+    from transformers.integrations import sdpa_attention
 
-    from rlhfkit.engine.attention import causal_attention
+    from rlhfkit.engine.attention import causal_attention, grouped_causal_attention
 
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = heads // kv_heads, True
@@ -261,9 +262,19 @@ def test_the_trainers_causal_attention_equals_sdpas(heads, kv_heads):
     k = torch.randn(2, kv_heads, 7, 8, requires_grad=True)
     v = torch.randn(2, kv_heads, 7, 8, requires_grad=True)
     grad = torch.randn(2, 7, heads, 8)
-    outputs = []
-    for attention in (causal_attention, sdpa_attention_forward):
-        out, _ = attention(module, q, k, v, None, scaling=0.3)
-        outputs.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
-    for ours, reference in zip(*outputs):
-        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+    ours = grouped_causal_attention(q, k, v, 0.3)
+    reference, _ = sdpa_attention.sdpa_attention_forward(module, q, k, v, None, scaling=0.3)
+    for a, b in zip(
+        (ours, *torch.autograd.grad(ours, (q, k, v), grad)),
+        (reference, *torch.autograd.grad(reference, (q, k, v), grad)),
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("bf16 plain causal attention went to sdpa")
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", refuse)
+    bf16 = [t.detach().bfloat16() for t in (q, k, v)]
+    out, _ = causal_attention(module, *bf16, None, scaling=0.3)
+    torch.testing.assert_close(out.float(), grouped_causal_attention(*bf16, 0.3).float())
+    torch.testing.assert_close(out.float(), reference.detach(), atol=3e-2, rtol=3e-2)
