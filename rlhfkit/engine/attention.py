@@ -8,8 +8,8 @@ SmolLM2-135M its forward and backward took a third of the time for a tenth of th
 softmax: the query heads that share a key/value head are stacked along the sequence axis, so each group multiplies
 its key/value head once (no copies of the key/value heads per query head), and the scores' softmax runs in fp32.
 
-Only in bf16: in fp32 the flash kernel is the faster one here (an A/B of the training step went 0.47x with this
-function). Anything else (fp32, a mask, sliding windows, soft-capping, dropout, a query shorter than the keys, a
+Only in bf16: in fp32 the flash kernel was the faster one (a microbenchmark of one layer's attention, and an A/B
+of the training step at 0.47x, both on a machine shared with other jobs: direction only). Anything else (fp32, a mask, sliding windows, soft-capping, dropout, a query shorter than the keys, a
 GPU) goes to transformers' sdpa implementation unchanged, as do models whose attention is not sdpa to begin
 with."""
 
