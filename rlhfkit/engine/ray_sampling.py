@@ -31,9 +31,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from rlhfkit.engine.futures import APIFuture, RequestBatcher, RequestQueue
 from rlhfkit.engine.models import load_tokenizer
 from rlhfkit.engine.ray_cluster import import_ray
+from rlhfkit.engine.sampling_api import SamplingAPI
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampleResponse, SamplingParams
 from rlhfkit.errors import UserError
 
@@ -305,25 +305,20 @@ def _pool_executor() -> Any:
         return _executor
 
 
-class RaySamplingClient:
-    """The sampling client of the Ray backend: a base model or one adapter version, served by a pool."""
+class RaySamplingClient(SamplingAPI):
+    """The SamplingAPI of the Ray backend: a base model or one adapter version, served by a pool (each batch
+    primitive is one `InferencePool.run`, split across the engines; the samples of one prompt go to one)."""
 
     def __init__(self, pool: InferencePool, base_model: str, adapter_path: str | None):
+        super().__init__("rlhfkit-ray-sampling")
         self.pool = pool
         self.base_model = base_model
         self.adapter_path = adapter_path
         self.adapter_id = pool.register(adapter_path) if adapter_path is not None else None
         self.tokenizer = load_tokenizer(base_model)
-        self._queue = RequestQueue("rlhfkit-ray-sampling")
-        self._sample_batcher = RequestBatcher(self._sample_many, self._queue)
-        self._logprob_batcher = RequestBatcher(self._logprobs_many, self._queue)
-        self._score_batcher = RequestBatcher(self._score_requests, self._queue)
 
-    def get_tokenizer(self):
-        return self.tokenizer
-
-    def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams | None]]) -> list[SampleResponse]:
-        items = [(p.to_ints(), n, params or SamplingParams()) for p, n, params in requests]
+    def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
+        items = [(p.to_ints(), n, params) for p, n, params in requests]
         return self.pool.run("sample", self.adapter_id, items, keys=[tuple(p) for p, _, _ in items])
 
     def _logprobs_many(self, prompts: list[ModelInput]) -> list[list[float | None]]:
@@ -331,35 +326,3 @@ class RaySamplingClient:
 
     def _score_many(self, prompts: list[ModelInput], candidates: list[int]) -> list[NextTokenScores]:
         return self.pool.run("score_next_token", self.adapter_id, [p.to_ints() for p in prompts], candidates)
-
-    def _score_requests(self, requests: list[tuple[ModelInput, list[int]]]) -> list[NextTokenScores]:
-        if len({tuple(c) for _, c in requests}) == 1:
-            return self._score_many([p for p, _ in requests], requests[0][1])
-        return [self._score_many([p], c)[0] for p, c in requests]
-
-    def sample(
-        self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
-    ) -> APIFuture[SampleResponse]:
-        return self._queue.submit(lambda: self._sample_many([(prompt, num_samples, sampling_params)])[0])
-
-    async def sample_async(
-        self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
-    ) -> SampleResponse:
-        return await self._sample_batcher.submit((prompt, num_samples, sampling_params))
-
-    def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
-        return self._queue.submit(lambda: self._logprobs_many([prompt])[0])
-
-    async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
-        return await self._logprob_batcher.submit(prompt)
-
-    def score_next_token_batch(
-        self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
-    ) -> list[NextTokenScores]:
-        return self._score_many(list(prompts), list(candidate_tokens))
-
-    def score_next_token(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> APIFuture[NextTokenScores]:
-        return self._queue.submit(lambda: self._score_many([prompt], list(candidate_tokens))[0])
-
-    async def score_next_token_async(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> NextTokenScores:
-        return await self._score_batcher.submit((prompt, list(candidate_tokens)))

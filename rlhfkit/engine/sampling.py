@@ -24,9 +24,9 @@ import torch
 
 from rlhfkit.engine.batching import pad_left, pad_right, plan_microbatches, token_logprobs
 from rlhfkit.engine.capabilities import cache_capabilities
-from rlhfkit.engine.futures import APIFuture, RequestBatcher, RequestQueue
 from rlhfkit.engine.lora import LoraSpec, merge_adapter
 from rlhfkit.engine.models import Precision, load_base_model, load_tokenizer
+from rlhfkit.engine.sampling_api import SamplingAPI
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampledSequence, SampleResponse, SamplingParams
 
 
@@ -225,11 +225,13 @@ def _preallocated_layer_class() -> type:
     return _PreallocatedLayer
 
 
-class SamplingClient:
-    """Samples from (and scores with) a frozen model: a base model, or a base model with a LoRA adapter
-    merged into its weights (merging makes generation and scoring faster than running the adapter)."""
+class SamplingClient(SamplingAPI):
+    """Samples from (and scores with) a frozen model in this process: a base model, or a base model with a LoRA
+    adapter merged into its weights (merging makes generation and scoring faster than running the adapter).
+    The public methods are SamplingAPI's; this class computes its batch primitives with torch."""
 
     def __init__(self, base_model: str, model: torch.nn.Module, precision: Precision):
+        super().__init__("rlhfkit-sampling")
         self.base_model = base_model
         self.model = model.eval()
         self.precision = precision
@@ -241,10 +243,6 @@ class SamplingClient:
         self._context = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
         self._cache = cache_capabilities(base_model, self.model)
         self.model.get_output_embeddings().register_forward_pre_hook(contiguous_input)
-        self._queue = RequestQueue("rlhfkit-sampling")  # every computation of this client runs on its thread
-        self._sample_batcher = RequestBatcher(self.sample_batch, self._queue)
-        self._logprob_batcher = RequestBatcher(self.compute_logprobs_batch, self._queue)
-        self._score_batcher = RequestBatcher(self._score_requests, self._queue)
 
     @classmethod
     def from_base(cls, base_model: str, precision: Precision) -> SamplingClient:
@@ -256,14 +254,12 @@ class SamplingClient:
         merge_adapter(model, tensors, spec.scale)
         return cls(spec.base_model, model, precision)
 
-    def get_tokenizer(self):
-        return self.tokenizer
-
     # ---------------------------------------------------------------------------------------------
     # Generation
 
-    def sample_batch(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
-        """Serve (prompt, num_samples, params) requests together, in this thread (blocking)."""
+    def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
+        """Serve (prompt, num_samples, params) requests together: rows sorted by prompt length, in batches of at
+        most RLHFKIT_SAMPLING_BATCH rows (the general path: one batch per prompt length)."""
         per_request = [make_rows(prompt, n, params, self._eos_ids, self._context) for prompt, n, params in requests]
         rows = [row for group in per_request for row in group]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
@@ -443,18 +439,6 @@ class SamplingClient:
             logits = out.logits[:, -1]
             position += 1
 
-    def sample(
-        self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
-    ) -> APIFuture[SampleResponse]:
-        return self._queue.submit(
-            lambda: self.sample_batch([(prompt, num_samples, sampling_params or SamplingParams())])[0]
-        )
-
-    async def sample_async(
-        self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
-    ) -> SampleResponse:
-        return await self._sample_batcher.submit((prompt, num_samples, sampling_params or SamplingParams()))
-
     # ---------------------------------------------------------------------------------------------
     # Scoring
 
@@ -499,21 +483,13 @@ class SamplingClient:
             return self._forward_left_padded(sequences, keep_last_only)
         return self._forward_right_padded(sequences, keep_last_only)
 
-    def compute_logprobs_batch(self, prompts: list[ModelInput]) -> list[list[float | None]]:
-        """compute_logprobs of every prompt, in this thread (blocking)."""
+    def _logprobs_many(self, prompts: list[ModelInput]) -> list[list[float | None]]:
         sequences = [p.to_ints() for p in prompts]
         out = []
         for tokens, logits in zip(sequences, self._forward(sequences, keep_last_only=False)):
             target = torch.as_tensor(tokens[1:], dtype=torch.long, device=logits.device)
             out.append([None] + token_logprobs(logits[:-1], target).tolist())
         return out
-
-    def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
-        """log p(token_t | tokens_<t) for every token of the prompt (None for the first)."""
-        return self._queue.submit(lambda: self.compute_logprobs_batch([prompt])[0])
-
-    async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
-        return await self._logprob_batcher.submit(prompt)
 
     @torch.inference_mode()
     def _last_logits_sharing_prefixes(self, sequences: list[list[int]]) -> list[torch.Tensor]:
@@ -610,21 +586,3 @@ class SamplingClient:
         argmax = logits.argmax(-1).tolist()
         chosen = logp[:, list(candidates)].tolist() if len(candidates) else [[] for _ in prompts]
         return [NextTokenScores(a, c) for a, c in zip(argmax, chosen)]
-
-    def _score_requests(self, requests: list[tuple[ModelInput, list[int]]]) -> list[NextTokenScores]:
-        """Batched (prompt, candidates) requests: one pass when they share their candidates."""
-        if len({tuple(c) for _, c in requests}) == 1:
-            return self._score_many([p for p, _ in requests], requests[0][1])
-        return [self._score_many([p], c)[0] for p, c in requests]
-
-    def score_next_token_batch(
-        self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
-    ) -> list[NextTokenScores]:
-        """For each prompt: the greedy next token and the logprobs of `candidate_tokens`, in batched passes."""
-        return self._queue.submit(self._score_many, list(prompts), list(candidate_tokens)).result()
-
-    def score_next_token(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> APIFuture[NextTokenScores]:
-        return self._queue.submit(lambda: self._score_many([prompt], list(candidate_tokens))[0])
-
-    async def score_next_token_async(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> NextTokenScores:
-        return await self._score_batcher.submit((prompt, list(candidate_tokens)))

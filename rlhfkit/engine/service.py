@@ -10,6 +10,7 @@ from pathlib import Path
 from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors, read_spec
 from rlhfkit.engine.models import pick_precision
 from rlhfkit.engine.sampling import SamplingClient
+from rlhfkit.engine.sampling_api import SamplingAPI
 from rlhfkit.engine.training import TrainingClient
 from rlhfkit.paths import cache_dir
 
@@ -109,7 +110,7 @@ class ServiceClient:
         client.load_state_with_optimizer(path).result()
         return client
 
-    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingClient:
+    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None) -> SamplingAPI:
         """`model_path`: a directory from save_weights_for_sampler or save_state; else the plain base_model."""
         spec, adapter = None, None
         if model_path is None:
@@ -121,11 +122,11 @@ class ServiceClient:
                 spec = LoraSpec(**{**spec.__dict__, "base_model": base_model})
             base_model, adapter = spec.base_model, str(Path(model_path).resolve())
         if self._ray is not None:
-            return self._ray.sampling_client(base_model, adapter)  # type: ignore[return-value]
+            return self._ray.sampling_client(base_model, adapter)
         if self.sampler == "vllm":
             from rlhfkit.engine.vllm_sampling import VLLMSamplingClient
 
-            return VLLMSamplingClient(spec, base_model, adapter, self.precision)  # type: ignore[return-value]
+            return VLLMSamplingClient(spec, base_model, adapter, self.precision)
         if spec is None:
             return SamplingClient.from_base(base_model, self.precision)
         return SamplingClient.from_adapter(spec, load_adapter_tensors(adapter), self.precision)
@@ -140,7 +141,7 @@ class ServiceClient:
     async def create_training_client_from_state_with_optimizer_async(self, path, user_metadata=None):
         return self.create_training_client_from_state_with_optimizer(path)
 
-    async def create_sampling_client_async(self, model_path=None, base_model=None) -> SamplingClient:
+    async def create_sampling_client_async(self, model_path=None, base_model=None) -> SamplingAPI:
         return self.create_sampling_client(model_path, base_model)
 
 

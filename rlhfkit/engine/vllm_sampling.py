@@ -25,12 +25,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from rlhfkit.engine.futures import APIFuture, RequestBatcher, RequestQueue
 from rlhfkit.engine.lora import LoraSpec, target_module_names
 from rlhfkit.engine.models import Precision, load_tokenizer, resolve_base_model
 from rlhfkit.engine.sampling import max_sampling_batch
+from rlhfkit.engine.sampling_api import SamplingAPI
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampleResponse, SamplingParams
 from rlhfkit.engine.vllm_core import UnsupportedAdapterError
 from rlhfkit.engine.vllm_inference import responses_from, sample_rows, sampling_limits, vllm_environment
@@ -251,25 +251,20 @@ def check_lora_targets(spec: LoraSpec, precision: Precision) -> None:
     )
 
 
-class VLLMSamplingClient:
-    """The SamplingClient interface, generating and scoring with vLLM: a base model, or a base model with the LoRA
-    adapter saved at `adapter_path` (a save_weights_for_sampler / save_state directory). With an adapter, its
-    LoraSpec's targets are checked against the engine first (check_lora_targets)."""
+class VLLMSamplingClient(SamplingAPI):
+    """The SamplingAPI, generating and scoring with vLLM: a base model, or a base model with the LoRA adapter
+    saved at `adapter_path` (a save_weights_for_sampler / save_state directory). With an adapter, its LoraSpec's
+    targets are checked against the engine first (check_lora_targets). Each batch primitive is one request to
+    the engine (sampling: one per 4 x RLHFKIT_SAMPLING_BATCH rows)."""
 
     def __init__(self, spec: LoraSpec | None, base_model: str, adapter_path: str | None, precision: Precision):
+        super().__init__("rlhfkit-vllm-sampling")
         self.spec, self.base_model, self.adapter_path, self.precision = spec, base_model, adapter_path, precision
         self.tokenizer = load_tokenizer(base_model)
         self._eos_ids, self._context = sampling_limits(resolve_base_model(base_model))
         self._engine: VLLMEngine | None = None  # started on the first request, or now to check an adapter's spec
         if spec is not None:
             self.engine.check_targets(set(lora_target_leaves(spec)), targets_description(spec))
-        self._queue = RequestQueue("rlhfkit-vllm-sampling")  # requests to the engine go one at a time
-        self._sample_batcher = RequestBatcher(self._sample_many, self._queue)
-        self._score_batcher = RequestBatcher(self._score_requests, self._queue)
-        self._logprob_batcher = RequestBatcher(self._logprobs_many, self._queue)
-
-    def get_tokenizer(self):
-        return self.tokenizer
 
     @property
     def engine(self) -> VLLMEngine:
@@ -290,17 +285,7 @@ class VLLMSamplingClient:
             )
         return responses_from(counts, results)
 
-    def sample(
-        self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
-    ) -> APIFuture[SampleResponse]:
-        return self._queue.submit(lambda: self._sample_many([(prompt, num_samples, sampling_params)])[0])
-
-    async def sample_async(
-        self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
-    ) -> SampleResponse:
-        return await self._sample_batcher.submit((prompt, num_samples, sampling_params))
-
-    def _score_many(self, prompts: list[ModelInput], candidates: Sequence[int]) -> list[NextTokenScores]:
+    def _score_many(self, prompts: list[ModelInput], candidates: list[int]) -> list[NextTokenScores]:
         adapter_id = self.engine.use_adapter(self.adapter_path)
         scores = self.engine.request(
             {
@@ -312,34 +297,8 @@ class VLLMSamplingClient:
         )
         return [NextTokenScores(argmax, logprobs) for argmax, logprobs in scores]
 
-    def _score_requests(self, requests: list[tuple[ModelInput, list[int]]]) -> list[NextTokenScores]:
-        """Batched score_next_token_async calls: one engine request when they share the candidates."""
-        if len({tuple(c) for _, c in requests}) == 1:
-            return self._score_many([p for p, _ in requests], requests[0][1])
-        return [self._score_many([p], c)[0] for p, c in requests]
-
-    def score_next_token_batch(
-        self, prompts: Sequence[ModelInput], candidate_tokens: Sequence[int]
-    ) -> list[NextTokenScores]:
-        return self._queue.submit(self._score_many, list(prompts), list(candidate_tokens)).result()
-
-    def score_next_token(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> APIFuture[NextTokenScores]:
-        return self._queue.submit(lambda: self._score_many([prompt], list(candidate_tokens))[0])
-
-    async def score_next_token_async(self, prompt: ModelInput, candidate_tokens: Sequence[int]) -> NextTokenScores:
-        return await self._score_batcher.submit((prompt, list(candidate_tokens)))
-
     def _logprobs_many(self, prompts: list[ModelInput]) -> list[list[float | None]]:
         adapter_id = self.engine.use_adapter(self.adapter_path)
         return self.engine.request(
             {"op": "compute_logprobs", "adapter_id": adapter_id, "prompts": [p.to_ints() for p in prompts]}
         )
-
-    def compute_logprobs_batch(self, prompts: Sequence[ModelInput]) -> list[list[float | None]]:
-        return self._queue.submit(self._logprobs_many, list(prompts)).result()
-
-    def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
-        return self._queue.submit(lambda: self._logprobs_many([prompt])[0])
-
-    async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
-        return await self._logprob_batcher.submit(prompt)
