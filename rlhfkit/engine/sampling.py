@@ -1,8 +1,8 @@
 """The local sampling client: batched generation with a KV cache, logprobs, and next-token scoring.
 
 Concurrent `_async` calls (e.g. all rollouts of an RL batch, all matchups judged by a preference model) are
-gathered by a small batcher and served by one batched computation, so recipes can issue one request per
-sequence and still get large batches.
+gathered by the client's batchers (sampling_api.py) and served by one batched computation, so recipes can
+issue one request per sequence and still get large batches.
 
 Two implementations of each computation, chosen per model by what its cache supports (see capabilities.py):
 fast paths for attention-only models (left-padded batches, a preallocated decode cache, prefix keys/values
