@@ -69,13 +69,15 @@ class SamplingAPI(ABC):
     def sample(
         self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
     ) -> APIFuture[SampleResponse]:
-        request = (prompt, num_samples, sampling_params or SamplingParams())
+        request = (prompt, num_samples, SamplingParams() if sampling_params is None else sampling_params)
         return self._queue.submit(lambda: self._sample_many([request])[0])
 
     async def sample_async(
         self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None
     ) -> SampleResponse:
-        return await self._sample_batcher.submit((prompt, num_samples, sampling_params or SamplingParams()))
+        return await self._sample_batcher.submit(
+            (prompt, num_samples, SamplingParams() if sampling_params is None else sampling_params)
+        )
 
     def sample_batch(self, requests: Sequence[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
         """Serve (prompt, num_samples, params) requests together (blocking)."""
