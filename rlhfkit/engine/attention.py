@@ -18,17 +18,17 @@ from __future__ import annotations
 import torch
 
 NAME = "rlhfkit_causal"
-_causal_masks: dict[tuple[int, int, str], torch.Tensor] = {}
+_causal_masks: dict[tuple[int, int, str, torch.dtype], torch.Tensor] = {}
 
 
-def _grouped_causal_mask(length: int, groups: int, device: torch.device) -> torch.Tensor:
+def _grouped_causal_mask(length: int, groups: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[groups * length, length] additive mask (0 on and below the diagonal, -inf above) for `groups` query heads
     stacked along the sequence axis; cached per shape."""
-    key = (length, groups, str(device))
+    key = (length, groups, str(device), dtype)
     if key not in _causal_masks:
         if len(_causal_masks) > 64:
             _causal_masks.clear()
-        mask = torch.full((length, length), float("-inf"), device=device).triu(1)
+        mask = torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu(1)
         _causal_masks[key] = mask.repeat(groups, 1)
     return _causal_masks[key]
 
@@ -74,9 +74,11 @@ def grouped_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     q = query.reshape(batch * kv_heads, groups * length, dim)
     k = key.reshape(batch * kv_heads, length, dim)
     v = value.reshape(batch * kv_heads, length, dim)
-    mask = _grouped_causal_mask(length, groups, query.device)
-    scores = torch.matmul(q, k.transpose(1, 2)).float().mul_(scale).add_(mask)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    mask = _grouped_causal_mask(length, groups, query.device, q.dtype)
+    # the scores in the compute dtype, mask added in the product; softmax in fp32 (transformers' eager attention
+    # keeps the same precisions under autocast)
+    scores = torch.baddbmm(mask.expand(q.shape[0], -1, -1), q, k.transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     out = torch.matmul(probs, v).view(batch, kv_heads, groups, length, dim)
     return out.permute(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
 
