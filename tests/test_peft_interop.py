@@ -10,6 +10,13 @@ import torch
 
 from rlhfkit.engine import AdamParams, Datum, ModelInput, ServiceClient
 
+# These tests use PEFT directly, as a user's own code would; its notices about tied embeddings and transformers'
+# deprecation of is_gradient_checkpointing (raised inside PEFT) are the libraries' own, not rlhfkit's.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning"),
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
+
 TEXT = "A short sentence to compare logits on, with a few more words."
 
 
