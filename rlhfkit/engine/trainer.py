@@ -101,9 +101,9 @@ class LoraTrainer:
         budget = microbatch_token_budget(device, training=True)
         for batch in plan_microbatches([len(s) for s in sequences], budget):
             # Right padding comes after each row's tokens, so in a causal model it changes none of their outputs:
-            # no padding mask is needed, and without one attention runs as plain causal attention (sdpa's causal
-            # kernel on the key/value heads as they are, instead of a masked kernel over every position pair
-            # and key/value heads repeated per query head).
+            # no padding mask is needed, and without one attention runs as plain causal attention (attention.py in
+            # bf16, else sdpa's causal kernel on the key/value heads as they are) instead of a masked kernel over
+            # every position pair with the key/value heads repeated per query head.
             ids, _ = pad_right([sequences[i] for i in batch], self._pad_id, device)
             with torch.set_grad_enabled(grad):
                 with self.precision.autocast:
