@@ -6,6 +6,7 @@
   rlhfkit export CHECKPOINT OUT [--merge]                                          a PEFT adapter / merged model
   rlhfkit eval pm|winrate ...                                                      evaluate a judge / a policy
   rlhfkit report RUN_FOLDER                                                        the report of a finished run
+  rlhfkit serve [--port 8000] [--storage DIR] [backend=ray ...]                   a Tinker API server (tinker SDK)
   rlhfkit --version
 
 `rlhfkit COMMAND --help` explains a command; the settings of pipeline, sft, rm, rl and dpo follow.
@@ -126,6 +127,10 @@ def run_command(argv: list[str]) -> int:
         return eval_main(rest)
     if command == "report":
         return report_main(rest)
+    if command == "serve":
+        from rlhfkit.serve.cli import serve_main
+
+        return serve_main(rest)
     if command in ("pipeline", "sft", "rm", "rl", "dpo"):
         from rlhfkit.recipes.preference.rlhf.pipeline_config import parse_command
 

@@ -3,7 +3,6 @@ the Ray backend (ray_backend.py)."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors, read_spec
 from rlhfkit.engine.models import pick_precision
 from rlhfkit.engine.sampling import SamplingClient
 from rlhfkit.engine.sampling_api import SamplingAPI
+from rlhfkit.engine.settings import EngineSettings
 from rlhfkit.engine.training import TrainingClient
 from rlhfkit.paths import cache_dir
 
@@ -45,29 +45,39 @@ class ServiceClient:
         num_train_workers: int | None = None,
         num_samplers: int | None = None,
         inference_engine: str | None = None,
+        settings: EngineSettings | None = None,
     ):
         if base_url is not None:
             raise ValueError(f"base_url={base_url!r}: only the local in-process backend exists; pass None")
-        self.precision = pick_precision(device, dtype)
+        # One settings value; without one, the RLHFKIT_* environment (read by EngineSettings.from_env only).
+        # The keyword arguments override it.
+        settings = (settings if settings is not None else EngineSettings.from_env()).merged(
+            device=device,
+            dtype=dtype,
+            sampler=sampler,
+            backend=backend,
+            ray_address=ray_address,
+            num_train_workers=num_train_workers,
+            num_samplers=num_samplers,
+            inference_engine=inference_engine,
+        )
+        self.settings = settings
+        self.precision = pick_precision(settings.device, settings.dtype)
         self.storage_dir = Path(storage_dir) if storage_dir else cache_dir() / "runs"
-        self.sampler = sampler or os.environ.get("RLHFKIT_SAMPLER") or "local"
-        if self.sampler not in ("local", "vllm"):
-            raise ValueError(f"sampler={self.sampler!r}: expected 'local' or 'vllm'")
-        self.backend = backend or os.environ.get("RLHFKIT_BACKEND") or "local"
-        if self.backend not in ("local", "ray"):
-            raise ValueError(f"backend={self.backend!r}: expected 'local' or 'ray'")
+        self.sampler = settings.sampler or "local"
+        self.backend = settings.backend or "local"
         self._ray = None
         if self.backend == "ray":
             from rlhfkit.engine.ray_backend import ray_backend
             from rlhfkit.engine.ray_sampling import default_inference_engine
 
             self._ray = ray_backend(
-                ray_address if ray_address is not None else os.environ.get("RLHFKIT_RAY_ADDRESS"),
-                num_train_workers if num_train_workers is not None else _env_int("RLHFKIT_NUM_TRAIN_WORKERS"),
-                num_samplers if num_samplers is not None else _env_int("RLHFKIT_NUM_SAMPLERS"),
-                inference_engine or os.environ.get("RLHFKIT_INFERENCE_ENGINE") or default_inference_engine(),
-                device,
-                dtype,
+                settings.ray_address,
+                settings.num_train_workers,
+                settings.num_samplers,
+                settings.inference_engine or default_inference_engine(),
+                settings.device,
+                settings.dtype,
             )
 
     def _training_client(self, spec: LoraSpec) -> TrainingClient:
@@ -143,8 +153,3 @@ class ServiceClient:
 
     async def create_sampling_client_async(self, model_path=None, base_model=None) -> SamplingAPI:
         return self.create_sampling_client(model_path, base_model)
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None

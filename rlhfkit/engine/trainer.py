@@ -91,7 +91,9 @@ class LoraTrainer:
         to `per_microbatch` (which may call backward). Returns detached logprobs in data order."""
         sequences = [d.model_input.to_ints() for d in data]
         targets = [d.loss_fn_inputs["target_tokens"].to_numpy().astype("int64").tolist() for d in data]
-        starts = [self._first_active_position(d) for d in data]
+        # a forward pass reports every position's logprob (the reference's semantics: the SDK's custom losses
+        # read them all); a backward pass skips the unembedding of positions no loss input touches
+        starts = [self._first_active_position(d) for d in data] if grad else [0] * len(data)
         results: list[torch.Tensor | None] = [None] * len(data)
         base = self.model.get_base_model()
         decoder, unembedding = base.get_decoder(), base.get_output_embeddings()
