@@ -296,3 +296,45 @@ def test_a_killed_driver_resumes_on_ray_without_gap_or_duplicate(tiny_model_dir,
     finally:  # a SIGKILLed driver's private Ray instance leaves its agent processes behind
         _stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# about 1 minute here: the tinker SDK against `rlhfkit serve backend=ray` on the two-node cluster
+def test_tinker_sdk_through_rlhfkit_serve_on_the_two_node_cluster(two_node_cluster, tmp_path, tiny_model_dir):
+    tinker = pytest.importorskip("tinker")
+    from tinker import types as tt
+
+    from rlhfkit.engine import ServiceClient as EngineService
+    from rlhfkit.engine import types as et
+    from tests.serve_helpers import API_KEY, ServerProcess
+
+    args = ("backend=ray", f"ray_address={two_node_cluster}", "num_train_workers=2")
+    server = ServerProcess(tmp_path / "storage", *args, env=CLUSTER_ENV).start()
+    try:
+        sdk = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        remote = sdk.create_lora_training_client(base_model=tiny_model_dir, rank=4, seed=2).result()
+        local = EngineService(dtype="float32", storage_dir=str(tmp_path / "local")).create_lora_training_client(
+            tiny_model_dir, rank=4, seed=2
+        )
+        ids = load_tokenizer(tiny_model_dir).encode(TEXTS[0])
+        inputs = {"target_tokens": np.array(ids[1:]), "weights": np.ones(len(ids) - 1, dtype=np.float32)}
+        r = remote.forward_backward(
+            [
+                tt.Datum(
+                    model_input=tt.ModelInput.from_ints(ids[:-1]),
+                    loss_fn_inputs={k: tt.TensorData.from_numpy(v) for k, v in inputs.items()},
+                )
+            ],
+            "cross_entropy",
+        ).result()
+        loc = local.forward_backward([et.Datum(et.ModelInput.from_ints(ids[:-1]), inputs)], "cross_entropy").result()
+        assert r.metrics["loss:sum"] == pytest.approx(loc.metrics["loss:sum"], rel=1e-5)
+        remote.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
+        path = remote.save_weights_for_sampler("ray-1").result().path
+        sampler = sdk.create_sampling_client(model_path=path).result()
+        sample = sampler.sample(tt.ModelInput.from_ints(ids[:5]), 2, tt.SamplingParams(max_tokens=4, seed=3)).result()
+        assert [len(s.tokens) for s in sample.sequences] == [4, 4]
+        logprobs = sampler.compute_logprobs(tt.ModelInput.from_ints(ids)).result()
+        assert logprobs[0] is None and all(lp < 0 for lp in logprobs[1:])
+        sdk.close("success").result()
+    finally:
+        server.stop()
