@@ -33,7 +33,7 @@ from rlhfkit.engine.ray_sampling import default_inference_engine
 from rlhfkit.utils.atomic import read_jsonl, write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parent.parent
-PIPELINE = [sys.executable, "-m", "rlhfkit.recipes.preference.rlhf.rlhf_pipeline"]
+PIPELINE = [sys.executable, "-m", "rlhfkit", "pipeline"]
 
 
 def run(args: list[str], env: dict[str, str]) -> None:

@@ -52,7 +52,8 @@ def run_pipeline(root: Path, *args: str, env: dict | None = None) -> subprocess.
     cmd = [
         sys.executable,
         "-m",
-        "rlhfkit.recipes.preference.rlhf.rlhf_pipeline",
+        "rlhfkit",
+        "pipeline",
         "preset=smoke",
         f"log_root={root}",
         *args,

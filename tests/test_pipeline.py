@@ -20,7 +20,8 @@ def run_pipeline(log_root: Path, *extra: str, wait: bool = True):
     cmd = [
         sys.executable,
         "-m",
-        "rlhfkit.recipes.preference.rlhf.rlhf_pipeline",
+        "rlhfkit",
+        "pipeline",
         "preset=smoke",
         f"log_root={log_root}",
         *extra,
@@ -137,7 +138,8 @@ def test_changed_settings_on_a_run_folder_are_refused_or_continued_with_the_hist
     cmd = [
         sys.executable,
         "-m",
-        "rlhfkit.recipes.preference.rlhf.rlhf_pipeline",
+        "rlhfkit",
+        "pipeline",
         "preset=smoke",
         f"log_root={root}",
         "lora_rank=32",

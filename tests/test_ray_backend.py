@@ -234,7 +234,8 @@ def test_two_node_cluster_runs_the_smoke_pipeline(two_node_cluster, tmp_path):
     command = [
         sys.executable,
         "-m",
-        "rlhfkit.recipes.preference.rlhf.rlhf_pipeline",
+        "rlhfkit",
+        "pipeline",
         "preset=smoke",
         f"log_root={root}",
         "backend=ray",

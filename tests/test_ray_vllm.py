@@ -185,7 +185,8 @@ def test_the_smoke_pipeline_runs_on_ray_with_a_vllm_engine(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "rlhfkit.recipes.preference.rlhf.rlhf_pipeline",
+        "rlhfkit",
+        "pipeline",
         "preset=smoke",
         f"base_model={model_dir}",
         f"log_root={root}",

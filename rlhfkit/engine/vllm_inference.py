@@ -19,6 +19,7 @@ its adapters from the registry file in its work_dir, so retried requests find th
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,6 +36,32 @@ __all__ = [
 ]
 
 MAX_MODEL_LEN = 8192  # the engine's context at most (the KV cache is sized for it)
+
+
+REPO_VENV_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+START_TIMEOUT = float(os.environ.get("RLHFKIT_VLLM_START_TIMEOUT", "900"))
+
+
+class VLLMUnavailableError(RuntimeError):
+    pass
+
+
+def vllm_python() -> str:
+    """The Python that runs the vLLM worker: $RLHFKIT_VLLM_PYTHON, else .venv-vllm/bin/python, else this one if
+    it can import vllm."""
+    configured = os.environ.get("RLHFKIT_VLLM_PYTHON")
+    if configured:
+        return configured
+    if REPO_VENV_PYTHON.exists():
+        return str(REPO_VENV_PYTHON)
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    raise VLLMUnavailableError(
+        "sampler=vllm: no Python with vLLM found. Run scripts/setup-vllm.sh (makes "
+        ".venv-vllm), or set RLHFKIT_VLLM_PYTHON to a Python that has vLLM"
+    )
 
 
 def sampling_limits(model_dir: str) -> tuple[set[int], int]:
@@ -219,8 +246,6 @@ def ray_actor_options(python: str | None = None, cpus: str | None = None) -> dic
     """The Ray actor options that run a VLLMInferenceWorker in the vLLM environment's Python (`python`, default
     vllm_python()): Ray's runtime_env py_executable, the vLLM process environment (vllm_environment(cpus)) and
     PYTHONPATH = package_path()."""
-    from rlhfkit.engine.vllm_sampling import vllm_python
-
     return {
         "runtime_env": {
             "py_executable": python or vllm_python(),

@@ -20,7 +20,6 @@ import functools
 import os
 import secrets
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,34 +32,19 @@ from rlhfkit.engine.sampling import max_sampling_batch
 from rlhfkit.engine.sampling_api import SamplingAPI
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampleResponse, SamplingParams
 from rlhfkit.engine.vllm_core import UnsupportedAdapterError
-from rlhfkit.engine.vllm_inference import responses_from, sample_rows, sampling_limits, vllm_environment
+from rlhfkit.engine.vllm_inference import (  # noqa: F401 (VLLMUnavailableError, vllm_python: their home was here)
+    REPO_VENV_PYTHON,
+    START_TIMEOUT,
+    VLLMUnavailableError,
+    responses_from,
+    sample_rows,
+    sampling_limits,
+    vllm_environment,
+    vllm_python,
+)
 from rlhfkit.paths import cache_dir
 
 WORKER_SCRIPT = Path(__file__).with_name("vllm_worker.py")
-REPO_VENV_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
-START_TIMEOUT = float(os.environ.get("RLHFKIT_VLLM_START_TIMEOUT", "900"))
-
-
-class VLLMUnavailableError(RuntimeError):
-    pass
-
-
-def vllm_python() -> str:
-    """The Python that runs the vLLM worker: $RLHFKIT_VLLM_PYTHON, else .venv-vllm/bin/python, else this one if
-    it can import vllm."""
-    configured = os.environ.get("RLHFKIT_VLLM_PYTHON")
-    if configured:
-        return configured
-    if REPO_VENV_PYTHON.exists():
-        return str(REPO_VENV_PYTHON)
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is not None:
-        return sys.executable
-    raise VLLMUnavailableError(
-        "sampler=vllm: no Python with vLLM found. Run scripts/setup-vllm.sh (makes "
-        ".venv-vllm), or set RLHFKIT_VLLM_PYTHON to a Python that has vLLM"
-    )
 
 
 def engine_settings() -> dict:

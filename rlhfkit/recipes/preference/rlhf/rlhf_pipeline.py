@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ from rlhfkit.utils.timing import StageClock
 from rlhfkit.utils.faults import set_phase
 from rlhfkit.utils.run_lock import RunLock
 
-__all__ = ["CONFIG_FILE", "PRESETS", "PipelineConfig", "cli_main", "main", "main_async", "parse_args"]
+__all__ = ["CONFIG_FILE", "PRESETS", "PipelineConfig", "main", "main_async", "parse_args"]
 
 ENVIRONMENT_FILE = "environment.json"  # the environment variables that change the engine's behaviour
 
@@ -443,15 +442,3 @@ async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
 def main(cfg: PipelineConfig) -> Any:
     """Runs to completion outside an event loop; inside one, returns a coroutine to await."""
     return run_or_await(main_async(cfg))
-
-
-def cli_main(argv: list[str], command: str = "pipeline") -> int:
-    """`rlhfkit COMMAND argv...` (see rlhfkit.cli): --help prints every setting; a bad setting, data file or model
-    is one line on stderr and exit code 2."""
-    from rlhfkit.cli import main as rlhfkit_main
-
-    return rlhfkit_main([command, *argv])
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))
