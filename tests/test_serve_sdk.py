@@ -292,3 +292,52 @@ def test_silent_session_is_released(tmp_path, tiny_model_dir):
         assert (proc.storage / "runs" / model_id / "weights" / "kept").is_dir()  # checkpoints stay
     finally:
         proc.stop()
+
+
+def test_zstd_bodies(tmp_path, tiny_model_dir):
+    proc = ServerProcess(tmp_path / "storage", "--zstd").start()
+    try:
+        sdk = tinker.ServiceClient(base_url=proc.url, api_key=API_KEY)
+        client = sdk.create_lora_training_client(base_model=tiny_model_dir, rank=2, seed=0).result()
+        ids = _tokens(tiny_model_dir, TEXTS[0])
+        out = client.forward_backward([_data(ids, "cross_entropy", True)], "cross_entropy").result()
+        assert out.metrics["loss:sum"] > 0 and len(out.loss_fn_outputs[0]["logprobs"].tolist()) == len(ids) - 1
+    finally:
+        proc.stop()
+
+
+def test_the_server_command_checks_its_arguments_first():
+    import subprocess
+    import sys
+
+    for args, named in ((["--host", "0.0.0.0"], "--api-key"), (["colour=red"], "key=value"), (["dtype=fp8"], "dtype")):
+        r = subprocess.run(
+            [sys.executable, "-m", "rlhfkit", "serve", *args], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 2 and named in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_released_session_frees_its_clients(tmp_path, tiny_model_dir):
+    import gc
+    import weakref
+
+    from fastapi.testclient import TestClient
+
+    from rlhfkit.serve import ServerSettings, create_app
+
+    app = create_app(ServerSettings(storage=str(tmp_path / "s")), service=EngineService(dtype="float32"))
+    with TestClient(app) as http:
+        sid = http.post("/api/v1/create_session", json={"tags": [], "user_metadata": {}, "sdk_version": "0.38.0"})
+        sid = sid.json()["session_id"]
+        req = {"session_id": sid, "model_seq_id": 0, "base_model": tiny_model_dir, "lora_config": {"rank": 2}}
+        rid = http.post("/api/v1/create_model", json=req).json()["request_id"]
+        model_id = http.post("/api/v1/retrieve_future", json={"request_id": rid}).json()["model_id"]
+        save = {"model_id": model_id, "seq_id": 1, "sampling_session_seq_id": 0}
+        rid = http.post("/api/v1/save_weights_for_sampler", json=save).json()["request_id"]
+        sampler_id = http.post("/api/v1/retrieve_future", json={"request_id": rid}).json()["sampling_session_id"]
+        server = app.state.server
+        held = [weakref.ref(server.models[model_id].client), weakref.ref(server.samplers[sampler_id].client)]
+        assert http.post(f"/api/v1/sessions/{sid}/finish", json={"reason": {"type": "success"}}).status_code == 200
+        gc.collect()
+        assert [ref() for ref in held] == [None, None]
+        assert http.get("/api/v1/healthz").json()["models"] == 0

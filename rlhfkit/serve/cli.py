@@ -14,10 +14,16 @@ inference_engine=torch|vllm device=cpu|cuda dtype=auto|float32|bfloat16 ray_addr
 num_samplers=N. docs/tinker-server.md has the details."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage first)
+        print(f"rlhfkit serve: error: {message} (rlhfkit serve --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str]):
     from rlhfkit.serve.settings import ServerSettings
 
-    parser = argparse.ArgumentParser(prog="rlhfkit serve", description=DESCRIPTION)
+    parser = _Parser(prog="rlhfkit serve", description=DESCRIPTION)
     parser.add_argument("engine", nargs="*", metavar="key=value", help="engine settings (see above)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
