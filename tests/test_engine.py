@@ -99,11 +99,14 @@ def test_forward_backward_reports_the_summed_loss(service, tiny_model_dir, token
     lps = [o["logprobs"].tolist() for o in out.loss_fn_outputs]
     expected = -(sum(lps[0]) + 0.5 * lps[1][0])
     assert math.isclose(out.metrics["loss:sum"], expected, rel_tol=1e-5)
-    # positions before the first weighted one skip the unembedding: their logprobs read 0, the rest agree
-    masked = trainer.forward([ce_datum(a, [0.0, 0.0, 1.0])], "cross_entropy").result()
+    # in a backward pass, positions before the first weighted one skip the unembedding: their logprobs read 0,
+    # the rest agree; a forward pass reports every position (the SDK's custom losses read them all)
+    masked = trainer.forward_backward([ce_datum(a, [0.0, 0.0, 1.0])], "cross_entropy").result()
     full = trainer.forward([ce_datum(a)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
     assert masked.loss_fn_outputs[0]["logprobs"].tolist()[:2] == [0.0, 0.0]
     assert math.isclose(masked.metrics["loss:sum"], -full[2], rel_tol=1e-5)
+    unweighted = trainer.forward([ce_datum(a, [0.0, 0.0, 0.0])], "cross_entropy").result()
+    assert unweighted.loss_fn_outputs[0]["logprobs"].tolist() == pytest.approx(full, abs=1e-6)
     with pytest.raises(ValueError, match="weights"):
         trainer.forward([Datum(ModelInput.from_ints(a[:-1]), {"target_tokens": a[1:]})], "cross_entropy")
 
