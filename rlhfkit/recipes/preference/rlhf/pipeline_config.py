@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlhfkit import model_info
+from rlhfkit.model_files import check_gguf_file, check_model_folder, hub_id_problem, looks_like_hub_id
 from rlhfkit.config import (
     ConfigError,
     at_least,
@@ -341,6 +342,14 @@ def check_pipeline_files(cfg: PipelineConfig) -> None:
         looks_like_path = cfg.base_model.startswith((".", "/", "~")) or cfg.base_model.endswith(".gguf")
         if looks_like_path and not path.exists():
             raise ConfigError("base_model", cfg.base_model, "no such model folder or .gguf file")
+        if path.is_dir():  # config.json, the architecture, the weights' headers: named before anything loads
+            check_model_folder(path, cfg.base_model)
+        elif path.is_file() and path.suffix == ".gguf":
+            check_gguf_file(path, cfg.base_model)
+        if looks_like_hub_id(cfg.base_model):  # offline and not in the Hub cache: say so, before the renderer
+            problem = hub_id_problem(cfg.base_model)
+            if problem is not None:
+                raise ConfigError("base_model", cfg.base_model, problem)
         if cfg.renderer_name is None:
             try:
                 model_info.get_recommended_renderer_name(cfg.base_model)
