@@ -34,6 +34,18 @@ OFFLINE_COPIES = {
         "weights, so its outputs differ somewhat from the Hub model's",
     ),
 }
+
+
+def public_model_name(base_model: str) -> str:
+    """The name other tools can load for `base_model`: the Hub id of an embedded offline copy (its adapters are
+    adapters of that Hub model, e.g. "smollm2-135m-instruct" -> "HuggingFaceTB/SmolLM2-135M-Instruct"), else the
+    name as given. Files that only rlhfkit reads (rlhfkit_state.json) keep the local name."""
+    for hub_id, (embedded, _) in OFFLINE_COPIES.items():
+        if base_model == embedded:
+            return hub_id
+    return base_model
+
+
 LOCAL_COPY_HINT = (
     "download it where the Hub is reachable (huggingface-cli download {name} --local-dir DIR) and set "
     "base_model=DIR (a folder with config.json) or base_model=FILE.gguf"
@@ -51,6 +63,31 @@ def hub_offline() -> bool:
 
 def looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
+
+
+def check_base_model_name(name: str, setting: str = "base_model") -> None:
+    """What can be checked of a base model value without loading it (ModelNotFoundError, one line): an embedded
+    name, an existing model folder or .gguf file (checked as above), or a Hub id that can load here."""
+    from rlhfkit.model_info import EMBEDDED_MODELS
+
+    if name in EMBEDDED_MODELS:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        check_model_folder(path, name, setting)
+    elif path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"{setting} {name!r}: not a model folder, .gguf file or checkpoint")
+        check_gguf_file(path, name, setting)
+    elif looks_like_hub_id(name):
+        problem = hub_id_problem(name)
+        if problem is not None:
+            raise ModelNotFoundError(f"{setting} {name!r}: {problem}")
+    else:
+        raise ModelNotFoundError(
+            f"{setting} {name!r}: no such file or folder (expected a checkpoint, stage log folder, PEFT adapter "
+            f"folder, model folder, .gguf file, Hub id org/name, or {', '.join(sorted(EMBEDDED_MODELS))})"
+        )
 
 
 def hub_id_problem(name: str) -> str | None:
@@ -86,11 +123,11 @@ def describe_hub_failure(name: str, error: BaseException) -> str:
 # Model folders and GGUF files
 
 
-def check_model_folder(folder: str | os.PathLike, name: str | None = None) -> None:
+def check_model_folder(folder: str | os.PathLike, name: str | None = None, setting: str = "base_model") -> None:
     """A Hugging Face model folder that transformers can load as a causal LM, or ModelNotFoundError naming the
-    file and the problem."""
+    file and the problem (and `setting`, the setting or argument that gave it as `name`)."""
     folder = Path(folder)
-    label = f"base_model {name!r}" if name is not None else f"model folder {str(folder)!r}"
+    label = f"{setting} {name!r}" if name is not None else f"model folder {str(folder)!r}"
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelNotFoundError(f"{label}: {folder} has no config.json, so it is not a Hugging Face model folder")
@@ -154,10 +191,10 @@ def check_safetensors_file(path: Path, label: str) -> None:
         )
 
 
-def check_gguf_file(path: str | os.PathLike, name: str | None = None) -> None:
+def check_gguf_file(path: str | os.PathLike, name: str | None = None, setting: str = "base_model") -> None:
     """A GGUF file whose header reads and whose tensors fit in the file (else ModelNotFoundError naming it)."""
     path = Path(path)
-    label = f"base_model {name!r}" if name is not None else f"model file {str(path)!r}"
+    label = f"{setting} {name!r}" if name is not None else f"model file {str(path)!r}"
     size = path.stat().st_size
     with open(path, "rb") as f:
         magic = f.read(4)
