@@ -346,15 +346,13 @@ def check_pipeline_files(cfg: PipelineConfig) -> None:
             check_model_folder(path, cfg.base_model)
         elif path.is_file() and path.suffix == ".gguf":
             check_gguf_file(path, cfg.base_model)
-        if looks_like_hub_id(cfg.base_model):  # offline and not in the Hub cache: say so, before the renderer
-            problem = hub_id_problem(cfg.base_model)
-            if problem is not None:
-                raise ConfigError("base_model", cfg.base_model, problem)
         if cfg.renderer_name is None:
             try:
                 model_info.get_recommended_renderer_name(cfg.base_model)
             except (model_info.ConfigurationError, KeyError) as e:
-                raise ConfigError("base_model", cfg.base_model, f"{e}; or set renderer_name") from None
+                # a Hub id that cannot load here (offline, not cached) is the real problem: say that first
+                problem = hub_id_problem(cfg.base_model) if looks_like_hub_id(cfg.base_model) else None
+                raise ConfigError("base_model", cfg.base_model, problem or f"{e}; or set renderer_name") from None
 
 
 def offline_hh_splits() -> dict[str, Path]:
