@@ -109,6 +109,10 @@ def cases(tmp: Path, tiny_model_dir: str) -> dict[str, tuple[list[str], str]]:
             [f"base_model={model_copy(tiny_model_dir, tmp / 'no_w', lambda d: (d / 'model.safetensors').unlink())}"],
             r"no_w has no weights file",
         ),
+        "hh_data empty file": (
+            ["run_sft=false", f"hh_data={tmp / 'empty.jsonl'}"],
+            r"empty\.jsonl is empty \(no rows\)",
+        ),
         "sft_data empty file": ([f"sft_data={tmp / 'empty.jsonl'}"], r"empty\.jsonl is empty \(no rows\)"),
         "sft_data without a usable row": (
             [f"sft_data={tmp / 'unusable.jsonl'}"],
@@ -137,7 +141,7 @@ def cases(tmp: Path, tiny_model_dir: str) -> dict[str, tuple[list[str], str]]:
         # a bad row is counted and skipped (tests/test_data_sources.py); a file with no usable row stops the run
         "hh_data without a usable row": (
             ["run_sft=false", f"hh_data={tmp / 'no_chosen.jsonl'}"],
-            r"no usable comparisons",
+            r"no usable comparisons in .*no_chosen\.jsonl: 1 of 1 rows unusable, e\.g\. line 1",
         ),
     }
 
@@ -189,6 +193,8 @@ def command_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     stage.mkdir(parents=True)
     (stage / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n")
     (tmp / "run" / "pipeline_config.json").write_text("{}")
+    (tmp / "damaged_run" / "sft").mkdir(parents=True)
+    (tmp / "damaged_run" / "pipeline_config.json").write_text('{"base_model": "tiny", "lora_')  # a cut file
     (tmp / "full").mkdir()
     (tmp / "full" / "x").write_text("x")
     return {
@@ -247,6 +253,10 @@ def command_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "eval without a subcommand": (["eval"], r"the following arguments are required"),
         "report of a folder that is no run": (["report", str(stage)], r"no pipeline_config\.json there"),
+        "report of a run whose record is cut": (
+            ["report", str(tmp / "damaged_run")],
+            r"damaged_run/pipeline_config\.json, line 1 column \d+: not valid JSON",
+        ),
         "an unknown command": (["bogus"], r"unknown command 'bogus'"),
         "pipeline unknown setting": (["pipeline", "no_such_setting=1"], r"no_such_setting"),
     }
