@@ -10,8 +10,8 @@
 
 `rlhfkit COMMAND --help` explains a command; the settings of pipeline, sft, rm, rl and dpo follow.
 
-A mistake in a setting, data file, model path or checkpoint is reported in one line (exit 2); add --debug anywhere
-to see the traceback.
+A mistake in a setting, argument, data file, model path or checkpoint, and a failed write (a full or read-only
+disk), is reported in one line (exit 2); add --debug anywhere to see the traceback.
 """
 
 from __future__ import annotations
