@@ -10,16 +10,15 @@ warning naming the file, and the previous good checkpoint is used instead.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 from rlhfkit.compat import warn_ignored
 from rlhfkit.errors import CheckpointError, DiskFullError
 from rlhfkit.utils.atomic import append_jsonl, read_jsonl
+from rlhfkit.utils.disk_errors import disk_error
 from rlhfkit.utils.faults import fault_point
 
 logger = logging.getLogger(__name__)
@@ -134,26 +133,21 @@ def save_checkpoint(
             paths["state_path"] = training_client.save_state(str(directory / "state")).result().path
         if kind in ("sampler", "both"):
             paths["sampler_path"] = training_client.save_weights_for_sampler(str(directory / "sampler")).result().path
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        if _is_disk_full(e, log_path):
+    except Exception as e:  # torch.save reports a failed write as a RuntimeError, safetensors as its own error
+        problem = disk_error(e, log_path, f"checkpoint {name!r}")
+        if isinstance(problem, DiskFullError):
             raise DiskFullError(
                 f"no space left on the device of {log_path} while saving checkpoint {name!r}; "
                 f"the checkpoints listed in {log_path / CHECKPOINTS_FILE} are intact: free some "
-                f"space and run the same command again to resume"
+                f"space and run the same command again to resume",
+                problem.errno,
             ) from None
+        if problem is not None:
+            raise problem from None
         raise
     fault_point("checkpoint_record")
     _record(log_path, name, loop_state, paths)
     return paths
-
-
-def _is_disk_full(error: BaseException, folder: Path) -> bool:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    try:
-        return shutil.disk_usage(folder).free < 1 << 20
-    except OSError:
-        return False
 
 
 def _record(log_path: Path, name: str, loop_state: dict[str, Any], paths: dict[str, str]) -> None:

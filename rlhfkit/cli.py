@@ -11,18 +11,20 @@
 
 `rlhfkit COMMAND --help` explains a command; the settings of pipeline, sft, rm, rl and dpo follow.
 
-A mistake in a setting, data file, model path or checkpoint is reported in one line (exit 2); add --debug anywhere
-to see the traceback.
+A mistake in a setting, argument, data file, model path or checkpoint, and a failed write (a full or read-only
+disk), is reported in one line (exit 2); add --debug anywhere to see the traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def sample_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rlhfkit sample", description="Sample replies from a model or checkpoint.")
+    from rlhfkit.cli_errors import ArgumentParser, non_negative_float, positive_int
+    from rlhfkit.renderers import RENDERERS
+
+    parser = ArgumentParser(prog="rlhfkit sample", description="Sample replies from a model or checkpoint.")
     parser.add_argument("prompt", nargs="?", default=None)
     parser.add_argument(
         "--prompts-file", default=None, help='a file of prompts: one per line, or JSONL rows with a "prompt" field'
@@ -35,18 +37,25 @@ def sample_main(argv: list[str]) -> int:
         "checkpoint is used)",
     )
     parser.add_argument("--base-model", default=None, help="override the checkpoint's base model")
-    parser.add_argument("--renderer", default=None, help="renderer name (default: the model's recommended one)")
-    parser.add_argument("--max-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument(
+        "--renderer",
+        default=None,
+        choices=sorted(RENDERERS),
+        help="renderer name (default: the model's recommended one)",
+    )
+    parser.add_argument("--max-tokens", type=positive_int, default=200)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.7)
+    parser.add_argument("--num-samples", type=positive_int, default=1)
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.prompts_file is None):
         parser.error("give one prompt or --prompts-file FILE")
 
-    from rlhfkit.sampling_cli import read_prompts, sample_replies
+    from rlhfkit.sampling_cli import check_model_argument, read_prompts, sample_replies
 
+    # every argument is checked before a model loads: the prompts file, the model, the base model
     prompts = [args.prompt] if args.prompts_file is None else read_prompts(args.prompts_file)
+    check_model_argument("--model", args.model, args.base_model)
     replies = sample_replies(
         args.model,
         prompts,
@@ -68,7 +77,9 @@ def sample_main(argv: list[str]) -> int:
 
 
 def report_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    from rlhfkit.cli_errors import ArgumentParser
+
+    parser = ArgumentParser(
         prog="rlhfkit report",
         description="Write report.{html,md} of a finished run from its folder alone (no model is loaded).",
     )
@@ -79,27 +90,18 @@ def report_main(argv: list[str]) -> int:
     from rlhfkit.report import write_report
 
     if not (Path(args.run_folder) / "pipeline_config.json").is_file():
-        print(f"rlhfkit report: run_folder={args.run_folder!r}: no pipeline_config.json there", file=sys.stderr)
-        return 2
+        parser.error(f"run_folder={args.run_folder!r}: no pipeline_config.json there (give a pipeline's log_root)")
     paths = write_report(args.run_folder)
     print(f"report: {paths['html']}  and  {paths['markdown']}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; a UserError becomes one line on stderr and exit code 2 (unless --debug is given)."""
-    from rlhfkit.errors import UserError
+    """Run a command; a UserError or a failed write becomes one line on stderr and exit code 2 (unless --debug is
+    given), a closed output pipe a quiet exit (rlhfkit.cli_errors.run_cli)."""
+    from rlhfkit.cli_errors import run_cli
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    try:
-        return run_command(argv)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"rlhfkit: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(run_command, argv, prog="rlhfkit")
 
 
 def run_command(argv: list[str]) -> int:
@@ -152,8 +154,10 @@ def run_command(argv: list[str]) -> int:
 
         asyncio.run(rlhf_pipeline.main_async(cfg))  # bad data, models, checkpoints: UserError (one line)
         return 0
-    print(f"rlhfkit: unknown command {command!r}\n{__doc__}", file=sys.stderr)
-    return 2
+    from rlhfkit.cli_errors import fail
+
+    commands = "pipeline, sft, rm, rl, dpo, sample, export, eval, report"
+    fail(f"unknown command {command!r}; the commands: {commands} (see rlhfkit --help)")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,21 @@ class CheckpointError(UserError):
     """A checkpoint that is damaged or missing (the message names the file)."""
 
 
-class DiskFullError(UserError):
+class DiskError(UserError):
+    """A write that failed for lack of space, a read-only file system or a missing permission (the message names
+    the path and what to free or change; nothing half-written is kept). `errno`: the cause's error number."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class DiskFullError(DiskError):
     """A write that failed for lack of space; the previous checkpoint is intact."""
+
+
+class UsageError(UserError):
+    """A bad command-line argument (the message names it); the command line prints it as one line, exit 2."""
 
 
 class RunLockedError(UserError):

@@ -218,15 +218,48 @@ async def eval_winrate(args: argparse.Namespace) -> dict:
     return result
 
 
+def check_data_argument(flag: str, spec: str | None) -> None:
+    """A data argument names existing files, offline HH-RLHF split names or Hub dataset names (UsageError)."""
+    from rlhfkit.cli_errors import fail
+    from rlhfkit.data_sources import parse_sources
+    from rlhfkit.recipes.preference.rlhf.pipeline_config import offline_hh_splits
+
+    if spec is None:
+        return
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        if Path(item).expanduser().is_file():
+            continue
+        try:
+            parse_sources(item, offline_hh_splits())
+        except (ValueError, FileNotFoundError) as e:
+            fail(f"{flag} {spec!r}: {e}")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every model and data argument, before any model or data loads (one line naming the argument)."""
+    from rlhfkit.sampling_cli import check_model_argument
+
+    if args.command == "pm":
+        check_data_argument("--data", args.data)
+        check_model_argument("--model", args.model)
+    else:
+        check_data_argument("--prompts", args.prompts)
+        for flag, model in (("--judge", args.judge), ("--policy", args.policy), ("--opponent", args.opponent)):
+            if not (flag == "--opponent" and model == "reference"):
+                check_model_argument(flag, model)
+
+
 def eval_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    from rlhfkit.cli_errors import ArgumentParser, positive_int
+
+    parser = ArgumentParser(
         prog="rlhfkit eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     pm = commands.add_parser("pm", help="a preference model's accuracy on comparison data")
     pm.add_argument("--model", required=True, help="the preference model (checkpoint, log dir, PEFT folder)")
     pm.add_argument("--data", default=None, help="comparison JSONL file, or HH-RLHF splits/files (default: offline)")
-    pm.add_argument("--n", type=int, default=1024, help="comparisons to judge (the pipeline's pm_test_size)")
+    pm.add_argument("--n", type=positive_int, default=1024, help="comparisons to judge (the pipeline's pm_test_size)")
     win = commands.add_parser("winrate", help="a policy's win rate judged by a preference model")
     win.add_argument("--judge", required=True, help="the preference model (checkpoint, log dir, PEFT folder)")
     win.add_argument("--policy", required=True, help="the policy (checkpoint, log dir, PEFT folder, base model)")
@@ -234,17 +267,20 @@ def eval_main(argv: list[str]) -> int:
         "--opponent", default="reference", help="'reference' (the data's preferred replies) or another model"
     )
     win.add_argument("--prompts", default=None, help="comparison data (as --data of `pm`) or a prompts file")
-    win.add_argument("--n", type=int, default=256, help="prompts (the pipeline's win_rate_prompts)")
-    win.add_argument("--max-tokens", type=int, default=1024, help="reply length (the pipeline's rl_max_tokens)")
+    win.add_argument("--n", type=positive_int, default=256, help="prompts (the pipeline's win_rate_prompts)")
+    win.add_argument(
+        "--max-tokens", type=positive_int, default=1024, help="reply length (the pipeline's rl_max_tokens)"
+    )
     win.add_argument("--seed", type=int, default=0, help="prompt k's reply is sampled with seed + k (the run's seed)")
     win.add_argument("--reward-mode", default="verdict", choices=["verdict", "probability", "symmetric"])
     win.add_argument(
         "--judge-renderer", default=None, help="the judge's renderer (default: the one it was trained with)"
     )
     for sub in (pm, win):
-        sub.add_argument("--max-chars", type=int, default=None, help="HH-RLHF: the run's hh_max_chars")
+        sub.add_argument("--max-chars", type=positive_int, default=None, help="HH-RLHF: the run's hh_max_chars")
         sub.add_argument("--renderer", default=None, help="renderer (default: the one recorded, else recommended)")
         sub.add_argument("--out", default=None, help="folder for the JSON and HTML results")
     args = parser.parse_args(argv)
+    check_arguments(args)
     asyncio.run(eval_pm(args) if args.command == "pm" else eval_winrate(args))
     return 0

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from rlhfkit.cli_errors import ArgumentParser
 
 
 def export_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="rlhfkit export",
         description="Write a checkpoint as a PEFT adapter folder (peft / vLLM LoRA) or, with --merge, as a merged "
         "Hugging Face model folder (transformers / vLLM).",
@@ -33,19 +34,24 @@ def export_main(argv: list[str]) -> int:
         help="adapter export: the base model name to record (default: the one the run was given)",
     )
     args = parser.parse_args(argv)
+    if args.merge and args.base_model is not None:
+        parser.error("--base-model applies to adapter exports only")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        parser.error(f"OUT {str(out)!r} exists and is not an empty folder; choose a new OUT")
+    if not Path(args.checkpoint).expanduser().exists():
+        parser.error(f"CHECKPOINT {args.checkpoint!r}: no such folder")
 
     from rlhfkit.engine.export import export_adapter, export_merged
     from rlhfkit.sampling_cli import resolve_model
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        parser.error(f"{out} exists and is not an empty folder; choose a new OUT")
-    checkpoint, _, _ = resolve_model(args.checkpoint)
+    checkpoint, _, _ = resolve_model(args.checkpoint)  # a stage or run folder without a checkpoint: named
     if checkpoint is None:
-        parser.error(f"{args.checkpoint}: not a checkpoint directory, stage log directory or PEFT adapter folder")
+        parser.error(
+            f"CHECKPOINT {args.checkpoint!r}: not a checkpoint directory, stage log directory or PEFT adapter "
+            f"folder (no rlhfkit_state.json, adapter_config.json or checkpoints.jsonl there)"
+        )
     if args.merge:
-        if args.base_model is not None:
-            parser.error("--base-model applies to adapter exports only")
         path = export_merged(checkpoint, out, args.dtype)
         print(f"merged model written to {path} (load with transformers AutoModelForCausalLM or vllm.LLM)")
     else:

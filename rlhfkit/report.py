@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlhfkit.errors import DataError
 from rlhfkit.utils.atomic import read_jsonl, write_text_atomic
 from rlhfkit.utils.plots import plot_metrics
 
@@ -319,7 +320,17 @@ def seeds_section(root: Path) -> tuple[list[str], str]:
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else {}
+    """A JSON file of the run ({} if absent); a damaged one is a DataError naming it and the line."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}, line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); repair or remove it"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}); repair or remove it") from None
 
 
 def write_report(log_root: str | Path) -> dict[str, str]:

@@ -17,6 +17,8 @@ def resolve_model(model: str, base_model: str | None = None) -> tuple[str | None
 
     path = Path(model).expanduser()
     renderer = None
+    if path.is_dir() and not (path / "checkpoints.jsonl").exists() and not is_adapter_folder(path):
+        describe_folder_without_checkpoint(path)
     if path.is_dir() and (path / "checkpoints.jsonl").exists():  # a stage's log directory
         record = checkpoint_utils.get_last_checkpoint(str(path), required_key="sampler_path")
         if record is None:
@@ -33,11 +35,56 @@ def resolve_model(model: str, base_model: str | None = None) -> tuple[str | None
     return None, base_model or model, renderer
 
 
+def describe_folder_without_checkpoint(path: Path) -> None:
+    """A run folder or a stage log folder that has no checkpoint yet: a CheckpointError saying which (any other
+    folder is left to the model checks)."""
+    if (path / "pipeline_config.json").exists():
+        stages = [p.name for p in sorted(path.iterdir()) if (p / "checkpoints.jsonl").exists()]
+        raise CheckpointError(
+            f"{path}: a run folder, not a stage; name one of its stages"
+            + (f" ({', '.join(str(path / s) for s in stages)})" if stages else " (it has no checkpoint yet)")
+        )
+    if (path / "metrics.jsonl").exists() or (path / "logs.log").exists():
+        raise CheckpointError(
+            f"{path}: a stage log folder without a checkpoint yet (no checkpoints.jsonl: the stage saves its "
+            f"first one after save_every steps, and its last when it ends); wait for one, or resume the stage"
+        )
+
+
+def check_model_argument(flag: str, model: str, base_model: str | None = None) -> None:
+    """Check a command's model argument (and its --base-model) before anything loads: a checkpoint, stage log
+    folder or PEFT adapter folder (intact), or a base model (see model_files.check_base_model_name)."""
+    from rlhfkit.model_files import check_base_model_name
+
+    checkpoint, _, _ = resolve_model(model, base_model)
+    if checkpoint is None:
+        check_base_model_name(model, flag)
+    if base_model is not None:
+        check_base_model_name(base_model, "--base-model")
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file: JSONL rows with a "prompt" field (a .jsonl file, or a file whose first line is a JSON
-    object), else one prompt per non-empty line."""
+    object), else one prompt per non-empty line. A missing, binary or empty file is a DataError naming it."""
+    from rlhfkit.errors import DataFileNotFoundError
+    from rlhfkit.supervised.data import DataFormatError as DataError  # a DataError and a ValueError
+
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataFileNotFoundError(f"--prompts-file {str(path)!r}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"--prompts-file {str(path)!r}: a folder, not a file of prompts") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}, line {line}: not UTF-8 text (byte {data[e.start : e.start + 1]!r}); --prompts-file takes "
+            f'a text file with one prompt per line, or JSONL rows with a "prompt" field'
+        ) from None
+    lines = text.splitlines()
     first = next((line for line in lines if line.strip()), "")
     if path.suffix == ".jsonl" or first.lstrip().startswith("{"):
         prompts = []
@@ -47,14 +94,14 @@ def read_prompts(path: str | Path) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({e})") from e
+                raise DataError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f'{path}, line {number}: expected an object with a text field "prompt"')
+                raise DataError(f'{path}, line {number}: expected an object with a text field "prompt"')
             prompts.append(row["prompt"])
     else:
         prompts = [line for line in lines if line.strip()]
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise DataError(f"{path}: no prompts (the file is empty)")
     return prompts
 
 

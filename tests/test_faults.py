@@ -275,6 +275,32 @@ def test_a_copied_run_folder_uses_its_own_files(references, tmp_path):
     assert str(original) not in (copy / "rl" / "checkpoints.jsonl").read_text()
 
 
+def test_a_half_finished_run_moved_elsewhere_resumes_and_reports_like_the_original(tmp_path):
+    """Checkpoints name the run's own model relative to themselves: a copy of a run stopped after SFT, with the
+    original deleted, finishes every stage and its report with the same weights and metrics as the original."""
+    original, copy = tmp_path / "original", tmp_path / "moved" / "copy"
+    result = run_pipeline(original, "run_rm=false", "run_rl=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copytree(original, copy)
+    result = run_pipeline(original)  # the original, finished where it started: the reference
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = {
+        stage: (adapters(original / stage), jsonl(original / stage / "metrics.jsonl")) for stage in ("rm", "rl")
+    }
+    shutil.rmtree(original)
+    result = run_pipeline(copy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage sft: already finished" in result.stdout and (copy / "report.html").is_file()
+    for stage, (weights, metrics) in expected.items():
+        got = adapters(copy / stage)
+        assert got.keys() == weights.keys() and all(np.array_equal(got[k], weights[k]) for k in weights), stage
+        assert without_timing(jsonl(copy / stage / "metrics.jsonl")) == without_timing(metrics), stage
+    states = list(copy.rglob("rlhfkit_state.json"))
+    relative = [json.loads(p.read_text()).get("base_model_relative") for p in states]
+    assert states and all(r and (p.parent / r).resolve() == copy / "tiny_model" for p, r in zip(states, relative))
+    assert not [p for p in states if "/sft/" not in str(p) and str(original) in p.read_text()]
+
+
 # --------------------------------------------------------------------------------------------------
 # One run per folder, full disk, non-finite updates
 

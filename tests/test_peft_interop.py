@@ -124,8 +124,7 @@ def test_export_adapter_and_merged_model_give_rlhfkits_logits(
     base = base_model(tiny_model_dir)
     assert torch.equal(merged.get_input_embeddings().weight, base.get_input_embeddings().weight)
     assert AutoTokenizer.from_pretrained(str(tmp_path / "merged")).encode(TEXT) == tokens
-    with pytest.raises(SystemExit):  # never writes over a folder with files in it
-        main(["export", trained_sampler_dir, str(tmp_path / "merged")])
+    assert main(["export", trained_sampler_dir, str(tmp_path / "merged")]) == 2  # never over a folder with files
 
 
 def test_a_hub_id_falls_back_to_its_offline_copy_with_one_warning(tiny_model_dir, monkeypatch, caplog):
@@ -212,3 +211,22 @@ def test_fused_lora_forward_matches_peft_forward_and_gradients(tiny_model_dir, d
     tolerance = 1e-5 if dtype == "float32" else 3e-2
     assert (fused_logits - peft_logits).abs().max() <= tolerance * peft_logits.abs().max()
     assert (fused_grads - peft_grads).norm() <= tolerance * peft_grads.norm()
+
+
+def test_adapters_of_the_embedded_model_name_its_hub_id_for_other_tools(service, tmp_path):
+    """adapter_config.json (read by PEFT, vLLM, the Hub) names HuggingFaceTB/SmolLM2-135M-Instruct; the
+    embedded name stays only in rlhfkit_state.json, which rlhfkit resolves, and an export names the Hub id too
+    (or the --base-model given)."""
+    from rlhfkit.engine.export import export_adapter
+    from rlhfkit.engine.lora import read_spec
+
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    trainer = service.create_lora_training_client("smollm2-135m-instruct", rank=2, train_unembed=False)
+    checkpoint = Path(trainer.save_state(str(tmp_path / "state")).result().path)
+    assert json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"] == hub_id
+    assert json.loads((checkpoint / "rlhfkit_state.json").read_text())["lora"]["base_model"] == "smollm2-135m-instruct"
+    assert read_spec(checkpoint).base_model == "smollm2-135m-instruct"  # rlhfkit loads the embedded copy
+    exported = export_adapter(checkpoint, tmp_path / "adapter")
+    assert json.loads((exported / "adapter_config.json").read_text())["base_model_name_or_path"] == hub_id
+    named = export_adapter(checkpoint, tmp_path / "named", base_model="me/my-copy")
+    assert json.loads((named / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/my-copy"

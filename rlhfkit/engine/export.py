@@ -27,6 +27,7 @@ from rlhfkit.engine.lora import (
     read_spec,
 )
 from rlhfkit.engine.models import Precision, load_base_model, load_tokenizer
+from rlhfkit.model_files import public_model_name
 from rlhfkit.utils.atomic import atomic_directory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,8 +47,9 @@ def adapted_module_names(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def export_adapter(checkpoint: str | Path, out: str | Path, base_model: str | None = None) -> Path:
-    """Write `checkpoint`'s adapter as a PEFT adapter folder at `out` (atomically). `base_model` overrides the
-    recorded base model name (e.g. a Hub id for a run trained on a local copy)."""
+    """Write `checkpoint`'s adapter as a PEFT adapter folder at `out` (atomically). Its base_model_name_or_path is
+    the name other tools load (the Hub id of an embedded copy, model_files.public_model_name); `base_model`
+    overrides it (e.g. a Hub id for a run trained on a local copy)."""
     checkpoint, out = Path(checkpoint), Path(out)
     spec = read_spec(checkpoint)
     tensors = load_adapter_tensors(checkpoint)
@@ -64,7 +66,7 @@ def export_adapter(checkpoint: str | Path, out: str | Path, base_model: str | No
         lora_dropout=0.0,
         bias="none",
         target_modules=adapted_module_names(tensors),
-        base_model_name_or_path=base_model if base_model is not None else spec.base_model,
+        base_model_name_or_path=base_model if base_model is not None else public_model_name(spec.base_model),
     )
     with atomic_directory(out) as tmp:
         save_file(tensors, str(tmp / ADAPTER_FILE))

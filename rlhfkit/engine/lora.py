@@ -2,8 +2,8 @@
 
 A saved adapter folder is a valid PEFT adapter (`peft.PeftModel.from_pretrained(base, folder)` and vLLM's LoRA
 loader read it as is): `adapter_model.safetensors` + `adapter_config.json` (task_type CAUSAL_LM, target_modules
-a list, base_model_name_or_path the name the user gave). rlhfkit adds `rlhfkit_state.json` (the LoraSpec and
-loop state); a folder without it (an adapter trained elsewhere) is read from adapter_config.json alone."""
+a list, base_model_name_or_path the name the user gave, or the Hub id of an embedded copy). rlhfkit adds `rlhfkit_state.json` (the LoraSpec and
+loop state; a base model inside the run folder also relative to the checkpoint, see rlhfkit.model_files); a folder without it (an adapter trained elsewhere) is read from adapter_config.json alone."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhfkit.engine.integrity import verify_checkpoint
 from rlhfkit.errors import CheckpointError
+from rlhfkit.model_files import portable_base_record, public_model_name, resolve_portable_base
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -131,8 +132,9 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
-    # PEFT records the local folder the weights came from; record the portable name the user gave instead.
-    peft_model.peft_config["default"].base_model_name_or_path = spec.base_model
+    # PEFT records the local folder the weights came from; record the portable name instead (the Hub id of an
+    # embedded copy, which other tools can load; rlhfkit_state.json keeps the name the user gave).
+    peft_model.peft_config["default"].base_model_name_or_path = public_model_name(spec.base_model)
     for _name, param in peft_model.named_parameters():
         if param.requires_grad:
             param.data = param.data.float()
@@ -183,7 +185,7 @@ def save_adapter(
 ) -> None:
     save_file(tensors, str(folder / ADAPTER_FILE))
     (folder / ADAPTER_CONFIG_FILE).write_text(peft_config_json(peft_config))
-    meta = {"kind": kind, "lora": asdict(spec), **(extra or {})}
+    meta = {"kind": kind, "lora": asdict(spec), **portable_base_record(spec.base_model, folder), **(extra or {})}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -202,7 +204,7 @@ def read_meta(folder: str | Path) -> dict:
     meta_path = folder / META_FILE
     if meta_path.exists():
         try:
-            return json.loads(meta_path.read_text())
+            return resolve_portable_base(json.loads(meta_path.read_text()), folder)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{meta_path}: damaged ({e})") from None
     if (folder / ADAPTER_CONFIG_FILE).exists():

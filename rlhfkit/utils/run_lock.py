@@ -18,6 +18,7 @@ from typing import Any
 
 from rlhfkit.errors import RunLockedError
 from rlhfkit.utils.atomic import clean_partial_writes
+from rlhfkit.utils.disk_errors import reraise_disk_error
 
 LOCK_FILE = ".rlhfkit.lock"
 
@@ -29,8 +30,12 @@ class RunLock:
         self._file: Any = None
 
     def __enter__(self) -> RunLock:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+", encoding="utf-8")
+        except OSError as e:  # a read-only or full disk, no permission: one line naming the folder
+            reraise_disk_error(e, self.path, "the run's lock file")
+            raise
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -41,10 +46,15 @@ class RunLock:
                 f"{self.folder} is in use by another run ({_describe(holder)}); wait for it to "
                 f"end or stop it, or choose another log folder"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}))
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}))
+            handle.flush()
+        except OSError as e:
+            handle.close()
+            reraise_disk_error(e, self.path, "the run's lock file")
+            raise
         self._file = handle
         clean_partial_writes(self.folder, skip=tuple(_folders_in_use(self.folder)))
         return self

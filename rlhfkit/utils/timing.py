@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from rlhfkit.errors import UserError
 from rlhfkit.utils.atomic import write_json_atomic
 
 
@@ -36,7 +37,7 @@ class Timer:
 class StageClock:
     """Adds a stage's wall time to a JSON file of {stage: seconds}, summed over resumed runs. A thread rewrites
     the file every `every` seconds while the stage runs, so a killed run's time is counted too (to within
-    `every`)."""
+    `every`); a write that fails there (a full disk) stops the thread quietly and is reported by the stage."""
 
     def __init__(self, path: Path, timings: dict[str, float], name: str, every: float = 10.0):
         self.path, self.timings, self.name, self.every = path, timings, name, every
@@ -49,7 +50,10 @@ class StageClock:
 
     def _tick(self) -> None:
         while not self._stop.wait(self.every):
-            self._write()
+            try:
+                self._write()
+            except (UserError, OSError):  # a full or read-only disk: the stage's own writes report it
+                return
 
     def __enter__(self) -> StageClock:
         self.start = time.time()
@@ -60,4 +64,8 @@ class StageClock:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self._write()
+        try:
+            self._write()
+        except (UserError, OSError):
+            if exc[0] is None:
+                raise  # else the stage's own error is the one to report

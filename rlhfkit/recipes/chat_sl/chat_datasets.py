@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rlhfkit.data_sources import DatasetUnavailableError, parse_columns, parse_sources, read_tables
+from rlhfkit.errors import DataError
 from rlhfkit.paths import shared_data_dir
 from rlhfkit.renderers import Message, TrainOnWhat
 from rlhfkit.supervised.data import (
@@ -62,6 +63,10 @@ class _ChatBuilderBase(ChatDatasetBuilder):
     def train_on_what(self) -> TrainOnWhat:
         return TrainOnWhat(self.common_config.train_on_what or TrainOnWhat.ALL_ASSISTANT_MESSAGES)
 
+    def source_name(self) -> str:
+        """The data this builder reads, for error messages."""
+        return type(self).__name__
+
     def _keep_trainable(self, conversations: Conversations, skipped: SkippedRows) -> list[list[Message]]:
         return filter_trainable_conversations(
             conversations, self.renderer, self.common_config.max_length, self.train_on_what, skipped
@@ -81,7 +86,10 @@ class _ChatBuilderBase(ChatDatasetBuilder):
     ) -> tuple[SupervisedDataset, SupervisedDataset | None]:
         """Train shuffled with seed 0; test unshuffled, by default one batch holding all test rows."""
         if not train:
-            raise ValueError(f"{type(self).__name__}: no usable training conversations")
+            raise DataError(
+                f"{self.source_name()}: no usable training conversations (every row was skipped, see the warning "
+                f"above; max_length={self.common_config.max_length})"
+            )
         train = list(train)
         random.Random(0).shuffle(train)
         map_fn = self._map_fn()
@@ -218,6 +226,9 @@ class JsonlChatBuilder(_ChatBuilderBase):
     train_path: str = ""
     test_path: str | None = None
 
+    def source_name(self) -> str:
+        return self.train_path
+
     def _load(self, path: str) -> list[list[Message]]:
         skipped = SkippedRows(path)
         rows = [(f"line {n}", row) for n, row in read_jsonl_rows(path)]
@@ -336,10 +347,15 @@ class ChatSourceBuilder(_ChatBuilderBase):
             raise ValueError(f"test_size must be >= 0, got {self.test_size}")
         parse_columns(self.columns, CHAT_COLUMNS)  # a bad mapping fails here, before any loading
 
+    def source_name(self) -> str:
+        return f"sft_data {self.data!r}"
+
     def load_conversations(self) -> Conversations:
-        """Every well-formed conversation, in source order; bad rows are counted and one is logged per table."""
+        """Every well-formed conversation, in source order; bad rows are counted and one is logged per table.
+        No well-formed conversation at all is a DataError naming each table and why (empty, or a bad row)."""
         tables = read_tables(parse_sources(self.data), parse_columns(self.columns, CHAT_COLUMNS))
         conversations: Conversations = []
+        problems = []
         for table in tables:
             skipped = SkippedRows(table.name)
             conversations += [
@@ -347,6 +363,15 @@ class ChatSourceBuilder(_ChatBuilderBase):
                 for name, c in _conversations_from_rows(table.rows, chat_row_to_messages, skipped)
             ]
             skipped.report(len(table.rows))
+            if not table.rows:
+                problems.append(f"{table.name} is empty (no rows)")
+            elif skipped.example is not None:
+                row, reason = skipped.example
+                problems.append(
+                    f"{table.name}: {skipped.count} of {len(table.rows)} rows unusable, e.g. {row}: {reason}"
+                )
+        if not conversations:
+            raise DataError(f"{self.source_name()}: no usable conversation; {'; '.join(problems)}")
         return conversations
 
     def __call__(self) -> tuple[SupervisedDataset, SupervisedDataset | None]:

@@ -445,6 +445,7 @@ def _file_stamp(source: DataSource) -> tuple[int, int]:
 def _read_comparison_examples(spec: str, columns: str | None, stamps: tuple) -> tuple[ComparisonExample, ...]:
     tables = read_tables(parse_sources(spec, offline_hh_splits()), parse_columns(columns, PREFERENCE_COLUMNS))
     examples = []
+    problems = []  # per table: empty, or its first bad row
     for table in tables:
         skipped = SkippedRows(table.name)
         for row_name, row in table.rows:
@@ -455,8 +456,14 @@ def _read_comparison_examples(spec: str, columns: str | None, stamps: tuple) -> 
                 continue
             examples.append(ComparisonExample(labeled, f"{table.name}, {row_name}", chars))
         skipped.report(len(table.rows))
+        if not table.rows:
+            problems.append(f"{table.name} is empty (no rows)")
+        elif skipped.example is not None:
+            problems.append(
+                f"{table.name}: {skipped.count} of {len(table.rows)} rows unusable, e.g. {': '.join(skipped.example)}"
+            )
     if not examples:
-        raise DataError(f"no usable comparisons in {spec!r} (every row was skipped: see the warnings above)")
+        raise DataError(f"no usable comparisons in {spec!r}: {'; '.join(problems)}")
     return tuple(examples)
 
 

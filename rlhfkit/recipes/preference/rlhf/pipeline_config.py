@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlhfkit import model_info
+from rlhfkit.model_files import check_gguf_file, check_model_folder, hub_id_problem, looks_like_hub_id
 from rlhfkit.config import (
     ConfigError,
     at_least,
@@ -341,11 +342,17 @@ def check_pipeline_files(cfg: PipelineConfig) -> None:
         looks_like_path = cfg.base_model.startswith((".", "/", "~")) or cfg.base_model.endswith(".gguf")
         if looks_like_path and not path.exists():
             raise ConfigError("base_model", cfg.base_model, "no such model folder or .gguf file")
+        if path.is_dir():  # config.json, the architecture, the weights' headers: named before anything loads
+            check_model_folder(path, cfg.base_model)
+        elif path.is_file() and path.suffix == ".gguf":
+            check_gguf_file(path, cfg.base_model)
         if cfg.renderer_name is None:
             try:
                 model_info.get_recommended_renderer_name(cfg.base_model)
             except (model_info.ConfigurationError, KeyError) as e:
-                raise ConfigError("base_model", cfg.base_model, f"{e}; or set renderer_name") from None
+                # a Hub id that cannot load here (offline, not cached) is the real problem: say that first
+                problem = hub_id_problem(cfg.base_model) if looks_like_hub_id(cfg.base_model) else None
+                raise ConfigError("base_model", cfg.base_model, problem or f"{e}; or set renderer_name") from None
 
 
 def offline_hh_splits() -> dict[str, Path]:

@@ -99,11 +99,10 @@ def check_data(cfg: PipelineConfig) -> None:
     """Read the run's data once before any stage starts, so a missing file, a truncated .gz or a bad file fails at
     once with an error naming the file and line: the SFT files (named data sets are read by their stage) and the
     comparisons of every role."""
-    from rlhfkit.data_sources import parse_sources, read_tables
-    from rlhfkit.recipes.chat_sl.chat_datasets import NAMED_CHAT_DATA
+    from rlhfkit.recipes.chat_sl.chat_datasets import NAMED_CHAT_DATA, chat_builder
 
     if cfg.run_sft and cfg.sft_data not in NAMED_CHAT_DATA and not stage_finished(f"{cfg.log_root}/sft"):
-        read_tables(parse_sources(cfg.sft_data))
+        chat_builder(None, cfg.sft_data, cfg.sft_columns, cfg.sft_test_size).load_conversations()  # empty: named
     if (cfg.run_rm or cfg.run_rl or cfg.run_dpo) and not stage_finished(f"{cfg.log_root}/rl"):
         comparison_builder(cfg, "rl").role_examples()
 
