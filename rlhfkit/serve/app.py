@@ -110,6 +110,14 @@ def create_app(settings: ServerSettings | None = None, service: Any | None = Non
             )
             raise UserError(f"{request.url.path.removeprefix(API + '/')}: {problems}") from None
 
+    def ordered(model_id: str, seq_id: int | None, submit: Any) -> str:
+        """A training request: refused ones still give up their seq_id's turn (server.refuse)."""
+        try:
+            return submit()
+        except ServeError as e:
+            server.refuse(model_id, seq_id, e)
+            raise
+
     def future(request_id: str, **extra: Any) -> dict[str, Any]:
         return {"request_id": request_id, **{k: v for k, v in extra.items() if v is not None}}
 
@@ -189,34 +197,37 @@ def create_app(settings: ServerSettings | None = None, service: Any | None = Non
     @app.post(f"{API}/forward_backward")
     async def forward_backward(request: Request) -> dict:
         message = wire.parse_forward_backward(await body(request))
-        return future(server.forward_backward(message, forward_only=message.forward_only), model_id=message.model_id)
+        submit = lambda: server.forward_backward(message, forward_only=message.forward_only)
+        return future(ordered(message.model_id, message.seq_id or None, submit), model_id=message.model_id)
 
     @app.post(f"{API}/forward")
     async def forward(request: Request) -> dict:
         message = wire.parse_forward_backward(await body(request))
-        return future(server.forward_backward(message, forward_only=True), model_id=message.model_id)
+        submit = lambda: server.forward_backward(message, forward_only=True)
+        return future(ordered(message.model_id, message.seq_id or None, submit), model_id=message.model_id)
 
     @app.post(f"{API}/optim_step")
     async def optim_step(request: Request) -> dict:
         req = await parse(request, tt.OptimStepRequest)
-        return future(server.optim_step(req), model_id=req.model_id)
+        return future(ordered(req.model_id, req.seq_id, lambda: server.optim_step(req)), model_id=req.model_id)
 
     @app.post(f"{API}/save_weights")
     async def save_weights(request: Request) -> dict:
         req = await parse(request, tt.SaveWeightsRequest)
-        return future(server.save_weights(req), model_id=req.model_id)
+        return future(ordered(req.model_id, req.seq_id, lambda: server.save_weights(req)), model_id=req.model_id)
 
     @app.post(f"{API}/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request) -> dict:
         req = await parse(request, tt.SaveWeightsForSamplerRequest)
-        return future(server.save_weights_for_sampler(req), model_id=req.model_id)
+        submit = lambda: server.save_weights_for_sampler(req)
+        return future(ordered(req.model_id, req.seq_id, submit), model_id=req.model_id)
 
     @app.post(f"{API}/load_weights")
     async def load_weights(request: Request) -> dict:
         req = await parse(request, tt.LoadWeightsRequest)
         if req.model_id is None:
             return future(server.create_via_load(req))
-        return future(server.load_weights(req), model_id=req.model_id)
+        return future(ordered(req.model_id, req.seq_id, lambda: server.load_weights(req)), model_id=req.model_id)
 
     @app.post(f"{API}/save_weights_external")
     async def save_weights_external(request: Request) -> dict:

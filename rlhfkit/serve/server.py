@@ -59,6 +59,7 @@ class Model:
     client: Any  # rlhfkit.engine TrainingClient (local or Ray)
     base_model: str
     lora: dict[str, Any]
+    tokenizer_id: str | None = None
     next_seq: int = 1
     pending: dict[int, tuple[str, Op]] = field(default_factory=dict)
     seen: dict[int, str] = field(default_factory=dict)  # seq_id -> request_id (retries answer the same future)
@@ -196,7 +197,8 @@ class TinkerServer:
                 train_attn=lora.train_attn,
                 train_unembed=lora.train_unembed,
             )
-            self._add_model(session, model_id, client, request.base_model, lora_dict, request.user_metadata, 1)
+            model = self._add_model(session, model_id, client, request.base_model, lora_dict, request.user_metadata, 1)
+            model.tokenizer_id = await asyncio.to_thread(self.tokenizer_id, request.base_model)
             return Result("json", {"model_id": model_id, "type": "create_model"})
 
         self._spawn(self.futures.track(request_id, create(), lambda r: r))
@@ -259,7 +261,8 @@ class TinkerServer:
                 "train_attn": spec.train_attn,
                 "train_unembed": spec.train_unembed,
             }
-            self._add_model(session, model_id, client, base_model, lora, request.user_metadata, 1)
+            model = self._add_model(session, model_id, client, base_model, lora, request.user_metadata, 1)
+            model.tokenizer_id = await asyncio.to_thread(self.tokenizer_id, base_model)
             return Result("json", {"model_id": model_id, "path": request.path, "type": "load_weights"})
 
         self._spawn(self.futures.track(request_id, create(), lambda r: r))
@@ -289,6 +292,18 @@ class TinkerServer:
             model.draining = True
             self._spawn(asyncio.get_running_loop().create_task(self._drain(model)))
         return request_id
+
+    def refuse(self, model_id: str, seq_id: int | None, error: Exception) -> None:
+        """A request refused before it was queued (its POST answers 4xx) still takes its seq_id's turn, so the
+        model's next request does not wait for it."""
+        model = self.models.get(model_id)
+        if model is None or seq_id is None or seq_id in model.seen or seq_id < model.next_seq:
+            return
+
+        async def refused() -> Awaitable[Result]:
+            raise error
+
+        self.enqueue(model, seq_id, "Refused", refused)
 
     async def _drain(self, model: Model) -> None:
         """Submit the model's queued requests to the engine in seq_id order. A missing seq_id is waited for
@@ -377,7 +392,7 @@ class TinkerServer:
     def save_weights(self, request: Any) -> str:
         model = self.model(request.model_id)
         name = check_name(request.path or f"state-{uuid.uuid4().hex[:8]}", "path")
-        path, folder = self.storage.new_checkpoint(model.model_id, "weights", name, overwrite=True)
+        path, folder = self.storage.new_checkpoint(model.model_id, "weights", name, overwrite=request.overwrite)
 
         async def op() -> Awaitable[Result]:
             future = model.client.save_state(str(folder))
@@ -453,7 +468,7 @@ class TinkerServer:
             "model_id": model.model_id,
             "model_data": {
                 "model_name": model.base_model,
-                "tokenizer_id": self.tokenizer_id(model.base_model),
+                "tokenizer_id": model.tokenizer_id or model.base_model,
                 "arch": None,
             },
             "is_lora": True,
