@@ -196,6 +196,12 @@ def test_streaming_makes_one_optimizer_step_per_minibatch(stop_model_dir, tmp_pa
     assert [s["step"] for s in spans if s["kind"] == "train"] == [i for i in range(steps) for _ in range(k)]
     assert all(r["sampling_client/staleness_max"] == 0 for r in records)  # streaming alone is on-policy
 
+    from rlhfkit.report import timeline_section
+
+    md, page = timeline_section(tmp_path, tmp_path)  # the report's section (tmp_path stands for log_root)
+    assert "stream_minibatch_config" in md[2] and f"{steps} iterations" in md[2] and "rl_timeline.png" in page
+    assert (tmp_path / "rl_timeline.png").stat().st_size > 0
+
 
 def test_streaming_and_async_settings_are_checked():
     with pytest.raises(ConfigError, match="num_minibatches"):
@@ -238,6 +244,26 @@ def test_the_shorter_recipe_shortens_replies_in_every_mode(stop_model_dir, tmp_p
     before = _mean_reply_length(stop_model_dir, str(log_path / train.INIT_SAMPLER_DIR))
     after = _mean_reply_length(stop_model_dir, _final(log_path).sampler_path)
     assert after < 0.6 * before, (before, after)
+
+
+def test_rlhfkit_rl_preset_shorter_runs_asynchronously(tmp_path):
+    from rlhfkit.cli import main as rlhfkit_main
+    from rlhfkit.recipes.preference.rlhf.pipeline_config import parse_args
+
+    cfg = parse_args(["preset=shorter"])
+    assert cfg.rl_judge == "shorter" and cfg.rl_max_steps_off_policy is None and cfg.rl_stream_minibatches is None
+    args = ["preset=shorter", "base_model=tiny", f"log_root={tmp_path}", "rl_max_steps=2", "rl_batch_size=2"]
+    args += ["rl_group_size=2", "rl_max_tokens=8", "rl_max_steps_off_policy=1", "rl_stream_minibatches=2"]
+    assert rlhfkit_main(["rl", *args]) == 0
+    config = json.loads((tmp_path / "rl" / "config.json").read_text())
+    assert (
+        config["async_config"]["max_steps_off_policy"] == 1
+        and config["stream_minibatch_config"]["num_minibatches"] == 2
+    )
+    records = read_jsonl(tmp_path / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1] and all(r["optim/steps"] == 2 for r in records)
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "rm").exists()  # no SFT or preference model
+    assert (tmp_path / "rl" / TIMELINE_PLOT).exists()
 
 
 def test_a_killed_async_run_resumes_from_its_checkpoint_without_gap_or_duplicate(stop_model_dir, tmp_path):  # noqa: F811

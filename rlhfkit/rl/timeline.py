@@ -80,7 +80,7 @@ def plot_timeline(records: Sequence[dict], path: str | Path, title: str = "") ->
     ax.set_yticks(range(len(kinds)), kinds)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the first span (colour: the iteration served; grey: discarded, sampled again)")
-    ax.set_title(title or "RL timeline")
+    ax.set_title(title or "RL timeline", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
