@@ -42,6 +42,8 @@ class PreferenceModelShorter(PreferenceModel):
 
 @dataclass(frozen=True)
 class ShorterPreferenceModelBuilder(PreferenceModelBuilder):
+    reward_mode: str = "verdict"  # as a chat judge's reward_mode says: its rewards are verdicts (-1, 0, +1)
+
     def __call__(self) -> PreferenceModelShorter:
         return PreferenceModelShorter()
 
