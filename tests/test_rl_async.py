@@ -309,3 +309,32 @@ if __name__ == "__main__":  # one asynchronous RL run in a child process (for th
             async_config=train.AsyncConfig(max_steps_off_policy=1, groups_per_batch=2),
         )
     )
+
+
+@pytest.mark.ray
+def test_on_ray_sampling_judging_and_training_run_at_once(stop_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """backend=ray: the policy's samplers and the judge on an inference-engine actor, the trainer on a training
+    actor; the asynchronous loop keeps both busy at once (a group's sampling overlaps a training step)."""
+    pytest.importorskip("ray", reason="Ray is not installed")
+    monkeypatch.setenv("RLHFKIT_INFERENCE_ENGINE", "torch")  # the tiny model's head size is not vLLM's
+    log_path = tmp_path / "rl"
+    config = rl_config(
+        str(log_path),
+        stop_model_dir,
+        3,
+        backend="ray",
+        num_train_workers=1,
+        num_samplers=1,
+        async_config=train.AsyncConfig(max_steps_off_policy=1, groups_per_batch=2),
+    )
+    try:
+        train.main(config)
+    finally:
+        import ray
+
+        ray.shutdown()
+    assert [r["step"] for r in read_jsonl(log_path / "metrics.jsonl")] == [0, 1, 2]
+    spans = read_jsonl(log_path / TIMELINE_FILE)
+    trains = [s for s in spans if s["kind"] == "train"]
+    samples = [s for s in spans if s["kind"] in ("sample", "judge")]
+    assert any(s["start"] < t["end"] and t["start"] < s["end"] for s in samples for t in trains)

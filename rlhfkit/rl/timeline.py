@@ -2,9 +2,10 @@
 
 A span is {"kind", "step", "start", "end", ...} with wall-clock seconds (time.time(), so the spans of a run
 killed and started again line up on one axis). Kinds: sample and judge (one span per group, or per batch in
-the synchronous loop), train, eval, checkpoint and sync_weights (the new sampler after an update). `step` is the
-training iteration the span served: for a group, the iteration that trained on it, or -1 for a group that was
-sampled and then thrown away (too stale: it was sampled again). Resume drops the spans of the iterations the
+the synchronous loop), reference (the reference models' logprobs for the KL penalty and kl/policy_vs_init),
+train, eval, checkpoint and sync_weights (the new sampler after an update). `step` is the training iteration
+the span served: for a group, the iteration that trained on it, or -1 for a group that was sampled and then
+thrown away (too stale: it was sampled again). Resume drops the spans of the iterations the
 new run redoes, as metrics.jsonl drops their records.
 """
 
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 TIMELINE_FILE = "timeline.jsonl"
 TIMELINE_PLOT = "timeline.png"
-KINDS = ("sample", "judge", "train", "eval", "checkpoint", "sync_weights")
+KINDS = ("sample", "judge", "reference", "train", "eval", "checkpoint", "sync_weights")
 DISCARDED = -1  # the step of a span whose work was thrown away
 
 

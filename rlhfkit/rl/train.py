@@ -402,16 +402,17 @@ class _Run:
         """Datums of the groups (KL penalty included), kl/policy_vs_init (on the `first` training call of the
         iteration), one training step; returns (metrics, datums, the trainer's logprobs of each datum)."""
         config = self.config
-        data, metadata, metrics = await data_processing.prepare_training_data(
-            groups, advantages, self.kl_reference_client, config.kl_penalty_coef, config.kl_discount_factor
-        )
-        if not data:
-            logger.warning("iteration %d: no training data (every reply is empty); skipping the update", step)
-            return metrics, [], []
-        if self.init_client is not None and first:  # reward-hacking watch: how far the policy has drifted
-            metrics["kl/policy_vs_init"] = await rl_metrics.compute_kl_policy_vs_reference(
-                data[: config.policy_kl_num_sequences], self.init_client
+        with self.timeline.span("reference", step):  # the KL penalty's and kl/policy_vs_init's logprobs
+            data, metadata, metrics = await data_processing.prepare_training_data(
+                groups, advantages, self.kl_reference_client, config.kl_penalty_coef, config.kl_discount_factor
             )
+            if not data:
+                logger.warning("iteration %d: no training data (every reply is empty); skipping the update", step)
+                return metrics, [], []
+            if self.init_client is not None and first:  # reward-hacking watch: how far the policy has drifted
+                metrics["kl/policy_vs_init"] = await rl_metrics.compute_kl_policy_vs_reference(
+                    data[: config.policy_kl_num_sequences], self.init_client
+                )
         on_policy = None if on_policy_groups is None else [on_policy_groups[m["group_idx"]] for m in metadata]
         with self.timeline.span("train", step, timer):
             train_metrics, logprobs = await _train_step(
@@ -693,7 +694,8 @@ class _Pipeline:
                 metrics.update(await evaluation)
                 del self.evals[step]
             self.pending.popleft()
-            self.run.ml_logger.log_metrics(metrics, step=step)
+            # in a thread: the metrics plot must not hold up the samplers' event loop
+            await asyncio.to_thread(self.run.ml_logger.log_metrics, metrics, step)
 
     async def _new_sampler(self, timer: Timer | None = None) -> None:
         with self.run.timeline.span("sync_weights", self.step, timer):
