@@ -27,7 +27,9 @@ dataset position reached, `next_group`; groups that were in flight are sampled a
 Deviations from the reference: the pipelined loops consume groups in dataset order (not in completion order),
 so that with max_steps_off_policy=0 the asynchronous loop trains on exactly the synchronous loop's groups (its
 samplers still run one iteration ahead, as the reference's do, and what they sample then is sampled again);
-rollout seeds follow a group's dataset position, not the iteration that trained on it. Streaming makes one
+rollout seeds follow a group's dataset position, not the iteration that trained on it; with
+remove_constant_reward_groups a constant group is dropped as soon as it is judged and the batch waits for the
+next one (as the reference's asynchronous loop does; the synchronous loop keeps one if all are constant). Streaming makes one
 optimizer step per minibatch (the reference: one per substep), so num_substeps must be 1 with it. An
 evaluation runs concurrently with training (the reference's separate evaluation loop) and its metrics go into
 the record of the iteration whose weights it evaluated; streaming also evaluates before the last iteration, as
