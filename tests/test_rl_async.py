@@ -325,6 +325,7 @@ def test_on_ray_sampling_judging_and_training_run_at_once(stop_model_dir, tmp_pa
         backend="ray",
         num_train_workers=1,
         num_samplers=1,
+        policy_kl_num_sequences=0,  # no kl/policy_vs_init pass: training follows judging at once
         async_config=train.AsyncConfig(max_steps_off_policy=1, groups_per_batch=2),
     )
     try:
