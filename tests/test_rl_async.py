@@ -203,6 +203,23 @@ def test_streaming_makes_one_optimizer_step_per_minibatch(stop_model_dir, tmp_pa
     assert (tmp_path / "rl_timeline.png").stat().st_size > 0
 
 
+def test_groups_per_batch_need_not_be_the_datasets_batch_size(stop_model_dir, tmp_path):  # noqa: F811
+    """3 groups per step from dataset batches of 2: the steps take the groups in dataset order across batches."""
+    log_path = tmp_path / "rl"
+    train.main(rl_config(str(log_path), stop_model_dir, 2, async_config=train.AsyncConfig(1, 3)))
+    trained = [s for s in read_jsonl(log_path / TIMELINE_FILE) if s["kind"] == "sample" and s["step"] >= 0]
+    assert [(s["step"], tuple(s["group"])) for s in trained] == [
+        (0, (0, 0)),
+        (0, (0, 1)),
+        (0, (1, 0)),
+        (1, (1, 1)),
+        (1, (2, 0)),
+        (1, (2, 1)),
+    ]
+    assert _final(log_path).get("next_group") == [3, 0]
+    assert [r["env/all/total_episodes"] for r in read_jsonl(log_path / "metrics.jsonl")] == [12, 12]
+
+
 def test_streaming_and_async_settings_are_checked():
     with pytest.raises(ConfigError, match="num_minibatches"):
         train.StreamMinibatchConfig(groups_per_batch=2, num_minibatches=3)
