@@ -105,7 +105,8 @@ def check_data(cfg: PipelineConfig) -> None:
 
     if cfg.run_sft and cfg.sft_data not in NAMED_CHAT_DATA and not stage_finished(f"{cfg.log_root}/sft"):
         read_tables(parse_sources(cfg.sft_data))
-    if (cfg.run_rm or cfg.run_rl or cfg.run_dpo) and not stage_finished(f"{cfg.log_root}/rl"):
+    reads_comparisons = cfg.run_rm or cfg.run_dpo or (cfg.run_rl and cfg.rl_judge != "shorter")
+    if reads_comparisons and not stage_finished(f"{cfg.log_root}/rl"):
         comparison_builder(cfg, "rl").role_examples()
 
 
