@@ -1,7 +1,8 @@
 """The pipeline's report: one HTML page with PNG plots and a Markdown summary (log_root/report.{html,md}).
 
 It only reads the run folder: the stages' metrics.jsonl, rm/pm_eval.json, rm/pm_scaling.json (the judge's
-data-scaling curve), stage_times.json, seeds.json (RL over seeds), the RL rollout pages
+data-scaling curve), stage_times.json, seeds.json (RL over seeds), rl/timeline.jsonl (when each part of RL ran), the
+RL rollout pages
 (rl/iteration_NNNNNN/train.html, linked) and the replies the pipeline sampled into report_replies.json (base, SFT
 and RLHF, with their sampling settings). No model is loaded.
 
@@ -11,6 +12,7 @@ and RLHF, with their sampling settings). No model is loaded.
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import math
 from pathlib import Path
@@ -319,6 +321,33 @@ def seeds_section(root: Path) -> tuple[list[str], str]:
     return table_section("RL over seeds", line, header, rows, level=2)
 
 
+def timeline_section(root: Path, out_dir: Path) -> tuple[list[str], str]:
+    """Markdown lines and HTML of the RL timeline (rl/timeline.jsonl, rl/timeline.py): when sampling, judging,
+    training, evaluation and checkpointing ran in each iteration, drawn to report/rl_timeline.png, with the RL
+    loop's mode and its median wall time per iteration; nothing if the file is absent."""
+    from rlhfkit.rl.timeline import TIMELINE_FILE, plot_timeline
+
+    spans = read_jsonl(root / "rl" / TIMELINE_FILE)
+    if not spans or not plot_timeline(spans, out_dir / "rl_timeline.png", title="RL timeline"):
+        return [], ""
+    config = _read_json(root / "rl" / "config.json")
+    mode = ", ".join(
+        f"{key} {value}" for key in ("async_config", "stream_minibatch_config") if (value := config.get(key))
+    )
+    ends = sorted(s["end"] for s in spans if s["kind"] == "train" and s["step"] >= 0)
+    last_end_per_step = sorted({s["step"]: s["end"] for s in spans if s["kind"] == "train" and s["step"] >= 0}.values())
+    gaps = [b - a for a, b in itertools.pairwise(last_end_per_step) if b > a]
+    per_iteration = f"; median {sorted(gaps)[len(gaps) // 2]:.1f} s per iteration" if gaps else ""
+    line = (
+        f"RL loop: {mode or 'synchronous'}; {len(last_end_per_step)} iterations{per_iteration} (between the ends "
+        f"of consecutive iterations' training; {len(ends)} training steps). Colour: the iteration a span served; "
+        "grey: sampled, then thrown away as too stale (sampled again)."
+    )
+    md = ["## RL timeline", "", line, "", "![RL timeline](report/rl_timeline.png)", ""]
+    page = f"<h2>RL timeline</h2><p>{html.escape(line)}</p><img src='report/rl_timeline.png'>"
+    return md, page
+
+
 def _read_json(path: Path) -> Any:
     """A JSON file of the run ({} if absent); a damaged one is a DataError naming it and the line."""
     if not path.exists():
@@ -375,6 +404,7 @@ def write_report(log_root: str | Path) -> dict[str, str]:
     judge_md, judge_html = judge_section(pm, settings)
     scaling_md, scaling_html = scaling_section(root, out_dir)
     seeds_md, seeds_html = seeds_section(root)
+    timeline_md, timeline_html = timeline_section(root, out_dir)
     time_line = ", ".join(f"{stage} {times[stage] / 60:.1f} min" for stage in ("sft", "rm", "rl") if stage in times)
     win_rate_line = final_win_rate(root)
     rollouts = rollout_pages(root)
@@ -398,6 +428,7 @@ def write_report(log_root: str | Path) -> dict[str, str]:
         *judge_md,
         *scaling_md,
         *seeds_md,
+        *timeline_md,
         "## Curves",
         "",
         *[f"![{stage}]({path})" for stage, path in plots.items()],
@@ -445,7 +476,7 @@ Wall time: {esc(time_line or "n/a")}.</p>
 {win_rate_html}
 <table><tr><th>stage</th><th>metric</th><th>tutorial (Qwen3.5-9B-Base)</th><th>this run</th></tr>{table}</table>
 <h2>Preference model (held out)</h2><ul>{"".join(f"<li>{esc(line)}</li>" for line in pm_lines)}</ul>
-{judge_html}{scaling_html}{seeds_html}
+{judge_html}{scaling_html}{seeds_html}{timeline_html}
 <h2>Curves</h2>{"".join(f'<h3>{esc(s)}</h3><img src="{esc(p)}">' for s, p in plots.items())}
 <p>RL rollouts (the logged groups of each iteration): {rollout_html}</p>
 <h2>Base model vs SFT vs RLHF model</h2><p>{esc(sampling)}</p>{reply_html}{comparison_html}</body></html>"""

@@ -264,7 +264,8 @@ def test_worked_example_rewards_and_advantages(tiny_model_dir):
 
 def test_kl_penalty_centres_and_discounts(tiny_model_dir):
     from rlhfkit.engine import ServiceClient
-    from rlhfkit.rl.metrics import compute_reference_logprobs, incorporate_kl_penalty
+    from rlhfkit.rl.data_processing import incorporate_kl_penalty
+    from rlhfkit.rl.metrics import compute_reference_logprobs
 
     renderer = get_renderer("role_colon", get_tokenizer(tiny_model_dir))
     reference = ServiceClient().create_sampling_client(base_model=tiny_model_dir)
@@ -272,12 +273,16 @@ def test_kl_penalty_centres_and_discounts(tiny_model_dir):
     for gamma in (0.0, 0.5):
         data = [d for t, adv in zip(trajectories, (0.25, -0.25)) for d in trajectory_to_data(t, adv)]
         ref = asyncio.run(compute_reference_logprobs(data, reference))
-        metrics = asyncio.run(incorporate_kl_penalty(data, reference, kl_penalty_coef=0.1, kl_discount_factor=gamma))
+        penalised, metrics = asyncio.run(
+            incorporate_kl_penalty(data, reference, kl_penalty_coef=0.1, kl_discount_factor=gamma)
+        )
         masks = [d.loss_fn_inputs["mask"].to_numpy() for d in data]
         d_t = [(d.loss_fn_inputs["logprobs"].to_numpy() - r) * m for d, r, m in zip(data, ref, masks)]
         mean_kl = sum(x.sum() for x in d_t) / sum(m.sum() for m in masks)
         assert metrics["kl_policy_base"] == pytest.approx(mean_kl, rel=1e-6)
-        for datum, adv, x, m in zip(data, (0.25, -0.25), d_t, masks):
+        for datum in data:  # new datums: the given ones keep their advantages
+            assert set(datum.loss_fn_inputs["advantages"].tolist()) <= {0.0, 0.25, -0.25}
+        for datum, adv, x, m in zip(penalised, (0.25, -0.25), d_t, masks):
             added = datum.loss_fn_inputs["advantages"].to_numpy() - adv * m
             penalty = 0.1 * m * (mean_kl - x)
             if gamma:  # each action position gets the discounted sum of the penalties from there on
@@ -494,6 +499,6 @@ def test_a_sampler_that_did_not_apply_the_adapter_stops_the_run(tiny_model_dir):
     )
     base = service.create_sampling_client(base_model=tiny_model_dir)
     with pytest.raises(SamplerMismatchError, match=r"base sampler.*nats per token"):
-        _train_step(config, client, datums(base), "base sampler")
-    metrics = _train_step(config, client, datums(client.save_weights_and_get_sampling_client()), "policy")
+        asyncio.run(_train_step(config, client, datums(base), "base sampler"))
+    metrics, _ = asyncio.run(_train_step(config, client, datums(client.save_weights_and_get_sampling_client()), "policy"))
     assert abs(metrics["optim/first_substep_kl_sample_train"]) < 1e-4

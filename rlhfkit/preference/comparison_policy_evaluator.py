@@ -16,8 +16,6 @@ from rlhfkit.preference.types import (
     Comparison,
     PreferenceModel,
     PreferenceModelBuilder,
-    PreferenceModelFromChatRenderer,
-    symmetric_p_b,
 )
 from rlhfkit.renderers import Message, get_renderer
 from rlhfkit.tokenizer_utils import get_tokenizer
@@ -63,24 +61,9 @@ async def judge_against_reference(
 ) -> WinRateMatchups:
     """Each reply judged against its comparison's completion_A in both orders, in one batched pass."""
     policy_as_b = [Comparison(c.prompt_conversation, c.completion_A, [r]) for c, r in zip(comparisons, replies)]
-    policy_as_a = [c.swap() for c in policy_as_b]
-    n = len(comparisons)
-    if not isinstance(preference_model, PreferenceModelFromChatRenderer):
-        verdicts = await preference_model.judge_batch(policy_as_b + policy_as_a)
-        return WinRateMatchups(
-            list(comparisons), list(replies), verdicts[:n], verdicts[n:], win_rate_scores(verdicts[:n], verdicts[n:])
-        )
-    judged = await preference_model.judge_many(policy_as_b + policy_as_a)
-    as_b, as_a = judged[:n], judged[n:]
-    verdicts_b = [preference_model.reward(b, a) for b, a in zip(as_b, as_a)]
-    verdicts_a = [preference_model.reward(a, b) for b, a in zip(as_b, as_a)]
+    verdicts_b, verdicts_a, symmetric = await preference_model.judge_both_orders(policy_as_b)
     return WinRateMatchups(
-        list(comparisons),
-        list(replies),
-        verdicts_b,
-        verdicts_a,
-        win_rate_scores(verdicts_b, verdicts_a),
-        np.asarray([symmetric_p_b(b, a) for b, a in zip(as_b, as_a)]),
+        list(comparisons), list(replies), verdicts_b, verdicts_a, win_rate_scores(verdicts_b, verdicts_a), symmetric
     )
 
 

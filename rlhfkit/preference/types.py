@@ -137,13 +137,28 @@ class Judgement:
 
 
 class PreferenceModel(ABC):
-    """-1 = A preferred, +1 = B preferred, 0 = tie/other."""
+    """-1 = A preferred, +1 = B preferred, 0 = tie/other.
+
+    The judging contract: every method is a coroutine that only awaits, never blocks the event loop, so the
+    judgements of concurrent callers (all groups of an RL iteration, both orders of a win-rate evaluation) are
+    issued together; a model on a sampling client sends one `score_next_token_async` per comparison and the
+    client's RequestBatcher serves all of them in one batched scoring call."""
 
     @abstractmethod
     async def __call__(self, comparison: Comparison) -> float: ...
 
     async def judge_batch(self, comparisons: Sequence[Comparison]) -> list[float]:
+        """The reward of each comparison, all judged concurrently."""
         return list(await asyncio.gather(*(self(c) for c in comparisons)))
+
+    async def judge_both_orders(
+        self, comparisons: Sequence[Comparison]
+    ) -> tuple[list[float], list[float], np.ndarray | None]:
+        """Each comparison judged as given and with A and B swapped, concurrently: (rewards as given, rewards
+        swapped, P(the original B wins) combining both orders, or None for a model without probabilities)."""
+        n = len(comparisons)
+        rewards = await self.judge_batch([*comparisons, *(c.swap() for c in comparisons)])
+        return rewards[:n], rewards[n:], None
 
 
 class PreferenceModelBuilder(ABC):
@@ -216,12 +231,10 @@ class PreferenceModelFromChatRenderer(PreferenceModel):
         return self._judgement(scores)
 
     async def judge_many(self, comparisons: Sequence[Comparison]) -> list[Judgement]:
-        """Judge all comparisons in one batched scoring pass."""
-        if not comparisons:
-            return []
-        prompts = [self.comparison_renderer.build_generation_prompt(c) for c in comparisons]
-        all_scores = self.sampling_client.score_next_token_batch(prompts, self.label_tokens)
-        return [self._judgement(s) for s in all_scores]
+        """Judge all comparisons: one `score_next_token_async` each, issued together, so the sampling client's
+        RequestBatcher serves them (with any other judgements issued in the same loop turns, e.g. the other
+        groups of an RL iteration) in one batched scoring call."""
+        return list(await asyncio.gather(*(self.judge(c) for c in comparisons)))
 
     async def __call__(self, comparison: Comparison) -> float:
         if self.reward_mode == "symmetric":
@@ -233,6 +246,20 @@ class PreferenceModelFromChatRenderer(PreferenceModel):
 
     async def probability_b(self, comparisons: Sequence[Comparison]) -> list[float]:
         return [j.p_b for j in await self.judge_many(comparisons)]
+
+    async def judge_both_orders(
+        self, comparisons: Sequence[Comparison]
+    ) -> tuple[list[float], list[float], np.ndarray | None]:
+        """Both orders from one set of judgements (each comparison and its swap judged once): the rewards as
+        given and swapped ("symmetric" combines the pair either way) and the order-symmetric P(B wins)."""
+        n = len(comparisons)
+        judged = await self.judge_many([*comparisons, *(c.swap() for c in comparisons)])
+        given, swapped = judged[:n], judged[n:]
+        return (
+            [self.reward(g, s) for g, s in zip(given, swapped)],
+            [self.reward(s, g) for g, s in zip(given, swapped)],
+            np.asarray([symmetric_p_b(g, s) for g, s in zip(given, swapped)]),
+        )
 
 
 @dataclass(frozen=True)

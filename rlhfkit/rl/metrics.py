@@ -1,5 +1,6 @@
-"""RL metrics: sampler-vs-trainer KL, the optional KL penalty (spec 5.7) and per-batch trajectory
-metrics (spec 5.10)."""
+"""RL metrics: sampler-vs-trainer KL, the policy's KL from a reference, per-batch trajectory metrics (spec
+5.10) and the sampling-client metrics of off-policy batches (spec 5.8). The KL penalty itself (spec 5.7) is in
+data_processing: it makes new datums."""
 
 from __future__ import annotations
 
@@ -47,33 +48,6 @@ async def compute_reference_logprobs(data: list[Datum], sampling_client: Any) ->
         return np.asarray(logprobs[1:], dtype=np.float64)
 
     return list(await asyncio.gather(*(one(d) for d in data)))
-
-
-def _discounted_future_sum(x: np.ndarray, gamma: float) -> np.ndarray:
-    out = np.zeros_like(x)
-    running = 0.0
-    for t in range(len(x) - 1, -1, -1):
-        running = x[t] + gamma * running
-        out[t] = running
-    return out
-
-
-async def incorporate_kl_penalty(
-    data: list[Datum], base_sampling_client: Any, kl_penalty_coef: float, kl_discount_factor: float = 0.0
-) -> dict[str, float]:
-    """Shift advantages towards the reference: d_t = (logp_sampler - logp_ref) on action tokens,
-    advantage_t += coef * mask_t * (mean(d) - d_t) (discounted future sum if kl_discount_factor > 0)."""
-    ref_logprobs = await compute_reference_logprobs(data, base_sampling_client)
-    masks = [d.loss_fn_inputs["mask"].to_numpy().astype(np.float64) for d in data]
-    diffs = [(d.loss_fn_inputs["logprobs"].to_numpy() - ref) * m for d, ref, m in zip(data, ref_logprobs, masks)]
-    avg = sum(float(x.sum()) for x in diffs) / max(sum(float(m.sum()) for m in masks), 1.0)
-    for datum, diff, mask in zip(data, diffs, masks):
-        penalty = kl_penalty_coef * mask * (avg - diff)
-        if kl_discount_factor > 0:  # masked again so prompt positions never get an advantage
-            penalty = _discounted_future_sum(penalty, kl_discount_factor) * mask
-        advantages = datum.loss_fn_inputs["advantages"].to_numpy().astype(np.float64) + penalty
-        datum.loss_fn_inputs["advantages"] = TensorData.from_numpy(advantages.astype(np.float32))
-    return {"kl_policy_base": avg}
 
 
 async def compute_kl_policy_vs_reference(data: list[Datum], reference_sampling_client: Any) -> float:
@@ -141,3 +115,26 @@ def compute_trajectory_metrics(
         if len(groups) < len(trajectory_groups):
             metrics.update(_trajectory_metrics(groups, f"env/{tag}"))
     return metrics
+
+
+def compute_sampling_client_metrics(
+    trained_step: int, sampler_steps: Sequence[int], sampling_seconds: Sequence[float]
+) -> dict[str, float]:
+    """Which policy versions sampled a batch (spec 5.8): `sampling_client/step_{max,min,mean}` (the optimizer
+    steps the samplers' weights had seen), their staleness at training step `trained_step` (steps behind the
+    policy being trained), and `time/sampling_time_{max,min,mean}` (each group's sampling plus judging)."""
+    steps = np.asarray(sampler_steps, dtype=np.float64)
+    seconds = np.asarray(sampling_seconds, dtype=np.float64)
+    if steps.size == 0:
+        return {}
+    staleness = trained_step - steps
+    return {
+        "sampling_client/step_max": float(steps.max()),
+        "sampling_client/step_min": float(steps.min()),
+        "sampling_client/step_mean": float(steps.mean()),
+        "sampling_client/staleness_max": float(staleness.max()),
+        "sampling_client/staleness_mean": float(staleness.mean()),
+        "time/sampling_time_max": float(seconds.max()),
+        "time/sampling_time_min": float(seconds.min()),
+        "time/sampling_time_mean": float(seconds.mean()),
+    }

@@ -110,12 +110,14 @@ def rollout_summary_records(
     groups: Sequence[TrajectoryGroup],
     builders: Sequence[EnvGroupBuilder],
     iteration: int,
-    sampling_client_step: int,
+    sampling_client_step: int | Sequence[int],
     split: str = "train",
 ) -> list[dict]:
-    """One record per trajectory (schema_version 1)."""
+    """One record per trajectory (schema_version 1). `sampling_client_step`: the optimizer steps the sampler's
+    weights had seen, one for all groups or one per group (asynchronous RL)."""
     records = []
-    for group_idx, (group, builder) in enumerate(zip(groups, builders, strict=True)):
+    steps = [sampling_client_step] * len(groups) if isinstance(sampling_client_step, int) else sampling_client_step
+    for group_idx, (group, builder, sampler_step) in enumerate(zip(groups, builders, steps, strict=True)):
         for traj_idx, (traj, total, final) in enumerate(
             zip(group.trajectories_G, group.get_total_rewards(), group.final_rewards_G)
         ):
@@ -127,7 +129,7 @@ def rollout_summary_records(
                     "group_idx": group_idx,
                     "traj_idx": traj_idx,
                     "tags": builder.logging_tags(),
-                    "sampling_client_step": sampling_client_step,
+                    "sampling_client_step": sampler_step,
                     "total_reward": total,
                     "final_reward": final,
                     "trajectory_metrics": group.metrics_G[traj_idx],

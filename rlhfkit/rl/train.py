@@ -1,19 +1,51 @@
-"""Stage 3: synchronous on-policy RL (spec 5.9).
+"""Stage 3: RL against a reward (spec 5.8, 5.9): the synchronous on-policy loop, and its asynchronous and
+streaming forms.
 
-Each iteration: evaluate (every `eval_every`), sample a group of replies per prompt from the current
-policy, score the groups (e.g. a preference-model tournament), centre rewards within each group to get
-advantages, and take one importance-sampling policy-gradient step per substep. Checkpoints are saved every
-`save_every` iterations and at the end; a killed run resumes from its last checkpoint, optimizer included.
+Synchronous (the default, as the tutorial; `_sync_loop`, `_run_iteration`). Each iteration: evaluate (every
+`eval_every`), sample a group of replies per prompt from the current policy, judge every group (e.g. a
+preference-model tournament; all groups' judgements go through the judge's batcher together), centre rewards
+within each group to get advantages, and take one importance-sampling policy-gradient step per substep.
+
+Asynchronous (`async_config=AsyncConfig(max_steps_off_policy, groups_per_batch)`) and streaming
+(`stream_minibatch_config=StreamMinibatchConfig(groups_per_batch, num_minibatches)`), both in `_Pipeline`:
+sampling, judging, training and evaluation run concurrently as tasks of one event loop (so on the Ray backend
+on different actors at once). A group is judged as soon as its replies are sampled. Groups are trained on in
+the dataset's order: each training step (iteration) takes exactly `groups_per_batch` groups that are fresh
+enough, i.e. sampled by a policy at most `max_steps_off_policy` optimizer steps old; an older one is sampled
+again (with the current policy) and keeps its place. Samplers run up to max(max_steps_off_policy, 1)
+iterations ahead of the trainer (streaming alone: none). Streaming splits each iteration's groups into
+`num_minibatches` minibatches and trains on each (one forward_backward and one optimizer step) as soon as its
+groups are judged. Metrics `sampling_client/step_{max,min,mean}` and `time/sampling_time_{max,min,mean}` (spec
+5.8) plus `sampling_client/staleness_{max,mean}`; each trained group's sampler step is in the iteration's
+train_rollout_summaries.jsonl (`sampling_client_step`).
+
+Every mode writes timeline.jsonl and timeline.png (rl/timeline.py): when sampling, judging, training,
+evaluation and checkpointing ran, per iteration. Checkpoints are saved every `save_every` iterations and at the
+end; a killed run resumes from its last checkpoint, optimizer included (the pipelined loops also record the
+dataset position reached, `next_group`; groups that were in flight are sampled again).
+
+Deviations from the reference: the pipelined loops consume groups in dataset order (not in completion order),
+so that with max_steps_off_policy=0 the asynchronous loop trains on exactly the synchronous loop's groups (its
+samplers still run one iteration ahead, as the reference's do, and what they sample then is sampled again);
+rollout seeds follow a group's dataset position, not the iteration that trained on it; with
+remove_constant_reward_groups a constant group is dropped as soon as it is judged and the batch waits for the
+next one (as the reference's asynchronous loop does; the synchronous loop keeps one if all are constant). Streaming makes one
+optimizer step per minibatch (the reference: one per substep), so num_substeps must be 1 with it. An
+evaluation runs concurrently with training (the reference's separate evaluation loop) and its metrics go into
+the record of the iteration whose weights it evaluated; streaming also evaluates before the last iteration, as
+the reference does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -29,7 +61,8 @@ from rlhfkit.model_info import warn_if_renderer_not_recommended
 from rlhfkit.rl import data_processing, metrics as rl_metrics
 from rlhfkit.rl.rollout_logging import iteration_dir, rollout_summary_records, write_rollout_summaries, write_train_html
 from rlhfkit.rl.rollouts import sample_group, score_group
-from rlhfkit.rl.types import EnvGroupBuilder, RLDatasetBuilder, TrajectoryGroup
+from rlhfkit.rl.timeline import DISCARDED, Timeline, write_timeline_plot
+from rlhfkit.rl.types import EnvGroupBuilder, RLDataset, RLDatasetBuilder, TrajectoryGroup
 from rlhfkit.utils import ml_log
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.timing import Timer
@@ -46,7 +79,8 @@ PLOT_PANELS = [  # metrics.png: one panel per list
     ["kl/policy_vs_init", "optim/kl_sample_train_v1"],
     ["env/all/ac_tokens_per_turn"],
     ["env/all/frac_truncated", "env/all/format"],
-    ["time/sample", "time/judge", "time/train"],
+    ["time/sample", "time/judge", "time/train", "time/wait_for_groups"],
+    ["sampling_client/staleness_max", "sampling_client/staleness_mean"],
 ]
 
 
@@ -56,6 +90,37 @@ class KLReferenceConfig:
 
     base_model: str
     load_checkpoint_path: str | None = None
+
+
+@dataclass(frozen=True)
+class AsyncConfig:
+    """Asynchronous off-policy RL (spec 5.8): samplers and the trainer run concurrently."""
+
+    max_steps_off_policy: int = setting(
+        help="a group sampled by a policy more than this many optimizer steps older than the one being trained "
+        "is sampled again",
+        check=at_least(0),
+    )
+    groups_per_batch: int = setting(help="groups (prompts) per training step", check=at_least(1))
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
+class StreamMinibatchConfig:
+    """Streaming (spec 5.8): an iteration's groups in `num_minibatches` minibatches, each trained on (one
+    optimizer step) as soon as its groups are judged."""
+
+    groups_per_batch: int = setting(help="groups (prompts) per iteration, over all its minibatches", check=at_least(1))
+    num_minibatches: int = setting(help="minibatches (optimizer steps) per iteration", check=at_least(1))
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.num_minibatches > self.groups_per_batch:
+            raise ConfigError(
+                "num_minibatches", self.num_minibatches, f"at most groups_per_batch ({self.groups_per_batch})"
+            )
 
 
 @dataclass
@@ -118,6 +183,12 @@ class Config:
         None, "backend=ray: data-parallel training workers (None: one per GPU, else 1)", check=at_least(1)
     )
     num_samplers: int | None = setting(None, "backend=ray: inference-engine actors (None: 1)", check=at_least(1))
+    async_config: AsyncConfig | None = setting(
+        None, "sample and train concurrently, up to max_steps_off_policy steps off policy (None: synchronous)"
+    )
+    stream_minibatch_config: StreamMinibatchConfig | None = setting(
+        None, "train on minibatches of each iteration as soon as their groups are judged (None: off)"
+    )
     ttl_seconds: int | None = compat_setting("ttl_seconds", 604800)
 
     def __post_init__(self) -> None:
@@ -127,6 +198,22 @@ class Config:
             raise ConfigError(
                 "kl_reference_config", None, "kl_penalty_coef > 0 needs KLReferenceConfig(base_model=...)"
             )
+        stream, asynchronous = self.stream_minibatch_config, self.async_config
+        if stream is not None and self.num_substeps != 1:
+            raise ConfigError(
+                "num_substeps", self.num_substeps, "streaming makes one optimizer step per minibatch: use 1"
+            )
+        if stream is not None and asynchronous is not None and stream.groups_per_batch != asynchronous.groups_per_batch:
+            raise ConfigError(
+                "stream_minibatch_config",
+                stream.groups_per_batch,
+                f"groups_per_batch must equal async_config's ({asynchronous.groups_per_batch})",
+            )
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether the asynchronous/streaming loop runs (else the synchronous one)."""
+        return self.async_config is not None or self.stream_minibatch_config is not None
 
 
 class SamplerMismatchError(RuntimeError):
@@ -199,28 +286,39 @@ def sampler_name(sampling_client: Any) -> str:
     return ", ".join(parts) if parts else f"{type(sampling_client).__name__} on the policy's current weights"
 
 
-def _train_step(config: Config, training_client: Any, data: list[Datum], sampler: str) -> dict[str, float]:
-    """`num_substeps` equal splits of the batch, each one forward_backward and one Adam step. Before the first
-    step, the trainer's logprobs of the sampled tokens are checked against the sampler's (on-policy they are
-    equal): a sampler that runs other weights stops the run (`_check_sampler`)."""
+async def _train_step(
+    config: Config,
+    training_client: Any,
+    data: list[Datum],
+    sampler: str,
+    on_policy: Sequence[bool] | None = None,
+    num_substeps: int | None = None,
+) -> tuple[dict[str, float], list[Any]]:
+    """`num_substeps` (default config.num_substeps) equal splits of the batch, each one forward_backward and one
+    Adam step; returns the metrics and the trainer's (pre-update) logprobs of each datum. Before the first step,
+    the trainer's logprobs of the sampled tokens are checked against the sampler's over the datums marked
+    `on_policy` (default all; sampled by the weights being trained, so the two must agree): a sampler that runs
+    other weights stops the run (`_check_sampler`)."""
     batch = [data_processing.remove_mask(d) for d in data]
-    splits = [s for s in np.array_split(np.arange(len(batch)), config.num_substeps) if len(s)]
+    substeps = config.num_substeps if num_substeps is None else num_substeps
+    splits = [s for s in np.array_split(np.arange(len(batch)), substeps) if len(s)]
     adam = AdamParams(learning_rate=config.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8)
     train_logprobs: list[Any] = [None] * len(batch)
     metrics: dict[str, float] = {"optim/loss:sum": 0.0, "optim/skipped_nonfinite": 0.0}
     for substep, indices in enumerate(splits):
-        output = training_client.forward_backward(
+        output = await training_client.forward_backward(
             [batch[j] for j in indices], config.loss_fn, config.loss_fn_config
-        ).result()
+        )
         for j, out in zip(indices, output.loss_fn_outputs):
             train_logprobs[j] = out["logprobs"]
         metrics["optim/loss:sum"] += output.metrics.get("loss:sum", 0.0)
-        if substep == 0:  # on-policy: the trainer's logprobs must equal the sampler's (ratio 1)
+        checked = [j for j in indices if on_policy is None or on_policy[j]]
+        if substep == 0 and checked:  # on-policy: the trainer's logprobs must equal the sampler's (ratio 1)
             diff = np.concatenate(
                 [
                     rl_metrics.action_values(data[j], "logprobs")
                     - train_logprobs[j].to_numpy()[data[j].loss_fn_inputs["mask"].to_numpy() > 0]
-                    for j in indices
+                    for j in checked
                 ]
             )
             metrics["optim/first_substep_max_abs_logratio"] = float(np.abs(diff).max(initial=0.0))
@@ -231,68 +329,146 @@ def _train_step(config: Config, training_client: Any, data: list[Datum], sampler
                 metrics["optim/first_substep_max_abs_logratio"],
                 sampler,
             )
-        step = training_client.optim_step(adam).result()
+        step = await training_client.optim_step(adam)
         skipped = metrics["optim/skipped_nonfinite"] + (step.metrics or {}).get("optim/skipped_nonfinite", 0.0)
         metrics.update({**(step.metrics or {}), "optim/skipped_nonfinite": skipped})
-    metrics.update(rl_metrics.compute_kl_sample_train(data, train_logprobs))
-    return metrics
+    return metrics, train_logprobs
 
 
-def _log_rollouts(
-    config: Config,
-    log_path: str,
-    iteration: int,
-    groups: list[TrajectoryGroup],
-    builders: Sequence[EnvGroupBuilder],
-    advantages: list[np.ndarray],
-    tokenizer: Any,
-) -> None:
-    folder = iteration_dir(log_path, iteration)
-    n = min(config.num_groups_to_log, len(groups))
-    if n > 0:
-        write_train_html(folder / "train.html", iteration, groups[:n], builders[:n], advantages[:n], tokenizer)
-    if config.rollout_json_export:
-        write_rollout_summaries(
-            folder / "train_rollout_summaries.jsonl",
-            rollout_summary_records(groups, builders, iteration, sampling_client_step=iteration),
-        )
+@dataclass
+class _Run:
+    """What an RL run holds from start to end (built once by `_start_run`)."""
 
+    config: Config
+    log_path: str
+    training_client: Any
+    dataset: RLDataset
+    evaluators: list
+    init_client: Any  # the starting weights, for kl/policy_vs_init (None: off)
+    kl_reference_client: Any  # the KL penalty's reference (None: no penalty)
+    tokenizer: Any
+    checkpoints: CheckpointManager
+    ml_logger: Any
+    timeline: Timeline
+    nonfinite: NonFiniteGuard
+    start_batch: int
+    end_batch: int
+    resume: Any  # the checkpoint record resumed from, or None
 
-async def _run_iteration(
-    config: Config,
-    i: int,
-    dataset: Any,
-    sampling_client: Any,
-    training_client: Any,
-    evaluators: list,
-    init_client: Any,
-    kl_reference_client: Any,
-    tokenizer: Any,
-    log_path: str,
-    timer: Timer,
-    nonfinite: NonFiniteGuard,
-) -> dict[str, float]:
-    """One RL iteration on the current weights; returns its metrics (the weights are updated in place)."""
-    metrics: dict[str, float] = {"progress/batch": i, "optim/lr": config.learning_rate}
-    if config.eval_every > 0 and i % config.eval_every == 0 and evaluators:
-        with timer.span("eval"):
-            metrics.update(await _evaluate(evaluators, sampling_client, training_client))
-
-    # Rollouts: every env of every group at once, so the engine samples them in one generation batch.
-    builders = list(dataset.get_batch(i))
-
-    def policy_for(group_idx: int) -> Callable[[int], TinkerTokenCompleter]:
+    def policy_for(self, sampling_client: Any, position: tuple[int, int]) -> Callable[[int], TinkerTokenCompleter]:
+        """The completer of env k of the group at dataset `position` (batch, index): seeded by that position."""
+        batch, group = position
         return lambda env_idx: TinkerTokenCompleter(
             sampling_client,
-            config.max_tokens,
-            config.temperature,
-            seed=_rollout_seed(config.seed, i, group_idx, env_idx),
+            self.config.max_tokens,
+            self.config.temperature,
+            seed=_rollout_seed(self.config.seed, batch, group, env_idx),
         )
 
-    with timer.span("sample"):
-        sampled = await asyncio.gather(*(sample_group(b, policy_for(g)) for g, b in enumerate(builders)))
-    # Rewards: every group's judging at once (batched preference-model passes).
-    with timer.span("judge"):
+    def eval_due(self, step: int) -> bool:
+        """Evaluate the weights after `step` updates (before iteration `step` trains)?"""
+        if not self.evaluators or self.config.eval_every <= 0 or step >= self.end_batch:
+            return False
+        last = self.config.stream_minibatch_config is not None and step == self.end_batch - 1
+        return step % self.config.eval_every == 0 or last
+
+    def log_rollouts(
+        self,
+        iteration: int,
+        groups: list[TrajectoryGroup],
+        builders: Sequence[EnvGroupBuilder],
+        advantages: list[np.ndarray],
+        sampler_steps: Sequence[int],
+    ) -> None:
+        folder = iteration_dir(self.log_path, iteration)
+        n = min(self.config.num_groups_to_log, len(groups))
+        if n > 0:
+            write_train_html(folder / "train.html", iteration, groups[:n], builders[:n], advantages[:n], self.tokenizer)
+        if self.config.rollout_json_export:
+            write_rollout_summaries(
+                folder / "train_rollout_summaries.jsonl",
+                rollout_summary_records(groups, builders, iteration, sampling_client_step=list(sampler_steps)),
+            )
+
+    async def train_on(
+        self,
+        step: int,
+        groups: list[TrajectoryGroup],
+        advantages: list[np.ndarray],
+        sampler: str,
+        timer: Timer,
+        on_policy_groups: Sequence[bool] | None = None,
+        first: bool = True,
+        num_substeps: int | None = None,
+    ) -> tuple[dict[str, float], list[Datum], list[Any]]:
+        """Datums of the groups (KL penalty included), kl/policy_vs_init (on the `first` training call of the
+        iteration), one training step; returns (metrics, datums, the trainer's logprobs of each datum)."""
+        config = self.config
+        with self.timeline.span("reference", step):  # the KL penalty's and kl/policy_vs_init's logprobs
+            data, metadata, metrics = await data_processing.prepare_training_data(
+                groups, advantages, self.kl_reference_client, config.kl_penalty_coef, config.kl_discount_factor
+            )
+            if not data:
+                logger.warning("iteration %d: no training data (every reply is empty); skipping the update", step)
+                return metrics, [], []
+            if self.init_client is not None and first:  # reward-hacking watch: how far the policy has drifted
+                metrics["kl/policy_vs_init"] = await rl_metrics.compute_kl_policy_vs_reference(
+                    data[: config.policy_kl_num_sequences], self.init_client
+                )
+        on_policy = None if on_policy_groups is None else [on_policy_groups[m["group_idx"]] for m in metadata]
+        with self.timeline.span("train", step, timer):
+            train_metrics, logprobs = await _train_step(
+                config, self.training_client, data, sampler, on_policy, num_substeps
+            )
+        metrics.update(train_metrics)
+        self.nonfinite.check(step, metrics["optim/loss:sum"], metrics, lambda: describe_rows(data, self.tokenizer))
+        return metrics, data, logprobs
+
+    def save(self, step: int, loop_state: dict[str, Any]) -> None:
+        """Checkpoint of the state before iteration `step` ("final" when it is the end)."""
+        name = "final" if step >= self.end_batch else f"{step:06d}"
+        self.checkpoints.save(self.training_client, name, {"batch": step, **loop_state})
+
+
+def _progress(run: _Run) -> tqdm:
+    return tqdm(
+        total=run.end_batch,
+        initial=run.start_batch,
+        desc=run.config.recipe_name,
+        unit="it",
+        dynamic_ncols=True,
+    )
+
+
+def _show(progress: tqdm, metrics: dict[str, float]) -> None:
+    progress.update(1)
+    progress.set_postfix(
+        reward=f"{metrics.get('env/all/reward/total', float('nan')):+.3f}",
+        ac_tokens=f"{metrics.get('env/all/ac_tokens_per_turn', float('nan')):.0f}",
+        kl_init=f"{metrics.get('kl/policy_vs_init', float('nan')):.4f}",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The synchronous loop (spec 5.9)
+
+
+async def _run_iteration(run: _Run, i: int, sampling_client: Any, timer: Timer) -> dict[str, float]:
+    """One RL iteration on the current weights; returns its metrics (the weights are updated in place)."""
+    config = run.config
+    metrics: dict[str, float] = {"progress/batch": i, "optim/lr": config.learning_rate}
+    if run.eval_due(i):
+        with run.timeline.span("eval", i, timer):
+            metrics.update(await _evaluate(run.evaluators, sampling_client, run.training_client))
+
+    # Rollouts: every env of every group at once, so the engine samples them in one generation batch.
+    builders = list(run.dataset.get_batch(i))
+    with run.timeline.span("sample", i, timer):
+        sampled = await asyncio.gather(
+            *(sample_group(b, run.policy_for(sampling_client, (i, g))) for g, b in enumerate(builders))
+        )
+    # Rewards: every group's judging at once; the judge's batcher serves them in one scoring call.
+    with run.timeline.span("judge", i, timer):
         groups = list(
             await asyncio.gather(
                 *(score_group(b, envs, trajectories) for b, (envs, trajectories) in zip(builders, sampled, strict=True))
@@ -301,28 +477,341 @@ async def _run_iteration(
         await asyncio.gather(*(b.cleanup() for b in builders))
 
     metrics.update(rl_metrics.compute_trajectory_metrics(groups, builders))
-    _log_rollouts(config, log_path, i, groups, builders, data_processing.compute_advantages(groups), tokenizer)
-    if config.remove_constant_reward_groups:
-        groups = data_processing.remove_constant_reward_groups(groups)
     advantages = data_processing.compute_advantages(groups)
-    data, _metadata = data_processing.assemble_training_data(groups, advantages)
-    if not data:
-        logger.warning("iteration %d: no training data (every reply is empty); skipping the update", i)
-        return metrics
-    if init_client is not None:  # reward-hacking watch: how far the policy has drifted from its start
-        metrics["kl/policy_vs_init"] = await rl_metrics.compute_kl_policy_vs_reference(
-            data[: config.policy_kl_num_sequences], init_client
-        )
-    if kl_reference_client is not None:
-        metrics.update(
-            await rl_metrics.incorporate_kl_penalty(
-                data, kl_reference_client, config.kl_penalty_coef, config.kl_discount_factor
-            )
-        )
-    with timer.span("train"):
-        metrics.update(_train_step(config, training_client, data, sampler_name(sampling_client)))
-    nonfinite.check(i, metrics["optim/loss:sum"], metrics, lambda: describe_rows(data, tokenizer))
+    run.log_rollouts(i, groups, builders, advantages, [i] * len(groups))
+    if config.remove_constant_reward_groups:
+        keep = data_processing.groups_to_keep(groups)
+        groups, advantages = [groups[k] for k in keep], [advantages[k] for k in keep]
+    train_metrics, data, logprobs = await run.train_on(i, groups, advantages, sampler_name(sampling_client), timer)
+    metrics.update(train_metrics)
+    if data:
+        metrics.update(rl_metrics.compute_kl_sample_train(data, logprobs))
     return metrics
+
+
+async def _sync_loop(run: _Run) -> None:
+    sampling_client = run.training_client.save_weights_and_get_sampling_client()
+    progress = _progress(run)
+    for i in range(run.start_batch, run.end_batch):
+        timer = Timer()
+        metrics = await _run_iteration(run, i, sampling_client, timer)
+        with run.timeline.span("sync_weights", i, timer):
+            sampling_client = run.training_client.save_weights_and_get_sampling_client()  # the updated weights
+        metrics["progress/done_frac"] = (i + 1) / run.end_batch
+        metrics.update(timer.total())
+        # Log first, then checkpoint: a kill in between re-runs this iteration and its record is replaced.
+        run.ml_logger.log_metrics(metrics, step=i)
+        _show(progress, metrics)
+        # Periodic checkpoint of the state before iteration i + 1 (skipped when it would be the final one).
+        if i + 1 < run.end_batch and run.checkpoints.due(i + 1):
+            with run.timeline.span("checkpoint", i):
+                run.save(i + 1, {})
+    progress.close()
+    run.save(run.end_batch, {})
+
+
+# --------------------------------------------------------------------------------------------------
+# The asynchronous and streaming loop (spec 5.8)
+
+
+@dataclass
+class _JudgedGroup:
+    """A group sampled and judged: where it is in the dataset, which policy version sampled it, and when."""
+
+    position: tuple[int, int]  # (dataset batch, index in that batch)
+    builder: EnvGroupBuilder
+    group: TrajectoryGroup
+    advantages: np.ndarray
+    sampler_step: int  # optimizer steps the sampler's weights had seen
+    seconds: float  # sampling plus judging
+    spans: list[tuple[str, float, float]]  # (kind, start, end) for the timeline
+
+
+def _group_stream(dataset: RLDataset, start: tuple[int, int]) -> Iterator[tuple[tuple[int, int], EnvGroupBuilder]]:
+    """The dataset's groups in order from position `start` (batch, index in batch)."""
+    for b in range(start[0], len(dataset)):
+        for g, builder in enumerate(dataset.get_batch(b)):
+            if b > start[0] or g >= start[1]:
+                yield (b, g), builder
+
+
+@dataclass
+class _Pipeline:
+    """Samplers, judges, the trainer and evaluations as concurrent tasks (see the module docstring)."""
+
+    run: _Run
+    max_off_policy: int = field(init=False)
+    lookahead: int = field(init=False)  # iterations the samplers may run ahead of the trainer
+    groups_per_batch: int = field(init=False)
+    num_minibatches: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        asynchronous, stream = self.run.config.async_config, self.run.config.stream_minibatch_config
+        self.max_off_policy = 0 if asynchronous is None else asynchronous.max_steps_off_policy
+        self.lookahead = 0 if asynchronous is None else max(asynchronous.max_steps_off_policy, 1)
+        self.groups_per_batch = (asynchronous or stream).groups_per_batch  # type: ignore[union-attr]
+        self.num_minibatches = 1 if stream is None else stream.num_minibatches
+        resume = self.run.resume
+        start = resume.get("next_group") if resume is not None else None
+        self.next_position: tuple[int, int] = tuple(start) if start else (self.run.start_batch, 0)  # type: ignore
+        self.stream = _group_stream(self.run.dataset, self.next_position)
+        self.exhausted = False
+        self.order: collections.deque[tuple[int, int]] = collections.deque()  # released, not yet consumed
+        self.builders: dict[tuple[int, int], EnvGroupBuilder] = {}
+        self.tasks: dict[tuple[int, int], asyncio.Task] = {}
+        self.started_step: dict[tuple[int, int], int] = {}
+        self.sampled: set[tuple[int, int]] = set()  # released groups whose replies are sampled
+        self.step = self.run.start_batch  # the iteration being trained
+        self.consumed_in_step = 0
+        self.counts = {"resampled": 0, "dropped_constant": 0}
+        self.sampling_client: Any = None
+        self.sampler_step = self.run.start_batch
+        self.evals: dict[int, asyncio.Task] = {}
+        self.pending: collections.deque[tuple[int, dict[str, float]]] = collections.deque()  # records to log
+
+    # Sampling and judging
+    async def _sample_and_judge(
+        self, position: tuple[int, int], builder: EnvGroupBuilder, client: Any, client_step: int
+    ) -> _JudgedGroup:
+        spans: list[tuple[str, float, float]] = []
+        start = time.time()
+        try:
+            envs, trajectories = await sample_group(builder, self.run.policy_for(client, position))
+            spans.append(("sample", start, time.time()))
+            self.sampled.add(position)
+            self._release()  # the next iteration's groups may start once this one's are sampled
+            group = await score_group(builder, envs, trajectories)  # judged as soon as its replies are in
+            spans.append(("judge", spans[-1][2], time.time()))
+            await builder.cleanup()
+        except asyncio.CancelledError:  # sampled again with newer weights: this work is thrown away
+            spans.append(("judge" if spans else "sample", spans[-1][2] if spans else start, time.time()))
+            self._record_spans(spans, DISCARDED, position, client_step)
+            raise
+        advantages = data_processing.compute_advantages([group])[0]
+        return _JudgedGroup(position, builder, group, advantages, client_step, time.time() - start, spans)
+
+    def _record_spans(self, spans: list, step: int, position: tuple[int, int], sampler_step: int) -> None:
+        for kind, start, end in spans:
+            self.run.timeline.add(kind, step, start, end, group=list(position), sampler_step=sampler_step)
+
+    def _start(self, position: tuple[int, int]) -> None:
+        """Sample (again) and judge the group at `position` with the current policy."""
+        old = self.tasks.get(position)
+        if old is not None and not old.done():
+            old.cancel()
+        self.started_step[position] = self.sampler_step
+        self.sampled.discard(position)
+        self.tasks[position] = asyncio.create_task(
+            self._sample_and_judge(position, self.builders[position], self.sampling_client, self.sampler_step)
+        )
+
+    def _release(self) -> None:
+        """Start groups in dataset order while they are needed and within the samplers' lead. A later
+        iteration's groups start only once the current iteration's groups are all sampled, so these are sampled
+        together, in one batch as in the synchronous loop (the same batch composition, so the same numbers)."""
+        window = self.groups_per_batch * (1 + self.lookahead)
+        needed = (self.run.end_batch - self.step) * self.groups_per_batch - self.consumed_in_step
+        current = self.groups_per_batch - self.consumed_in_step  # groups still due in this iteration
+        while not self.exhausted and len(self.order) + self.consumed_in_step < window and len(self.order) < needed:
+            if len(self.order) >= current and not all(p in self.sampled for p in list(self.order)[:current]):
+                break
+            try:
+                position, builder = next(self.stream)
+            except StopIteration:
+                self.exhausted = True
+                break
+            self.order.append(position)
+            self.builders[position] = builder
+            self._start(position)
+
+    def _resample_stale(self) -> None:
+        """At the start of an iteration: every released group whose sampler is too old for it is sampled
+        again now (done or still running), all at once."""
+        for position in self.order:
+            if self.step - self.started_step[position] <= self.max_off_policy:
+                continue
+            task = self.tasks[position]
+            if task.done():
+                judged = task.result()  # raises the group's error, if it failed
+                self._record_spans(judged.spans, DISCARDED, position, judged.sampler_step)
+            self.counts["resampled"] += 1
+            self._start(position)
+
+    async def _next_group(self) -> _JudgedGroup | None:
+        """The next fresh-enough group in dataset order (None once the data is exhausted)."""
+        while True:
+            if not self.order:
+                self._release()
+                if not self.order:
+                    return None
+            position = self.order[0]
+            judged = await self.tasks[position]
+            if self.step - judged.sampler_step > self.max_off_policy:  # stale: sample it again
+                self._record_spans(judged.spans, DISCARDED, position, judged.sampler_step)
+                self.counts["resampled"] += 1
+                self._start(position)
+                continue
+            self.order.popleft()
+            for table in (self.tasks, self.builders, self.started_step):
+                del table[position]
+            self.sampled.discard(position)
+            self.next_position = (position[0], position[1] + 1)
+            if self.run.config.remove_constant_reward_groups and data_processing.is_constant_reward_group(judged.group):
+                self._record_spans(judged.spans, DISCARDED, position, judged.sampler_step)
+                self.counts["dropped_constant"] += 1
+                self._release()
+                continue
+            self.consumed_in_step += 1
+            self._release()
+            self._record_spans(judged.spans, self.step, position, judged.sampler_step)
+            return judged
+
+    def _resume_position(self) -> list[int]:
+        """Where a resumed run starts reading the dataset: the group after the last one trained on (or dropped);
+        in-flight groups are not recorded, so a resumed run samples them again."""
+        batch, group = self.next_position
+        while batch < len(self.run.dataset) and group >= len(self.run.dataset.get_batch(batch)):
+            batch, group = batch + 1, 0
+        return [batch, group]
+
+    # Evaluation and logging
+    def _start_eval(self) -> None:
+        if self.run.eval_due(self.sampler_step):
+            step, client = self.sampler_step, self.sampling_client
+
+            async def evaluate() -> dict[str, float]:
+                with self.run.timeline.span("eval", step):
+                    return await _evaluate(self.run.evaluators, client, self.run.training_client)
+
+            self.evals[step] = asyncio.create_task(evaluate())
+
+    async def _flush(self, wait: bool) -> None:
+        """Log the finished iterations' records in order (each after its evaluation, if any; `wait`: all)."""
+        while self.pending:
+            step, metrics = self.pending[0]
+            evaluation = self.evals.get(step)
+            if evaluation is not None:
+                if not (wait or evaluation.done()):
+                    return
+                metrics.update(await evaluation)
+                del self.evals[step]
+            self.pending.popleft()
+            # in a thread: the metrics plot must not hold up the samplers' event loop
+            await asyncio.to_thread(self.run.ml_logger.log_metrics, metrics, step)
+
+    async def _new_sampler(self, timer: Timer | None = None) -> None:
+        with self.run.timeline.span("sync_weights", self.step, timer):
+            self.sampling_client = await asyncio.to_thread(
+                self.run.training_client.save_weights_and_get_sampling_client
+            )
+
+    # The trainer
+    async def _iteration(self, timer: Timer) -> tuple[dict[str, float], bool]:
+        """Train iteration self.step on its groups, minibatch by minibatch as they arrive; (metrics, whether all
+        its groups were there)."""
+        run, step = self.run, self.step
+        metrics: dict[str, float] = {"progress/batch": step, "optim/lr": run.config.learning_rate}
+        sizes = [len(s) for s in np.array_split(np.arange(self.groups_per_batch), self.num_minibatches)]
+        judged: list[_JudgedGroup] = []
+        data: list[Datum] = []
+        logprobs: list[Any] = []
+        complete = True
+        optimizer_steps = 0
+        for minibatch, size in enumerate(sizes):
+            batch: list[_JudgedGroup] = []
+            with timer.span("wait_for_groups"):
+                while len(batch) < size and (group := await self._next_group()) is not None:
+                    batch.append(group)
+            if len(batch) < size:
+                complete = False
+                if not batch:
+                    break
+            judged += batch
+            train_metrics, batch_data, batch_logprobs = await run.train_on(
+                step,
+                [j.group for j in batch],
+                [j.advantages for j in batch],
+                sampler_name(self.sampling_client),
+                timer,
+                on_policy_groups=[minibatch == 0 and j.sampler_step == step for j in batch],
+                first=minibatch == 0,
+                num_substeps=None if self.num_minibatches == 1 else 1,
+            )
+            data += batch_data
+            logprobs += batch_logprobs
+            substeps = run.config.num_substeps if self.num_minibatches == 1 else 1
+            optimizer_steps += min(substeps, len(batch_data))
+            for key, value in train_metrics.items():  # sums over minibatches; the others: first or last value
+                if key in ("optim/loss:sum", "optim/skipped_nonfinite") and key in metrics:
+                    metrics[key] += value
+                elif key.startswith(("kl/", "optim/first_substep_")):
+                    metrics.setdefault(key, value)
+                else:
+                    metrics[key] = value
+            if not complete:
+                break
+        if judged:
+            groups, builders = [j.group for j in judged], [j.builder for j in judged]
+            metrics.update(rl_metrics.compute_trajectory_metrics(groups, builders))
+            metrics.update(
+                rl_metrics.compute_sampling_client_metrics(
+                    step, [j.sampler_step for j in judged], [j.seconds for j in judged]
+                )
+            )
+            run.log_rollouts(step, groups, builders, [j.advantages for j in judged], [j.sampler_step for j in judged])
+        if data:
+            metrics.update(rl_metrics.compute_kl_sample_train(data, logprobs))
+        metrics["optim/steps"] = float(optimizer_steps)
+        return metrics, complete
+
+    async def run_loop(self) -> None:
+        run = self.run
+        progress = _progress(run)
+        await self._new_sampler()
+        self._start_eval()
+        self._release()
+        try:
+            while self.step < run.end_batch:
+                timer = Timer()
+                resampled, dropped = self.counts["resampled"], self.counts["dropped_constant"]
+                metrics, complete = await self._iteration(timer)
+                if "env/all/reward/total" not in metrics:  # nothing left to train on
+                    logger.warning("the data ran out after %d iterations", self.step)
+                    break
+                await self._new_sampler(timer)
+                self.step += 1
+                self.sampler_step = self.step
+                self.consumed_in_step = 0
+                self._resample_stale()  # before any new group starts, so they are sampled in one batch
+                self._start_eval()
+                self._release()
+                metrics["async/resampled_groups"] = self.counts["resampled"] - resampled
+                metrics["async/dropped_groups"] = self.counts["dropped_constant"] - dropped
+                metrics["progress/done_frac"] = self.step / run.end_batch
+                metrics.update(timer.total())
+                self.pending.append((self.step - 1, metrics))
+                await self._flush(wait=False)
+                _show(progress, metrics)
+                if not complete:
+                    logger.warning("the data ran out during iteration %d", self.step - 1)
+                    break
+                if self.step < run.end_batch and run.checkpoints.due(self.step):
+                    await self._flush(wait=True)  # a record is logged before the checkpoint that covers it
+                    with run.timeline.span("checkpoint", self.step - 1):
+                        await asyncio.to_thread(run.save, self.step, {"next_group": self._resume_position()})
+            await self._flush(wait=True)
+        finally:
+            progress.close()
+            for task in [*self.tasks.values(), *self.evals.values()]:  # in-flight groups are dropped
+                task.cancel()
+            await asyncio.gather(*self.tasks.values(), *self.evals.values(), return_exceptions=True)
+        final = run.end_batch if self.step >= run.end_batch else self.step
+        run.end_batch = final
+        run.save(final, {"next_group": self._resume_position()})
+
+
+# --------------------------------------------------------------------------------------------------
+# Start
 
 
 async def main_async(config: Config) -> None:
@@ -340,14 +829,27 @@ async def main_async(config: Config) -> None:
             plot_panels=PLOT_PANELS,
         )
         try:
-            await _train(config, log_path, checkpoints, start_batch, ml_logger)
+            run = await _start_run(config, log_path, checkpoints, start_batch, ml_logger)
+            if run is not None:
+                await (_Pipeline(run).run_loop() if config.pipelined else _sync_loop(run))
         finally:
             ml_logger.close()
+            write_timeline_plot(log_path, title=f"{config.recipe_name}: {_mode_name(config)}")
 
 
-async def _train(
+def _mode_name(config: Config) -> str:
+    parts = []
+    if config.async_config is not None:
+        parts.append(f"asynchronous, max_steps_off_policy={config.async_config.max_steps_off_policy}")
+    if config.stream_minibatch_config is not None:
+        parts.append(f"streaming, {config.stream_minibatch_config.num_minibatches} minibatches")
+    return "; ".join(parts) or "synchronous"
+
+
+async def _start_run(
     config: Config, log_path: str, checkpoints: CheckpointManager, start_batch: int, ml_logger: Any
-) -> None:
+) -> _Run | None:
+    """The clients, dataset and evaluators of the run (None when it was already complete)."""
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
     if config.seed is not None:
         random.seed(config.seed + start_batch)  # the engine's fallback sampling seeds (evaluators)
@@ -372,50 +874,24 @@ async def _train(
     end_batch = len(dataset) if config.max_steps is None else min(config.max_steps, len(dataset))
     if start_batch >= end_batch:
         logger.info("Training was already complete (%d of %d iterations done)", start_batch, end_batch)
-        return
-
-    sampling_client = training_client.save_weights_and_get_sampling_client()
-    nonfinite = NonFiniteGuard(config.max_nonfinite_in_a_row, log_path)
-    progress = tqdm(
-        range(start_batch, end_batch),
-        initial=start_batch,
-        total=end_batch,
-        desc=config.recipe_name,
-        unit="it",
-        dynamic_ncols=True,
+        return None
+    return _Run(
+        config=config,
+        log_path=log_path,
+        training_client=training_client,
+        dataset=dataset,
+        evaluators=evaluators,
+        init_client=init_client,
+        kl_reference_client=kl_reference_client,
+        tokenizer=tokenizer,
+        checkpoints=checkpoints,
+        ml_logger=ml_logger,
+        timeline=Timeline(log_path, start_batch),
+        nonfinite=NonFiniteGuard(config.max_nonfinite_in_a_row, log_path),
+        start_batch=start_batch,
+        end_batch=end_batch,
+        resume=resume,
     )
-    for i in progress:
-        timer = Timer()
-        metrics = await _run_iteration(
-            config,
-            i,
-            dataset,
-            sampling_client,
-            training_client,
-            evaluators,
-            init_client,
-            kl_reference_client,
-            tokenizer,
-            log_path,
-            timer,
-            nonfinite,
-        )
-        with timer.span("sync_weights"):
-            sampling_client = training_client.save_weights_and_get_sampling_client()  # the updated weights
-        metrics["progress/done_frac"] = (i + 1) / end_batch
-        metrics.update(timer.total())
-        # Log first, then checkpoint: a kill in between re-runs this iteration and its record is replaced.
-        ml_logger.log_metrics(metrics, step=i)
-        progress.set_postfix(
-            reward=f"{metrics['env/all/reward/total']:+.3f}",
-            ac_tokens=f"{metrics['env/all/ac_tokens_per_turn']:.0f}",
-            kl_init=f"{metrics.get('kl/policy_vs_init', float('nan')):.4f}",
-        )
-        # Periodic checkpoint of the state before iteration i + 1 (skipped when it would be the final one).
-        if i + 1 < end_batch and checkpoints.due(i + 1):
-            checkpoints.save(training_client, f"{i + 1:06d}", {"batch": i + 1})
-    progress.close()
-    checkpoints.save(training_client, "final", {"batch": end_batch})
 
 
 def main(config: Config) -> Any:

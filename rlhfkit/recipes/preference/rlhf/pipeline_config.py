@@ -255,6 +255,26 @@ class PipelineConfig:
         check=at_least(1),
     )
     num_groups_to_log: int = setting(4, "groups per iteration written to train.html", group="RL", check=at_least(0))
+    rl_max_steps_off_policy: int | None = setting(
+        None,
+        "asynchronous RL: sample and train at once, training on groups sampled up to this many optimizer steps "
+        "ago (older ones are sampled again); None: the synchronous loop (the tutorial's)",
+        group="RL",
+        check=at_least(0),
+    )
+    rl_stream_minibatches: int | None = setting(
+        None,
+        "streaming RL: train on each iteration's groups in this many minibatches (one optimizer step each) as "
+        "soon as their groups are judged; None: off",
+        group="RL",
+        check=at_least(1),
+    )
+    rl_judge: Literal["preference_model", "shorter"] = setting(
+        "preference_model",
+        "what RL is judged by: this run's preference model, or 'shorter' (the reference's rule-based recipe: the "
+        "shorter reply wins; no SFT or preference model needed, RL starts from the base model)",
+        group="RL",
+    )
     # DPO
     dpo_beta: float = setting(
         0.1, "beta of the DPO loss (the pull towards the SFT policy)", group="DPO", check=positive
@@ -472,6 +492,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         dpo_max_steps=132,
         dpo_learning_rate=1e-4,
         dpo_eval_every=44,
+    ),
+    # The reference's `shorter` recipe (`rlhfkit rl preset=shorter`): RL from the base model on one prompt ("Who are
+    # you?"), judged by a rule that prefers the shorter reply; env/all/ac_tokens_per_turn falls. The reference's
+    # learning rate and max_tokens (3e-5, 64); smaller batches and groups (4 x 8 instead of 32 x 16) for a CPU.
+    "shorter": dict(
+        base_model="smollm2-135m-instruct",
+        log_root="runs/shorter",
+        rl_judge="shorter",
+        run_sft=False,
+        run_rm=False,
+        lora_rank=16,
+        rl_batch_size=4,
+        rl_group_size=8,
+        rl_max_tokens=64,
+        rl_learning_rate=3e-5,
+        rl_max_steps=20,
+        rl_eval_every=0,
+        save_every=5,
     ),
     # A tiny random model: every stage runs in about a minute (for tests and quick checks).
     # Its random judge never answers "A" or "B" greedily, so verdict rewards would all be ties and RL would do

@@ -103,7 +103,8 @@ def check_data(cfg: PipelineConfig) -> None:
 
     if cfg.run_sft and cfg.sft_data not in NAMED_CHAT_DATA and not stage_finished(f"{cfg.log_root}/sft"):
         chat_builder(None, cfg.sft_data, cfg.sft_columns, cfg.sft_test_size).load_conversations()  # empty: named
-    if (cfg.run_rm or cfg.run_rl or cfg.run_dpo) and not stage_finished(f"{cfg.log_root}/rl"):
+    reads_comparisons = cfg.run_rm or cfg.run_dpo or (cfg.run_rl and cfg.rl_judge != "shorter")
+    if reads_comparisons and not stage_finished(f"{cfg.log_root}/rl"):
         comparison_builder(cfg, "rl").role_examples()
 
 
@@ -207,6 +208,8 @@ async def run_rl(
     from rlhfkit.rl import preference_envs
     from rlhfkit.rl import train as rl_train
 
+    if cfg.rl_judge == "shorter":
+        return await run_shorter_rl(cfg, base_model, renderer_name, folder, seed)
     sft_path = starting_point(cfg.sft_checkpoint, f"{cfg.log_root}/sft", "state_path")
     rm_path = starting_point(cfg.rm_checkpoint, f"{cfg.log_root}/rm", "sampler_path")
     if sft_path is None or rm_path is None:
@@ -261,6 +264,62 @@ async def run_rl(
             sampler=cfg.sampler,
             kl_penalty_coef=cfg.rl_kl_penalty_coef,
             kl_reference_config=kl_reference,
+            **rl_execution_mode(cfg),
+        )
+    )
+
+
+def rl_execution_mode(cfg: PipelineConfig) -> dict[str, Any]:
+    """rl_max_steps_off_policy and rl_stream_minibatches as the RL loop's async/streaming settings (spec 5.8)."""
+    from rlhfkit.rl import train as rl_train
+
+    groups = cfg.stage_value("rl", "batch_size")
+    mode: dict[str, Any] = {}
+    if cfg.rl_max_steps_off_policy is not None:
+        mode["async_config"] = rl_train.AsyncConfig(cfg.rl_max_steps_off_policy, groups)
+    if cfg.rl_stream_minibatches is not None:
+        mode["stream_minibatch_config"] = rl_train.StreamMinibatchConfig(groups, cfg.rl_stream_minibatches)
+    return mode
+
+
+async def run_shorter_rl(
+    cfg: PipelineConfig, base_model: str, renderer_name: str, folder: str = "rl", seed: int | None = None
+) -> None:
+    """The reference's `shorter` recipe (recipes/preference/shorter.py): RL from the base model (or
+    sft_checkpoint) on one prompt, judged by the rule that the shorter reply wins; no win-rate evaluation."""
+    from rlhfkit.recipes.preference.shorter import ShorterComparisonBuilder, ShorterPreferenceModelBuilder
+    from rlhfkit.rl import preference_envs
+    from rlhfkit.rl import train as rl_train
+
+    sft_path = None if cfg.sft_checkpoint is None else starting_point(cfg.sft_checkpoint, "", "state_path")
+    await rl_train.main(
+        rl_train.Config(
+            model_name=base_model,
+            recipe_name="recipe_preference_shorter",
+            renderer_name=renderer_name,
+            dataset_builder=preference_envs.PairwisePreferenceRLDatasetBuilder(
+                comparison_builder=ShorterComparisonBuilder(),
+                batch_size=cfg.stage_value("rl", "batch_size"),
+                policy_renderer_name=renderer_name,
+                policy_model_name=base_model,
+                preference_model_builder=ShorterPreferenceModelBuilder(),
+                group_size=cfg.rl_group_size,
+            ),
+            load_checkpoint_path=sft_path,
+            learning_rate=cfg.rl_learning_rate,
+            max_tokens=cfg.rl_max_tokens,
+            log_path=f"{cfg.log_root}/{folder}",
+            wandb_project=cfg.wandb_project,
+            wandb_name=f"{cfg.wandb_name}-{folder}",
+            lora_rank=cfg.lora_rank,
+            save_every=cfg.save_every,
+            eval_every=0,
+            num_groups_to_log=cfg.num_groups_to_log,
+            max_steps=cfg.stage_value("rl", "max_steps"),
+            loss_fn=cfg.rl_loss_fn,
+            seed=cfg.seed if seed is None else seed,
+            sampler=cfg.sampler,
+            **rl_execution_mode(cfg),
         )
     )
 
