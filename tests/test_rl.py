@@ -500,5 +500,7 @@ def test_a_sampler_that_did_not_apply_the_adapter_stops_the_run(tiny_model_dir):
     base = service.create_sampling_client(base_model=tiny_model_dir)
     with pytest.raises(SamplerMismatchError, match=r"base sampler.*nats per token"):
         asyncio.run(_train_step(config, client, datums(base), "base sampler"))
-    metrics, _ = asyncio.run(_train_step(config, client, datums(client.save_weights_and_get_sampling_client()), "policy"))
+    metrics, _ = asyncio.run(
+        _train_step(config, client, datums(client.save_weights_and_get_sampling_client()), "policy")
+    )
     assert abs(metrics["optim/first_substep_kl_sample_train"]) < 1e-4
