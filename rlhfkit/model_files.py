@@ -127,9 +127,12 @@ def describe_hub_failure(name: str, error: BaseException) -> str:
 # Model folders and GGUF files
 
 
-def check_model_folder(folder: str | os.PathLike, name: str | None = None, setting: str = "base_model") -> None:
+def check_model_folder(
+    folder: str | os.PathLike, name: str | None = None, setting: str = "base_model", weights: bool = True
+) -> None:
     """A Hugging Face model folder that transformers can load as a causal LM, or ModelNotFoundError naming the
-    file and the problem (and `setting`, the setting or argument that gave it as `name`)."""
+    file and the problem (and `setting`, the setting or argument that gave it as `name`). weights=False: a
+    folder read only for its tokenizer and config (no weights file needed)."""
     folder = Path(folder)
     label = f"{setting} {name!r}" if name is not None else f"model folder {str(folder)!r}"
     config_path = folder / "config.json"
@@ -147,12 +150,14 @@ def check_model_folder(folder: str | os.PathLike, name: str | None = None, setti
     if not isinstance(config, dict):
         raise ModelNotFoundError(f"{label}: {config_path}: expected a JSON object, got {type(config).__name__}")
     check_model_type(config.get("model_type"), config_path, label)
-    weights = [p for pattern in WEIGHT_PATTERNS for p in sorted(folder.glob(pattern))]
     if not weights:
+        return
+    files = [p for pattern in WEIGHT_PATTERNS for p in sorted(folder.glob(pattern))]
+    if not files:
         raise ModelNotFoundError(
             f"{label}: {folder} has no weights file (model.safetensors, model-*.safetensors or pytorch_model.bin)"
         )
-    for path in weights:
+    for path in files:
         if path.suffix == ".safetensors":
             check_safetensors_file(path, label)
 

@@ -58,6 +58,13 @@ def test_smoke_preset_runs_all_stages_and_writes_the_report(smoke_run):
     assert any("test/win_rate" in r for r in read_jsonl(root / "rl" / "metrics.jsonl"))
     pm_eval = json.loads((root / "rm" / "pm_eval.json").read_text())
     assert 0.0 <= pm_eval["pm/accuracy"] <= 1.0 and pm_eval["pm/n"] > 0
+    # one engine value for the run, recorded, and the one every stage (and the RL judge) was given
+    engine = json.loads((root / "environment.json").read_text())["engine"]
+    assert engine["inference_engine"] == "torch"  # the smoke preset's
+    for stage in ("sft", "rm", "rl"):
+        assert json.loads((root / stage / "config.json").read_text())["engine"]["inference_engine"] == "torch"
+    rl_config = json.loads((root / "rl" / "config.json").read_text())
+    assert rl_config["dataset_builder"]["preference_model_builder"]["engine"]["inference_engine"] == "torch"
     with open(root / "report.html", newline="") as f:
         report = f.read()
     assert "SFT" in report and "win_rate" in report and "Base model vs SFT vs RLHF model" in report

@@ -1,33 +1,51 @@
 """The engine: the only layer that touches torch. It offers the reference service's primitives
-(see docs/engine-api.md); recipes are written against these names only."""
+(see docs/engine-api.md); recipes are written against these names only.
 
-from rlhfkit.engine import types
-from rlhfkit.engine.futures import APIFuture
-from rlhfkit.engine.models import ModelNotFoundError, load_tokenizer, resolve_base_model
-from rlhfkit.engine.sampling import SamplingClient
-from rlhfkit.engine.service import ServiceClient
-from rlhfkit.engine.training import TrainingClient
-from rlhfkit.engine.types import (
-    AdamParams,
-    Datum,
-    EncodedTextChunk,
-    ForwardBackwardOutput,
-    ModelInput,
-    SampledSequence,
-    SampleResponse,
-    SamplingParams,
-    TensorData,
-)
+The names below are resolved on first use (PEP 562), so importing a torch-free part of the engine
+(`rlhfkit.engine.settings`, `rlhfkit.engine.types`, the vLLM environment's side) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "APIFuture": "rlhfkit.engine.futures",
+    "EngineSettings": "rlhfkit.engine.settings",
+    "ModelNotFoundError": "rlhfkit.engine.models",
+    "load_tokenizer": "rlhfkit.engine.models",
+    "resolve_base_model": "rlhfkit.engine.models",
+    "SamplingClient": "rlhfkit.engine.sampling",
+    "ServiceClient": "rlhfkit.engine.service",
+    "TrainingClient": "rlhfkit.engine.training",
+    **dict.fromkeys(
+        (
+            "AdamParams",
+            "Datum",
+            "EncodedTextChunk",
+            "ForwardBackwardOutput",
+            "ModelInput",
+            "SampledSequence",
+            "SampleResponse",
+            "SamplingParams",
+            "TensorData",
+        ),
+        "rlhfkit.engine.types",
+    ),
+}
 
 __all__ = [
     "types",
     "APIFuture",
-    "ServiceClient",
-    "TrainingClient",
-    "SamplingClient",
+    "EngineSettings",
     "ModelNotFoundError",
     "load_tokenizer",
     "resolve_base_model",
+    "SamplingClient",
+    "ServiceClient",
+    "TrainingClient",
     "AdamParams",
     "Datum",
     "EncodedTextChunk",
@@ -38,3 +56,40 @@ __all__ = [
     "SamplingParams",
     "TensorData",
 ]
+assert set(__all__) == {"types", *_EXPORTS}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "types":
+        return importlib.import_module("rlhfkit.engine.types")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rlhfkit.engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
+    from rlhfkit.engine import types
+    from rlhfkit.engine.futures import APIFuture
+    from rlhfkit.engine.models import ModelNotFoundError, load_tokenizer, resolve_base_model
+    from rlhfkit.engine.sampling import SamplingClient
+    from rlhfkit.engine.service import ServiceClient
+    from rlhfkit.engine.settings import EngineSettings
+    from rlhfkit.engine.training import TrainingClient
+    from rlhfkit.engine.types import (
+        AdamParams,
+        Datum,
+        EncodedTextChunk,
+        ForwardBackwardOutput,
+        ModelInput,
+        SampledSequence,
+        SampleResponse,
+        SamplingParams,
+        TensorData,
+    )

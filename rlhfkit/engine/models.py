@@ -83,8 +83,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 
 @functools.cache
-def resolve_base_model(base_model: str) -> str:
-    """Map a base_model value to a local model folder."""
+def resolve_base_model(base_model: str, weights: bool = True) -> str:
+    """Map a base_model value to a local model folder (weights=False: one read only for its tokenizer)."""
     name = base_model
     if name in EMBEDDED_MODELS:
         package, filename = EMBEDDED_MODELS[name]
@@ -107,7 +107,7 @@ def resolve_base_model(base_model: str) -> str:
                 f"base_model {base_model!r}: the folder has no config.json, so it is not a "
                 f"Hugging Face model folder; {ACCEPTED}"
             )
-        check_model_folder(path, base_model)
+        check_model_folder(path, base_model, weights=weights)
         return str(path.resolve())
     if path.exists():
         raise ModelNotFoundError(f"base_model {base_model!r}: unknown model file format {path.suffix!r}; {ACCEPTED}")
@@ -135,9 +135,9 @@ def resolve_base_model(base_model: str) -> str:
                 what,
                 copy_name,
             )
-            return resolve_base_model(copy_name)
+            return resolve_base_model(copy_name, weights)
         raise ModelNotFoundError(describe_hub_failure(name, e)) from e
-    check_model_folder(folder, base_model)
+    check_model_folder(folder, base_model, weights=weights)
     return folder
 
 
@@ -145,7 +145,7 @@ def resolve_base_model(base_model: str) -> str:
 def load_tokenizer(base_model: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(base_model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(base_model, weights=False))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -99,3 +99,29 @@ def _parse(name: str, raw: str, variable: str) -> Any:
         except ValueError:
             raise ValueError(f"{variable}={raw!r}: expected a whole number") from None
     return raw
+
+
+def resolve(engine: EngineSettings | None, **flat: Any) -> EngineSettings:
+    """A loop config's engine: its `engine` value (None: the RLHFKIT_* environment, read here), with its flat
+    compatibility fields (backend=..., ray_address=..., None ignored) on top."""
+    return (engine if engine is not None else EngineSettings.from_env()).merged(**flat)
+
+
+def with_engine(builder: Any, engine: EngineSettings) -> Any:
+    """`builder` (a frozen dataclass that makes clients, e.g. a preference-model builder) with `engine` where it
+    has an `engine` field left at None, also in the builders it holds; anything else unchanged. So a loop's
+    judge and evaluators run where the loop does unless they were told otherwise."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(builder) or isinstance(builder, type):
+        return builder
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(builder):
+        value = getattr(builder, f.name)
+        if f.name == "engine" and value is None:
+            changes["engine"] = engine
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            replaced = with_engine(value, engine)
+            if replaced is not value:
+                changes[f.name] = replaced
+    return dataclasses.replace(builder, **changes) if changes else builder

@@ -38,6 +38,7 @@ from rlhfkit.checkpoint_manager import CheckpointManager
 from rlhfkit.compat import compat_setting, warn_ignored_fields
 from rlhfkit.config import ConfigError, at_least, between, positive, setting, validate
 from rlhfkit.engine import ServiceClient
+from rlhfkit.engine.settings import EngineSettings, resolve
 from rlhfkit.engine.types import AdamParams, Datum
 from rlhfkit.evaluators import EvaluatorBuilder
 from rlhfkit.model_info import warn_if_renderer_not_recommended
@@ -100,6 +101,11 @@ class Config:
     wandb_name: str | None = setting(None, "Weights & Biases run name")
     max_steps: int | None = setting(
         None, "stop after this many steps (None: num_epochs full passes)", check=at_least(1)
+    )
+    engine: EngineSettings | None = setting(
+        None,
+        "where the engine runs (rlhfkit.engine.EngineSettings; None: the RLHFKIT_* environment); "
+        "the backend/ray_address/num_* fields below override it",
     )
     base_url: str | None = setting(None, "the service address; only None (the local engine) is supported")
     max_nonfinite_in_a_row: int = setting(
@@ -234,7 +240,7 @@ async def main_async(config: Config) -> None:
 
 async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger) -> None:
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
-    service = ServiceClient(base_url=config.base_url)
+    service = ServiceClient(base_url=config.base_url, settings=resolve(config.engine))
     checkpoints = CheckpointManager(log_path, config.save_every)
     training_client, resume = checkpoints.training_client(
         service, config.model_name, config.lora_rank, config.load_checkpoint_path

@@ -17,6 +17,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from rlhfkit.engine.settings import EngineSettings
 from rlhfkit.engine.types import ModelInput, NextTokenScores
 from rlhfkit.renderers import Message, Renderer, TrainOnWhat, get_renderer, get_text_content
 from rlhfkit.tokenizer_utils import get_tokenizer
@@ -271,6 +272,7 @@ class PreferenceModelBuilderFromChatRenderer(PreferenceModelBuilder):
     rm_weights_path: str
     base_url: str | None = None
     reward_mode: RewardMode = "verdict"
+    engine: EngineSettings | None = None  # where the judge runs (None: the RL loop's engine, else the environment)
 
     def __post_init__(self) -> None:
         if self.reward_mode not in REWARD_MODES:
@@ -280,7 +282,7 @@ class PreferenceModelBuilderFromChatRenderer(PreferenceModelBuilder):
         from rlhfkit.engine import ServiceClient
 
         renderer = get_renderer(self.renderer_name, get_tokenizer(self.model_name))
-        sampling_client = ServiceClient(base_url=self.base_url).create_sampling_client(
+        sampling_client = ServiceClient(base_url=self.base_url, settings=self.engine).create_sampling_client(
             model_path=self.rm_weights_path, base_model=self.model_name
         )
         return PreferenceModelFromChatRenderer(renderer, sampling_client, self.reward_mode)

@@ -55,6 +55,7 @@ from rlhfkit.compat import compat_setting, warn_ignored_fields
 from rlhfkit.completers import TinkerTokenCompleter
 from rlhfkit.config import ConfigError, at_least, between, positive, setting, validate
 from rlhfkit.engine import ServiceClient
+from rlhfkit.engine.settings import EngineSettings, resolve, with_engine
 from rlhfkit.engine.types import AdamParams, Datum
 from rlhfkit.evaluators import EvaluatorBuilder, SamplingClientEvaluator
 from rlhfkit.model_info import warn_if_renderer_not_recommended
@@ -176,6 +177,11 @@ class Config:
         "of KL(sampler || trainer) in nats per token) exceeds this (0: off). Precision noise is unbiased and "
         "averages out (fp32 ~1e-6, bf16 ~0.01 on SmolLM2); another model's samples give a positive KL",
         check=at_least(0),
+    )
+    engine: EngineSettings | None = setting(
+        None,
+        "where the engine runs (rlhfkit.engine.EngineSettings; None: the RLHFKIT_* environment); "
+        "the backend/ray_address/num_* fields below override it",
     )
     backend: Literal["local", "ray"] | None = setting(None, "engine backend: 'local' or 'ray' (None: $RLHFKIT_BACKEND)")
     ray_address: str | None = setting(None, "backend=ray: None starts a local Ray instance; 'auto' joins a cluster")
@@ -853,14 +859,7 @@ async def _start_run(
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
     if config.seed is not None:
         random.seed(config.seed + start_batch)  # the engine's fallback sampling seeds (evaluators)
-    service = ServiceClient(
-        base_url=config.base_url,
-        sampler=config.sampler,
-        backend=config.backend,
-        ray_address=config.ray_address,
-        num_train_workers=config.num_train_workers,
-        num_samplers=config.num_samplers,
-    )
+    service = ServiceClient(base_url=config.base_url, settings=engine_settings(config))
     training_client, resume = checkpoints.training_client(
         service, config.model_name, config.lora_rank, config.load_checkpoint_path, seed=config.seed
     )
@@ -869,8 +868,9 @@ async def _start_run(
     init_client = _init_sampling_client(config, service, training_client, log_path, resumed=resume is not None)
     kl_reference_client = _kl_reference_client(config, service)
     tokenizer = training_client.get_tokenizer()
-    dataset, _ = await config.dataset_builder()
-    evaluators = [build() for build in config.evaluator_builders]
+    # the judge and the evaluators run where this loop runs, unless their builders name an engine of their own
+    dataset, _ = await with_engine(config.dataset_builder, service.settings)()
+    evaluators = [with_engine(build, service.settings)() for build in config.evaluator_builders]
     end_batch = len(dataset) if config.max_steps is None else min(config.max_steps, len(dataset))
     if start_batch >= end_batch:
         logger.info("Training was already complete (%d of %d iterations done)", start_batch, end_batch)
@@ -891,6 +891,19 @@ async def _start_run(
         start_batch=start_batch,
         end_batch=end_batch,
         resume=resume,
+    )
+
+
+def engine_settings(config: Config) -> EngineSettings:
+    """Where this loop's clients (trainer, samplers, judge, KL reference, evaluators) run: `config.engine` with
+    the flat fields on top."""
+    return resolve(
+        config.engine,
+        sampler=config.sampler,
+        backend=config.backend,
+        ray_address=config.ray_address,
+        num_train_workers=config.num_train_workers,
+        num_samplers=config.num_samplers,
     )
 
 

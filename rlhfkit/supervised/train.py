@@ -23,6 +23,7 @@ from rlhfkit.checkpoint_manager import CheckpointManager
 from rlhfkit.compat import compat_setting, warn_ignored_fields
 from rlhfkit.config import at_least, between, positive, setting, validate
 from rlhfkit.engine import ServiceClient
+from rlhfkit.engine.settings import EngineSettings, resolve
 from rlhfkit.engine.types import AdamParams
 from rlhfkit.evaluators import EvaluatorBuilder
 from rlhfkit.model_info import warn_if_renderer_not_recommended
@@ -87,6 +88,11 @@ class Config:
     enable_trace: bool = compat_setting("enable_trace", False)
     span_chart_every: int = compat_setting("span_chart_every", 0)
     submit_ahead: int = compat_setting("submit_ahead", 1)
+    engine: EngineSettings | None = setting(
+        None,
+        "where the engine runs (rlhfkit.engine.EngineSettings; None: the RLHFKIT_* environment); "
+        "the backend/ray_address/num_* fields below override it",
+    )
     backend: Literal["local", "ray"] | None = setting(None, "engine backend: 'local' or 'ray' (None: $RLHFKIT_BACKEND)")
     ray_address: str | None = setting(None, "backend=ray: None starts a local Ray instance; 'auto' joins a cluster")
     num_train_workers: int | None = setting(
@@ -102,6 +108,17 @@ class Config:
     def __post_init__(self) -> None:
         validate(self)
         warn_ignored_fields(self)
+
+
+def engine_settings(config: Config) -> EngineSettings:
+    """Where this loop's clients run: `config.engine` with the flat fields on top."""
+    return resolve(
+        config.engine,
+        backend=config.backend,
+        ray_address=config.ray_address,
+        num_train_workers=config.num_train_workers,
+        num_samplers=config.num_samplers,
+    )
 
 
 def main(config: Config) -> Any:
@@ -121,13 +138,7 @@ async def main_async(config: Config) -> None:
 
 async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger) -> None:
     warn_if_renderer_not_recommended(config.model_name, config.renderer_name)
-    service = ServiceClient(
-        base_url=config.base_url,
-        backend=config.backend,
-        ray_address=config.ray_address,
-        num_train_workers=config.num_train_workers,
-        num_samplers=config.num_samplers,
-    )
+    service = ServiceClient(base_url=config.base_url, settings=engine_settings(config))
     checkpoints = CheckpointManager(log_path, config.save_every, config.save_every_tokens, config.save_every_seconds)
     training_client, resume = checkpoints.training_client(
         service, config.model_name, config.lora_rank, config.load_checkpoint_path

@@ -345,6 +345,21 @@ class PipelineConfig:
             raise ConfigError("seeds", self.seeds, "a win-rate gain per seed needs the RL win rate (rl_eval_every > 0)")
         check_pipeline_files(self)
 
+    def engine_settings(self) -> Any:
+        """The one engine value of the run (rlhfkit.engine.EngineSettings): the RLHFKIT_* environment with this
+        config's backend/sampler/inference_engine/ray_address/num_* on top. Every stage, builder and evaluation
+        of the pipeline gets it; it is recorded in environment.json."""
+        from rlhfkit.engine.settings import EngineSettings
+
+        return EngineSettings.from_env(
+            backend=self.backend,
+            sampler=self.sampler,
+            inference_engine=self.inference_engine,
+            ray_address=self.ray_address,
+            num_train_workers=self.num_train_workers,
+            num_samplers=self.num_samplers,
+        )
+
     def stage_value(self, stage: Literal["sft", "rm", "rl", "dpo"], name: str) -> Any:
         """A stage's own setting (e.g. rm_eval_every) if set, else the shared one (eval_every). 0 stays 0."""
         own = getattr(self, f"{stage}_{name}")

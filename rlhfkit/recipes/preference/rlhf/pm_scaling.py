@@ -47,6 +47,7 @@ async def evaluate_checkpoint(
     base_model: str,
     sets: dict[str, tuple[str, list[LabeledComparison]]],
     verbose: bool = True,
+    engine: Any = None,
 ) -> dict[str, float]:
     """The preference model at `sampler_path` on each held-out set, every comparison judged in both orders
     (pm_eval.PMEvalResult's metrics under the set's prefix); printed when verbose."""
@@ -56,7 +57,7 @@ async def evaluate_checkpoint(
     from rlhfkit.renderers import get_renderer
     from rlhfkit.tokenizer_utils import get_tokenizer
 
-    sampler = ServiceClient().create_sampling_client(model_path=sampler_path)
+    sampler = ServiceClient(settings=engine).create_sampling_client(model_path=sampler_path)
     pm = PreferenceModelFromChatRenderer(get_renderer(renderer_name, get_tokenizer(base_model)), sampler)
     metrics: dict[str, float] = {}
     for prefix, (title, comparisons) in sets.items():
@@ -115,7 +116,9 @@ async def evaluate_pm_scaling(
             else:
                 sets = sets if sets is not None else held_out_sets(cfg)
                 print(f"[rlhfkit] data-scaling curve: the preference model at checkpoint {record.name}")
-                figures = await evaluate_checkpoint(record.sampler_path, renderer_name, base_model, sets, verbose=False)
+                figures = await evaluate_checkpoint(
+                    record.sampler_path, renderer_name, base_model, sets, verbose=False, engine=cfg.engine_settings()
+                )
             steps = training_steps(record, metrics)
             done[record.name] = {
                 "checkpoint": record.name,

@@ -53,7 +53,7 @@ async def sample_report_replies(cfg: PipelineConfig, base_model: str, renderer_n
         earlier = json.loads(out_path.read_text())
         if {k: earlier.get(k) for k in header} == header and [i["prompt"] for i in earlier["replies"]] == prompts:
             return out_path
-    service = ServiceClient()
+    service = ServiceClient(settings=cfg.engine_settings())
     samplers = {
         name: service.create_sampling_client(
             model_path=None if path is None else f"{cfg.log_root}/{path}", base_model=base_model

@@ -18,6 +18,7 @@ comparison.json); the report is then written from the run folder alone, and the 
 from __future__ import annotations
 
 import functools
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -140,6 +141,7 @@ async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
             wandb_project=cfg.wandb_project,
             wandb_name=f"{cfg.wandb_name}-sft",
             max_steps=cfg.stage_value("sft", "max_steps"),
+            engine=cfg.engine_settings(),
         )
     )
 
@@ -175,6 +177,7 @@ async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
             wandb_project=cfg.wandb_project,
             wandb_name=f"{cfg.wandb_name}-rm",
             max_steps=cfg.stage_value("rm", "max_steps"),
+            engine=cfg.engine_settings(),
         )
     )
 
@@ -190,7 +193,9 @@ async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) 
         return json.loads(out.read_text())
     record = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/rm", required_key="sampler_path")
     sets = held_out_sets(cfg)
-    metrics: dict[str, Any] = await evaluate_checkpoint(record.sampler_path, renderer_name, base_model, sets)
+    metrics: dict[str, Any] = await evaluate_checkpoint(
+        record.sampler_path, renderer_name, base_model, sets, engine=cfg.engine_settings()
+    )
     ood_splits = out_of_distribution_splits(cfg)
     if ood_splits:
         metrics["ood/splits"] = ",".join(ood_splits)
@@ -219,7 +224,11 @@ async def run_rl(
             f"(sft_checkpoint=PATH rm_checkpoint=PATH)"
         )
     pm_builder = PreferenceModelBuilderFromChatRenderer(
-        renderer_name=renderer_name, model_name=base_model, rm_weights_path=rm_path, reward_mode=cfg.reward_mode
+        renderer_name=renderer_name,
+        model_name=base_model,
+        rm_weights_path=rm_path,
+        reward_mode=cfg.reward_mode,
+        engine=cfg.engine_settings(),
     )
     dataset_builder = preference_envs.PairwisePreferenceRLDatasetBuilder(
         comparison_builder=comparison_builder(cfg, "rl"),
@@ -261,7 +270,7 @@ async def run_rl(
             max_steps=cfg.stage_value("rl", "max_steps"),
             loss_fn=cfg.rl_loss_fn,
             seed=cfg.seed if seed is None else seed,
-            sampler=cfg.sampler,
+            engine=cfg.engine_settings(),
             kl_penalty_coef=cfg.rl_kl_penalty_coef,
             kl_reference_config=kl_reference,
             **rl_execution_mode(cfg),
@@ -318,7 +327,7 @@ async def run_shorter_rl(
             max_steps=cfg.stage_value("rl", "max_steps"),
             loss_fn=cfg.rl_loss_fn,
             seed=cfg.seed if seed is None else seed,
-            sampler=cfg.sampler,
+            engine=cfg.engine_settings(),
             **rl_execution_mode(cfg),
         )
     )
@@ -362,6 +371,7 @@ async def run_dpo(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
             wandb_project=cfg.wandb_project,
             wandb_name=f"{cfg.wandb_name}-dpo",
             max_steps=cfg.stage_value("dpo", "max_steps"),
+            engine=cfg.engine_settings(),
         )
     )
 
@@ -378,14 +388,16 @@ async def compare_sft_dpo_rlhf(cfg: PipelineConfig, base_model: str, renderer_na
     out = Path(cfg.log_root) / "comparison.json"
     if out.exists():
         return json.loads(out.read_text())
-    service = ServiceClient()  # local sampler: the comparison also needs compute_logprobs (KL from SFT)
+    # the local sampler: the comparison also needs compute_logprobs (KL from SFT)
+    engine = dataclasses.replace(cfg.engine_settings(), sampler=None)
+    service = ServiceClient(settings=engine)
     paths = {
         name: checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/{stage}", required_key="sampler_path").sampler_path
         for name, stage in (("sft", "sft"), ("dpo", "dpo"), ("rlhf", "rl"))
     }
     rm = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/rm", required_key="sampler_path")
     preference_model = PreferenceModelBuilderFromChatRenderer(
-        renderer_name, base_model, rm.sampler_path, reward_mode=cfg.reward_mode
+        renderer_name, base_model, rm.sampler_path, reward_mode=cfg.reward_mode, engine=engine
     )()
     comparisons = [c.comparison for c in held_out_comparisons(cfg, "rl", cfg.win_rate_prompts)]
     print(f"[rlhfkit] comparing the SFT, DPO and RLHF policies on {len(comparisons)} held-out prompts")
@@ -409,30 +421,15 @@ async def compare_sft_dpo_rlhf(cfg: PipelineConfig, base_model: str, renderer_na
     return result
 
 
-ENGINE_ENV = {
-    "backend": "RLHFKIT_BACKEND",
-    "ray_address": "RLHFKIT_RAY_ADDRESS",
-    "num_train_workers": "RLHFKIT_NUM_TRAIN_WORKERS",
-    "num_samplers": "RLHFKIT_NUM_SAMPLERS",
-    "inference_engine": "RLHFKIT_INFERENCE_ENGINE",
-}
-
-
-def apply_engine_settings(cfg: PipelineConfig) -> None:
-    """The engine settings reach every ServiceClient of the stages, the evaluators and the report through the
-    engine's environment variables (ServiceClient's defaults)."""
-    for name, variable in ENGINE_ENV.items():
-        if getattr(cfg, name) is not None:
-            os.environ[variable] = str(getattr(cfg, name))
-
-
 def write_settings(cfg: PipelineConfig) -> None:
     """pipeline_config.json (every setting; an earlier, different record is kept as pipeline_config.N.json) and
-    environment.json (the engine's environment variables)."""
+    environment.json (the run's engine settings, as every stage gets them, and the environment variables that
+    change rlhfkit's behaviour)."""
     kept = write_record(cfg)
     if kept is not None:
         print(f"[rlhfkit] the settings differ from the run's earlier ones, kept in {kept}")
-    write_json_atomic(Path(cfg.log_root) / ENVIRONMENT_FILE, environment())
+    record = {**environment(), "engine": cfg.engine_settings().record()}
+    write_json_atomic(Path(cfg.log_root) / ENVIRONMENT_FILE, record)
 
 
 async def main_async(cfg: PipelineConfig) -> dict[str, float]:
@@ -446,7 +443,6 @@ async def main_async(cfg: PipelineConfig) -> dict[str, float]:
 
 async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
     write_settings(cfg)
-    apply_engine_settings(cfg)
     root = Path(cfg.log_root)
     base_model = resolve_base_model(cfg)
     check_model(base_model)  # a bad model path or data file fails here, before any stage starts
