@@ -22,6 +22,7 @@ from typing import Any
 
 from rlhfkit import checkpoint_utils
 from rlhfkit.checkpoint_utils import CheckpointRecord
+from rlhfkit.engine.clients import TrainingClient
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class CheckpointManager:
         return due
 
     def save(
-        self, training_client: Any, name: str, loop_state: dict[str, Any], elapsed_tokens: int | None = None
+        self, training_client: TrainingClient, name: str, loop_state: dict[str, Any], elapsed_tokens: int | None = None
     ) -> dict[str, str]:
         """Save state and sampler weights as checkpoint `name` with the loop's state (e.g. {"batch": 5})."""
         if elapsed_tokens is not None:

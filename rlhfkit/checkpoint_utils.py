@@ -20,6 +20,7 @@ from rlhfkit.errors import CheckpointError, DiskFullError
 from rlhfkit.utils.atomic import append_jsonl, read_jsonl
 from rlhfkit.utils.disk_errors import disk_error
 from rlhfkit.utils.faults import fault_point
+from rlhfkit.engine.clients import TrainingClient
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def get_last_checkpoint(log_dir: str | os.PathLike, required_key: str = "state_p
 
 
 def save_checkpoint(
-    training_client: Any,
+    training_client: TrainingClient,
     name: str,
     log_path: str | os.PathLike,
     loop_state: dict[str, Any],

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
 
 from rlhfkit.engine.types import ModelInput, SamplingParams, StopReason
 from rlhfkit.renderers import Message, Renderer, get_text_content
+from rlhfkit.engine.clients import SamplingClient
 
 StopCondition = list[str] | list[int]
 
@@ -43,7 +43,7 @@ class TinkerTokenCompleter(TokenCompleter):
 
     def __init__(
         self,
-        sampling_client: Any,
+        sampling_client: SamplingClient,
         max_tokens: int,
         temperature: float = 1.0,
         context_window: int | None = None,
@@ -78,7 +78,7 @@ class TinkerMessageCompleter(MessageCompleter):
 
     def __init__(
         self,
-        sampling_client: Any,
+        sampling_client: SamplingClient,
         renderer: Renderer,
         max_tokens: int,
         stop_condition: StopCondition | None = None,

@@ -175,7 +175,9 @@ def test_a_run_is_recreated_from_its_written_config(tmp_path):
     assert parse_args(["preset=smoke", f"config={tmp_path / CONFIG_FILE}"]) == cfg  # the file overrides the preset
     from rlhfkit.config import environment
 
-    assert json.loads((tmp_path / ENVIRONMENT_FILE).read_text()) == environment()
+    recorded = json.loads((tmp_path / ENVIRONMENT_FILE).read_text())
+    assert recorded == {**environment(), "engine": cfg.engine_settings().record()}
+    assert recorded["engine"]["sampler"] == "local"  # the run's one engine value, as its stages get it
     toml = tmp_path / "settings.toml"
     toml.write_text("preset_free = 1\n")
     with pytest.raises(ConfigError, match="preset_free"):

@@ -17,9 +17,9 @@ _EXPORTS = {
     "ModelNotFoundError": "rlhfkit.engine.models",
     "load_tokenizer": "rlhfkit.engine.models",
     "resolve_base_model": "rlhfkit.engine.models",
-    "SamplingClient": "rlhfkit.engine.sampling",
+    "SamplingClient": "rlhfkit.engine.clients",
     "ServiceClient": "rlhfkit.engine.service",
-    "TrainingClient": "rlhfkit.engine.training",
+    "TrainingClient": "rlhfkit.engine.clients",
     **dict.fromkeys(
         (
             "AdamParams",
@@ -78,10 +78,9 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from rlhfkit.engine import types
     from rlhfkit.engine.futures import APIFuture
     from rlhfkit.engine.models import ModelNotFoundError, load_tokenizer, resolve_base_model
-    from rlhfkit.engine.sampling import SamplingClient
     from rlhfkit.engine.service import ServiceClient
     from rlhfkit.engine.settings import EngineSettings
-    from rlhfkit.engine.training import TrainingClient
+    from rlhfkit.engine.clients import SamplingClient, TrainingClient
     from rlhfkit.engine.types import (
         AdamParams,
         Datum,

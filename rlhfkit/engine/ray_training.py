@@ -24,7 +24,7 @@ from rlhfkit.engine.futures import APIFuture
 from rlhfkit.engine.lora import LoraSpec
 from rlhfkit.engine.models import load_tokenizer
 from rlhfkit.engine.ray_cluster import gather, import_ray
-from rlhfkit.engine.training import AwaitableTrainingMethods
+from rlhfkit.engine.clients import TrainingClient
 from rlhfkit.engine.types import (
     AdamParams,
     Datum,
@@ -162,7 +162,7 @@ def start_workers(
     return workers
 
 
-class RayTrainingClient(AwaitableTrainingMethods):
+class RayTrainingClient(TrainingClient):
     """The training client of the Ray backend (same methods as the local TrainingClient)."""
 
     def __init__(self, service: Any, spec: LoraSpec, workers: list[Any], storage: Path):

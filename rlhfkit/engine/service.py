@@ -11,7 +11,8 @@ from rlhfkit.engine.models import pick_precision
 from rlhfkit.engine.sampling import SamplingClient
 from rlhfkit.engine.sampling_api import SamplingAPI
 from rlhfkit.engine.settings import EngineSettings
-from rlhfkit.engine.training import TrainingClient
+from rlhfkit.engine.clients import TrainingClient
+from rlhfkit.engine.training import LocalTrainingClient
 from rlhfkit.paths import cache_dir
 
 
@@ -84,7 +85,7 @@ class ServiceClient:
         storage = self.storage_dir / uuid.uuid4().hex[:12]
         if self._ray is not None:
             return self._ray.training_client(self, spec, storage)  # type: ignore[return-value]
-        return TrainingClient(self, spec, self.precision, storage)
+        return LocalTrainingClient(self, spec, self.precision, storage)
 
     def create_lora_training_client(
         self,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from rlhfkit.engine.clients import TrainingClient
 from rlhfkit.engine.futures import APIFuture, RequestQueue
 from rlhfkit.engine.lora import LoraSpec, read_meta, read_spec
 from rlhfkit.engine.models import Precision, load_tokenizer
@@ -19,39 +20,7 @@ def resolve_checkpoint_path(storage: Path, name: str, kind: str) -> Path:
     return path if path.is_absolute() or len(path.parts) > 1 else storage / kind / name
 
 
-class AwaitableTrainingMethods:
-    """The `_async` twins of a training client's methods (the tutorial awaits them), shared by the local and the
-    Ray training clients: each submits the request and returns its APIFuture (`await fut.result_async()`)."""
-
-    async def forward_backward_async(self, data, loss_fn, loss_fn_config=None):
-        return self.forward_backward(data, loss_fn, loss_fn_config)
-
-    async def forward_async(self, data, loss_fn, loss_fn_config=None):
-        return self.forward(data, loss_fn, loss_fn_config)
-
-    async def forward_backward_custom_async(self, data, fn):
-        return self.forward_backward_custom(data, fn)
-
-    async def optim_step_async(self, params):
-        return self.optim_step(params)
-
-    async def save_state_async(self, name, ttl_seconds=None):
-        return self.save_state(name, ttl_seconds)
-
-    async def save_weights_for_sampler_async(self, name, ttl_seconds=None):
-        return self.save_weights_for_sampler(name, ttl_seconds)
-
-    async def save_weights_and_get_sampling_client_async(self, name=None):
-        return self.save_weights_and_get_sampling_client(name)
-
-    async def load_state_async(self, path):
-        return self.load_state(path)
-
-    async def load_state_with_optimizer_async(self, path):
-        return self.load_state_with_optimizer(path)
-
-
-class TrainingClient(AwaitableTrainingMethods):
+class LocalTrainingClient(TrainingClient):
     """A LoRA model being trained, in this process. Every method submits its request to the client's own
     worker thread and returns an APIFuture at once; requests run in submission order (futures.py states the
     contract). Each method has an `_async` twin that returns the future after submission."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from rlhfkit.preference.types import (
 )
 from rlhfkit.renderers import Message, get_renderer
 from rlhfkit.tokenizer_utils import get_tokenizer
+from rlhfkit.engine.clients import SamplingClient
 
 
 def win_rate_scores(verdicts_policy_as_b: Sequence[float], verdicts_policy_as_a: Sequence[float]) -> np.ndarray:
@@ -99,7 +100,7 @@ class ComparisonEvaluator(SamplingClientEvaluator):
         self.content_preprocessor = content_preprocessor
         self.seed = seed
 
-    async def matchups(self, sampling_client: Any) -> WinRateMatchups:
+    async def matchups(self, sampling_client: SamplingClient) -> WinRateMatchups:
         preference_model = self.preference_model_builder()  # fresh PM (and PM sampling client) per evaluation
         policy = TinkerMessageCompleter(
             sampling_client, self.renderer, self.max_tokens, temperature=1.0, seed=self.seed
@@ -110,7 +111,7 @@ class ComparisonEvaluator(SamplingClientEvaluator):
             replies = [{**r, "content": self.content_preprocessor(r["content"])} for r in replies]
         return await judge_against_reference(preference_model, self.comparisons, replies)
 
-    async def __call__(self, sampling_client: Any) -> dict[str, float]:
+    async def __call__(self, sampling_client: SamplingClient) -> dict[str, float]:
         return (await self.matchups(sampling_client)).metrics()
 
 

@@ -20,6 +20,7 @@ from rlhfkit.preference.types import (
 )
 from rlhfkit.renderers import get_renderer, get_text_content
 from rlhfkit.tokenizer_utils import get_tokenizer
+from rlhfkit.engine.clients import SamplingClient
 
 Z95 = 1.959963984540054
 
@@ -219,7 +220,7 @@ class PreferenceModelEvaluator(SamplingClientEvaluator):
         self.renderer_name = renderer_name
         self.model_name = model_name
 
-    async def __call__(self, sampling_client: Any) -> dict[str, float]:
+    async def __call__(self, sampling_client: SamplingClient) -> dict[str, float]:
         renderer = get_renderer(self.renderer_name, get_tokenizer(self.model_name))
         preference_model = PreferenceModelFromChatRenderer(renderer, sampling_client)
         return (await evaluate_preference_model(preference_model, self.comparisons)).metrics()

@@ -13,10 +13,11 @@ from rlhfkit.completers import TinkerTokenCompleter
 from rlhfkit.preference.comparison_policy_evaluator import judge_against_reference, mean_and_stderr
 from rlhfkit.preference.types import Comparison, PreferenceModel
 from rlhfkit.renderers import Renderer, get_text_content
+from rlhfkit.engine.clients import SamplingClient
 
 
 async def sample_replies(
-    sampling_client: Any, renderer: Renderer, comparisons: Sequence[Comparison], max_tokens: int, seed: int
+    sampling_client: SamplingClient, renderer: Renderer, comparisons: Sequence[Comparison], max_tokens: int, seed: int
 ) -> list[tuple[Any, list[int], list[float]]]:
     """(prompt tokens, reply tokens, their logprobs) per prompt, sampled at temperature 1 (seeded per prompt)."""
     completer = TinkerTokenCompleter(sampling_client, max_tokens, temperature=1.0, seed=seed)

@@ -52,6 +52,7 @@ from rlhfkit.utils.lr_scheduling import compute_schedule_lr_multiplier
 from rlhfkit.utils.nonfinite import NonFiniteGuard, describe_rows
 from rlhfkit.utils.run_lock import RunLock
 from rlhfkit.utils.timing import Timer
+from rlhfkit.engine.clients import SamplingClient, TrainingClient
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,9 @@ def pair_loss_fn(reference_sums: Sequence[float], config: Config) -> Callable:
 # The steps
 
 
-def reference_sampler(service: ServiceClient, training_client: Any, log_path: Path, resumed: bool) -> Any:
+def reference_sampler(
+    service: ServiceClient, training_client: TrainingClient, log_path: Path, resumed: bool
+) -> SamplingClient:
     """The frozen reference: the run's initial weights, saved at the start of a fresh run and reused on resume."""
     path = (log_path / REFERENCE_DIR).resolve()
     if not resumed:
@@ -215,7 +218,7 @@ def paired(batch: list[Datum]) -> list[Datum]:
 
 
 async def evaluate(
-    training_client: Any, test_data: list[Datum], test_reference_sums: list[float], config: Config
+    training_client: TrainingClient, test_data: list[Datum], test_reference_sums: list[float], config: Config
 ) -> dict[str, float]:
     """test/nll of the held-out datums and the DPO metrics of the held-out pairs, from one forward pass."""
     output = training_client.forward(test_data, "cross_entropy").result()

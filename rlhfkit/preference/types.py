@@ -21,6 +21,7 @@ from rlhfkit.engine.settings import EngineSettings
 from rlhfkit.engine.types import ModelInput, NextTokenScores
 from rlhfkit.renderers import Message, Renderer, TrainOnWhat, get_renderer, get_text_content
 from rlhfkit.tokenizer_utils import get_tokenizer
+from rlhfkit.engine.clients import SamplingClient
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class PreferenceModelFromChatRenderer(PreferenceModel):
       greedy verdicts (and sums them); "symmetric" makes every single matchup order-free, so it pairs
       naturally with ALL_PAIRS_ONE_WAY at the same cost."""
 
-    def __init__(self, convo_renderer: Renderer, sampling_client: Any, reward_mode: RewardMode = "verdict"):
+    def __init__(self, convo_renderer: Renderer, sampling_client: SamplingClient, reward_mode: RewardMode = "verdict"):
         if reward_mode not in REWARD_MODES:
             raise ValueError(f"reward_mode must be one of {', '.join(REWARD_MODES)}, got {reward_mode!r}")
         self.comparison_renderer = ComparisonRendererFromChatRenderer(convo_renderer)

@@ -8,13 +8,13 @@ rollout logs), and the KL penalty returns new datums rather than editing the giv
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 
 from rlhfkit.engine.types import Datum, ModelInput, TensorData
 from rlhfkit.rl.metrics import compute_reference_logprobs
 from rlhfkit.rl.types import Trajectory, TrajectoryGroup
+from rlhfkit.engine.clients import SamplingClient
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _discounted_future_sum(x: np.ndarray, gamma: float) -> np.ndarray:
 
 
 async def incorporate_kl_penalty(
-    data: list[Datum], base_sampling_client: Any, kl_penalty_coef: float, kl_discount_factor: float = 0.0
+    data: list[Datum], base_sampling_client: SamplingClient, kl_penalty_coef: float, kl_discount_factor: float = 0.0
 ) -> tuple[list[Datum], dict[str, float]]:
     """New datums whose advantages are shifted towards the reference: d_t = (logp_sampler - logp_ref) on action
     tokens, advantage_t += coef * mask_t * (mean(d) - d_t) (its discounted future sum if kl_discount_factor > 0);
@@ -145,7 +145,7 @@ async def incorporate_kl_penalty(
 async def prepare_training_data(
     trajectory_groups: list[TrajectoryGroup],
     advantages_P: list[np.ndarray],
-    kl_reference_client: Any = None,
+    kl_reference_client: SamplingClient | None = None,
     kl_penalty_coef: float = 0.0,
     kl_discount_factor: float = 0.0,
 ) -> tuple[list[Datum], list[dict[str, int]], dict[str, float]]:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from rlhfkit.engine.types import Datum, TensorData
 from rlhfkit.rl.types import EnvGroupBuilder, TrajectoryGroup
+from rlhfkit.engine.clients import SamplingClient
 
 
 def action_values(datum: Datum, key: str) -> np.ndarray:
@@ -39,7 +40,7 @@ def compute_kl_sample_train(data: list[Datum], training_logprobs: Sequence[Tenso
     }
 
 
-async def compute_reference_logprobs(data: list[Datum], sampling_client: Any) -> list[np.ndarray]:
+async def compute_reference_logprobs(data: list[Datum], sampling_client: SamplingClient) -> list[np.ndarray]:
     """Logprob of each datum's target tokens under another model (all requests issued concurrently)."""
 
     async def one(datum: Datum) -> np.ndarray:
@@ -50,7 +51,7 @@ async def compute_reference_logprobs(data: list[Datum], sampling_client: Any) ->
     return list(await asyncio.gather(*(one(d) for d in data)))
 
 
-async def compute_kl_policy_vs_reference(data: list[Datum], reference_sampling_client: Any) -> float:
+async def compute_kl_policy_vs_reference(data: list[Datum], reference_sampling_client: SamplingClient) -> float:
     """Monte-Carlo KL(policy || reference) per action token: mean of logp_sampler - logp_reference over the
     action tokens of `data` (sampled from the policy at temperature 1)."""
     ref_logprobs = await compute_reference_logprobs(data, reference_sampling_client)

@@ -69,6 +69,7 @@ from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.timing import Timer
 from rlhfkit.utils.nonfinite import NonFiniteGuard, describe_rows
 from rlhfkit.utils.run_lock import RunLock
+from rlhfkit.engine.clients import SamplingClient, TrainingClient
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def _rollout_seed(seed: int | None, iteration: int, group_idx: int, env_idx: int
 
 
 def _init_sampling_client(
-    config: Config, service: ServiceClient, training_client: Any, log_path: str, resumed: bool
+    config: Config, service: ServiceClient, training_client: TrainingClient, log_path: str, resumed: bool
 ) -> Any:
     """A sampler on the run's starting weights (saved once at the start, reused on resume)."""
     if config.policy_kl_num_sequences <= 0:
@@ -256,7 +257,9 @@ def _kl_reference_client(config: Config, service: ServiceClient) -> Any:
     return service.create_sampling_client(model_path=ref.load_checkpoint_path)  # a state folder holds the adapter
 
 
-async def _evaluate(evaluators: Sequence[Any], sampling_client: Any, training_client: Any) -> dict[str, float]:
+async def _evaluate(
+    evaluators: Sequence[Any], sampling_client: SamplingClient, training_client: TrainingClient
+) -> dict[str, float]:
     """All evaluators concurrently on the current weights (so their sampling calls share batches)."""
     results = await asyncio.gather(
         *(
@@ -282,7 +285,7 @@ def _check_sampler(config: Config, kl: float, max_abs_logratio: float, sampler_n
         )
 
 
-def sampler_name(sampling_client: Any) -> str:
+def sampler_name(sampling_client: SamplingClient) -> str:
     """How the error names a sampler: its adapter (id and checkpoint folder) where it has one."""
     parts = [
         f"{k}={getattr(sampling_client, k)}"
@@ -294,7 +297,7 @@ def sampler_name(sampling_client: Any) -> str:
 
 async def _train_step(
     config: Config,
-    training_client: Any,
+    training_client: TrainingClient,
     data: list[Datum],
     sampler: str,
     on_policy: Sequence[bool] | None = None,
@@ -347,11 +350,11 @@ class _Run:
 
     config: Config
     log_path: str
-    training_client: Any
+    training_client: TrainingClient
     dataset: RLDataset
     evaluators: list
-    init_client: Any  # the starting weights, for kl/policy_vs_init (None: off)
-    kl_reference_client: Any  # the KL penalty's reference (None: no penalty)
+    init_client: SamplingClient | None  # the starting weights, for kl/policy_vs_init (None: off)
+    kl_reference_client: SamplingClient | None  # the KL penalty's reference (None: no penalty)
     tokenizer: Any
     checkpoints: CheckpointManager
     ml_logger: Any
@@ -361,7 +364,9 @@ class _Run:
     end_batch: int
     resume: Any  # the checkpoint record resumed from, or None
 
-    def policy_for(self, sampling_client: Any, position: tuple[int, int]) -> Callable[[int], TinkerTokenCompleter]:
+    def policy_for(
+        self, sampling_client: SamplingClient, position: tuple[int, int]
+    ) -> Callable[[int], TinkerTokenCompleter]:
         """The completer of env k of the group at dataset `position` (batch, index): seeded by that position."""
         batch, group = position
         return lambda env_idx: TinkerTokenCompleter(
@@ -459,7 +464,7 @@ def _show(progress: tqdm, metrics: dict[str, float]) -> None:
 # The synchronous loop (spec 5.9)
 
 
-async def _run_iteration(run: _Run, i: int, sampling_client: Any, timer: Timer) -> dict[str, float]:
+async def _run_iteration(run: _Run, i: int, sampling_client: SamplingClient, timer: Timer) -> dict[str, float]:
     """One RL iteration on the current weights; returns its metrics (the weights are updated in place)."""
     config = run.config
     metrics: dict[str, float] = {"progress/batch": i, "optim/lr": config.learning_rate}
@@ -570,14 +575,14 @@ class _Pipeline:
         self.step = self.run.start_batch  # the iteration being trained
         self.consumed_in_step = 0
         self.counts = {"resampled": 0, "dropped_constant": 0}
-        self.sampling_client: Any = None
+        self.sampling_client: SamplingClient | None = None
         self.sampler_step = self.run.start_batch
         self.evals: dict[int, asyncio.Task] = {}
         self.pending: collections.deque[tuple[int, dict[str, float]]] = collections.deque()  # records to log
 
     # Sampling and judging
     async def _sample_and_judge(
-        self, position: tuple[int, int], builder: EnvGroupBuilder, client: Any, client_step: int
+        self, position: tuple[int, int], builder: EnvGroupBuilder, client: SamplingClient, client_step: int
     ) -> _JudgedGroup:
         spans: list[tuple[str, float, float]] = []
         start = time.time()

@@ -9,6 +9,7 @@ from typing import Any
 
 from rlhfkit.engine.types import Datum
 from rlhfkit.evaluators import SamplingClientEvaluator
+from rlhfkit.engine.clients import TrainingClient
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def describe_datum(datum: Datum, tokenizer: Any, limit: int = 1500) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-async def run_evaluators(evaluators: list, training_client: Any) -> dict[str, float]:
+async def run_evaluators(evaluators: list, training_client: TrainingClient) -> dict[str, float]:
     """Run each evaluator on the live training client, or on one sampling snapshot of its weights."""
     metrics: dict[str, float] = {}
     sampling_client = None

@@ -8,6 +8,7 @@ from rlhfkit.engine.types import Datum
 from rlhfkit.evaluators import TrainingClientEvaluator
 from rlhfkit.supervised.common import compute_bpb, compute_mean_nll
 from rlhfkit.supervised.types import SupervisedDataset
+from rlhfkit.engine.clients import TrainingClient
 
 
 class NLLEvaluator(TrainingClientEvaluator):
@@ -22,7 +23,7 @@ class NLLEvaluator(TrainingClientEvaluator):
     def from_dataset(cls, dataset: SupervisedDataset, name: str = "test", tokenizer: Any = None) -> NLLEvaluator:
         return cls([datum for i in range(len(dataset)) for datum in dataset.get_batch(i)], name, tokenizer)
 
-    async def __call__(self, training_client: Any) -> dict[str, float]:
+    async def __call__(self, training_client: TrainingClient) -> dict[str, float]:
         future = await training_client.forward_async(self.data, "cross_entropy")
         output = await future.result_async()
         logprobs = [out["logprobs"] for out in output.loss_fn_outputs]
