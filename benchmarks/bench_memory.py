@@ -80,6 +80,8 @@ def child_stage(stage: str, preset: str, log_root: str, overrides: list[str]) ->
 
     start = time.perf_counter()
     code = main([stage, f"preset={preset}", f"log_root={log_root}", "report=false", *overrides])
+    if code != 0:
+        raise SystemExit(f"rlhfkit {stage} exited with {code}")
     return {
         "exit_code": code,
         "seconds": time.perf_counter() - start,
@@ -306,7 +308,8 @@ def main() -> None:
             "|---|---|---|---|---|---|",
         ]
         for stage in ("sft", "rm", "rl"):
-            overrides = [] if args.full else STAGE_OVERRIDES[stage]
+            # every stage gets every shortened setting: a stage refuses settings that differ from its run's record
+            overrides = [] if args.full else [o for stage_overrides in STAGE_OVERRIDES.values() for o in stage_overrides]
             result = run_child(["--child", "stage", stage, preset, log_root, *overrides], args.threads)
             stage_model = str(Path(log_root) / "tiny_model") if _preset_model(preset) == "tiny" else base_model
             floor, what = stage_floor(stage_model, _preset_rank(preset), stage)
