@@ -309,7 +309,9 @@ def main() -> None:
         ]
         for stage in ("sft", "rm", "rl"):
             # every stage gets every shortened setting: a stage refuses settings that differ from its run's record
-            overrides = [] if args.full else [o for stage_overrides in STAGE_OVERRIDES.values() for o in stage_overrides]
+            overrides = (
+                [] if args.full else [o for stage_overrides in STAGE_OVERRIDES.values() for o in stage_overrides]
+            )
             result = run_child(["--child", "stage", stage, preset, log_root, *overrides], args.threads)
             stage_model = str(Path(log_root) / "tiny_model") if _preset_model(preset) == "tiny" else base_model
             floor, what = stage_floor(stage_model, _preset_rank(preset), stage)
