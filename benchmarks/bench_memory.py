@@ -210,9 +210,10 @@ def child_mixing(base_model: str, reps: int) -> dict:
 
             half_a, half_b, full = decode(0, k), decode(k, 2 * k), decode(0, 2 * k)
             apart, together = [], []
-            for _ in range(reps):
-                for c in (half_a, half_b, full):
-                    c.crop(256)
+            for rep in range(reps):
+                if rep:  # back to the 256-token cache: each timed step appended one token
+                    for c in (half_a, half_b, full):
+                        c.crop(-1)
                 apart.append(
                     timed(
                         lambda: [
@@ -298,8 +299,14 @@ def main() -> None:
     preset = "smoke" if args.tiny else args.preset
     results: dict = {"machine": info, "preset": preset, "full": args.full, "base_model": base_model}
     lines = [f"# Memory: {preset} stages{'' if args.full else ' (shortened)'} and sampling clients", ""]
+
+    def save() -> None:  # after every part: a part that fails leaves the ones before it written
+        tail = [common.machine_lines_without_limit(info, common.load_snapshot(), [])]
+        common.write_results("memory-tiny" if args.tiny else "memory", results, "\n".join(lines + ["", *tail]))
+
     if "runtime" in parts:
         results["runtime"] = run_child(["--child", "runtime"], args.threads)
+    save()
     if "stages" in parts:
         log_root = tempfile.mkdtemp(prefix="bench-memory-")
         stages = []
@@ -328,6 +335,7 @@ def main() -> None:
             + "; ".join(f"{s['stage']}: {' '.join(s['overrides']) or '(none)'}" for s in stages)
         )
         lines.append("")
+    save()
     if "clients" in parts:
         counts = [str(c) for c in CLIENT_COUNTS]
         result = run_child(["--child", "clients", base_model, str(args.rank), *counts], args.threads)
@@ -344,6 +352,7 @@ def main() -> None:
             floor = f"{row['floor'] / GIB:.3f}" if "floor" in row else "-"
             lines.append(f"| {row['clients']} | {row['rss'] / GIB:.3f} | {row['tensors'] / GIB:.3f} | {floor} |")
         lines.append("")
+    save()
     if "mixing" in parts:
         result = run_child(["--child", "mixing", base_model, "7"], args.threads)
         results["mixing"] = result
