@@ -133,6 +133,7 @@ def child_clients(base_model: str, rank: int, counts: list[int]) -> dict:
     samplers.clear()
     sampler = None
     gc.collect()
+    time.sleep(2.5)  # the allocator's trim runs on a background thread a second after clients are freed
     rows.append({"clients": "0 (all dropped)", "rss": rss_bytes(), "tensors": _held(models, trainer, samplers)})
     return {
         "base_bytes": base,
@@ -276,6 +277,7 @@ def main() -> None:
     parser.add_argument("--parts", default="runtime,stages,clients,mixing")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the clients measurement (demo: 16)")
+    parser.add_argument("--stem", help="results file name (default memory, memory-tiny with --tiny)")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -302,7 +304,9 @@ def main() -> None:
 
     def save() -> None:  # after every part: a part that fails leaves the ones before it written
         tail = [common.machine_lines_without_limit(info, common.load_snapshot(), [])]
-        common.write_results("memory-tiny" if args.tiny else "memory", results, "\n".join(lines + ["", *tail]))
+        common.write_results(
+            args.stem or ("memory-tiny" if args.tiny else "memory"), results, "\n".join(lines + ["", *tail])
+        )
 
     if "runtime" in parts:
         results["runtime"] = run_child(["--child", "runtime"], args.threads)
@@ -376,7 +380,7 @@ def main() -> None:
         )
     lines.append("")
     lines.append(common.machine_lines_without_limit(info, common.load_snapshot(), []))
-    common.write_results("memory-tiny" if args.tiny else "memory", results, "\n".join(lines))
+    common.write_results(args.stem or ("memory-tiny" if args.tiny else "memory"), results, "\n".join(lines))
 
 
 def _preset_model(preset: str) -> str:

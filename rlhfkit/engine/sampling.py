@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.engine.allocator import trim_free_memory
+from rlhfkit.engine.allocator import trim_soon
 from rlhfkit.engine.batching import pad_left, pad_right, plan_microbatches, token_logprobs
 from rlhfkit.engine.capabilities import cache_capabilities
 from rlhfkit.engine.lora import LoraSpec, add_lora, load_adapter_state
@@ -263,7 +263,7 @@ class SamplingClient(SamplingAPI):
         self._context = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
         self._cache = cache_capabilities(base_model, self.model)
         self.model.get_output_embeddings().register_forward_pre_hook(contiguous_input)
-        weakref.finalize(self, trim_free_memory).atexit = False  # its activations' pages go back to the OS
+        weakref.finalize(self, trim_soon).atexit = False  # its activations' pages go back to the OS
 
     @classmethod
     def from_base(cls, base_model: str, precision: Precision) -> SamplingClient:
