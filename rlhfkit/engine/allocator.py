@@ -4,10 +4,10 @@ On Linux, glibc's malloc keeps freed memory for reuse, in one arena per thread t
 client computes on a thread of its own, so without this, the memory a finished client used for its activations
 stayed resident after the client was gone: in the demo's pipeline every stage's peak was kept beside the next
 one's (measured: 2.4 GiB resident after a 3-step SFT stage whose clients were all freed, 0.8 GiB after
-malloc_trim). glibc's malloc_trim(0) runs on a background thread shortly after a training or sampling client is garbage
-collected (`trim_soon`: stage ends, the RL loop's sampler of the previous iteration). It is not run after every request: it
-took ~0.35 s on a 2 GiB heap, and the memory it returns is faulted in again by the next pass. Elsewhere (macOS,
-musl) it does nothing.
+malloc_trim). So glibc's malloc_trim(0) runs on a background thread a second after a training or sampling client
+is garbage collected (`trim_soon`: stage ends, the RL loop's sampler of the previous iteration). It is not run
+after every request: it took ~0.35 s on a 2 GiB heap, and the memory it returns is faulted in again by the next
+pass. Elsewhere (macOS, musl) it does nothing.
 """
 
 from __future__ import annotations
