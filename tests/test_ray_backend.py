@@ -137,6 +137,31 @@ def test_inference_engine_serves_adapters_like_the_local_sampler(ray_service, ti
         )
 
 
+def test_a_dropped_ray_sampling_client_frees_its_adapter_in_the_engine(ray_service, tiny_model_dir, tmp_path):
+    """An RL run makes a sampler per iteration: the torch engine (one base per actor) forgets the adapter of a
+    sampling client nobody holds, so its memory stays flat."""
+    import gc
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    trainer = ServiceClient().create_lora_training_client(tiny_model_dir, rank=4, seed=2)
+    prompt = ModelInput.from_ints(tokenizer.encode("dropped samplers are forgotten"))
+    kept = None
+    for step in range(3):
+        path = trainer.save_weights_for_sampler(str(tmp_path / f"step{step}")).result().path
+        sampler = ray_service.create_sampling_client(model_path=path)
+        sampler.compute_logprobs(prompt).result()
+        if kept is None:
+            kept = sampler
+    adapter_id, kept_id = sampler.adapter_id, kept.adapter_id
+    engine = sampler.pool.actors[0]
+    assert {adapter_id, kept_id} <= set(ray.get(engine.health.remote())["adapters_loaded"])
+    del sampler
+    gc.collect()
+    loaded = ray.get(engine.health.remote())["adapters_loaded"]  # the release was sent before this request
+    assert kept_id in loaded and adapter_id not in loaded
+    assert len(loaded) == 1
+
+
 # -------------------------------------------------------------------------------------------------
 # A two-node cluster on this machine (loopback addresses 127.0.0.2 and 127.0.0.3, one CPU each)
 

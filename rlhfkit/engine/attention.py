@@ -25,12 +25,13 @@ def _grouped_causal_mask(length: int, groups: int, device: torch.device, dtype: 
     """[groups * length, length] additive mask (0 on and below the diagonal, -inf above) for `groups` query heads
     stacked along the sequence axis; cached per shape."""
     key = (length, groups, str(device), dtype)
-    if key not in _causal_masks:
+    mask = _causal_masks.get(key)
+    if mask is None:  # a local reference: another client's thread may clear the cache meanwhile
         if len(_causal_masks) > 64:
             _causal_masks.clear()
-        mask = torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu(1)
-        _causal_masks[key] = mask.repeat(groups, 1)
-    return _causal_masks[key]
+        mask = torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu(1).repeat(groups, 1)
+        _causal_masks[key] = mask
+    return mask
 
 
 def causal_attention(

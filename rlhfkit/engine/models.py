@@ -197,14 +197,15 @@ def pick_precision(device: str | None = None, dtype: str | None = None) -> Preci
 
 
 # --------------------------------------------------------------------------------------------------
-# Base model weights, loaded once per process and copied for each client
+# Base model weights: loaded once per process, shared by every client
 
 _base_cache: dict[tuple[str, str, torch.dtype], torch.nn.Module] = {}
 _base_lock = threading.Lock()
 
 
-def load_base_model(base_model: str, precision: Precision) -> torch.nn.Module:
-    """A fresh copy of the base model (frozen weights in the compute dtype) on the chosen device."""
+def _cached_base(base_model: str, precision: Precision) -> torch.nn.Module:
+    """The process's one frozen copy of the base weights for (model folder, device, dtype), loaded on first use.
+    It is a template: no forward ever runs on it (clients run on views of it, share_weights)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -218,4 +219,53 @@ def load_base_model(base_model: str, precision: Precision) -> torch.nn.Module:
             model.requires_grad_(False)
             model.eval()
             _base_cache[key] = model
-        return copy.deepcopy(_base_cache[key])
+        return _base_cache[key]
+
+
+def _tensors_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor a module tree holds: parameters, buffers, and plain tensor attributes (rotary embeddings
+    keep an unregistered copy of their frequencies)."""
+    tensors: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        tensors.extend(value for value in vars(module).values() if isinstance(value, torch.Tensor))
+    return tensors
+
+
+def share_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model`'s module tree (modules, config, hooks-to-be) whose parameters and buffers are `model`'s own
+    tensors: no weight is copied. What a client changes in its tree (PEFT's LoRA layers, the attention
+    implementation, train/eval mode, forward hooks, a module replaced by a merged one) stays its own; the shared
+    tensors are never written by the engine (frozen, requires_grad False; merging makes new tensors)."""
+    memo = {id(t): t for t in _tensors_of(model)}
+    return copy.deepcopy(model, memo)
+
+
+def load_base_model(base_model: str, precision: Precision) -> torch.nn.Module:
+    """The base model (frozen weights in the compute dtype, on the chosen device) as a client's own module tree
+    over the process's one copy of the weights (share_weights): every training and sampling client of one
+    (model, device, dtype) in a process shares those tensors, and a client holds only what it adds (its LoRA
+    adapter, optimizer state, caches). The weights stay loaded for the process's lifetime."""
+    return share_weights(_cached_base(base_model, precision))
+
+
+def shared_tensors(base_model: str, precision: Precision) -> list[torch.Tensor]:
+    """The shared base tensors of (model, device, dtype) (loaded if needed): what every client's model shares."""
+    return _tensors_of(_cached_base(base_model, precision))
+
+
+def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor a client's model holds (parameters, buffers, tensor attributes)."""
+    return _tensors_of(model)
+
+
+def tensor_bytes(tensors, exclude=()) -> int:
+    """Bytes of the distinct storages behind `tensors`, leaving out the storages of `exclude` (measuring what a
+    client holds beyond the shared base: tensor bytes, not the process's resident memory)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in skip:
+            seen[pointer] = storage.nbytes()
+    return sum(seen.values())

@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -39,7 +40,7 @@ from rlhfkit.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-MAX_ADAPTERS = 4  # merged adapter copies a torch engine keeps (policy, initial policy, reference, judge)
+MAX_ADAPTERS = 8  # adapters a torch engine keeps over its one base (each costs its adapter, not a model copy)
 RETRIES = 3  # attempts of a request whose engine died
 ENGINES = ("torch", "vllm")
 
@@ -70,6 +71,11 @@ class TorchInferenceWorker:
 
     def load_adapter(self, adapter_id: str, path: str) -> None:
         self.paths[adapter_id] = path
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Forget an adapter no sampling client holds any more (its tensors and caches are freed)."""
+        self.paths.pop(adapter_id, None)
+        self.clients.pop(adapter_id, None)
 
     def _client(self, adapter_id: str | None) -> Any:
         from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors, read_meta
@@ -218,6 +224,19 @@ class InferencePool:
             self.paths[adapter_id] = path
         return adapter_id
 
+    def release(self, adapter_id: str) -> None:
+        """The adapter's sampling client is gone: torch engines that loaded it drop it now (vLLM engines keep
+        their own least-recently-used set of max_loras adapters). Called from a finalizer: never raises."""
+        with self._lock:
+            self.paths.pop(adapter_id, None)
+            engines = [i for i, loaded in enumerate(self.loaded) if adapter_id in loaded]
+            for i in engines:
+                self.loaded[i].discard(adapter_id)
+            actors = [self.actors[i] for i in engines] if self.kind == "torch" else []
+        for actor in actors:
+            with contextlib.suppress(Exception):  # a dead engine, or Ray shut down at exit
+                actor.unload_adapter.remote(adapter_id)
+
     def _submit(self, engine: int, method: str, adapter_id: str | None, *args: Any) -> tuple[Any, Any, Any]:
         """Submit to one engine (loading the adapter first if it has not got it); returns (actor, the load's ref
         or None, the request's ref)."""
@@ -316,6 +335,8 @@ class RaySamplingClient(SamplingAPI):
         self.adapter_path = adapter_path
         self.adapter_id = pool.register(adapter_path) if adapter_path is not None else None
         self.tokenizer = load_tokenizer(base_model)
+        if self.adapter_id is not None:  # dropped: the engines free the adapter (an RL run makes one per step)
+            weakref.finalize(self, pool.release, self.adapter_id).atexit = False
 
     def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
         items = [(p.to_ints(), n, params) for p, n, params in requests]

@@ -17,14 +17,16 @@ import copy
 import functools
 import os
 import random
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from rlhfkit.engine.allocator import trim_soon
 from rlhfkit.engine.batching import pad_left, pad_right, plan_microbatches, token_logprobs
 from rlhfkit.engine.capabilities import cache_capabilities
-from rlhfkit.engine.lora import LoraSpec, merge_adapter
+from rlhfkit.engine.lora import LoraSpec, add_lora, load_adapter_state
 from rlhfkit.engine.models import Precision, load_base_model, load_tokenizer
 from rlhfkit.engine.sampling_api import SamplingAPI
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampledSequence, SampleResponse, SamplingParams
@@ -225,10 +227,28 @@ def _preallocated_layer_class() -> type:
     return _PreallocatedLayer
 
 
+Reducer = Callable[[int, torch.Tensor], Any]  # (sequence index, its logits) -> what is kept of them
+
+
+def _keep(index: int, logits: torch.Tensor) -> torch.Tensor:
+    return logits
+
+
+def adapter_model(spec: LoraSpec, tensors: dict[str, torch.Tensor], precision: Precision) -> torch.nn.Module:
+    """The shared base (models.load_base_model) with the LoRA adapter `tensors` in PEFT's LoRA layers, frozen:
+    the transformers model inside the PEFT wrapper (its forward takes every argument the sampler passes)."""
+    peft_model = add_lora(load_base_model(spec.base_model, precision), spec)
+    load_adapter_state(peft_model, tensors)
+    peft_model.requires_grad_(False)
+    return peft_model.get_base_model()
+
+
 class SamplingClient(SamplingAPI):
-    """Samples from (and scores with) a frozen model in this process: a base model, or a base model with a LoRA
-    adapter merged into its weights (merging makes generation and scoring faster than running the adapter).
-    The public methods are SamplingAPI's; this class computes its batch primitives with torch."""
+    """Samples from (and scores with) a frozen model in this process: the base model, or the base model with a
+    LoRA adapter applied in each forward (adapter_model). Every sampling and training client of one (model,
+    device, dtype) shares the process's one copy of the base weights (models.load_base_model), so a client costs
+    its adapter, not a model. The public methods are SamplingAPI's; this class computes its batch primitives
+    with torch."""
 
     def __init__(self, base_model: str, model: torch.nn.Module, precision: Precision):
         super().__init__("rlhfkit-sampling")
@@ -243,6 +263,7 @@ class SamplingClient(SamplingAPI):
         self._context = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
         self._cache = cache_capabilities(base_model, self.model)
         self.model.get_output_embeddings().register_forward_pre_hook(contiguous_input)
+        weakref.finalize(self, trim_soon).atexit = False  # its activations' pages go back to the OS
 
     @classmethod
     def from_base(cls, base_model: str, precision: Precision) -> SamplingClient:
@@ -250,9 +271,10 @@ class SamplingClient(SamplingAPI):
 
     @classmethod
     def from_adapter(cls, spec: LoraSpec, tensors: dict[str, torch.Tensor], precision: Precision) -> SamplingClient:
-        model = load_base_model(spec.base_model, precision)
-        merge_adapter(model, tensors, spec.scale)
-        return cls(spec.base_model, model, precision)
+        """A sampler on the shared base with the adapter applied in every forward (lora.py's fused LoRA
+        forward, as in training), never merged: the client holds the adapter's tensors, not a copy of the base.
+        Freed with the client (nothing else refers to its model)."""
+        return cls(spec.base_model, adapter_model(spec, tensors, precision), precision)
 
     # ---------------------------------------------------------------------------------------------
     # Generation
@@ -442,10 +464,14 @@ class SamplingClient(SamplingAPI):
     # ---------------------------------------------------------------------------------------------
     # Scoring
 
-    def _forward_left_padded(self, sequences: Sequence[list[int]], keep_last_only: bool) -> list[torch.Tensor]:
-        """Logits for each sequence, computed in length-sorted microbatches; with keep_last_only just the
-        last position's logits (the unembedding runs on one position: much cheaper with a large vocabulary)."""
-        results: list[torch.Tensor | None] = [None] * len(sequences)
+    def _forward_left_padded(
+        self, sequences: Sequence[list[int]], keep_last_only: bool, reduce: Reducer = _keep
+    ) -> list[Any]:
+        """`reduce(index, logits)` of each sequence's logits, computed in length-sorted microbatches; with
+        keep_last_only just the last position's logits (the unembedding runs on one position: much cheaper with a
+        large vocabulary). Each microbatch's logits are reduced before the next is computed, so the logits held
+        are one microbatch's (the token budget bounds them, not the number of sequences)."""
+        results: list[Any] = [None] * len(sequences)
         for batch in plan_microbatches([len(s) for s in sequences]):
             ids, mask, positions = pad_left([sequences[i] for i in batch], self._pad_id, self.precision.device)
             with torch.inference_mode(), self.precision.autocast:
@@ -457,14 +483,19 @@ class SamplingClient(SamplingAPI):
                     logits_to_keep=1 if keep_last_only else 0,
                 ).logits
             for row, i in enumerate(batch):
-                results[i] = logits[row, -1] if keep_last_only else logits[row, ids.shape[1] - len(sequences[i]) :]
-        return results  # type: ignore[return-value]
+                results[i] = reduce(
+                    i, logits[row, -1] if keep_last_only else logits[row, ids.shape[1] - len(sequences[i]) :]
+                )
+            del logits
+        return results
 
-    def _forward_right_padded(self, sequences: Sequence[list[int]], keep_last_only: bool) -> list[torch.Tensor]:
+    def _forward_right_padded(
+        self, sequences: Sequence[list[int]], keep_last_only: bool, reduce: Reducer = _keep
+    ) -> list[Any]:
         """The general path's _forward_left_padded: right padding comes after each row's tokens, so it changes
         none of their logits in any causal model and needs no padding mask (plain causal attention); with
         keep_last_only the head sees each row's last position only (last_positions_only)."""
-        results: list[torch.Tensor | None] = [None] * len(sequences)
+        results: list[Any] = [None] * len(sequences)
         for batch in plan_microbatches([len(s) for s in sequences]):
             ids, _ = pad_right([sequences[i] for i in batch], self._pad_id, self.precision.device)
             last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=ids.device)
@@ -475,32 +506,39 @@ class SamplingClient(SamplingAPI):
             ):
                 logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=1 if keep_last_only else 0).logits
             for row, i in enumerate(batch):
-                results[i] = logits[row, -1] if keep_last_only else logits[row, : len(sequences[i])]
-        return results  # type: ignore[return-value]
+                results[i] = reduce(i, logits[row, -1] if keep_last_only else logits[row, : len(sequences[i])])
+            del logits
+        return results
 
-    def _forward(self, sequences: Sequence[list[int]], keep_last_only: bool) -> list[torch.Tensor]:
+    def _forward(self, sequences: Sequence[list[int]], keep_last_only: bool, reduce: Reducer = _keep) -> list[Any]:
         if self._cache.fast_paths:
-            return self._forward_left_padded(sequences, keep_last_only)
-        return self._forward_right_padded(sequences, keep_last_only)
+            return self._forward_left_padded(sequences, keep_last_only, reduce)
+        return self._forward_right_padded(sequences, keep_last_only, reduce)
 
     def _logprobs_many(self, prompts: list[ModelInput]) -> list[list[float | None]]:
         sequences = [p.to_ints() for p in prompts]
-        out = []
-        for tokens, logits in zip(sequences, self._forward(sequences, keep_last_only=False)):
-            target = torch.as_tensor(tokens[1:], dtype=torch.long, device=logits.device)
-            out.append([None] + token_logprobs(logits[:-1], target).tolist())
-        return out
+
+        def logprobs(i: int, logits: torch.Tensor) -> list[float | None]:
+            target = torch.as_tensor(sequences[i][1:], dtype=torch.long, device=logits.device)
+            return [None] + token_logprobs(logits[:-1], target).tolist()
+
+        return self._forward(sequences, keep_last_only=False, reduce=logprobs)
 
     @torch.inference_mode()
-    def _last_logits_sharing_prefixes(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+    def _last_logits_sharing_prefixes(self, sequences: list[list[int]], reduce: Reducer = _keep) -> list[Any]:
         """Last-position logits, computing each shared prefix once: the matchups a preference model judges
         share the conversation and, for one player as A, everything up to B's reply. Each prefix's keys/values
         are computed once, copied to the sequences that share it, and only their suffixes are run."""
         groups = shared_prefix_groups(sequences)
-        results: list[torch.Tensor | None] = [None] * len(sequences)
+        results: list[Any] = [None] * len(sequences)
         alone = [g[1][0] for g in groups if g[0] == 0]
-        for i, logits in zip(alone, self._forward_left_padded([sequences[i] for i in alone], keep_last_only=True)):
-            results[i] = logits
+        for i, value in zip(
+            alone,
+            self._forward_left_padded(
+                [sequences[i] for i in alone], keep_last_only=True, reduce=lambda k, logits: reduce(alone[k], logits)
+            ),
+        ):
+            results[i] = value
         shared = [g for g in groups if g[0] > 0]
         device = self.precision.device
         for batch in plan_microbatches([g[0] for g in shared]):
@@ -531,19 +569,24 @@ class SamplingClient(SamplingAPI):
                         logits_to_keep=1,
                     ).logits
                 for row, (_, i) in enumerate(rows):
-                    results[i] = logits[row, -1]
-        return results  # type: ignore[return-value]
+                    results[i] = reduce(i, logits[row, -1])
+        return results
 
     @torch.inference_mode()
-    def _last_logits_sharing_prefixes_unpadded(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+    def _last_logits_sharing_prefixes_unpadded(self, sequences: list[list[int]], reduce: Reducer = _keep) -> list[Any]:
         """The general path's _last_logits_sharing_prefixes: each shared prefix is run alone (no padding) into
         the model's own cache, whose row is repeated for the sequences that share it (reorder_cache on a copy);
         their suffixes follow right-padded, and the head reads each row's last real position."""
         groups = shared_prefix_groups(sequences)
-        results: list[torch.Tensor | None] = [None] * len(sequences)
+        results: list[Any] = [None] * len(sequences)
         alone = [g[1][0] for g in groups if g[0] == 0]
-        for i, logits in zip(alone, self._forward_right_padded([sequences[i] for i in alone], keep_last_only=True)):
-            results[i] = logits
+        for i, value in zip(
+            alone,
+            self._forward_right_padded(
+                [sequences[i] for i in alone], keep_last_only=True, reduce=lambda k, logits: reduce(alone[k], logits)
+            ),
+        ):
+            results[i] = value
         device = self.precision.device
         for common, members in (g for g in groups if g[0] > 0):
             with self.precision.autocast:
@@ -570,19 +613,23 @@ class SamplingClient(SamplingAPI):
                         logits_to_keep=1,
                     ).logits
                 for row, i in enumerate(rows):
-                    results[i] = logits[row, -1]
-        return results  # type: ignore[return-value]
+                    results[i] = reduce(i, logits[row, -1])
+        return results
 
     def _score_many(self, prompts: list[ModelInput], candidates: Sequence[int]) -> list[NextTokenScores]:
+        """Each prompt's last-position logits reduced to its greedy token and its candidates' logprobs as soon as
+        its microbatch is computed (the full-vocabulary logits of all prompts are never held together)."""
         sequences = [p.to_ints() for p in prompts]
+        chosen_ids = list(candidates)
+
+        def score(i: int, last_logits: torch.Tensor) -> NextTokenScores:
+            logits = last_logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            chosen = logp[chosen_ids].tolist() if chosen_ids else []
+            return NextTokenScores(int(logits.argmax(-1)), chosen)
+
         if share_prefixes() and self._cache.fast_paths:
-            last = self._last_logits_sharing_prefixes(sequences)
-        elif share_prefixes() and self._cache.selects_rows:
-            last = self._last_logits_sharing_prefixes_unpadded(sequences)
-        else:
-            last = self._forward(sequences, keep_last_only=True)
-        logits = torch.stack(last).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        argmax = logits.argmax(-1).tolist()
-        chosen = logp[:, list(candidates)].tolist() if len(candidates) else [[] for _ in prompts]
-        return [NextTokenScores(a, c) for a, c in zip(argmax, chosen)]
+            return self._last_logits_sharing_prefixes(sequences, score)
+        if share_prefixes() and self._cache.selects_rows:
+            return self._last_logits_sharing_prefixes_unpadded(sequences, score)
+        return self._forward(sequences, keep_last_only=True, reduce=score)

@@ -5,6 +5,7 @@ runs one (ray_training.py), with `optim_step` given the all-reduce of the worker
 from __future__ import annotations
 
 import math
+import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from rlhfkit.engine import losses
+from rlhfkit.engine.allocator import trim_soon
 from rlhfkit.engine.attention import use_causal_attention
 from rlhfkit.engine.batching import microbatch_token_budget, pad_right, plan_microbatches, token_logprobs
 from rlhfkit.engine.integrity import write_manifest
@@ -50,6 +52,7 @@ class LoraTrainer:
         self._nonfinite_loss = False  # set by a backward pass whose loss was NaN/inf; the next optim_step skips
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._pad_id = load_tokenizer(spec.base_model).pad_token_id or 0
+        weakref.finalize(self, trim_soon).atexit = False  # its activations' pages go back to the OS
 
     # ---------------------------------------------------------------------------------------------
     # Forward and backward

@@ -1,0 +1,178 @@
+"""One frozen base per (model, device, dtype) in a process, shared by every client: a client holds only its adapter
+(and, training, its optimizer state); training one client changes no other client's outputs; the base weights are
+never written; dropped sampling clients are freed; outputs equal the former private-copy engine (fp32)."""
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+
+from rlhfkit.engine import AdamParams, Datum, ModelInput, SamplingParams, ServiceClient
+from rlhfkit.engine import models
+
+# What a sampling client may hold beyond its adapter's tensors: rotary frequencies and the like (measured: 0 bytes
+# on the tiny Qwen2; the bound leaves room for other architectures' small tensor attributes).
+FIXED_OVERHEAD_BYTES = 64 << 10
+
+
+@pytest.fixture(scope="module")
+def service():
+    return ServiceClient()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(service, tiny_model_dir):
+    from rlhfkit.engine import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+def ce_datum(tokens):
+    return Datum(ModelInput.from_ints(tokens[:-1]), {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+
+
+def own_bytes(model, base_model, precision) -> int:
+    """Tensor bytes `model` holds beyond the process's shared base tensors."""
+    return models.tensor_bytes(models.model_tensors(model), exclude=models.shared_tensors(base_model, precision))
+
+
+def adapter_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * 4 for t in tensors.values())  # kept in fp32
+
+
+def base_checksum(base_model, precision) -> list[float]:
+    return [float(t.double().sum()) for t in models.shared_tensors(base_model, precision) if t.is_floating_point()]
+
+
+def test_each_sampling_client_costs_its_adapter_not_a_base_copy(service, tiny_model_dir, tokenizer):
+    """8 sampling clients held from one training client: each holds at most its adapter plus
+    FIXED_OVERHEAD_BYTES of tensors of its own; everything else is the shared base's tensors, never copied."""
+    trainer = service.create_lora_training_client(tiny_model_dir, rank=4, seed=0)
+    precision = service.precision
+    base_bytes = models.tensor_bytes(models.shared_tensors(tiny_model_dir, precision))
+    tokens = tokenizer.encode("memory is spent on adapters, not on copies")
+    samplers = []
+    for _ in range(8):
+        trainer.forward_backward([ce_datum(tokens)], "cross_entropy")
+        trainer.optim_step(AdamParams(learning_rate=1e-2))
+        samplers.append(trainer.save_weights_and_get_sampling_client())
+    adapter = adapter_bytes(trainer.trainer.adapter_tensors())
+    assert adapter < base_bytes / 4  # the test means something: an adapter is much smaller than the base
+    for sampler in samplers:
+        assert own_bytes(sampler.model, tiny_model_dir, precision) <= adapter + FIXED_OVERHEAD_BYTES
+    everything = [t for s in samplers for t in models.model_tensors(s.model)] + models.model_tensors(trainer.model)
+    held = models.tensor_bytes(everything)
+    assert held <= base_bytes + 9 * (adapter + FIXED_OVERHEAD_BYTES)
+    # the samplers differ (each has the weights of its step) while sharing the base
+    first, last = (s.compute_logprobs(ModelInput.from_ints(tokens)).result() for s in (samplers[0], samplers[-1]))
+    assert sum(last[1:]) > sum(first[1:])
+
+
+def test_training_one_client_leaves_every_other_clients_outputs_unchanged(service, tiny_model_dir, tokenizer):
+    tokens = tokenizer.encode("one client trains, the others must not notice")
+    datum = ce_datum(tokens)
+    trained = service.create_lora_training_client(tiny_model_dir, rank=4, seed=1)
+    other = service.create_lora_training_client(tiny_model_dir, rank=4, seed=2)
+    base_sampler = service.create_sampling_client(base_model=tiny_model_dir)
+    adapter_sampler = trained.save_weights_and_get_sampling_client()
+    checksum = base_checksum(tiny_model_dir, service.precision)
+
+    def outputs():
+        return (
+            other.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist(),
+            base_sampler.compute_logprobs(ModelInput.from_ints(tokens)).result(),
+            adapter_sampler.compute_logprobs(ModelInput.from_ints(tokens)).result(),
+            [
+                s.tokens
+                for s in base_sampler.sample(ModelInput.from_ints(tokens[:4]), 2, SamplingParams(max_tokens=6, seed=5))
+                .result()
+                .sequences
+            ],
+        )
+
+    before = outputs()
+    own_before = trained.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    for _ in range(3):
+        trained.forward_backward([datum], "cross_entropy")
+        trained.optim_step(AdamParams(learning_rate=1e-2))
+    own_after = trained.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
+    assert sum(own_after) > sum(own_before) + 0.5  # the trained client did change
+    assert outputs() == before  # bit for bit
+    assert base_checksum(tiny_model_dir, service.precision) == checksum  # the base weights were never written
+
+
+def _private_copy(base_model, precision):
+    """The former engine's base: a deep copy of the weights for every client."""
+    return copy.deepcopy(models._cached_base(base_model, precision))
+
+
+def test_training_equals_a_private_copy_bit_for_bit(service, tiny_model_dir, tokenizer, monkeypatch):
+    """The shared base trains exactly as a client's own deep copy of the base did (fp32)."""
+    from rlhfkit.engine import trainer as trainer_module
+    from rlhfkit.engine.lora import LoraSpec
+
+    batch = [ce_datum(tokenizer.encode("bit for bit the same steps")), ce_datum(tokenizer.encode("and another"))]
+    adam = AdamParams(learning_rate=5e-3)
+
+    def run(trainer):
+        outs = []
+        for _ in range(3):
+            outs.append(trainer.forward_backward(batch, "cross_entropy", None, True).metrics["loss:sum"])
+            trainer.optim_step(adam)
+        return outs, trainer.adapter_tensors()
+
+    spec = LoraSpec(tiny_model_dir, rank=4, seed=3)
+    shared = run(trainer_module.LoraTrainer(spec, service.precision))
+    monkeypatch.setattr(trainer_module, "load_base_model", _private_copy)
+    private = run(trainer_module.LoraTrainer(spec, service.precision))
+    assert shared[0] == private[0]
+    assert shared[1].keys() == private[1].keys()
+    assert all(torch.equal(shared[1][k], private[1][k]) for k in shared[1])
+
+
+def test_adapter_sampler_equals_the_merged_sampler_it_replaces(service, tiny_model_dir, tokenizer):
+    """The sampler now applies the adapter in each forward instead of merging it into a copy of the base:
+    logprobs and scores agree with the merged model to fp32 rounding, seeded samples are the same tokens."""
+    from rlhfkit.engine.lora import merge_adapter
+    from rlhfkit.engine.sampling import SamplingClient
+
+    trainer = service.create_lora_training_client(tiny_model_dir, rank=4, seed=4)
+    tokens = tokenizer.encode("merged or not, the same model")
+    for _ in range(3):
+        trainer.forward_backward([ce_datum(tokens)], "cross_entropy")
+        trainer.optim_step(AdamParams(learning_rate=2e-2))
+    sampler = trainer.save_weights_and_get_sampling_client()
+    tensors = trainer._queue.submit(trainer.trainer.adapter_tensors).result()
+    merged_model = _private_copy(tiny_model_dir, service.precision)
+    merge_adapter(merged_model, tensors, trainer.spec.scale)
+    merged = SamplingClient(tiny_model_dir, merged_model, service.precision)
+
+    prompts = [ModelInput.from_ints(tokens), ModelInput.from_ints(tokens[:3])]
+    for a, b in zip(sampler.compute_logprobs_batch(prompts), merged.compute_logprobs_batch(prompts)):
+        assert max(abs(x - y) for x, y in zip(a[1:], b[1:])) < 1e-5
+    scores = zip(sampler.score_next_token_batch(prompts, [10, 20]), merged.score_next_token_batch(prompts, [10, 20]))
+    for a, b in scores:
+        assert a.argmax_token == b.argmax_token
+        assert max(abs(x - y) for x, y in zip(a.candidate_logprobs, b.candidate_logprobs)) < 1e-5
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=11)
+    ours = sampler.sample(prompts[1], 4, params).result().sequences
+    theirs = merged.sample(prompts[1], 4, params).result().sequences
+    assert [s.tokens for s in ours] == [s.tokens for s in theirs]
+    for a, b in zip(ours, theirs):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+
+
+def test_dropped_sampling_clients_are_freed(service, tiny_model_dir):
+    """An RL loop makes a sampler per iteration and drops the last one: nothing keeps a dropped one (or its
+    adapter) alive, so memory stays flat over iterations."""
+    trainer = service.create_lora_training_client(tiny_model_dir, rank=4, seed=5)
+    refs = []
+    for _ in range(6):
+        sampler = trainer.save_weights_and_get_sampling_client()
+        sampler.compute_logprobs(ModelInput.from_ints([1, 2, 3, 4])).result()
+        refs.append(weakref.ref(sampler.model))
+    del sampler
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
