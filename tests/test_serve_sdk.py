@@ -144,6 +144,12 @@ def test_sampling_equals_the_engine(server, sdk, engine, tiny_model_dir):
     run_id, _, name = path.removeprefix("tinker://").split("/")
     local_dir = server.storage / "runs" / run_id / "sampler_weights" / name  # a plain engine checkpoint folder
     local = engine.create_sampling_client(model_path=str(local_dir))
+    # the server's checkpoint folders are the engine's own: `rlhfkit export` reads them as they are
+    from rlhfkit.cli import main as rlhfkit_main
+
+    exported = server.storage.parent / "exported"
+    assert rlhfkit_main(["export", str(local_dir), str(exported)]) == 0
+    assert (exported / "adapter_config.json").is_file() and (exported / "adapter_model.safetensors").is_file()
     remote_sampler = sdk.create_sampling_client(model_path=path).result()
     live = remote.save_weights_and_get_sampling_client().result()
     prompt = ids[:6]
