@@ -160,7 +160,17 @@ def test_async_with_no_staleness_trains_on_the_synchronous_groups_and_ends_with_
 def test_no_trained_group_is_older_than_max_steps_off_policy(stop_model_dir, tmp_path):  # noqa: F811
     log_path = tmp_path / "rl"
     steps, max_off_policy = 4, 1
-    train.main(rl_config(str(log_path), stop_model_dir, steps, async_config=train.AsyncConfig(max_off_policy, 2)))
+    # a judge that takes a moment (as a model's does), so the next iteration's judging spans a training step
+    # whatever the machine's speed; the overlap below is then a property of the loop, not of the timing
+    judged_slowly = ShortRepliesDatasetBuilder(stop_model_dir, 2, 64, judge_delay=0.2)
+    config = rl_config(
+        str(log_path),
+        stop_model_dir,
+        steps,
+        dataset_builder=judged_slowly,
+        async_config=train.AsyncConfig(max_off_policy, 2),
+    )
+    train.main(config)
     staleness = [i - g[-1] for i in range(steps) for g in _trained_groups(log_path, i)]
     assert len(staleness) == steps * 2 * 4
     assert max(staleness) == max_off_policy and min(staleness) >= 0  # off policy, but never more than allowed
@@ -170,10 +180,10 @@ def test_no_trained_group_is_older_than_max_steps_off_policy(stop_model_dir, tmp
     ]
     for key in ("sampling_client/step_mean", "time/sampling_time_max", "time/sampling_time_min"):
         assert all(key in r for r in records)
-    # Trained and sampled at once: some group's sampling overlapped a training step.
+    # Trained and sampled at once: some group's sampling or judging overlapped a training step.
     spans = read_jsonl(log_path / TIMELINE_FILE)
     trains = [s for s in spans if s["kind"] == "train"]
-    samples = [s for s in spans if s["kind"] == "sample"]
+    samples = [s for s in spans if s["kind"] in ("sample", "judge")]
     assert any(s["start"] < t["end"] and t["start"] < s["end"] for s in samples for t in trains)
 
 

@@ -233,8 +233,12 @@ class InferencePool:
             for i in engines:
                 self.loaded[i].discard(adapter_id)
             actors = [self.actors[i] for i in engines] if self.kind == "torch" else []
+        import ray
+
+        if not ray.is_initialized():  # Ray was shut down: its engines are gone (and .remote() would start a new Ray)
+            return
         for actor in actors:
-            with contextlib.suppress(Exception):  # a dead engine, or Ray shut down at exit
+            with contextlib.suppress(Exception):  # a dead engine, or Ray shutting down at exit
                 actor.unload_adapter.remote(adapter_id)
 
     def _submit(self, engine: int, method: str, adapter_id: str | None, *args: Any) -> tuple[Any, Any, Any]:
