@@ -92,6 +92,7 @@ def _assert_same(a: dict, b: dict) -> None:
         np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow  # about 2.5 minutes: three SFT runs and four server starts (pytest -m slow)
 def test_sigkill_server_mid_sft_resumes_to_the_same_weights(tmp_path, data, tiny_model_dir):
     """Killing the server (and the run) after a checkpoint loses nothing: the restarted run ends with the weights
     of a run that stopped cleanly at that checkpoint and resumed. (Not those of a run that never stopped: cookbook
