@@ -271,6 +271,7 @@ def test_api_key_and_loopback(tmp_path, tiny_model_dir):
             wrong.create_lora_training_client(base_model=tiny_model_dir, rank=2).result()
         right = tinker.ServiceClient(base_url=proc.url, api_key="tml-secret-key")
         assert right.create_lora_training_client(base_model=tiny_model_dir, rank=2).result().get_info().lora_rank == 2
+        right.close("success").result()  # its heartbeats end with it
     finally:
         proc.stop()
 
@@ -314,6 +315,7 @@ def test_zstd_bodies(tmp_path, tiny_model_dir):
         ids = _tokens(tiny_model_dir, TEXTS[0])
         out = client.forward_backward([_data(ids, "cross_entropy", True)], "cross_entropy").result()
         assert out.metrics["loss:sum"] > 0 and len(out.loss_fn_outputs[0]["logprobs"].tolist()) == len(ids) - 1
+        sdk.close("success").result()
     finally:
         proc.stop()
 

@@ -364,9 +364,8 @@ def assert_nothing_half_written(run: Path) -> None:
 
 
 @needs_mount
-@pytest.mark.parametrize(  # one size in the default run (about 1.3 min each); all three with -m slow
-    "size", [pytest.param("64k", marks=pytest.mark.slow), "9m", pytest.param("15m", marks=pytest.mark.slow)]
-)
+@pytest.mark.slow  # about 1.3 min per size (pytest -m slow); the read-only case below stays in the default run
+@pytest.mark.parametrize("size", ["64k", "9m", "15m"])
 def test_a_full_disk_is_one_line_keeps_what_was_saved_and_resumes_once_freed(size, tmp_path, tiny_model_dir):
     """SFT on a tmpfs of `size` (so the disk fills at different writes: a metrics append, a checkpoint): the run
     stops with one line naming the path; nothing half-written stays; with more space the same command ends."""
