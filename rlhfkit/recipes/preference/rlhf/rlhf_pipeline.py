@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +85,14 @@ def check_model(base_model: str) -> None:
 def check_sampler(cfg: PipelineConfig, base_model: str) -> None:
     """With sampler=vllm: the vLLM engine can serve the base model and put a LoRA adapter on every module the RL
     policy trains, checked before any stage trains (else an error naming the setting to change)."""
-    sampler = cfg.sampler if cfg.sampler is not None else os.environ.get("RLHFKIT_SAMPLER", "local")
-    if sampler != "vllm" or not cfg.run_rl or stage_finished(f"{cfg.log_root}/rl"):
+    engine = cfg.engine_settings()
+    if engine.sampler != "vllm" or not cfg.run_rl or stage_finished(f"{cfg.log_root}/rl"):
         return
     from rlhfkit.engine.lora import LoraSpec
     from rlhfkit.engine.models import pick_precision
     from rlhfkit.engine.vllm_sampling import check_lora_targets
 
-    check_lora_targets(LoraSpec(base_model, rank=cfg.lora_rank), pick_precision())
+    check_lora_targets(LoraSpec(base_model, rank=cfg.lora_rank), pick_precision(engine.device, engine.dtype))
 
 
 def check_data(cfg: PipelineConfig) -> None:
