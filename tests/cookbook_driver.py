@@ -105,19 +105,17 @@ def metrics(log_path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def run_sft(args) -> dict:
+def run_supervised(args, stage: str, dataset_builder) -> Path:
+    """The cookbook's supervised loop (SFT, and the preference model as SFT on the label token) on `stage`."""
     from tinker_cookbook.supervised import train
-    from tinker_cookbook.supervised.data import FromConversationFileBuilder
 
-    log_path = Path(args.logs) / "sft"
+    log_path = Path(args.logs) / stage
     config = train.Config(
         log_path=str(log_path),
         model_name=args.model,
-        recipe_name="rlhfkit_test_sft",
+        recipe_name=f"rlhfkit_test_{stage}",
         renderer_name=RENDERER,
-        dataset_builder=FromConversationFileBuilder(
-            common_config=common(args.model, 4), file_path=str(Path(args.data) / "sft.jsonl"), test_size=4
-        ),
+        dataset_builder=dataset_builder,
         learning_rate=5e-3,
         lora_rank=8,
         max_steps=args.steps,
@@ -125,29 +123,26 @@ def run_sft(args) -> dict:
         eval_every=2,
     )
     asyncio.run(train.main(config))
+    return log_path
+
+
+def run_sft(args) -> dict:
+    from tinker_cookbook.supervised.data import FromConversationFileBuilder
+
+    builder = FromConversationFileBuilder(
+        common_config=common(args.model, 4), file_path=str(Path(args.data) / "sft.jsonl"), test_size=4
+    )
+    log_path = run_supervised(args, "sft", builder)
     return {"metrics": metrics(log_path), "state_path": last(log_path), "sampler_path": last(log_path, "sampler_path")}
 
 
 def run_rm(args) -> dict:
     from tinker_cookbook.preference.preference_datasets import ChatDatasetBuilderFromComparisons
-    from tinker_cookbook.supervised import train
 
-    log_path = Path(args.logs) / "rm"
-    config = train.Config(
-        log_path=str(log_path),
-        model_name=args.model,
-        recipe_name="rlhfkit_test_rm",
-        renderer_name=RENDERER,
-        dataset_builder=ChatDatasetBuilderFromComparisons(
-            common_config=common(args.model, 4), comparison_builder=comparisons(Path(args.data))
-        ),
-        learning_rate=5e-3,
-        lora_rank=8,
-        max_steps=args.steps,
-        save_every=2,
-        eval_every=2,
+    builder = ChatDatasetBuilderFromComparisons(
+        common_config=common(args.model, 4), comparison_builder=comparisons(Path(args.data))
     )
-    asyncio.run(train.main(config))
+    log_path = run_supervised(args, "rm", builder)
     return {"metrics": metrics(log_path), "sampler_path": last(log_path, "sampler_path")}
 
 

@@ -8,7 +8,7 @@ The names below are resolved on first use (PEP 562), so importing a torch-free p
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -36,27 +36,7 @@ _EXPORTS = {
     ),
 }
 
-__all__ = [
-    "types",
-    "APIFuture",
-    "EngineSettings",
-    "ModelNotFoundError",
-    "load_tokenizer",
-    "resolve_base_model",
-    "SamplingClient",
-    "ServiceClient",
-    "TrainingClient",
-    "AdamParams",
-    "Datum",
-    "EncodedTextChunk",
-    "ForwardBackwardOutput",
-    "ModelInput",
-    "SampledSequence",
-    "SampleResponse",
-    "SamplingParams",
-    "TensorData",
-]
-assert set(__all__) == {"types", *_EXPORTS}
+__all__ = ["types", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
@@ -72,23 +52,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(__all__)
-
-
-if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
-    from rlhfkit.engine import types
-    from rlhfkit.engine.futures import APIFuture
-    from rlhfkit.engine.models import ModelNotFoundError, load_tokenizer, resolve_base_model
-    from rlhfkit.engine.service import ServiceClient
-    from rlhfkit.engine.settings import EngineSettings
-    from rlhfkit.engine.clients import SamplingClient, TrainingClient
-    from rlhfkit.engine.types import (
-        AdamParams,
-        Datum,
-        EncodedTextChunk,
-        ForwardBackwardOutput,
-        ModelInput,
-        SampledSequence,
-        SampleResponse,
-        SamplingParams,
-        TensorData,
-    )

@@ -67,27 +67,6 @@ class RayBackend:
         return RaySamplingClient(self.pool(base_model), base_model, adapter_path)
 
 
-def ray_backend(
-    address: str | None,
-    num_train_workers: int | None,
-    num_samplers: int | None,
-    inference_engine: str,
-    device: str | None,
-    dtype: str | None,
-) -> RayBackend:
-    """One backend per setting in a process: the stages of a pipeline share its inference engines. After
-    `ray.shutdown()` the backends kept are of an instance that is gone (their actor handles would make Ray start a
-    new local instance by itself, one nobody shuts down): they are dropped and made again."""
-    import ray
-
-    if not ray.is_initialized():
-        _ray_backend.cache_clear()
-    return _ray_backend(address, num_train_workers, num_samplers, inference_engine, device, dtype)
-
-
-ray_backend.cache_clear = lambda: _ray_backend.cache_clear()  # type: ignore[attr-defined]
-
-
 @functools.cache
 def _ray_backend(
     address: str | None,
@@ -98,3 +77,17 @@ def _ray_backend(
     dtype: str | None,
 ) -> RayBackend:
     return RayBackend(address, num_train_workers, num_samplers, inference_engine, device, dtype)
+
+
+def ray_backend(*settings: Any) -> RayBackend:
+    """One backend per setting in a process (the arguments of _ray_backend): the stages of a pipeline share its
+    inference engines. After `ray.shutdown()` the backends kept are of an instance that is gone (their actor
+    handles would make Ray start a new local instance by itself, one nobody shuts down): they are made again."""
+    import ray
+
+    if not ray.is_initialized():
+        _ray_backend.cache_clear()
+    return _ray_backend(*settings)
+
+
+ray_backend.cache_clear = _ray_backend.cache_clear  # type: ignore[attr-defined]
