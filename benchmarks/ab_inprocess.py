@@ -33,9 +33,9 @@ from common import fmt
 
 def lora_steps(args: argparse.Namespace, model: str):
     """(switch(on), step() -> tokens/s) for LoRA training."""
-    from rlhfkit.engine.lora import LoraSpec, fused_lora_forward
-    from rlhfkit.engine.models import pick_precision
-    from rlhfkit.engine.trainer import LoraTrainer
+    from rlhfkit.engine.model.lora import LoraSpec, fused_lora_forward
+    from rlhfkit.engine.model.base import pick_precision
+    from rlhfkit.engine.torch_engine.trainer import LoraTrainer
     from rlhfkit.engine.types import AdamParams
 
     batch = common.sft_batches(model, args.train_batch, args.max_length, 1)[0]
@@ -63,7 +63,7 @@ def head_steps(args: argparse.Namespace, model: str):
     """(switch(on), step() -> comparisons/s or tokens/s) for next-token scoring or sampling."""
     from bench_engine import judge_prompts, measure_sampling
     from rlhfkit.engine import ServiceClient
-    from rlhfkit.engine.sampling import contiguous_input
+    from rlhfkit.engine.torch_engine.sampler import contiguous_input
 
     sampler = ServiceClient(dtype=args.dtype).create_sampling_client(base_model=model)
     head = sampler.model.get_output_embeddings()

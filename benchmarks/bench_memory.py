@@ -253,7 +253,7 @@ def stage_floor(base_model: str, rank: int, stage: str) -> tuple[int, str]:
     """(bytes, what) the stage must hold: the base weights, its adapters (fp32), Adam's two moments and the
     gradients of the trained one."""
     from rlhfkit.engine import ServiceClient, models
-    from rlhfkit.engine.lora import LoraSpec, add_lora
+    from rlhfkit.engine.model.lora import LoraSpec, add_lora
 
     precision = ServiceClient().precision
     base = models.tensor_bytes(models.shared_tensors(base_model, precision))

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from common import RESULTS_DIR, load_snapshot, machine_info
 
-from rlhfkit.engine.ray_sampling import default_inference_engine
+from rlhfkit.engine.settings import EngineSettings
+from rlhfkit.engine.ray_backend.sampling import default_inference_engine
 from rlhfkit.utils.atomic import read_jsonl, write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,7 +127,11 @@ def main() -> None:
     args = parser.parse_args()
     preset = "smoke" if args.tiny else "demo"
     # the smoke preset's tiny model has a head size vLLM's CPU build cannot run: torch engines there
-    engine = "torch" if args.tiny else os.environ.get("RLHFKIT_INFERENCE_ENGINE") or default_inference_engine()
+    engine = (
+        "torch"
+        if args.tiny
+        else os.environ.get("RLHFKIT_INFERENCE_ENGINE") or default_inference_engine(EngineSettings.from_env())
+    )
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(args.threads),

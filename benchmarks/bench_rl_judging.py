@@ -117,7 +117,7 @@ def main() -> None:
     load_at_end = load_snapshot()
     medians = {name: statistics.median(v) for name, v in seconds.items()}
     same = rewards["before"] == rewards["after"]
-    from rlhfkit.engine.models import pick_precision
+    from rlhfkit.engine.model.base import pick_precision
 
     dtype = str(pick_precision().compute_dtype).removeprefix("torch.")
     table = (

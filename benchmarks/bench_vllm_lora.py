@@ -1,11 +1,11 @@
-"""vLLM with native LoRA (rlhfkit/engine/vllm_core.py) against the base model and a merged copy of the adapter.
+"""vLLM with native LoRA (rlhfkit/engine/vllm_engine/core.py) against the base model and a merged copy of the adapter.
 
 Measures, on one vLLM engine in the vLLM environment (scripts/setup-vllm.sh):
   * sampling tokens/s: the base model (served as a zero adapter), the policy adapter (native LoRA, attention +
     MLP + unembedding), and the same adapter merged into a copy of the weights served without LoRA (what the
     earlier merging path ran at);
   * judging: next-token scores (argmax + two label tokens' logprobs) per second with the adapter;
-  * each LoRA figure with vLLM's own CPU LoRA ops and with rlhfkit's grouped ones (vllm_cpu_ops.py), in
+  * each LoRA figure with vLLM's own CPU LoRA ops and with rlhfkit's grouped ones (vllm_engine/cpu_ops.py), in
     alternating child processes (`--reps`).
 The model, adapter and merged copy are made here (rlhfkit's environment); each engine runs in a child process
 in the vLLM environment. Run it alone (other processes on the cores make the figures meaningless):
@@ -31,7 +31,7 @@ SAMPLE_SEED = 0
 
 def child(settings: dict) -> dict:
     """Runs in the vLLM environment: time one engine (LoRA or merged) on the given prompts."""
-    from rlhfkit.engine.vllm_core import VLLMCore
+    from rlhfkit.engine.vllm_engine.core import VLLMCore
 
     rows = [
         {
@@ -92,8 +92,8 @@ def child(settings: dict) -> dict:
 
 
 def run_child(settings: dict) -> dict:
-    from rlhfkit.engine.vllm_inference import package_path, vllm_environment
-    from rlhfkit.engine.vllm_sampling import vllm_python
+    from rlhfkit.engine.vllm_engine.launch import package_path, vllm_environment
+    from rlhfkit.engine.local_backend.vllm_client import vllm_python
 
     env = {**os.environ, **vllm_environment(), "PYTHONPATH": package_path()}
     done = subprocess.run(
@@ -112,8 +112,8 @@ def build_workload(tiny: bool, dtype: str, rank: int) -> tuple[str, str, str]:
     attention, MLP and unembedding, and a copy of the base with it merged in."""
     from common import EMBEDDED_MODEL
     from rlhfkit.engine import AdamParams, Datum, ModelInput, ServiceClient, resolve_base_model
-    from rlhfkit.engine.lora import load_adapter_tensors, merge_adapter
-    from rlhfkit.engine.models import load_base_model, load_tokenizer, pick_precision
+    from rlhfkit.engine.model.lora import load_adapter_tensors, merge_adapter
+    from rlhfkit.engine.model.base import load_base_model, load_tokenizer, pick_precision
     from rlhfkit.engine.testing import build_tiny_architecture
     from rlhfkit.paths import cache_dir
 
@@ -159,7 +159,7 @@ def main() -> None:
         print(json.dumps(child(json.loads(sys.stdin.read()))))
         return
     from common import lima_prompts, machine_info, markdown_table, warn_if_busy, write_results
-    from rlhfkit.engine.models import load_tokenizer
+    from rlhfkit.engine.model.base import load_tokenizer
     from rlhfkit.paths import cache_dir
 
     warn_if_busy()
@@ -181,7 +181,7 @@ def main() -> None:
         "max_lora_rank": max(64, args.rank),
         "work_dir": tempfile.mkdtemp(prefix="engine-", dir=folder),
     }
-    # vLLM's reference LoRA ops and rlhfkit's grouped ones (vllm_cpu_ops.py), alternating, then the merged copy
+    # vLLM's reference LoRA ops and rlhfkit's grouped ones (vllm_engine/cpu_ops.py), alternating, then the merged copy
     runs: dict[str, list[dict]] = {"vllm": [], "rlhfkit": []}
     for _ in range(args.reps):
         for ops in runs:

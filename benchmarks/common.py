@@ -118,7 +118,7 @@ def matmul_flops(dtype: torch.dtype, size: int = 2048, min_seconds: float = 2.0)
 
 def bf16_native() -> bool:
     """Whether the engine computes in bf16 here by default (it does when the hardware has native bf16)."""
-    from rlhfkit.engine.models import pick_precision
+    from rlhfkit.engine.model.base import pick_precision
 
     return pick_precision(dtype="auto").compute_dtype == torch.bfloat16
 

@@ -117,7 +117,7 @@ def hf_model(base_model: str, dtype: torch.dtype):
     autocast when the engine uses bf16, fp32 otherwise)."""
     from transformers import AutoModelForCausalLM
 
-    from rlhfkit.engine.models import resolve_base_model
+    from rlhfkit.engine.model.base import resolve_base_model
 
     return AutoModelForCausalLM.from_pretrained(resolve_base_model(base_model), dtype=dtype)
 
@@ -127,7 +127,7 @@ def lora_config(model, base_model: str, rank: int):
     No adapter on the unembedding: TRL refuses one (it computes logprobs from lm_head.weight directly)."""
     from peft import LoraConfig
 
-    from rlhfkit.engine.lora import LoraSpec, target_module_names
+    from rlhfkit.engine.model.lora import LoraSpec, target_module_names
 
     spec = LoraSpec(base_model, rank=rank, train_unembed=False)
     return LoraConfig(

@@ -41,7 +41,7 @@ def tokenizer_files(target: Path) -> None:
 
     source = shared_data_dir() / "tokenizers" / "qwen2"
     if not source.is_dir():
-        from rlhfkit.engine.models import resolve_base_model
+        from rlhfkit.engine.model.base import resolve_base_model
 
         source = Path(resolve_base_model("smollm2-135m-instruct"))
     for f in source.iterdir():
@@ -54,7 +54,7 @@ def make_model(shape: str, folder: Path, device: str, dtype: torch.dtype):
     config and tokenizer): rlhfkit's clients then share it as they share a loaded base."""
     from transformers import AutoModelForCausalLM, Qwen3_5Config
 
-    from rlhfkit.engine import models
+    from rlhfkit.engine.model import base as models
 
     config = Qwen3_5Config().text_config
     if shape == "tiny":
@@ -118,7 +118,7 @@ def main() -> None:
         args.prompt_tokens, args.reply_tokens = min(args.prompt_tokens, 32), min(args.reply_tokens, 16)
 
     from rlhfkit.engine import AdamParams, Datum, ModelInput, SamplingParams, ServiceClient
-    from rlhfkit.engine import models
+    from rlhfkit.engine.model import base as models
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     folder = Path(tempfile.mkdtemp(prefix="gpu-tutorial-")) / "model"

@@ -63,9 +63,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from rlhfkit.engine.lora import LoraSpec
-    from rlhfkit.engine.models import pick_precision
-    from rlhfkit.engine.trainer import LoraTrainer
+    from rlhfkit.engine.model.lora import LoraSpec
+    from rlhfkit.engine.model.base import pick_precision
+    from rlhfkit.engine.torch_engine.trainer import LoraTrainer
 
     common.warn_if_busy()
     model = common.workload_model(args.tiny)

@@ -82,8 +82,8 @@ def load_checkpoints_file(log_dir: str | os.PathLike) -> list[CheckpointRecord]:
 def checkpoint_problem(record: CheckpointRecord, required_key: str) -> str | None:
     """Why the record's `required_key` directory cannot be loaded (a missing, truncated or changed file), or
     None if its files match their checksums."""
-    from rlhfkit.engine.lora import META_FILE
-    from rlhfkit.engine.integrity import verify_checkpoint
+    from rlhfkit.engine.model.lora import META_FILE
+    from rlhfkit.engine.model.integrity import verify_checkpoint
 
     try:
         verify_checkpoint(record.get(required_key), legacy_marker=META_FILE)

@@ -29,17 +29,6 @@ from rlhfkit.errors import UserError
 
 Check = Callable[[Any], "str | None"]  # returns what is accepted when the value is bad, None when it is fine
 
-# Environment variables that change the engine's or the data's behaviour (recorded beside each run's config).
-ENVIRONMENT_VARIABLES = (
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "HF_DATASETS_OFFLINE",
-    "PYTHONHASHSEED",
-    "VLLM_CPU_KVCACHE_SPACE",
-)
-
 
 class ConfigError(UserError, ValueError):
     """A bad setting: `key`, the offending `value`, and what is `accepted`."""
@@ -260,4 +249,6 @@ def format_help(
 
 def environment() -> dict[str, str]:
     """The environment variables that change rlhfkit's behaviour (RLHFKIT_* and a few of its libraries')."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("RLHFKIT_") or k in ENVIRONMENT_VARIABLES}
+    from rlhfkit import environment as env
+
+    return env.snapshot()

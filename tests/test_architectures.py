@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rlhfkit.engine import AdamParams, Datum, ModelInput, SamplingParams, ServiceClient
-from rlhfkit.engine.capabilities import inspect_cache
-from rlhfkit.engine.lora import adapter_state
+from rlhfkit.engine.torch_engine.capabilities import inspect_cache
+from rlhfkit.engine.model.lora import adapter_state
 from rlhfkit.engine.testing import ARCHITECTURES, build_tiny_architecture
 
 FAST = {"llama", "qwen2", "qwen3", "qwen3_moe"}  # attention-only caches; Qwen3.5 and Gemma 2 take the general path
@@ -63,10 +63,11 @@ def plain_logprobs(model, tokens):
 
 @pytest.mark.parametrize("fast_paths", ["1", "0"], ids=["chosen_path", "general_path"])
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_engine_numbers_equal_a_plain_forward(name, fast_paths, trained, monkeypatch):
-    monkeypatch.setenv("RLHFKIT_FAST_PATHS", fast_paths)
+def test_engine_numbers_equal_a_plain_forward(name, fast_paths, trained):
     trainer, sampler = trained(name)
+    sampler = sampler.with_settings(fast_paths=fast_paths == "1")
     assert inspect_cache(sampler.model).attention_only == (name in FAST)
+    assert sampler._fast_paths == (fast_paths == "1" and name in FAST)  # the path this case is about
     tokenizer = sampler.get_tokenizer()
     # unequal prompt lengths (padding on the fast path), two of equal length (one general-path batch), two
     # samples each (a shared prefill), runs past Gemma 2's 16-token window, rows finishing at different steps
@@ -135,8 +136,7 @@ def test_engine_numbers_equal_a_plain_forward(name, fast_paths, trained, monkeyp
     comparisons.append(torch.randint(10, 5000, (9,), generator=generator).tolist())
     inputs = [ModelInput.from_ints(s) for s in comparisons]
     shared = sampler.score_next_token_batch(inputs, [13, 14])
-    monkeypatch.setenv("RLHFKIT_SHARE_PREFIXES", "0")
-    plain = sampler.score_next_token_batch(inputs, [13, 14])
+    plain = sampler.with_settings(share_prefixes=False).score_next_token_batch(inputs, [13, 14])
     for tokens, a, b in zip(comparisons, shared, plain):
         reference = plain_logprobs(sampler.model, tokens)[-1]
         assert a.argmax_token == b.argmax_token == int(reference.argmax())

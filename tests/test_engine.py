@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhfkit.engine import AdamParams, Datum, ModelInput, ModelNotFoundError, SamplingParams, ServiceClient
-from rlhfkit.engine import losses
+from rlhfkit.engine.torch_engine import losses
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def test_bad_base_model_errors_name_it_and_list_what_is_accepted(service, tmp_pa
 def test_target_logprobs_and_their_gradient_equal_cross_entropys(dtype, monkeypatch):
     """The trainer's chunked log p(target) (batching.token_logprobs) equals -cross_entropy in fp32, values and
     gradient, with the rows split over several chunks; the gradient keeps the logits' dtype."""
-    from rlhfkit.engine import batching
+    from rlhfkit.engine.torch_engine import batching
 
     monkeypatch.setattr(batching, "LOGPROB_CHUNK_BYTES", 4 * 1000 * 5)  # 5 rows per chunk, the last one short
     torch.manual_seed(0)
@@ -260,7 +260,7 @@ def test_the_trainers_causal_attention_equals_sdpas(heads, kv_heads, monkeypatch
     gradients (fp32); in bf16 the trainer's attention function takes that path, not sdpa's."""
     from transformers.integrations import sdpa_attention
 
-    from rlhfkit.engine.attention import causal_attention, grouped_causal_attention
+    from rlhfkit.engine.model.attention import causal_attention, grouped_causal_attention
 
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = heads // kv_heads, True

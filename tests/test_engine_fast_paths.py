@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from rlhfkit.engine import Datum, ModelInput, SamplingParams, ServiceClient
-from rlhfkit.engine import sampling
-from rlhfkit.engine.sampling import MIN_SHARED_PREFIX, shared_prefix_groups
+from rlhfkit.engine.torch_engine import sampler as sampling
+from rlhfkit.engine.torch_engine.sampler import MIN_SHARED_PREFIX, shared_prefix_groups
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_shared_prefix_groups_find_the_longest_shared_prefixes():
     assert (0, [len(sequences) - 1]) in groups
 
 
-def test_shared_prefix_scoring_equals_plain_scoring(service, tiny_model_dir, monkeypatch):
+def test_shared_prefix_scoring_equals_plain_scoring(service, tiny_model_dir):
     sampler = service.create_sampling_client(base_model=tiny_model_dir)
     torch.manual_seed(0)
     prompt = torch.randint(10, 5000, (50,)).tolist()
@@ -53,8 +53,7 @@ def test_shared_prefix_scoring_equals_plain_scoring(service, tiny_model_dir, mon
     prompts.append(ModelInput.from_ints(torch.randint(10, 5000, (9,)).tolist()))
     candidates = [13, 14]
     shared = sampler.score_next_token_batch(prompts, candidates)
-    monkeypatch.setenv("RLHFKIT_SHARE_PREFIXES", "0")
-    plain = sampler.score_next_token_batch(prompts, candidates)
+    plain = sampler.with_settings(share_prefixes=False).score_next_token_batch(prompts, candidates)
     for a, b in zip(shared, plain):
         assert a.argmax_token == b.argmax_token
         assert max(abs(x - y) for x, y in zip(a.candidate_logprobs, b.candidate_logprobs)) < 1e-4
@@ -89,7 +88,7 @@ def test_microbatch_plan_has_the_least_padding_within_the_budget():
     import itertools
     import random
 
-    from rlhfkit.engine.batching import MICROBATCH_OVERHEAD_TOKENS, plan_microbatches
+    from rlhfkit.engine.torch_engine.batching import MICROBATCH_OVERHEAD_TOKENS, plan_microbatches
 
     def cost(batches, lengths):
         return sum(len(b) * max(lengths[i] for i in b) + MICROBATCH_OVERHEAD_TOKENS for b in batches)

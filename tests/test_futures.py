@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rlhfkit.engine import AdamParams, Datum, ModelInput, SamplingParams, ServiceClient, load_tokenizer
-from rlhfkit.engine.lora import load_adapter_tensors
+from rlhfkit.engine.model.lora import load_adapter_tensors
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hi there, friend", "Short ones are here too"]
 

@@ -128,7 +128,7 @@ def test_export_adapter_and_merged_model_give_rlhfkits_logits(
 
 
 def test_a_hub_id_falls_back_to_its_offline_copy_with_one_warning(tiny_model_dir, monkeypatch, caplog):
-    from rlhfkit.engine import models
+    from rlhfkit.engine.model import base as models
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setitem(models.OFFLINE_COPIES, "some-org/tiny-model", (tiny_model_dir, "a 4-bit-derived test copy"))
@@ -184,8 +184,8 @@ def test_sample_reads_a_prompts_file_and_a_peft_folder_and_version_prints(traine
 def test_fused_lora_forward_matches_peft_forward_and_gradients(tiny_model_dir, dtype):
     """The trainer's adapted layers (lora.fused_lora_forward) give PEFT's own LoRA forward's logits and adapter
     gradients: equal in fp32 (to rounding), within bf16 rounding under bf16 autocast."""
-    from rlhfkit.engine.lora import LoraSpec, add_lora
-    from rlhfkit.engine.models import load_base_model, pick_precision
+    from rlhfkit.engine.model.lora import LoraSpec, add_lora
+    from rlhfkit.engine.model.base import load_base_model, pick_precision
 
     precision = pick_precision(dtype=dtype)
     model = add_lora(load_base_model(tiny_model_dir, precision), LoraSpec(tiny_model_dir, rank=4, seed=0))
@@ -217,8 +217,8 @@ def test_adapters_of_the_embedded_model_name_its_hub_id_for_other_tools(service,
     """adapter_config.json (read by PEFT, vLLM, the Hub) names HuggingFaceTB/SmolLM2-135M-Instruct; the
     embedded name stays only in rlhfkit_state.json, which rlhfkit resolves, and an export names the Hub id too
     (or the --base-model given)."""
-    from rlhfkit.engine.export import export_adapter
-    from rlhfkit.engine.lora import read_spec
+    from rlhfkit.engine.model.export import export_adapter
+    from rlhfkit.engine.model.lora import read_spec
 
     hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
     trainer = service.create_lora_training_client("smollm2-135m-instruct", rank=2, train_unembed=False)

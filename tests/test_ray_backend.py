@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from rlhfkit.engine import AdamParams, Datum, ModelInput, SamplingParams, ServiceClient, load_tokenizer
-from rlhfkit.engine.lora import load_adapter_tensors
+from rlhfkit.engine.model.lora import load_adapter_tensors
 from rlhfkit.utils.atomic import read_jsonl
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]' or scripts/setup.sh)")
@@ -56,7 +56,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def ray_service():
-    from rlhfkit.engine.ray_cluster import connect
+    from rlhfkit.engine.ray_backend.cluster import connect
 
     connect(None)
     yield ServiceClient(backend="ray", num_train_workers=2, num_samplers=1, inference_engine="torch")

@@ -20,7 +20,7 @@ TOLERANCE = 2e-3  # as tests/test_vllm_inference.py: fp32 on both sides, vLLM's 
 
 
 def vllm_or_skip() -> None:
-    from rlhfkit.engine.vllm_sampling import VLLMUnavailableError, vllm_python
+    from rlhfkit.engine.local_backend.vllm_client import VLLMUnavailableError, vllm_python
 
     try:
         vllm_python()
@@ -30,7 +30,7 @@ def vllm_or_skip() -> None:
 
 def ray_service(storage: str) -> ServiceClient:
     """A private local Ray instance (127.0.0.1) and a Ray service with one training worker and one vLLM engine."""
-    from rlhfkit.engine.ray_cluster import connect
+    from rlhfkit.engine.ray_backend.cluster import connect
 
     connect(None)
     return ServiceClient(
@@ -44,7 +44,7 @@ def ray_service(storage: str) -> ServiceClient:
 
 
 def stop_ray() -> None:
-    from rlhfkit.engine.ray_backend import ray_backend
+    from rlhfkit.engine.ray_backend.backend import ray_backend
 
     ray.shutdown()
     ray_backend.cache_clear()  # its pools lived in the instance just stopped
@@ -173,7 +173,7 @@ def test_the_smoke_pipeline_runs_on_ray_with_a_vllm_engine(tmp_path):
 
     from test_ray_backend import CLUSTER_ENV, REPO, _stop_cluster
 
-    from rlhfkit.engine.vllm_sampling import vllm_python
+    from rlhfkit.engine.local_backend.vllm_client import vllm_python
     from rlhfkit.utils.atomic import read_jsonl
 
     vllm_or_skip()

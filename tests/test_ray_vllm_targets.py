@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 def test_an_adapter_vllm_cannot_apply_stops_before_training(tmp_path):
     from test_ray_vllm import TOLERANCE, ray_service, stop_ray, vllm_or_skip
 
-    from rlhfkit.engine.ray_sampling import UnsupportedLoraTargetsError
+    from rlhfkit.engine.ray_backend.sampling import UnsupportedLoraTargetsError
 
     vllm_or_skip()
     model_dir = str(build_tiny_architecture(tmp_path / "qwen2", "qwen2", hidden_size=256))  # tied embeddings

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlhfkit.engine import AdamParams, Datum, ModelInput, SamplingParams, ServiceClient
-from rlhfkit.engine import models
+from rlhfkit.engine.model import base as models
 
 # What a sampling client may hold beyond its adapter's tensors: rotary frequencies and the like (measured: 0 bytes
 # on the tiny Qwen2; the bound leaves room for other architectures' small tensor attributes).
@@ -110,8 +110,8 @@ def _private_copy(base_model, precision):
 
 def test_training_equals_a_private_copy_bit_for_bit(service, tiny_model_dir, tokenizer, monkeypatch):
     """The shared base trains exactly as a client's own deep copy of the base did (fp32)."""
-    from rlhfkit.engine import trainer as trainer_module
-    from rlhfkit.engine.lora import LoraSpec
+    from rlhfkit.engine.torch_engine import trainer as trainer_module
+    from rlhfkit.engine.model.lora import LoraSpec
 
     batch = [ce_datum(tokenizer.encode("bit for bit the same steps")), ce_datum(tokenizer.encode("and another"))]
     adam = AdamParams(learning_rate=5e-3)
@@ -135,8 +135,8 @@ def test_training_equals_a_private_copy_bit_for_bit(service, tiny_model_dir, tok
 def test_adapter_sampler_equals_the_merged_sampler_it_replaces(service, tiny_model_dir, tokenizer):
     """The sampler now applies the adapter in each forward instead of merging it into a copy of the base:
     logprobs and scores agree with the merged model to fp32 rounding, seeded samples are the same tokens."""
-    from rlhfkit.engine.lora import merge_adapter
-    from rlhfkit.engine.sampling import SamplingClient
+    from rlhfkit.engine.model.lora import merge_adapter
+    from rlhfkit.engine.torch_engine.sampler import SamplingClient
 
     trainer = service.create_lora_training_client(tiny_model_dir, rank=4, seed=4)
     tokens = tokenizer.encode("merged or not, the same model")

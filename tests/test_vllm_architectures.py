@@ -7,20 +7,20 @@ architecture, the reason and what to change. One engine per architecture, stoppe
 import pytest
 
 from rlhfkit.engine import AdamParams, Datum, ModelInput, SamplingParams, ServiceClient
-from rlhfkit.engine.lora import LoraSpec
+from rlhfkit.engine.model.lora import LoraSpec
 from rlhfkit.engine.testing import ARCHITECTURES, build_tiny_architecture
 
 pytestmark = pytest.mark.vllm
 TOLERANCE = 2e-3  # fp32 on both sides; vLLM's CPU kernels sum in another order
 UNEMBED_ADAPTED = {"llama", "qwen3", "qwen3_moe"}  # vLLM wraps no LoRA on tied Qwen2's and Gemma 2's unembedding
-REFUSED = {  # architecture -> what the error says (vllm_core.check_architecture)
+REFUSED = {  # architecture -> what the error says (vllm_engine.core.check_architecture)
     "qwen3_5": r"cannot load its Qwen3_5ForCausalLM model class \(ModuleNotFoundError.*torchvision.*sampler=local",
     "qwen3_moe": r"cannot run Qwen3MoeForCausalLM with LoRA enabled.*mixture-of-experts.*Triton.*sampler=local",
 }
 
 
 def _vllm_or_skip() -> None:
-    from rlhfkit.engine.vllm_sampling import VLLMUnavailableError, vllm_python
+    from rlhfkit.engine.local_backend.vllm_client import VLLMUnavailableError, vllm_python
 
     try:
         vllm_python()
@@ -50,8 +50,8 @@ def trained_adapter(service, model_dir, name, train_unembed):
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_vllm_serves_the_architecture_or_says_why_not(name, local, tmp_path_factory):
-    from rlhfkit.engine.vllm_core import UnsupportedAdapterError
-    from rlhfkit.engine.vllm_sampling import VLLMUnavailableError, check_lora_targets, close_engines
+    from rlhfkit.engine.vllm_engine.core import UnsupportedAdapterError
+    from rlhfkit.engine.local_backend.vllm_client import VLLMUnavailableError, check_lora_targets, close_engines
 
     model_dir = str(build_tiny_architecture(tmp_path_factory.mktemp(name), name, hidden_size=256))
     remote = ServiceClient(storage_dir=str(local.storage_dir), sampler="vllm")

@@ -1,11 +1,11 @@
-"""The grouped LoRA ops that replace vLLM's CPU reference ops (rlhfkit/engine/vllm_cpu_ops.py) compute, row by
+"""The grouped LoRA ops that replace vLLM's CPU reference ops (rlhfkit/engine/vllm_engine/cpu_ops.py) compute, row by
 row, inputs @ weights[adapter of the row].T with the reference ops' writes; a negative adapter adds nothing.
 These run without vLLM (torch only); the engine end to end is tests/test_vllm_inference.py."""
 
 import pytest
 import torch
 
-from rlhfkit.engine import vllm_cpu_ops as ops
+from rlhfkit.engine.vllm_engine import cpu_ops as ops
 
 
 def per_row(inputs, weights, indices, dtype):

@@ -14,14 +14,14 @@ TOLERANCE = 2e-3  # fp32 on both sides; vLLM's CPU kernels sum in another order
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from rlhfkit.engine.vllm_sampling import VLLMUnavailableError, vllm_python
+    from rlhfkit.engine.local_backend.vllm_client import VLLMUnavailableError, vllm_python
 
     try:
         python = vllm_python()
     except VLLMUnavailableError as e:
         pytest.skip(str(e))
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install ray==2.60.0)")
-    from rlhfkit.engine.vllm_inference import vllm_actor
+    from rlhfkit.engine.vllm_engine.launch import vllm_actor
 
     model_dir = str(
         build_tiny_architecture(
@@ -98,7 +98,7 @@ def test_adapters_served_by_one_engine_match_the_local_backend(setup):
 
 def test_unknown_adapters_fail_loudly(setup):
     ray, actor, *_ = setup
-    from rlhfkit.engine.vllm_core import UnknownAdapterError
+    from rlhfkit.engine.vllm_engine.core import UnknownAdapterError
 
     with pytest.raises(UnknownAdapterError, match="not loaded"):
         ray.get(actor.sample.remote("never-loaded", [([1, 2, 3], 1, SamplingParams(max_tokens=2))]))

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.vllm
 
 
 def _vllm_or_skip() -> None:
-    from rlhfkit.engine.vllm_sampling import VLLMUnavailableError, vllm_python
+    from rlhfkit.engine.local_backend.vllm_client import VLLMUnavailableError, vllm_python
 
     try:
         vllm_python()
@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
-    from rlhfkit.engine.vllm_sampling import close_engines
+    from rlhfkit.engine.local_backend.vllm_client import close_engines
 
     storage = tmp_path_factory.mktemp("storage")
     yield ServiceClient(storage_dir=str(storage)), ServiceClient(storage_dir=str(storage), sampler="vllm")
@@ -121,8 +121,8 @@ def test_vllm_stop_rules_and_batching_match_the_local_sampler(services, model_di
 
 
 def test_an_adapter_the_engine_cannot_apply_is_refused_with_the_setting_to_change(services, model_dir):
-    from rlhfkit.engine.vllm_core import UnsupportedAdapterError
-    from rlhfkit.engine.vllm_sampling import VLLMSamplingClient
+    from rlhfkit.engine.vllm_engine.core import UnsupportedAdapterError
+    from rlhfkit.engine.local_backend.vllm_client import VLLMSamplingClient
 
     local, remote = services
     tokenizer = local.create_sampling_client(base_model=model_dir).get_tokenizer()

@@ -14,9 +14,9 @@ from typing import Any
 _EXPORTS = {
     "APIFuture": "rlhfkit.engine.futures",
     "EngineSettings": "rlhfkit.engine.settings",
-    "ModelNotFoundError": "rlhfkit.engine.models",
-    "load_tokenizer": "rlhfkit.engine.models",
-    "resolve_base_model": "rlhfkit.engine.models",
+    "ModelNotFoundError": "rlhfkit.engine.model.base",
+    "load_tokenizer": "rlhfkit.engine.model.base",
+    "resolve_base_model": "rlhfkit.engine.model.base",
     "SamplingClient": "rlhfkit.engine.clients",
     "ServiceClient": "rlhfkit.engine.service",
     "TrainingClient": "rlhfkit.engine.clients",

@@ -1,18 +1,18 @@
 """The entry point of the engine: creates training and sampling clients, on the local (in-process) backend or
-the Ray backend (ray_backend.py)."""
+the Ray backend (ray_backend/backend.py)."""
 
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
 
-from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors, read_spec
-from rlhfkit.engine.models import pick_precision
-from rlhfkit.engine.sampling import SamplingClient
+from rlhfkit.engine.model.lora import LoraSpec, load_adapter_tensors, read_spec
+from rlhfkit.engine.model.base import pick_precision
+from rlhfkit.engine.torch_engine.sampler import SamplingClient
 from rlhfkit.engine.sampling_api import SamplingAPI
 from rlhfkit.engine.settings import EngineSettings
 from rlhfkit.engine.clients import TrainingClient
-from rlhfkit.engine.training import LocalTrainingClient
+from rlhfkit.engine.local_backend.training import LocalTrainingClient
 from rlhfkit.paths import cache_dir
 
 
@@ -22,13 +22,13 @@ class ServiceClient:
     `storage_dir` (default ~/.cache/rlhfkit/runs); absolute paths are used as given.
 
     `sampler`: "local" (default; generation in this process) or "vllm" (generation by a vLLM engine in its own
-    process, see vllm_sampling.py); default from RLHFKIT_SAMPLER. Training and scoring are always local.
+    process, see local_backend/vllm_client.py); default from RLHFKIT_SAMPLER. Training and scoring are always local.
 
     `backend`: "local" (default) or "ray" (default from RLHFKIT_BACKEND): training clients become groups of
     `num_train_workers` data-parallel Ray actors (default: one per GPU of the cluster, else 1) and sampling
     clients are served by `num_samplers` inference-engine actors (default 1) of kind `inference_engine`
     ("torch" or "vllm"; default RLHFKIT_INFERENCE_ENGINE, else vllm when a Python with vLLM is found (see
-    vllm_sampling.vllm_python), else torch; docs/cluster.md). `ray_address`: None starts a local Ray
+    vllm_engine.launch.vllm_python), else torch; docs/cluster.md). `ray_address`: None starts a local Ray
     instance, "auto" joins a running cluster (default RLHFKIT_RAY_ADDRESS). RLHFKIT_NUM_TRAIN_WORKERS and
     RLHFKIT_NUM_SAMPLERS give the counts' defaults. The storage folder must be shared by the cluster's nodes."""
 
@@ -69,16 +69,11 @@ class ServiceClient:
         self.backend = settings.backend or "local"
         self._ray = None
         if self.backend == "ray":
-            from rlhfkit.engine.ray_backend import ray_backend
-            from rlhfkit.engine.ray_sampling import default_inference_engine
+            from rlhfkit.engine.ray_backend.backend import ray_backend
+            from rlhfkit.engine.ray_backend.sampling import default_inference_engine
 
             self._ray = ray_backend(
-                settings.ray_address,
-                settings.num_train_workers,
-                settings.num_samplers,
-                settings.inference_engine or default_inference_engine(),
-                settings.device,
-                settings.dtype,
+                settings.merged(inference_engine=settings.inference_engine or default_inference_engine(settings))
             )
 
     def _training_client(self, spec: LoraSpec) -> TrainingClient:
@@ -135,12 +130,12 @@ class ServiceClient:
         if self._ray is not None:
             return self._ray.sampling_client(base_model, adapter)
         if self.sampler == "vllm":
-            from rlhfkit.engine.vllm_sampling import VLLMSamplingClient
+            from rlhfkit.engine.local_backend.vllm_client import VLLMSamplingClient
 
-            return VLLMSamplingClient(spec, base_model, adapter, self.precision)
+            return VLLMSamplingClient(spec, base_model, adapter, self.precision, self.settings)
         if spec is None:
-            return SamplingClient.from_base(base_model, self.precision)
-        return SamplingClient.from_adapter(spec, load_adapter_tensors(adapter), self.precision)
+            return SamplingClient.from_base(base_model, self.precision, self.settings)
+        return SamplingClient.from_adapter(spec, load_adapter_tensors(adapter), self.precision, self.settings)
 
     # Awaitable forms
     async def create_lora_training_client_async(self, *args, **kwargs) -> TrainingClient:

@@ -25,6 +25,8 @@ Local choices and deviations:
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,7 +235,11 @@ async def main_async(config: Config) -> None:
     log_path.mkdir(parents=True, exist_ok=True)
     with RunLock(log_path):
         ml_logger = ml_log.setup_logging(
-            log_path, config.wandb_project, config.wandb_name, config=config, plot_panels=PLOT_PANELS
+            log_path,
+            config.wandb_project,
+            config.wandb_name,
+            config=dataclasses.replace(config, engine=resolve(config.engine)),  # where it ran
+            plot_panels=PLOT_PANELS,
         )
         try:
             await _train(config, log_path, ml_logger)

@@ -38,6 +38,8 @@ the reference does.
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import collections
 import logging
@@ -835,7 +837,7 @@ async def main_async(config: Config) -> None:
             log_path,
             wandb_project=config.wandb_project,
             wandb_name=config.wandb_name,
-            config=config,
+            config=recorded_config(config),
             start_step=start_batch,
             plot_panels=PLOT_PANELS,
         )
@@ -896,6 +898,18 @@ async def _start_run(
         start_batch=start_batch,
         end_batch=end_batch,
         resume=resume,
+    )
+
+
+def recorded_config(config: Config) -> Config:
+    """The config as config.json records it: with the engine this loop runs on, and in the judge's and the
+    evaluators' builders the engine each of them runs on."""
+    engine = engine_settings(config)
+    return dataclasses.replace(
+        config,
+        engine=engine,
+        dataset_builder=with_engine(config.dataset_builder, engine),
+        evaluator_builders=[with_engine(build, engine) for build in config.evaluator_builders],
     )
 
 

@@ -41,7 +41,10 @@ def parse_args(argv: list[str]):
         key, sep, value = item.partition("=")
         if not sep or key not in EngineSettings.names():
             parser.error(f"{item!r}: expected key=value with key one of {', '.join(EngineSettings.names())}")
-        overrides[key] = int(value) if key in ("num_train_workers", "num_samplers") and value.isdigit() else value
+        try:
+            overrides[key] = EngineSettings.parse(key, value)
+        except ValueError as e:
+            parser.error(str(e))
     try:
         engine = EngineSettings.from_env(**overrides)
         settings = ServerSettings(

@@ -243,7 +243,7 @@ class TinkerServer:
         self._creations[key] = request_id
 
         async def create() -> Result:
-            from rlhfkit.engine.lora import read_spec
+            from rlhfkit.engine.model.lora import read_spec
 
             service = await self.service()
             make = (
@@ -483,7 +483,7 @@ class TinkerServer:
         if Path(base_model).expanduser().is_dir():
             return base_model
         try:
-            from rlhfkit.engine.models import resolve_base_model
+            from rlhfkit.engine.model.base import resolve_base_model
 
             return resolve_base_model(base_model)
         except Exception:  # a Hub id without a network: the client resolves it itself
@@ -505,7 +505,7 @@ class TinkerServer:
             engine_key: tuple = ("adapter", str(folder))
             base_model = request.base_model or self._base_model_of(folder, "")
             if not base_model:
-                from rlhfkit.engine.lora import read_spec
+                from rlhfkit.engine.model.lora import read_spec
 
                 base_model = read_spec(folder).base_model
         else:
@@ -610,7 +610,7 @@ class TinkerServer:
         }
 
     def weights_info(self, tinker_path: str) -> dict[str, Any]:
-        from rlhfkit.engine.lora import read_spec
+        from rlhfkit.engine.model.lora import read_spec
 
         _, folder = self.storage.resolve(tinker_path, "tinker_path")
         spec = read_spec(folder)

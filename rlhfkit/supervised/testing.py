@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -47,9 +46,8 @@ def kill_at_step_then_resume(script: Path, log_path: Path, model_dir: str, root:
     the script again without a slow batch and check it resumed from that checkpoint."""
     from rlhfkit.utils.atomic import read_jsonl
 
-    env = {**os.environ, "RLHFKIT_DTYPE": "float32"}
     command = [sys.executable, str(script), str(log_path), model_dir, str(root)]
-    child = subprocess.Popen([*command, str(step + 1)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen([*command, str(step + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
         while not any(r["step"] == step for r in read_jsonl(log_path / "metrics.jsonl")):
@@ -61,6 +59,6 @@ def kill_at_step_then_resume(script: Path, log_path: Path, model_dir: str, root:
         child.wait()
     assert child.returncode == -signal.SIGKILL
     assert [c["name"] for c in read_jsonl(log_path / "checkpoints.jsonl")] == [f"{step:06d}"]
-    resumed = subprocess.run([*command, "-1"], env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([*command, "-1"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from checkpoint {step:06d}" in (log_path / "logs.log").read_text()

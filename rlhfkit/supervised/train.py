@@ -12,6 +12,8 @@ metrics.jsonl record. A killed run resumes from its last checkpoint with the opt
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +131,12 @@ def main(config: Config) -> Any:
 async def main_async(config: Config) -> None:
     log_path = Path(config.log_path).expanduser().resolve()
     with RunLock(log_path):
-        ml_logger = ml_log.setup_logging(log_path, config.wandb_project, config.wandb_name, config=config)
+        ml_logger = ml_log.setup_logging(
+            log_path,
+            config.wandb_project,
+            config.wandb_name,
+            config=dataclasses.replace(config, engine=engine_settings(config)),  # where it ran
+        )
         try:
             await _train(config, log_path, ml_logger)
         finally:

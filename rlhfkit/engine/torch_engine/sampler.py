@@ -15,30 +15,27 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import os
-import random
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.engine.allocator import trim_soon
-from rlhfkit.engine.batching import pad_left, pad_right, plan_microbatches, token_logprobs
-from rlhfkit.engine.capabilities import cache_capabilities
-from rlhfkit.engine.lora import LoraSpec, add_lora, load_adapter_state
-from rlhfkit.engine.models import Precision, load_base_model, load_tokenizer
+from rlhfkit.engine.model.allocator import trim_soon
+from rlhfkit.engine.torch_engine.batching import (
+    microbatch_token_budget,
+    pad_left,
+    pad_right,
+    plan_microbatches,
+    token_logprobs,
+)
+from rlhfkit.engine.torch_engine.capabilities import cache_capabilities
+from rlhfkit.engine.model.lora import LoraSpec, add_lora, load_adapter_state
+from rlhfkit.engine.model.base import Precision, load_base_model, load_tokenizer
+from rlhfkit.engine.requests import Row, find_eos_ids, make_rows
 from rlhfkit.engine.sampling_api import SamplingAPI
+from rlhfkit.engine.settings import EngineSettings
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampledSequence, SampleResponse, SamplingParams
-
-
-def max_sampling_batch() -> int:
-    return int(os.environ.get("RLHFKIT_SAMPLING_BATCH", "64"))
-
-
-def share_prefixes() -> bool:
-    """Whether scoring computes shared prompt prefixes once (default on; RLHFKIT_SHARE_PREFIXES=0 turns it off)."""
-    return os.environ.get("RLHFKIT_SHARE_PREFIXES", "1") != "0"
 
 
 MIN_SHARED_PREFIX = 32  # tokens; shorter shared prefixes are not worth a separate pass
@@ -104,59 +101,6 @@ def contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
     a quarter of the time went to that copy). A contiguous input folds into one product; an input that is
     contiguous already is passed on as is."""
     return (args[0].contiguous(), *args[1:])
-
-
-@dataclass
-class _Row:
-    """One sequence to generate."""
-
-    prompt: list[int]
-    max_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    stop_strings: list[str]
-    stop_ids: set[int]  # the EOS ids are among them unless the caller asked for stop=[]
-    seed: int
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    stop_reason: str | None = None
-
-    def __post_init__(self) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed)
-
-
-def make_rows(
-    prompt: ModelInput, num_samples: int, params: SamplingParams, eos_ids: set[int], context: int
-) -> list[_Row]:
-    """The sequences to generate for one request: stop conditions, max_tokens capped by the context, and one
-    seed per sample (params.seed + k, so a seeded request is reproducible)."""
-    tokens = prompt.to_ints()
-    if not tokens:
-        raise ValueError("sample: the prompt is empty")
-    stop = [params.stop] if isinstance(params.stop, (str, int)) else params.stop
-    stop_strings = [s for s in (stop or []) if isinstance(s, str)]
-    stop_ids = {int(s) for s in (stop or []) if not isinstance(s, str)}
-    if stop is None or len(stop) > 0:  # stop=None: EOS only; stop=[]: not even EOS
-        stop_ids |= eos_ids
-    room = context - len(tokens)
-    max_tokens = min(params.max_tokens if params.max_tokens is not None else room, room)
-    if max_tokens <= 0:
-        raise ValueError(
-            f"sample: the prompt ({len(tokens)} tokens) leaves no room in the model's context ({context} tokens)"
-        )
-    base_seed = params.seed if params.seed is not None else random.getrandbits(62)
-    return [
-        _Row(tokens, max_tokens, params.temperature, params.top_k, params.top_p, stop_strings, stop_ids, base_seed + k)
-        for k in range(num_samples)
-    ]
-
-
-def find_eos_ids(tokenizer, model_config_eos: Any) -> set[int]:
-    """The tokenizer's EOS id and the generation config's (one id or a list)."""
-    ids = {tokenizer.eos_token_id}
-    ids.update(model_config_eos if isinstance(model_config_eos, list) else [model_config_eos])
-    return {int(i) for i in ids if i is not None}
 
 
 @functools.cache
@@ -248,9 +192,12 @@ class SamplingClient(SamplingAPI):
     LoRA adapter applied in each forward (adapter_model). Every sampling and training client of one (model,
     device, dtype) shares the process's one copy of the base weights (models.load_base_model), so a client costs
     its adapter, not a model. The public methods are SamplingAPI's; this class computes its batch primitives
-    with torch."""
+    with torch. `settings`: the engine's tuning fields (sampling_batch, share_prefixes, fast_paths,
+    microbatch_tokens)."""
 
-    def __init__(self, base_model: str, model: torch.nn.Module, precision: Precision):
+    def __init__(
+        self, base_model: str, model: torch.nn.Module, precision: Precision, settings: EngineSettings | None = None
+    ):
         super().__init__("rlhfkit-sampling")
         self.base_model = base_model
         self.model = model.eval()
@@ -262,35 +209,51 @@ class SamplingClient(SamplingAPI):
         )
         self._context = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
         self._cache = cache_capabilities(base_model, self.model)
+        self.settings = settings = settings or EngineSettings()
+        self._fast_paths = self._cache.attention_only and settings.fast_paths
+        self._budget = microbatch_token_budget(precision.device, configured=settings.microbatch_tokens)
         self.model.get_output_embeddings().register_forward_pre_hook(contiguous_input)
         weakref.finalize(self, trim_soon).atexit = False  # its activations' pages go back to the OS
 
     @classmethod
-    def from_base(cls, base_model: str, precision: Precision) -> SamplingClient:
-        return cls(base_model, load_base_model(base_model, precision), precision)
+    def from_base(cls, base_model: str, precision: Precision, settings: EngineSettings | None = None) -> SamplingClient:
+        return cls(base_model, load_base_model(base_model, precision), precision, settings)
 
     @classmethod
-    def from_adapter(cls, spec: LoraSpec, tensors: dict[str, torch.Tensor], precision: Precision) -> SamplingClient:
+    def from_adapter(
+        cls,
+        spec: LoraSpec,
+        tensors: dict[str, torch.Tensor],
+        precision: Precision,
+        settings: EngineSettings | None = None,
+    ) -> SamplingClient:
         """A sampler on the shared base with the adapter applied in every forward (lora.py's fused LoRA
         forward, as in training), never merged: the client holds the adapter's tensors, not a copy of the base.
         Freed with the client (nothing else refers to its model)."""
-        return cls(spec.base_model, adapter_model(spec, tensors, precision), precision)
+        return cls(spec.base_model, adapter_model(spec, tensors, precision), precision, settings)
+
+    def with_settings(self, **changes) -> SamplingClient:
+        """A client on the same model (and adapter) with other tuning settings, e.g. fast_paths=False to
+        measure or check the general path."""
+        return SamplingClient(self.base_model, self.model, self.precision, replace(self.settings, **changes))
 
     # ---------------------------------------------------------------------------------------------
     # Generation
 
     def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
         """Serve (prompt, num_samples, params) requests together: rows sorted by prompt length, in batches of at
-        most RLHFKIT_SAMPLING_BATCH rows (the general path: one batch per prompt length)."""
+        most settings.sampling_batch rows (the general path: one batch per prompt length)."""
         per_request = [make_rows(prompt, n, params, self._eos_ids, self._context) for prompt, n, params in requests]
+        for row in (row for rows in per_request for row in rows):
+            row.generator = torch.Generator().manual_seed(row.seed)
         rows = [row for group in per_request for row in group]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
-        limit = max_sampling_batch()
-        if self._cache.fast_paths:
+        limit = self.settings.sampling_batch
+        if self._fast_paths:
             for start in range(0, len(order), limit):
                 self._generate([rows[i] for i in order[start : start + limit]])
         else:  # one batch per prompt length: no padding
-            by_length: dict[int, list[_Row]] = {}
+            by_length: dict[int, list[Row]] = {}
             for i in order:
                 by_length.setdefault(len(rows[i].prompt), []).append(rows[i])
             for group in by_length.values():
@@ -301,7 +264,7 @@ class SamplingClient(SamplingAPI):
             for group in per_request
         ]
 
-    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _choose(self, logits: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
         """Next token per row and its logprob under the temperature-scaled distribution (inverse-CDF draws
         from each row's own generator; greedy rows take the argmax)."""
         logits = logits.float()
@@ -326,7 +289,7 @@ class SamplingClient(SamplingAPI):
         tokens = torch.where(greedy, logits.argmax(-1), tokens)
         return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
-    def _finished(self, row: _Row) -> bool:
+    def _finished(self, row: Row) -> bool:
         token = row.tokens[-1]
         if token in row.stop_ids:
             row.stop_reason = "stop"
@@ -339,7 +302,7 @@ class SamplingClient(SamplingAPI):
             row.stop_reason = "length"
         return row.stop_reason is not None
 
-    def _advance(self, logits: torch.Tensor, batch_rows: list[_Row]) -> tuple[torch.Tensor, list[int]]:
+    def _advance(self, logits: torch.Tensor, batch_rows: list[Row]) -> tuple[torch.Tensor, list[int]]:
         """Choose each row's next token and record it on the rows still running. Returns the chosen tokens and
         the batch slots still running."""
         tokens, logprobs = self._choose(logits, batch_rows)
@@ -350,7 +313,7 @@ class SamplingClient(SamplingAPI):
                 self._finished(row)
         return tokens, [slot for slot, row in enumerate(batch_rows) if row.stop_reason is None]
 
-    def _prefill(self, rows: list[_Row]) -> tuple[Any, torch.Tensor, int]:
+    def _prefill(self, rows: list[Row]) -> tuple[Any, torch.Tensor, int]:
         """Run the prompts into a KV cache with room to grow. Each distinct prompt is computed once (a group of
         samples of one prompt shares it), in length-sorted microbatches (little padding); its keys/values are
         copied into the rows that use it, right-aligned at column `width` (left padding, masked out).
@@ -368,7 +331,7 @@ class SamplingClient(SamplingAPI):
         layer_class = _preallocated_layer_class()
         layers: list[Any] = []
         logits = None
-        for batch in plan_microbatches([len(p) for p in prompts]):
+        for batch in plan_microbatches([len(p) for p in prompts], self._budget):
             ids, mask, positions = pad_left([prompts[k] for k in batch], self._pad_id, self.precision.device)
             with self.precision.autocast:
                 out = self.model(
@@ -387,7 +350,7 @@ class SamplingClient(SamplingAPI):
         return Cache(layers=layers), logits, width
 
     @torch.inference_mode()
-    def _generate(self, rows: list[_Row]) -> None:
+    def _generate(self, rows: list[Row]) -> None:
         """Generate all rows together: prefill (see _prefill), then one token per step for every row with a
         preallocated KV cache written in place. Finished rows leave the batch once they are an eighth of it
         (dropping them copies the cache, so it is not done for every single row)."""
@@ -422,7 +385,7 @@ class SamplingClient(SamplingAPI):
             next_position = next_position + 1
 
     @torch.inference_mode()
-    def _generate_unpadded(self, rows: list[_Row]) -> None:
+    def _generate_unpadded(self, rows: list[Row]) -> None:
         """The general decode loop, for any causal LM: all rows have prompts of one length, so nothing is padded
         (padding would enter a recurrent layer's state). Each distinct prompt is prefilled once into the model's
         own cache, whose rows are then repeated for the samples (reorder_cache); finished rows leave the batch
@@ -472,7 +435,7 @@ class SamplingClient(SamplingAPI):
         large vocabulary). Each microbatch's logits are reduced before the next is computed, so the logits held
         are one microbatch's (the token budget bounds them, not the number of sequences)."""
         results: list[Any] = [None] * len(sequences)
-        for batch in plan_microbatches([len(s) for s in sequences]):
+        for batch in plan_microbatches([len(s) for s in sequences], self._budget):
             ids, mask, positions = pad_left([sequences[i] for i in batch], self._pad_id, self.precision.device)
             with torch.inference_mode(), self.precision.autocast:
                 logits = self.model(
@@ -496,7 +459,7 @@ class SamplingClient(SamplingAPI):
         none of their logits in any causal model and needs no padding mask (plain causal attention); with
         keep_last_only the head sees each row's last position only (last_positions_only)."""
         results: list[Any] = [None] * len(sequences)
-        for batch in plan_microbatches([len(s) for s in sequences]):
+        for batch in plan_microbatches([len(s) for s in sequences], self._budget):
             ids, _ = pad_right([sequences[i] for i in batch], self._pad_id, self.precision.device)
             last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=ids.device)
             with (
@@ -511,7 +474,7 @@ class SamplingClient(SamplingAPI):
         return results
 
     def _forward(self, sequences: Sequence[list[int]], keep_last_only: bool, reduce: Reducer = _keep) -> list[Any]:
-        if self._cache.fast_paths:
+        if self._fast_paths:
             return self._forward_left_padded(sequences, keep_last_only, reduce)
         return self._forward_right_padded(sequences, keep_last_only, reduce)
 
@@ -541,7 +504,7 @@ class SamplingClient(SamplingAPI):
             results[i] = value
         shared = [g for g in groups if g[0] > 0]
         device = self.precision.device
-        for batch in plan_microbatches([g[0] for g in shared]):
+        for batch in plan_microbatches([g[0] for g in shared], self._budget):
             prefixes = [sequences[shared[k][1][0]][: shared[k][0]] for k in batch]
             ids, mask, positions = pad_left(prefixes, self._pad_id, device)
             with self.precision.autocast:
@@ -551,7 +514,7 @@ class SamplingClient(SamplingAPI):
             members = [(j, i) for j, k in enumerate(batch) for i in shared[k][1]]
             # rows x (prefix width + suffix width) within the token budget bounds the copied cache too
             lengths = [ids.shape[1] + len(sequences[i]) - shared[batch[j]][0] for j, i in members]
-            for chunk in plan_microbatches(lengths):
+            for chunk in plan_microbatches(lengths, self._budget):
                 rows = [members[c] for c in chunk]
                 cache = copy.copy(prefix_cache)
                 cache.layers = [copy.copy(layer) for layer in prefix_cache.layers]
@@ -595,7 +558,7 @@ class SamplingClient(SamplingAPI):
                     use_cache=True,
                     logits_to_keep=1,
                 ).cache
-            for chunk in plan_microbatches([len(sequences[i]) for i in members]):
+            for chunk in plan_microbatches([len(sequences[i]) for i in members], self._budget):
                 rows = [members[c] for c in chunk]
                 cache = copy.deepcopy(prefix_cache)
                 cache.reorder_cache(torch.zeros(len(rows), dtype=torch.long, device=device))
@@ -628,8 +591,8 @@ class SamplingClient(SamplingAPI):
             chosen = logp[chosen_ids].tolist() if chosen_ids else []
             return NextTokenScores(int(logits.argmax(-1)), chosen)
 
-        if share_prefixes() and self._cache.fast_paths:
+        if self.settings.share_prefixes and self._fast_paths:
             return self._last_logits_sharing_prefixes(sequences, score)
-        if share_prefixes() and self._cache.selects_rows:
+        if self.settings.share_prefixes and self._cache.selects_rows:
             return self._last_logits_sharing_prefixes_unpadded(sequences, score)
         return self._forward(sequences, keep_last_only=True, reduce=score)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
 
-def microbatch_token_budget(device: torch.device | str | None = None, training: bool = False) -> int:
-    """Padded tokens per forward pass: 1024 when training on a CPU, else 4096; RLHFKIT_MICROBATCH_TOKENS
-    overrides. On the CPU smaller passes train faster per token (benchmarks/README.md: 1024 against 2048 and
+def microbatch_token_budget(
+    device: torch.device | str | None = None, training: bool = False, configured: int | None = None
+) -> int:
+    """Padded tokens per forward pass: 1024 when training on a CPU, else 4096; `configured`
+    (EngineSettings.microbatch_tokens) overrides. On the CPU smaller passes train faster per token (benchmarks/README.md: 1024 against 2048 and
     4096, in one process, alternating), most likely because their activations are reused from the allocator's
     heap instead of being mapped and zeroed afresh at every pass."""
-    configured = os.environ.get("RLHFKIT_MICROBATCH_TOKENS")
     if configured:
         return int(configured)
     on_cpu = device is None or torch.device(device).type == "cpu"
@@ -23,13 +23,12 @@ def microbatch_token_budget(device: torch.device | str | None = None, training: 
 MICROBATCH_OVERHEAD_TOKENS = 128  # what one more forward pass costs, in padded tokens (fixed per-pass work)
 
 
-def plan_microbatches(lengths: Sequence[int], budget: int | None = None) -> list[list[int]]:
+def plan_microbatches(lengths: Sequence[int], budget: int) -> list[list[int]]:
     """Group indices into microbatches of similar length whose padded size (rows × longest) stays within the
     token budget, with as little padding as possible: the sequences are sorted longest first and cut into
     consecutive runs so that the padded tokens plus MICROBATCH_OVERHEAD_TOKENS per microbatch are least (an
     exact dynamic programme over the cut points). Padded positions cost as much as real ones in every
     matrix product, so a short sequence is not padded to a long one when a pass of its own is cheaper."""
-    budget = budget or microbatch_token_budget()
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     sizes = [max(int(lengths[i]), 1) for i in order]
     n = len(sizes)

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rlhfkit.engine.futures import APIFuture
-from rlhfkit.engine.lora import LoraSpec
-from rlhfkit.engine.models import load_tokenizer
-from rlhfkit.engine.ray_cluster import gather, import_ray
+from rlhfkit.engine.model.lora import LoraSpec
+from rlhfkit.engine.model.base import load_tokenizer
+from rlhfkit.engine.ray_backend.cluster import gather, import_ray
 from rlhfkit.engine.clients import TrainingClient
+from rlhfkit.engine.settings import EngineSettings
 from rlhfkit.engine.types import (
     AdamParams,
     Datum,
@@ -38,15 +39,15 @@ from rlhfkit.engine.types import (
 class TrainWorker:
     """One data-parallel rank (a Ray actor): a LoraTrainer plus its torch.distributed process group."""
 
-    def __init__(self, spec: LoraSpec, device: str | None, dtype: str | None, rank: int, world_size: int):
+    def __init__(self, spec: LoraSpec, settings: EngineSettings, rank: int, world_size: int):
         import torch
 
-        from rlhfkit.engine.models import pick_precision
-        from rlhfkit.engine.trainer import LoraTrainer
+        from rlhfkit.engine.model.base import pick_precision
+        from rlhfkit.engine.torch_engine.trainer import LoraTrainer
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         self.rank, self.world_size = rank, world_size
-        self.trainer = LoraTrainer(spec, pick_precision(device, dtype))
+        self.trainer = LoraTrainer(spec, pick_precision(settings.device, settings.dtype), settings.microbatch_tokens)
 
     def rendezvous(self) -> str:
         """Rank 0: the init method of the process group (this node's address and a free port)."""
@@ -107,7 +108,7 @@ class TrainWorker:
 
     def adapted_modules(self) -> list[str]:
         """Module paths (Hugging Face names, e.g. model.layers.0.self_attn.q_proj) that carry a LoRA adapter."""
-        from rlhfkit.engine.lora import PEFT_PREFIX
+        from rlhfkit.engine.model.lora import PEFT_PREFIX
 
         return sorted(
             {
@@ -146,14 +147,12 @@ def _worker_death(error: BaseException) -> BaseException:
     return error
 
 
-def start_workers(
-    spec: LoraSpec, device: str | None, dtype: str | None, num_workers: int, resources: dict[str, float]
-) -> list[Any]:
+def start_workers(spec: LoraSpec, settings: EngineSettings, num_workers: int, resources: dict[str, float]) -> list[Any]:
     """The worker actors of one training client (each with `resources`), joined in one process group."""
     ray = import_ray()
     actor = ray.remote(TrainWorker)
     workers = [
-        actor.options(**resources, max_restarts=0).remote(spec, device, dtype, rank, num_workers)
+        actor.options(**resources, max_restarts=0).remote(spec, settings, rank, num_workers)
         for rank in range(num_workers)
     ]
     if num_workers > 1:
@@ -186,7 +185,7 @@ class RayTrainingClient(TrainingClient):
     def _forward(
         self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict | None, backward: bool
     ) -> APIFuture[ForwardBackwardOutput]:
-        from rlhfkit.engine.trainer import LoraTrainer
+        from rlhfkit.engine.torch_engine.trainer import LoraTrainer
 
         LoraTrainer.check(data, loss_fn)
         refs = [
@@ -218,7 +217,7 @@ class RayTrainingClient(TrainingClient):
         respect to each logprob becomes the weight of a linear loss (cross_entropy with weights −∂loss/∂logprob)
         whose backward on the workers gives the parameters' gradient. Blocks until `fn` has run."""
 
-        from rlhfkit.engine.trainer import LoraTrainer
+        from rlhfkit.engine.torch_engine.trainer import LoraTrainer
 
         LoraTrainer.check(data, "custom")
         data = list(data)
@@ -246,7 +245,7 @@ class RayTrainingClient(TrainingClient):
         return self._gather([w.optim_step.remote(params) for w in self.workers], lambda results: results[0])
 
     def _save(self, name: str, kind: str) -> APIFuture[SaveWeightsResponse]:
-        from rlhfkit.engine.training import resolve_checkpoint_path
+        from rlhfkit.engine.local_backend.training import resolve_checkpoint_path
 
         path = resolve_checkpoint_path(self.storage, name, kind)
         return self._gather(

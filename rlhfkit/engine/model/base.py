@@ -176,9 +176,9 @@ def _cpu_supports_bf16() -> bool:
 
 def pick_precision(device: str | None = None, dtype: str | None = None) -> Precision:
     """Device: CUDA when available, else CPU. dtype 'auto' (default): bf16 where the hardware computes it
-    natively, else fp32. Override with arguments or RLHFKIT_DEVICE / RLHFKIT_DTYPE."""
-    device = device or os.environ.get("RLHFKIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = (dtype or os.environ.get("RLHFKIT_DTYPE") or "auto").lower()
+    natively, else fp32 (the arguments are EngineSettings.device and .dtype)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = (dtype or "auto").lower()
     dev = torch.device(device)
     if dtype == "auto":
         bf16 = torch.cuda.is_bf16_supported() if dev.type == "cuda" else _cpu_supports_bf16()

@@ -1,16 +1,15 @@
 """The vLLM sampling backend: generation by a vLLM engine in a separate process (optional; see README).
 
-`ServiceClient(sampler="vllm")` (or RLHFKIT_SAMPLER=vllm) makes every sampling client generate through one
-vLLM engine per base model, started on first use with the Python named by RLHFKIT_VLLM_PYTHON (default: the
+`ServiceClient(settings=EngineSettings(sampler="vllm"))` makes every sampling client generate through one
+vLLM engine per base model, started on first use with the Python named by the setting vllm_python (default: the
 `.venv-vllm` that scripts/setup-vllm.sh makes, else this Python if it has vLLM). The engine loads the base
-weights once and serves every sampling client's LoRA adapter by name with vLLM's native LoRA (vllm_core.py;
+weights once and serves every sampling client's LoRA adapter by name with vLLM's native LoRA (vllm_engine/core.py;
 nothing is merged, switching adapters reloads nothing). A sampling client on an adapter checks, when it is
 created, that the engine can put LoRA on every module its LoraSpec adapts (`check_lora_targets`, callable before
 training too); an architecture vLLM cannot serve stops the engine's start with the reason (VLLMUnavailableError).
 Sampling, next-token scoring (the preference model's judgement) and `compute_logprobs` (vLLM's prompt logprobs)
 run on the engine.
-Settings: RLHFKIT_VLLM_MAX_LORA_RANK (default 64: adapters of a higher rank are refused), RLHFKIT_VLLM_MAX_LORAS
-(adapters in one batch, default 4), RLHFKIT_VLLM_KV_GB, RLHFKIT_VLLM_COMPILE.
+Settings: the vllm_* fields of EngineSettings (max LoRA rank, adapters per batch, KV cache, compile, CPU ops).
 """
 
 from __future__ import annotations
@@ -26,45 +25,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.engine.lora import LoraSpec, target_module_names
-from rlhfkit.engine.models import Precision, load_tokenizer, resolve_base_model
-from rlhfkit.engine.sampling import max_sampling_batch
+from rlhfkit.engine.model.lora import LoraSpec, target_module_names
+from rlhfkit.engine.model.base import Precision, load_tokenizer, resolve_base_model
 from rlhfkit.engine.sampling_api import SamplingAPI
+from rlhfkit.engine.settings import EngineSettings
 from rlhfkit.engine.types import ModelInput, NextTokenScores, SampleResponse, SamplingParams
-from rlhfkit.engine.vllm_core import UnsupportedAdapterError
-from rlhfkit.engine.vllm_inference import (  # noqa: F401 (VLLMUnavailableError, vllm_python: their home was here)
-    REPO_VENV_PYTHON,
-    START_TIMEOUT,
+from rlhfkit.engine.vllm_engine.core import UnsupportedAdapterError
+from rlhfkit.engine.vllm_engine.inference import responses_from, sample_rows, sampling_limits
+from rlhfkit.engine.vllm_engine.launch import (
+    WORKER_MODULE,
     VLLMUnavailableError,
-    responses_from,
-    sample_rows,
-    sampling_limits,
+    engine_kwargs,
+    package_path,
     vllm_environment,
     vllm_python,
 )
 from rlhfkit.paths import cache_dir
-
-WORKER_SCRIPT = Path(__file__).with_name("vllm_worker.py")
-
-
-def engine_settings() -> dict:
-    """The vLLM engine's settings from the environment (both the local sampler=vllm worker and the Ray backend's
-    vLLM inference engines use them): RLHFKIT_VLLM_COMPILE=1 compiles (~80 s start, ~10% faster; default eager),
-    RLHFKIT_VLLM_KV_GB (KV cache, default 2), RLHFKIT_VLLM_MAX_LORAS (adapters in one batch, default 4),
-    RLHFKIT_VLLM_MAX_LORA_RANK (default 64: adapters of a higher rank are refused)."""
-    return {
-        "enforce_eager": os.environ.get("RLHFKIT_VLLM_COMPILE", "0") != "1",
-        "kv_cache_gb": int(os.environ.get("RLHFKIT_VLLM_KV_GB", "2")),
-        "max_loras": int(os.environ.get("RLHFKIT_VLLM_MAX_LORAS", "4")),
-        "max_lora_rank": int(os.environ.get("RLHFKIT_VLLM_MAX_LORA_RANK", "64")),
-    }
 
 
 class VLLMEngine:
     """One vLLM worker process serving one base model and any LoRA adapters. Requests are serialised (one at a
     time)."""
 
-    def __init__(self, model_dir: str, dtype: str, context: int, seed: int = 0):
+    def __init__(self, model_dir: str, dtype: str, context: int, settings: EngineSettings, seed: int = 0):
         self.model_dir = model_dir
         folder = cache_dir() / "vllm"
         folder.mkdir(parents=True, exist_ok=True)
@@ -72,14 +55,11 @@ class VLLMEngine:
         self._lock = threading.Lock()
         address = str(Path(tempfile.mkdtemp(prefix="rlhfkit-vllm-")) / "socket")
         authkey = secrets.token_bytes(16)
-        env = {**vllm_environment(), **os.environ}
-        env.pop("PYTHONPATH", None)  # the worker's environment has its own packages
+        # the worker's environment has its own packages: this rlhfkit only, through a folder linking it
+        env = {**vllm_environment(), **os.environ, "PYTHONPATH": package_path()}
         with open(self.log_path, "ab") as log:
-            # run_path, not `python vllm_worker.py`: the script's folder first on sys.path would let this
-            # package's types.py shadow the standard library's
-            launcher = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
             self.process = subprocess.Popen(
-                [vllm_python(), "-c", launcher, str(WORKER_SCRIPT), address],
+                [vllm_python(settings.vllm_python), "-m", WORKER_MODULE, address],
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -96,10 +76,10 @@ class VLLMEngine:
                 "dtype": dtype,
                 "max_model_len": context,
                 "seed": seed,
-                **engine_settings(),
+                **engine_kwargs(settings),
             }
         )
-        reply = self._receive(START_TIMEOUT)
+        reply = self._receive(settings.vllm_start_timeout)
         if "error" in reply:
             raise VLLMUnavailableError(f"the vLLM worker failed to start: {reply['error']} (log: {self.log_path})")
         self.start_seconds = reply["ready"]
@@ -182,17 +162,18 @@ class VLLMEngine:
                 self.process.kill()
 
 
-_engines: dict[tuple[str, str], VLLMEngine] = {}
+_engines: dict[tuple[str, str, EngineSettings], VLLMEngine] = {}
 _engines_lock = threading.Lock()
 
 
-def engine_for(base_model: str, precision: Precision, context: int) -> VLLMEngine:
+def engine_for(base_model: str, precision: Precision, context: int, settings: EngineSettings) -> VLLMEngine:
+    """The vLLM worker of (model, dtype, settings) in this process, started on first use."""
     folder = resolve_base_model(base_model)
     dtype = str(precision.compute_dtype).removeprefix("torch.")
     with _engines_lock:
-        key = (folder, dtype)
+        key = (folder, dtype, settings)
         if key not in _engines or _engines[key].process.poll() is not None:
-            _engines[key] = VLLMEngine(folder, dtype, context)
+            _engines[key] = VLLMEngine(folder, dtype, context, settings)
         return _engines[key]
 
 
@@ -224,13 +205,13 @@ def targets_description(spec: LoraSpec) -> str:
     )
 
 
-def check_lora_targets(spec: LoraSpec, precision: Precision) -> None:
+def check_lora_targets(spec: LoraSpec, precision: Precision, settings: EngineSettings | None = None) -> None:
     """Stop with UnsupportedAdapterError, naming the setting to change (train_unembed=False, train_attn=False,
     ... or sampler=local), when the vLLM engine for `spec.base_model` cannot put a LoRA adapter on a module that
     a training client with `spec` adapts: call it before training. Starts that engine (the one sampling uses);
     raises VLLMUnavailableError when vLLM cannot serve the architecture at all."""
     context = sampling_limits(resolve_base_model(spec.base_model))[1]
-    engine_for(spec.base_model, precision, context).check_targets(
+    engine_for(spec.base_model, precision, context, settings or EngineSettings()).check_targets(
         set(lora_target_leaves(spec)), targets_description(spec)
     )
 
@@ -239,11 +220,19 @@ class VLLMSamplingClient(SamplingAPI):
     """The SamplingAPI, generating and scoring with vLLM: a base model, or a base model with the LoRA adapter
     saved at `adapter_path` (a save_weights_for_sampler / save_state directory). With an adapter, its LoraSpec's
     targets are checked against the engine first (check_lora_targets). Each batch primitive is one request to
-    the engine (sampling: one per 4 x RLHFKIT_SAMPLING_BATCH rows)."""
+    the engine (sampling: one per 4 x settings.sampling_batch rows)."""
 
-    def __init__(self, spec: LoraSpec | None, base_model: str, adapter_path: str | None, precision: Precision):
+    def __init__(
+        self,
+        spec: LoraSpec | None,
+        base_model: str,
+        adapter_path: str | None,
+        precision: Precision,
+        settings: EngineSettings | None = None,
+    ):
         super().__init__("rlhfkit-vllm-sampling")
         self.spec, self.base_model, self.adapter_path, self.precision = spec, base_model, adapter_path, precision
+        self.settings = settings or EngineSettings()
         self.tokenizer = load_tokenizer(base_model)
         self._eos_ids, self._context = sampling_limits(resolve_base_model(base_model))
         self._engine: VLLMEngine | None = None  # started on the first request, or now to check an adapter's spec
@@ -253,7 +242,7 @@ class VLLMSamplingClient(SamplingAPI):
     @property
     def engine(self) -> VLLMEngine:
         if self._engine is None or self._engine.process.poll() is not None:
-            self._engine = engine_for(self.base_model, self.precision, self._context)
+            self._engine = engine_for(self.base_model, self.precision, self._context, self.settings)
         return self._engine
 
     def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
@@ -262,7 +251,7 @@ class VLLMSamplingClient(SamplingAPI):
         )
         adapter_id = self.engine.use_adapter(self.adapter_path)
         results = []
-        limit = max(max_sampling_batch(), 1) * 4  # vLLM schedules its own batches; this bounds one message
+        limit = self.settings.sampling_batch * 4  # vLLM schedules its own batches; this bounds one message
         for start in range(0, len(rows), limit):
             results += self.engine.request(
                 {"op": "sample", "adapter_id": adapter_id, "rows": rows[start : start + limit]}

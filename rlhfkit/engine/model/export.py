@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rlhfkit.engine.lora import (
+from rlhfkit.engine.model.lora import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
     PEFT_PREFIX,
@@ -26,7 +26,7 @@ from rlhfkit.engine.lora import (
     peft_config_json,
     read_spec,
 )
-from rlhfkit.engine.models import Precision, load_base_model, load_tokenizer
+from rlhfkit.engine.model.base import Precision, load_base_model, load_tokenizer
 from rlhfkit.model_files import public_model_name
 from rlhfkit.utils.atomic import atomic_directory
 

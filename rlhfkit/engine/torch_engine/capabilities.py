@@ -10,16 +10,10 @@ model by looking at the cache a two-token forward returns, never by catching err
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 
 import torch
-
-
-def fast_paths_enabled() -> bool:
-    """RLHFKIT_FAST_PATHS=0 forces the general path on every model (for measuring it; default on)."""
-    return os.environ.get("RLHFKIT_FAST_PATHS", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -27,10 +21,6 @@ class CacheCapabilities:
     layer_kinds: tuple[str, ...]  # the class name of each layer's cache
     attention_only: bool  # every layer is a plain full-attention key/value layer (transformers' DynamicLayer)
     selects_rows: bool  # the cache can keep a subset (or repeats) of its batch rows: reorder_cache(indices)
-
-    @property
-    def fast_paths(self) -> bool:
-        return self.attention_only and fast_paths_enabled()
 
 
 _records: dict[str, CacheCapabilities] = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhfkit.engine.integrity import verify_checkpoint
+from rlhfkit.engine.model.integrity import verify_checkpoint
 from rlhfkit.errors import CheckpointError
 from rlhfkit.model_files import portable_base_record, public_model_name, resolve_portable_base
 

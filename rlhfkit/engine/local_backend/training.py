@@ -8,9 +8,9 @@ from typing import Any, Callable, Sequence
 
 from rlhfkit.engine.clients import TrainingClient
 from rlhfkit.engine.futures import APIFuture, RequestQueue
-from rlhfkit.engine.lora import LoraSpec, read_meta, read_spec
-from rlhfkit.engine.models import Precision, load_tokenizer
-from rlhfkit.engine.trainer import LoraTrainer
+from rlhfkit.engine.model.lora import LoraSpec, read_meta, read_spec
+from rlhfkit.engine.model.base import Precision, load_tokenizer
+from rlhfkit.engine.torch_engine.trainer import LoraTrainer
 from rlhfkit.engine.types import AdamParams, Datum, ForwardBackwardOutput, OptimStepResponse, SaveWeightsResponse
 
 
@@ -30,7 +30,7 @@ class LocalTrainingClient(TrainingClient):
         self.spec = spec
         self.precision = precision
         self.storage = storage
-        self.trainer = LoraTrainer(spec, precision)
+        self.trainer = LoraTrainer(spec, precision, service.settings.microbatch_tokens)
         self._queue = RequestQueue("rlhfkit-training")
 
     @property
@@ -88,13 +88,13 @@ class LocalTrainingClient(TrainingClient):
         """A sampling client on the current weights (after every request submitted before): built in memory
         with the local sampler; with the vLLM sampler, the weights are saved first (vLLM's process reads them
         from disk)."""
-        from rlhfkit.engine.sampling import SamplingClient
+        from rlhfkit.engine.torch_engine.sampler import SamplingClient
 
         if getattr(self.service, "sampler", "local") == "vllm":
             path = self._save(name, "sampler").result().path
             return self.service.create_sampling_client(model_path=path)
         tensors = self._queue.submit(self.trainer.adapter_tensors).result()
-        return SamplingClient.from_adapter(self.spec, tensors, self.precision)
+        return SamplingClient.from_adapter(self.spec, tensors, self.precision, self.service.settings)
 
     def create_sampling_client(self, model_path: str):
         return self.service.create_sampling_client(model_path=model_path)

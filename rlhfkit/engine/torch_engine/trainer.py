@@ -1,6 +1,6 @@
 """The per-process LoRA trainer: forward/backward of a batch (or a data-parallel shard) with named losses,
 Adam steps, states on disk. The local TrainingClient runs one in its own process; each Ray training worker
-runs one (ray_training.py), with `optim_step` given the all-reduce of the workers' gradients."""
+runs one (ray_backend/training.py), with `optim_step` given the all-reduce of the workers' gradients."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from rlhfkit.engine import losses
-from rlhfkit.engine.allocator import trim_soon
-from rlhfkit.engine.attention import use_causal_attention
-from rlhfkit.engine.batching import microbatch_token_budget, pad_right, plan_microbatches, token_logprobs
-from rlhfkit.engine.integrity import write_manifest
-from rlhfkit.engine.lora import (
+from rlhfkit.engine.torch_engine import losses
+from rlhfkit.engine.model.allocator import trim_soon
+from rlhfkit.engine.model.attention import use_causal_attention
+from rlhfkit.engine.torch_engine.batching import microbatch_token_budget, pad_right, plan_microbatches, token_logprobs
+from rlhfkit.engine.model.integrity import write_manifest
+from rlhfkit.engine.model.lora import (
     LoraSpec,
     add_lora,
     adapter_state,
@@ -26,7 +26,7 @@ from rlhfkit.engine.lora import (
     read_meta,
     save_adapter,
 )
-from rlhfkit.engine.models import Precision, load_base_model, load_tokenizer
+from rlhfkit.engine.model.base import Precision, load_base_model, load_tokenizer
 from rlhfkit.engine.types import AdamParams, Datum, ForwardBackwardOutput, OptimStepResponse, TensorData
 from rlhfkit.errors import CheckpointError
 from rlhfkit.utils.atomic import atomic_directory
@@ -41,9 +41,10 @@ GradientReducer = Callable[[list[torch.nn.Parameter]], None]  # sums the gradien
 class LoraTrainer:
     """A frozen base with trainable LoRA adapters, its Adam optimizer and its step count."""
 
-    def __init__(self, spec: LoraSpec, precision: Precision):
+    def __init__(self, spec: LoraSpec, precision: Precision, microbatch_tokens: int | None = None):
         self.spec = spec
         self.precision = precision
+        self.microbatch_budget = microbatch_token_budget(precision.device, training=True, configured=microbatch_tokens)
         base = load_base_model(spec.base_model, precision)
         use_causal_attention(base)  # the batches below need no padding mask: plain causal attention
         self.model = add_lora(base, spec)
@@ -103,8 +104,7 @@ class LoraTrainer:
         softcap = getattr(base.config, "final_logit_softcapping", None)
         device = self.precision.device
         self.model.train(grad)
-        budget = microbatch_token_budget(device, training=True)
-        for batch in plan_microbatches([len(s) for s in sequences], budget):
+        for batch in plan_microbatches([len(s) for s in sequences], self.microbatch_budget):
             # Right padding comes after each row's tokens, so in a causal model it changes none of their outputs:
             # no padding mask is needed, and without one attention runs as plain causal attention (attention.py in
             # bf16, else sdpa's causal kernel on the key/value heads as they are) instead of a masked kernel over

@@ -1,5 +1,5 @@
 """The inference-engine interface on vLLM: `VLLMInferenceWorker`, run as a Ray actor (one per device) or in
-process, serving the base model and every LoRA adapter of a run by name (vllm_core.py does the vLLM calls).
+process, serving the base model and every LoRA adapter of a run by name (vllm_engine/core.py does the vLLM calls).
 
 The interface (the same as the torch inference worker's):
     load_adapter(adapter_id, path)            a sampler/state checkpoint folder; idempotent; fresh id per version
@@ -7,68 +7,30 @@ The interface (the same as the torch inference worker's):
     score_next_token(adapter_id, prompts, candidates) -> [NextTokenScores]   (exact full-vocabulary logprobs)
     compute_logprobs(adapter_id, prompts)     [[None, logprob of token 1, ...]] (vLLM's prompt logprobs)
     health() -> dict
-`adapter_id=None` is the base model. Sampling semantics are the local SamplingClient's (make_rows: stop=None
+`adapter_id=None` is the base model. Sampling semantics are the torch sampler's (requests.make_rows: stop=None
 stops at EOS only, stop=[] never early, seeds params.seed + k, max_tokens capped by the context).
 
-vLLM pins a transformers older than rlhfkit's, so the actor runs in the vLLM environment's Python:
-`vllm_actor(...)` starts it with Ray's runtime_env {"py_executable": that Python} and PYTHONPATH set to a
-folder linking this rlhfkit package (the same Ray version is installed there by scripts/setup-vllm.sh). A restarted actor (max_restarts) rebuilds
+vLLM pins a transformers older than rlhfkit's, so the actor runs in the vLLM environment's Python (launch.py
+starts it there); like everything in vllm_engine/ it imports only what that environment has (tests/test_layers.py). A restarted actor (max_restarts) rebuilds
 its adapters from the registry file in its work_dir, so retried requests find them again.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from rlhfkit.engine.vllm_core import LORA_RANKS, UnsupportedAdapterError, VLLMCore
-from rlhfkit.engine.types import NextTokenScores, SampledSequence, SampleResponse, SamplingParams
+from rlhfkit.engine.requests import find_eos_ids, make_rows
+from rlhfkit.engine.types import ModelInput, NextTokenScores, SampledSequence, SampleResponse, SamplingParams
+from rlhfkit.engine.vllm_engine.core import LORA_RANKS, UnsupportedAdapterError, VLLMCore
 
-__all__ = [
-    "VLLMInferenceWorker",
-    "vllm_actor",
-    "ray_actor_options",
-    "sample_rows",
-    "responses_from",
-    "sampling_limits",
-]
+__all__ = ["VLLMInferenceWorker", "sample_rows", "responses_from", "sampling_limits"]
 
 MAX_MODEL_LEN = 8192  # the engine's context at most (the KV cache is sized for it)
-
-
-REPO_VENV_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
-START_TIMEOUT = float(os.environ.get("RLHFKIT_VLLM_START_TIMEOUT", "900"))
-
-
-class VLLMUnavailableError(RuntimeError):
-    pass
-
-
-def vllm_python() -> str:
-    """The Python that runs the vLLM worker: $RLHFKIT_VLLM_PYTHON, else .venv-vllm/bin/python, else this one if
-    it can import vllm."""
-    configured = os.environ.get("RLHFKIT_VLLM_PYTHON")
-    if configured:
-        return configured
-    if REPO_VENV_PYTHON.exists():
-        return str(REPO_VENV_PYTHON)
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is not None:
-        return sys.executable
-    raise VLLMUnavailableError(
-        "sampler=vllm: no Python with vLLM found. Run scripts/setup-vllm.sh (makes "
-        ".venv-vllm), or set RLHFKIT_VLLM_PYTHON to a Python that has vLLM"
-    )
 
 
 def sampling_limits(model_dir: str) -> tuple[set[int], int]:
     """(EOS ids, context length) of a model folder, as the local sampler finds them."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from rlhfkit.engine.sampling import find_eos_ids
 
     config = AutoConfig.from_pretrained(model_dir)
     try:
@@ -83,10 +45,7 @@ def sample_rows(
     requests: Sequence[tuple[list[int], int, SamplingParams | None]], eos_ids: set[int], context: int
 ) -> tuple[list[int], list[dict]]:
     """The sequences to generate for `requests` as plain rows for VLLMCore.sample, and the number of rows of
-    each request (the local sampler's make_rows decides stops, lengths and seeds)."""
-    from rlhfkit.engine.sampling import make_rows
-    from rlhfkit.engine.types import ModelInput
-
+    each request (requests.make_rows decides stops, lengths and seeds, as for the torch sampler)."""
     counts, payload = [], []
     for prompt, n, params in requests:
         rows = make_rows(ModelInput.from_ints(prompt), n, params or SamplingParams(), eos_ids, context)
@@ -134,6 +93,7 @@ class VLLMInferenceWorker:
         max_cpu_loras: int | None = None,
         kv_cache_gb: int = 2,
         enforce_eager: bool = True,
+        cpu_ops: str = "rlhfkit",
     ):
         self.eos_ids, self.context = sampling_limits(model_dir)
         self.core = VLLMCore(
@@ -147,6 +107,7 @@ class VLLMInferenceWorker:
             max_loras=max_loras,
             max_lora_rank=max_lora_rank,
             max_cpu_loras=max_cpu_loras,
+            cpu_ops=cpu_ops,
         )
 
     def load_adapter(self, adapter_id: str, path: str) -> None:
@@ -161,7 +122,7 @@ class VLLMInferenceWorker:
             allowed = [r for r in LORA_RANKS if r >= rank]
             raise UnsupportedAdapterError(
                 f"LoRA rank {rank} is above the vLLM engine's max_lora_rank {self.core.max_lora_rank}: set "
-                f"RLHFKIT_VLLM_MAX_LORA_RANK={allowed[0] if allowed else max(LORA_RANKS)} or a lower lora_rank"
+                f"vllm_max_lora_rank={allowed[0] if allowed else max(LORA_RANKS)} or a lower lora_rank"
             )
 
     def sample(
@@ -184,71 +145,3 @@ class VLLMInferenceWorker:
     def health(self) -> dict:
         """The engine's facts (VLLMCore.health)."""
         return {**self.core.health(), "engine": "vllm"}
-
-
-def vllm_environment(cpus: str | None = None) -> dict[str, str]:
-    """Environment variables of a vLLM engine process on CPU: in-process engine core (faster on a few cores),
-    OpenMP threads bound to `cpus` (default: the CPUs this process may use), no Hub access."""
-    if cpus is None:
-        allowed = (
-            sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-        )
-        contiguous = allowed == list(range(allowed[0], allowed[-1] + 1))
-        cpus = f"{allowed[0]}-{allowed[-1]}" if contiguous else ",".join(map(str, allowed))
-    return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_OMP_THREADS_BIND": cpus,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-
-
-def package_path() -> str:
-    """A folder holding only a link to this rlhfkit package: the PYTHONPATH of a process in another
-    environment (the package's own parent may be a site-packages whose transformers would shadow vLLM's)."""
-    import rlhfkit
-    from rlhfkit.paths import cache_dir
-
-    folder = cache_dir() / "vllm" / "pythonpath"
-    folder.mkdir(parents=True, exist_ok=True)
-    link, target = folder / "rlhfkit", Path(rlhfkit.__file__).resolve().parent
-    if not link.is_symlink() or link.resolve() != target:
-        tmp = folder / f".rlhfkit.{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(target, target_is_directory=True)
-        os.replace(tmp, link)
-    return str(folder)
-
-
-def vllm_actor(
-    model_dir: str,
-    work_dir: str,
-    *,
-    python: str | None = None,
-    num_cpus: float = 1,
-    cpus: str | None = None,
-    max_restarts: int = 3,
-    name: str | None = None,
-    **settings: Any,
-):
-    """Start a VLLMInferenceWorker as a Ray actor in the vLLM environment's Python (`python`, default
-    vllm_python()) with Ray's runtime_env py_executable; it imports this rlhfkit through PYTHONPATH (see
-    package_path). Needs ray.init() first. `settings` go to VLLMInferenceWorker (dtype, max_loras, ...)."""
-    import ray
-
-    actor = ray.remote(VLLMInferenceWorker).options(
-        **ray_actor_options(python, cpus), num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0, name=name
-    )
-    return actor.remote(model_dir, work_dir, **settings)
-
-
-def ray_actor_options(python: str | None = None, cpus: str | None = None) -> dict[str, Any]:
-    """The Ray actor options that run a VLLMInferenceWorker in the vLLM environment's Python (`python`, default
-    vllm_python()): Ray's runtime_env py_executable, the vLLM process environment (vllm_environment(cpus)) and
-    PYTHONPATH = package_path()."""
-    return {
-        "runtime_env": {
-            "py_executable": python or vllm_python(),
-            "env_vars": {**vllm_environment(cpus), "PYTHONPATH": package_path()},
-        }
-    }
