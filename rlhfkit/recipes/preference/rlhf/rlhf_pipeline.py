@@ -112,7 +112,13 @@ def check_data(cfg: PipelineConfig) -> None:
 # The steps
 
 
-async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
+# Each stage's loop settings are made by a pure function (sft_config, rm_config, rl_config, shorter_rl_config,
+# dpo_config): construction only (it validates every field), no model, data or file is read; the run_* step runs
+# the loop on them.
+
+
+def sft_config(cfg: PipelineConfig, base_model: str, renderer_name: str) -> Any:
+    """Stage 1's settings: the supervised loop's Config on the SFT conversations."""
     from rlhfkit.renderers import TrainOnWhat
     from rlhfkit.supervised import train as supervised_train
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
@@ -124,28 +130,33 @@ async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
         batch_size=cfg.stage_value("sft", "batch_size"),
         train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES,
     )
-    await supervised_train.main(
-        supervised_train.Config(
-            log_path=f"{cfg.log_root}/sft",
-            model_name=base_model,
-            recipe_name="recipe_preference_rlhf_sft",
-            renderer_name=renderer_name,
-            dataset_builder=sft_dataset_builder(cfg, common),
-            learning_rate=cfg.sft_learning_rate,
-            lr_schedule="linear",
-            num_epochs=1,
-            lora_rank=cfg.lora_rank,
-            save_every=cfg.save_every,
-            eval_every=cfg.stage_value("sft", "eval_every"),
-            wandb_project=cfg.wandb_project,
-            wandb_name=f"{cfg.wandb_name}-sft",
-            max_steps=cfg.stage_value("sft", "max_steps"),
-            engine=cfg.engine_settings(),
-        )
+    return supervised_train.Config(
+        log_path=f"{cfg.log_root}/sft",
+        model_name=base_model,
+        recipe_name="recipe_preference_rlhf_sft",
+        renderer_name=renderer_name,
+        dataset_builder=sft_dataset_builder(cfg, common),
+        learning_rate=cfg.sft_learning_rate,
+        lr_schedule="linear",
+        num_epochs=1,
+        lora_rank=cfg.lora_rank,
+        save_every=cfg.save_every,
+        eval_every=cfg.stage_value("sft", "eval_every"),
+        wandb_project=cfg.wandb_project,
+        wandb_name=f"{cfg.wandb_name}-sft",
+        max_steps=cfg.stage_value("sft", "max_steps"),
+        engine=cfg.engine_settings(),
     )
 
 
-async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
+async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
+    from rlhfkit.supervised import train as supervised_train
+
+    await supervised_train.main(sft_config(cfg, base_model, renderer_name))
+
+
+def rm_config(cfg: PipelineConfig, base_model: str, renderer_name: str) -> Any:
+    """Stage 2's settings: the supervised loop's Config on the preference model's comparisons."""
     from rlhfkit.preference.preference_datasets import ChatDatasetBuilderFromComparisons
     from rlhfkit.supervised import train as supervised_train
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
@@ -156,29 +167,33 @@ async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
         max_length=cfg.max_length,
         batch_size=cfg.stage_value("rm", "batch_size"),
     )
-    await supervised_train.main(
-        supervised_train.Config(
-            log_path=f"{cfg.log_root}/rm",
-            model_name=base_model,
-            recipe_name="recipe_preference_rlhf_rm",
-            renderer_name=renderer_name,
-            dataset_builder=ChatDatasetBuilderFromComparisons(
-                common_config=common,
-                comparison_builder=comparison_builder(cfg, "preference_model", cfg.pm_test_size),
-                swap=cfg.rm_both_orders,
-            ),
-            learning_rate=cfg.rm_learning_rate,
-            lr_schedule="linear",
-            num_epochs=1,
-            lora_rank=cfg.lora_rank,
-            save_every=cfg.save_every,
-            eval_every=cfg.stage_value("rm", "eval_every"),
-            wandb_project=cfg.wandb_project,
-            wandb_name=f"{cfg.wandb_name}-rm",
-            max_steps=cfg.stage_value("rm", "max_steps"),
-            engine=cfg.engine_settings(),
-        )
+    return supervised_train.Config(
+        log_path=f"{cfg.log_root}/rm",
+        model_name=base_model,
+        recipe_name="recipe_preference_rlhf_rm",
+        renderer_name=renderer_name,
+        dataset_builder=ChatDatasetBuilderFromComparisons(
+            common_config=common,
+            comparison_builder=comparison_builder(cfg, "preference_model", cfg.pm_test_size),
+            swap=cfg.rm_both_orders,
+        ),
+        learning_rate=cfg.rm_learning_rate,
+        lr_schedule="linear",
+        num_epochs=1,
+        lora_rank=cfg.lora_rank,
+        save_every=cfg.save_every,
+        eval_every=cfg.stage_value("rm", "eval_every"),
+        wandb_project=cfg.wandb_project,
+        wandb_name=f"{cfg.wandb_name}-rm",
+        max_steps=cfg.stage_value("rm", "max_steps"),
+        engine=cfg.engine_settings(),
     )
+
+
+async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
+    from rlhfkit.supervised import train as supervised_train
+
+    await supervised_train.main(rm_config(cfg, base_model, renderer_name))
 
 
 async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> dict:
@@ -207,9 +222,6 @@ async def run_rl(
 ) -> None:
     """RL in log_root/`folder` with RL seed `seed` (None: cfg.seed); the win-rate evaluation always uses cfg.seed
     (the same prompts and samples in every seed's run)."""
-    from rlhfkit.preference.comparison_policy_evaluator import ComparisonEvaluatorBuilder
-    from rlhfkit.preference.types import PreferenceModelBuilderFromChatRenderer
-    from rlhfkit.rl import preference_envs
     from rlhfkit.rl import train as rl_train
 
     if cfg.rl_judge == "shorter":
@@ -222,6 +234,25 @@ async def run_rl(
             f"{cfg.log_root}/rm; run those stages first (run_sft=true run_rm=true) or name them "
             f"(sft_checkpoint=PATH rm_checkpoint=PATH)"
         )
+    await rl_train.main(rl_config(cfg, base_model, renderer_name, sft_path, rm_path, folder, seed))
+
+
+def rl_config(
+    cfg: PipelineConfig,
+    base_model: str,
+    renderer_name: str,
+    sft_path: str,
+    rm_path: str,
+    folder: str = "rl",
+    seed: int | None = None,
+) -> Any:
+    """Stage 3's settings (judged by the preference model at `rm_path`, starting from the SFT state at `sft_path`):
+    the RL loop's Config, its prompt dataset, judge and win-rate evaluator builders."""
+    from rlhfkit.preference.comparison_policy_evaluator import ComparisonEvaluatorBuilder
+    from rlhfkit.preference.types import PreferenceModelBuilderFromChatRenderer
+    from rlhfkit.rl import preference_envs
+    from rlhfkit.rl import train as rl_train
+
     pm_builder = PreferenceModelBuilderFromChatRenderer(
         renderer_name=renderer_name,
         model_name=base_model,
@@ -249,31 +280,29 @@ async def run_rl(
     kl_reference = (
         rl_train.KLReferenceConfig(base_model, load_checkpoint_path=sft_path) if cfg.rl_kl_penalty_coef > 0 else None
     )
-    await rl_train.main(
-        rl_train.Config(
-            model_name=base_model,
-            recipe_name="recipe_preference_rlhf_rl",
-            renderer_name=renderer_name,
-            dataset_builder=dataset_builder,
-            load_checkpoint_path=sft_path,
-            learning_rate=cfg.rl_learning_rate,
-            max_tokens=cfg.rl_max_tokens,
-            log_path=f"{cfg.log_root}/{folder}",
-            evaluator_builders=[win_rate],
-            wandb_project=cfg.wandb_project,
-            wandb_name=f"{cfg.wandb_name}-{folder}",
-            lora_rank=cfg.lora_rank,
-            save_every=cfg.save_every,
-            eval_every=cfg.stage_value("rl", "eval_every"),
-            num_groups_to_log=cfg.num_groups_to_log,
-            max_steps=cfg.stage_value("rl", "max_steps"),
-            loss_fn=cfg.rl_loss_fn,
-            seed=cfg.seed if seed is None else seed,
-            engine=cfg.engine_settings(),
-            kl_penalty_coef=cfg.rl_kl_penalty_coef,
-            kl_reference_config=kl_reference,
-            **rl_execution_mode(cfg),
-        )
+    return rl_train.Config(
+        model_name=base_model,
+        recipe_name="recipe_preference_rlhf_rl",
+        renderer_name=renderer_name,
+        dataset_builder=dataset_builder,
+        load_checkpoint_path=sft_path,
+        learning_rate=cfg.rl_learning_rate,
+        max_tokens=cfg.rl_max_tokens,
+        log_path=f"{cfg.log_root}/{folder}",
+        evaluator_builders=[win_rate],
+        wandb_project=cfg.wandb_project,
+        wandb_name=f"{cfg.wandb_name}-{folder}",
+        lora_rank=cfg.lora_rank,
+        save_every=cfg.save_every,
+        eval_every=cfg.stage_value("rl", "eval_every"),
+        num_groups_to_log=cfg.num_groups_to_log,
+        max_steps=cfg.stage_value("rl", "max_steps"),
+        loss_fn=cfg.rl_loss_fn,
+        seed=cfg.seed if seed is None else seed,
+        engine=cfg.engine_settings(),
+        kl_penalty_coef=cfg.rl_kl_penalty_coef,
+        kl_reference_config=kl_reference,
+        **rl_execution_mode(cfg),
     )
 
 
@@ -295,48 +324,58 @@ async def run_shorter_rl(
 ) -> None:
     """The reference's `shorter` recipe (recipes/preference/shorter.py): RL from the base model (or
     sft_checkpoint) on one prompt, judged by the rule that the shorter reply wins; no win-rate evaluation."""
+    from rlhfkit.rl import train as rl_train
+
+    sft_path = None if cfg.sft_checkpoint is None else starting_point(cfg.sft_checkpoint, "", "state_path")
+    await rl_train.main(shorter_rl_config(cfg, base_model, renderer_name, sft_path, folder, seed))
+
+
+def shorter_rl_config(
+    cfg: PipelineConfig,
+    base_model: str,
+    renderer_name: str,
+    sft_path: str | None = None,
+    folder: str = "rl",
+    seed: int | None = None,
+) -> Any:
+    """The `shorter` recipe's RL settings (rl_judge="shorter"), from `sft_path` (None: the base model)."""
     from rlhfkit.recipes.preference.shorter import ShorterComparisonBuilder, ShorterPreferenceModelBuilder
     from rlhfkit.rl import preference_envs
     from rlhfkit.rl import train as rl_train
 
-    sft_path = None if cfg.sft_checkpoint is None else starting_point(cfg.sft_checkpoint, "", "state_path")
-    await rl_train.main(
-        rl_train.Config(
-            model_name=base_model,
-            recipe_name="recipe_preference_shorter",
-            renderer_name=renderer_name,
-            dataset_builder=preference_envs.PairwisePreferenceRLDatasetBuilder(
-                comparison_builder=ShorterComparisonBuilder(),
-                batch_size=cfg.stage_value("rl", "batch_size"),
-                policy_renderer_name=renderer_name,
-                policy_model_name=base_model,
-                preference_model_builder=ShorterPreferenceModelBuilder(),
-                group_size=cfg.rl_group_size,
-            ),
-            load_checkpoint_path=sft_path,
-            learning_rate=cfg.rl_learning_rate,
-            max_tokens=cfg.rl_max_tokens,
-            log_path=f"{cfg.log_root}/{folder}",
-            wandb_project=cfg.wandb_project,
-            wandb_name=f"{cfg.wandb_name}-{folder}",
-            lora_rank=cfg.lora_rank,
-            save_every=cfg.save_every,
-            eval_every=0,
-            num_groups_to_log=cfg.num_groups_to_log,
-            max_steps=cfg.stage_value("rl", "max_steps"),
-            loss_fn=cfg.rl_loss_fn,
-            seed=cfg.seed if seed is None else seed,
-            engine=cfg.engine_settings(),
-            **rl_execution_mode(cfg),
-        )
+    return rl_train.Config(
+        model_name=base_model,
+        recipe_name="recipe_preference_shorter",
+        renderer_name=renderer_name,
+        dataset_builder=preference_envs.PairwisePreferenceRLDatasetBuilder(
+            comparison_builder=ShorterComparisonBuilder(),
+            batch_size=cfg.stage_value("rl", "batch_size"),
+            policy_renderer_name=renderer_name,
+            policy_model_name=base_model,
+            preference_model_builder=ShorterPreferenceModelBuilder(),
+            group_size=cfg.rl_group_size,
+        ),
+        load_checkpoint_path=sft_path,
+        learning_rate=cfg.rl_learning_rate,
+        max_tokens=cfg.rl_max_tokens,
+        log_path=f"{cfg.log_root}/{folder}",
+        wandb_project=cfg.wandb_project,
+        wandb_name=f"{cfg.wandb_name}-{folder}",
+        lora_rank=cfg.lora_rank,
+        save_every=cfg.save_every,
+        eval_every=0,
+        num_groups_to_log=cfg.num_groups_to_log,
+        max_steps=cfg.stage_value("rl", "max_steps"),
+        loss_fn=cfg.rl_loss_fn,
+        seed=cfg.seed if seed is None else seed,
+        engine=cfg.engine_settings(),
+        **rl_execution_mode(cfg),
     )
 
 
 async def run_dpo(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
     """DPO from the SFT policy on the comparisons the preference model trains on (its test split held out)."""
     from rlhfkit.preference import train_dpo
-    from rlhfkit.preference.dpo_datasets import DPODatasetBuilderFromComparisons
-    from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
     sft_path = starting_point(cfg.sft_checkpoint, f"{cfg.log_root}/sft", "state_path")
     if sft_path is None:
@@ -344,34 +383,41 @@ async def run_dpo(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
             f"DPO starts from the SFT policy in {cfg.log_root}/sft; run that stage first (run_sft=true) "
             f"or name it (sft_checkpoint=PATH)"
         )
+    await train_dpo.main(dpo_config(cfg, base_model, renderer_name, sft_path))
+
+
+def dpo_config(cfg: PipelineConfig, base_model: str, renderer_name: str, sft_path: str) -> Any:
+    """The DPO stage's settings: the DPO loop's Config from the SFT state at `sft_path`."""
+    from rlhfkit.preference import train_dpo
+    from rlhfkit.preference.dpo_datasets import DPODatasetBuilderFromComparisons
+    from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
+
     common = ChatDatasetBuilderCommonConfig(
         model_name_for_tokenizer=base_model,
         renderer_name=renderer_name,
         max_length=cfg.max_length,
         batch_size=cfg.stage_value("dpo", "batch_size"),
     )
-    await train_dpo.main(
-        train_dpo.Config(
-            log_path=f"{cfg.log_root}/dpo",
-            model_name=base_model,
-            recipe_name="recipe_preference_dpo",
-            renderer_name=renderer_name,
-            load_checkpoint_path=sft_path,
-            dataset_builder=DPODatasetBuilderFromComparisons(
-                common, comparison_builder(cfg, "preference_model", cfg.pm_test_size)
-            ),
-            learning_rate=cfg.dpo_learning_rate,
-            dpo_beta=cfg.dpo_beta,
-            label_smoothing=cfg.dpo_label_smoothing,
-            loss_type=cfg.dpo_loss_type,
-            lora_rank=cfg.lora_rank,
-            save_every=cfg.save_every,
-            eval_every=cfg.stage_value("dpo", "eval_every"),
-            wandb_project=cfg.wandb_project,
-            wandb_name=f"{cfg.wandb_name}-dpo",
-            max_steps=cfg.stage_value("dpo", "max_steps"),
-            engine=cfg.engine_settings(),
-        )
+    return train_dpo.Config(
+        log_path=f"{cfg.log_root}/dpo",
+        model_name=base_model,
+        recipe_name="recipe_preference_dpo",
+        renderer_name=renderer_name,
+        load_checkpoint_path=sft_path,
+        dataset_builder=DPODatasetBuilderFromComparisons(
+            common, comparison_builder(cfg, "preference_model", cfg.pm_test_size)
+        ),
+        learning_rate=cfg.dpo_learning_rate,
+        dpo_beta=cfg.dpo_beta,
+        label_smoothing=cfg.dpo_label_smoothing,
+        loss_type=cfg.dpo_loss_type,
+        lora_rank=cfg.lora_rank,
+        save_every=cfg.save_every,
+        eval_every=cfg.stage_value("dpo", "eval_every"),
+        wandb_project=cfg.wandb_project,
+        wandb_name=f"{cfg.wandb_name}-dpo",
+        max_steps=cfg.stage_value("dpo", "max_steps"),
+        engine=cfg.engine_settings(),
     )
 
 
