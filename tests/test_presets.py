@@ -26,7 +26,8 @@ def test_the_presets_are_the_files_of_the_presets_folder():
     files = sorted(PRESETS_DIR.glob("*.toml"))
     assert list(PRESETS) == [path.stem for path in files]
     assert {"demo", "quality", "shorter", "smoke", "tutorial"} <= set(PRESETS)
-    assert f"[preset={'|'.join(PRESETS)}]" in help_text("rl", [])  # the usage line lists the folder's presets
+    usage = help_text("rl", [])
+    assert f"[preset={'|'.join(PRESETS)}]" in usage and f"{PRESETS_DIR}/NAME.toml" in usage  # the folder's presets
     with pytest.raises(ConfigError, match="expected one of demo, quality, shorter, smoke, tutorial"):
         parse_args(["preset=huge"])
 

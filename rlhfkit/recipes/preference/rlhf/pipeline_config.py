@@ -471,6 +471,7 @@ def help_text(command: str, argv: list[str]) -> str:
         f"usage: rlhfkit {command} [preset={'|'.join(PRESETS)}] [config=FILE.json|.toml] [key=value ...]\n\n"
         f"Settings apply in order: the preset (default demo), config files, then key=value. A stage's own "
         f"value\n(sft_/rm_/rl_...) overrides the shared one when set. Shown: name (type) = default "
-        f"[preset {preset}: value].\n\n"
+        f"[preset {preset}: value].\nThe presets are commented settings files (to start your own, copy one and "
+        f"give preset=NAME config=COPY):\n  {PRESETS_DIR}/NAME.toml\n\n"
         + format_help(PipelineConfig, GROUPS, preset_values, override_label=f"preset {preset}")
     )
