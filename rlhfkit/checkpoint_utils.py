@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from rlhfkit.compat import warn_ignored
 from rlhfkit.errors import CheckpointError, DiskFullError
+from rlhfkit.run_files import CHECKPOINTS_DIR, CHECKPOINTS_FILE, SAMPLER_DIR, STATE_DIR
 from rlhfkit.utils.atomic import append_jsonl, read_jsonl
 from rlhfkit.utils.disk_errors import disk_error
 from rlhfkit.utils.faults import fault_point
@@ -24,7 +25,6 @@ from rlhfkit.engine.clients import TrainingClient
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_FILE = "checkpoints.jsonl"
 CheckpointKind = Literal["state", "sampler", "both"]
 _FIELDS = ("name", "epoch", "batch", "final", "state_path", "sampler_path")
 
@@ -127,13 +127,13 @@ def save_checkpoint(
     if kind not in ("state", "sampler", "both"):
         raise ValueError(f"kind must be 'state', 'sampler' or 'both', got {kind!r}")
     log_path = Path(log_path).expanduser().resolve()
-    directory = log_path / "checkpoints" / name
+    directory = log_path / CHECKPOINTS_DIR / name
     paths: dict[str, str] = {}
     try:
         if kind in ("state", "both"):
-            paths["state_path"] = training_client.save_state(str(directory / "state")).result().path
+            paths["state_path"] = training_client.save_state(str(directory / STATE_DIR)).result().path
         if kind in ("sampler", "both"):
-            paths["sampler_path"] = training_client.save_weights_for_sampler(str(directory / "sampler")).result().path
+            paths["sampler_path"] = training_client.save_weights_for_sampler(str(directory / SAMPLER_DIR)).result().path
     except Exception as e:  # torch.save reports a failed write as a RuntimeError, safetensors as its own error
         problem = disk_error(e, log_path, f"checkpoint {name!r}")
         if isinstance(problem, DiskFullError):

@@ -88,8 +88,9 @@ def report_main(argv: list[str]) -> int:
     from pathlib import Path
 
     from rlhfkit.report import write_report
+    from rlhfkit.run_files import PIPELINE_CONFIG_FILE
 
-    if not (Path(args.run_folder) / "pipeline_config.json").is_file():
+    if not (Path(args.run_folder) / PIPELINE_CONFIG_FILE).is_file():
         parser.error(f"run_folder={args.run_folder!r}: no pipeline_config.json there (give a pipeline's log_root)")
     paths = write_report(args.run_folder)
     print(f"report: {paths['html']}  and  {paths['markdown']}")

@@ -19,10 +19,31 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rlhfkit.errors import DataError
+from rlhfkit.run_files import (
+    COMPARISON_FILE,
+    DPO_DIR,
+    ITERATION_DIR_PREFIX,
+    METRICS_FILE,
+    PIPELINE_CONFIG_FILE,
+    PM_EVAL_FILE,
+    PM_SCALING_FIGURE,
+    PM_SCALING_FILE,
+    REPORT_DIR,
+    REPORT_HTML_FILE,
+    REPORT_MD_FILE,
+    REPORT_REPLIES_FILE,
+    RL_DIR,
+    RL_TIMELINE_FIGURE,
+    RM_DIR,
+    SEEDS_FILE,
+    STAGE_CONFIG_FILE,
+    STAGE_TIMES_FILE,
+    TIMELINE_FILE,
+    TRAIN_HTML_FILE,
+    stage_figure,
+)
 from rlhfkit.utils.atomic import read_jsonl, write_text_atomic
 from rlhfkit.utils.plots import plot_metrics
-
-REPLIES_FILE = "report_replies.json"  # written by the pipeline (recipes/preference/rlhf/report_replies.py)
 
 PANELS = {
     "sft": [["train_mean_nll", "test/nll"], ["learning_rate"]],
@@ -56,7 +77,7 @@ def final_win_rate(log_root: str | Path) -> str | None:
     one; None before RL measured any."""
     records = [
         r
-        for r in read_jsonl(Path(log_root) / "rl" / "metrics.jsonl")
+        for r in read_jsonl(Path(log_root) / RL_DIR / METRICS_FILE)
         if isinstance(r.get("test/win_rate"), (int, float))
     ]
     if not records:
@@ -72,8 +93,8 @@ def final_win_rate(log_root: str | Path) -> str | None:
 def rollout_pages(root: Path) -> list[tuple[str, str]]:
     """(iteration, path relative to root) of each RL rollout page, rl/iteration_NNNNNN/train.html, in order."""
     return [
-        (str(int(page.parent.name.removeprefix("iteration_"))), page.relative_to(root).as_posix())
-        for page in sorted(root.glob("rl/iteration_*/train.html"))
+        (str(int(page.parent.name.removeprefix(ITERATION_DIR_PREFIX))), page.relative_to(root).as_posix())
+        for page in sorted(root.glob(f"{RL_DIR}/{ITERATION_DIR_PREFIX}*/{TRAIN_HTML_FILE}"))
     ]
 
 
@@ -109,7 +130,7 @@ POLICY_NAMES = {"sft": "SFT", "dpo": "DPO", "rlhf": "RLHF"}
 def comparison_section(root: Path, out_dir: Path, times: dict[str, float]) -> tuple[list[str], str]:
     """Markdown lines and HTML of the SFT / DPO / RLHF comparison in root/comparison.json (written by the
     pipeline with method=both), with DPO's curves; nothing if the file is absent."""
-    path = root / "comparison.json"
+    path = root / COMPARISON_FILE
     if not path.exists():
         return [], ""
     comparison = json.loads(path.read_text())
@@ -137,10 +158,11 @@ def comparison_section(root: Path, out_dir: Path, times: dict[str, float]) -> tu
         f"judges each reply against the human-chosen one in both orders."
         + (f" RLHF's wall time excludes the preference model's ({times['rm'] / 60:.1f} min)." if "rm" in times else "")
     )
-    plot = plot_metrics(read_jsonl(root / "dpo" / "metrics.jsonl"), out_dir / "dpo.png", panels=DPO_PANELS, title="dpo")
+    figure = stage_figure(DPO_DIR)
+    plot = plot_metrics(read_jsonl(root / DPO_DIR / METRICS_FILE), out_dir / figure, panels=DPO_PANELS, title="dpo")
     names = list(comparison["policies"])
     md, table = table_section(
-        "SFT vs DPO vs RLHF", intro, header, rows, image="report/dpo.png" if plot else None, level=2
+        "SFT vs DPO vs RLHF", intro, header, rows, image=f"{REPORT_DIR}/{figure}" if plot else None, level=2
     )
     for item in comparison["replies"]:
         md += [
@@ -258,7 +280,7 @@ SCALING_HEADER = (
 def scaling_section(root: Path, out_dir: Path) -> tuple[list[str], str]:
     """Markdown lines and HTML of the judge's data-scaling curve in root/rm/pm_scaling.json (written by the pipeline
     with pm_scaling_points > 0), with its plot; nothing if the file is absent."""
-    points = _read_json(root / "rm" / "pm_scaling.json").get("points", [])
+    points = _read_json(root / RM_DIR / PM_SCALING_FILE).get("points", [])
     if not points:
         return [], ""
     rows = [
@@ -279,7 +301,7 @@ def scaling_section(root: Path, out_dir: Path) -> tuple[list[str], str]:
         ["pm/frac_A", "ood/frac_A"],
     ]
     plot = plot_metrics(
-        records, out_dir / "pm_scaling.png", panels=panels, title="judge vs data", xlabel="training comparisons"
+        records, out_dir / PM_SCALING_FIGURE, panels=panels, title="judge vs data", xlabel="training comparisons"
     )
     note = (
         f"The preference model's checkpoints along its run, on the held-out comparisons of the table above "
@@ -291,14 +313,14 @@ def scaling_section(root: Path, out_dir: Path) -> tuple[list[str], str]:
         note,
         SCALING_HEADER,
         rows,
-        image="report/pm_scaling.png" if plot else None,
+        image=f"{REPORT_DIR}/{PM_SCALING_FIGURE}" if plot else None,
     )
 
 
 def seeds_section(root: Path) -> tuple[list[str], str]:
     """Markdown lines and HTML of the RL win-rate gain over seeds in root/seeds.json (written by the pipeline
     with seeds >= 2); nothing if the file is absent."""
-    summary = _read_json(root / "seeds.json")
+    summary = _read_json(root / SEEDS_FILE)
     if not summary:
         return [], ""
     header = ("RL run", "seed", "first win rate (step)", "last win rate (step)", "gain (points)")
@@ -325,12 +347,12 @@ def timeline_section(root: Path, out_dir: Path) -> tuple[list[str], str]:
     """Markdown lines and HTML of the RL timeline (rl/timeline.jsonl, rl/timeline.py): when sampling, judging,
     training, evaluation and checkpointing ran in each iteration, drawn to report/rl_timeline.png, with the RL
     loop's mode and its median wall time per iteration; nothing if the file is absent."""
-    from rlhfkit.rl.timeline import TIMELINE_FILE, plot_timeline
+    from rlhfkit.rl.timeline import plot_timeline
 
-    spans = read_jsonl(root / "rl" / TIMELINE_FILE)
-    if not spans or not plot_timeline(spans, out_dir / "rl_timeline.png", title="RL timeline"):
+    spans = read_jsonl(root / RL_DIR / TIMELINE_FILE)
+    if not spans or not plot_timeline(spans, out_dir / RL_TIMELINE_FIGURE, title="RL timeline"):
         return [], ""
-    config = _read_json(root / "rl" / "config.json")
+    config = _read_json(root / RL_DIR / STAGE_CONFIG_FILE)
     mode = ", ".join(
         f"{key} {value}" for key in ("async_config", "stream_minibatch_config") if (value := config.get(key))
     )
@@ -343,8 +365,9 @@ def timeline_section(root: Path, out_dir: Path) -> tuple[list[str], str]:
         f"of consecutive iterations' training; {len(ends)} training steps). Colour: the iteration a span served; "
         "grey: sampled, then thrown away as too stale (sampled again)."
     )
-    md = ["## RL timeline", "", line, "", "![RL timeline](report/rl_timeline.png)", ""]
-    page = f"<h2>RL timeline</h2><p>{html.escape(line)}</p><img src='report/rl_timeline.png'>"
+    figure = f"{REPORT_DIR}/{RL_TIMELINE_FIGURE}"
+    md = ["## RL timeline", "", line, "", f"![RL timeline]({figure})", ""]
+    page = f"<h2>RL timeline</h2><p>{html.escape(line)}</p><img src='{figure}'>"
     return md, page
 
 
@@ -365,20 +388,20 @@ def _read_json(path: Path) -> Any:
 def write_report(log_root: str | Path) -> dict[str, str]:
     """Write log_root/report.{html,md} and the plots in log_root/report/ from the run folder's files."""
     root = Path(log_root)
-    replies_file = _read_json(root / REPLIES_FILE)
-    settings = _read_json(root / "pipeline_config.json")
+    replies_file = _read_json(root / REPORT_REPLIES_FILE)
+    settings = _read_json(root / PIPELINE_CONFIG_FILE)
     base_model = replies_file.get("base_model") or settings.get("base_model", "?")
     renderer_name = replies_file.get("renderer_name") or settings.get("renderer_name") or "?"
     replies = replies_file.get("replies", [])
-    out_dir = root / "report"
+    out_dir = root / REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = {stage: read_jsonl(root / stage / "metrics.jsonl") for stage in ("sft", "rm", "rl")}
+    records = {stage: read_jsonl(root / stage / METRICS_FILE) for stage in ("sft", "rm", "rl")}  # folder: stage
     plots = {}
     for stage, panels in PANELS.items():
-        if plot_metrics(records[stage], out_dir / f"{stage}.png", panels=panels, title=f"{stage} ({base_model})"):
-            plots[stage] = f"report/{stage}.png"
-    pm = _read_json(root / "rm" / "pm_eval.json")
-    times = _read_json(root / "stage_times.json")
+        if plot_metrics(records[stage], out_dir / stage_figure(stage), panels=panels, title=f"{stage} ({base_model})"):
+            plots[stage] = f"{REPORT_DIR}/{stage_figure(stage)}"
+    pm = _read_json(root / RM_DIR / PM_EVAL_FILE)
+    times = _read_json(root / STAGE_TIMES_FILE)
 
     rows = []
     for label, stage, key, t_start, t_end in TUTORIAL_TABLE:
@@ -450,7 +473,7 @@ def write_report(log_root: str | Path) -> dict[str, str]:
         ]
     comparison_md, comparison_html = comparison_section(root, out_dir, times)
     md += comparison_md
-    write_text_atomic(root / "report.md", "\n".join(md) + "\n")
+    write_text_atomic(root / REPORT_MD_FILE, "\n".join(md) + "\n")
 
     esc = html.escape
     table = "".join(
@@ -480,14 +503,14 @@ Wall time: {esc(time_line or "n/a")}.</p>
 <h2>Curves</h2>{"".join(f'<h3>{esc(s)}</h3><img src="{esc(p)}">' for s, p in plots.items())}
 <p>RL rollouts (the logged groups of each iteration): {rollout_html}</p>
 <h2>Base model vs SFT vs RLHF model</h2><p>{esc(sampling)}</p>{reply_html}{comparison_html}</body></html>"""
-    write_text_atomic(root / "report.html", page)
-    return {"html": str(root / "report.html"), "markdown": str(root / "report.md")}
+    write_text_atomic(root / REPORT_HTML_FILE, page)
+    return {"html": str(root / REPORT_HTML_FILE), "markdown": str(root / REPORT_MD_FILE)}
 
 
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 2 or not Path(sys.argv[1], "pipeline_config.json").exists():
+    if len(sys.argv) != 2 or not Path(sys.argv[1], PIPELINE_CONFIG_FILE).exists():
         sys.exit("usage: python -m rlhfkit.report RUN_FOLDER (a folder with pipeline_config.json)")
     paths = write_report(sys.argv[1])
     print(f"report: {paths['html']}  and  {paths['markdown']}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from rlhfkit.engine import ServiceClient, types
 from rlhfkit.engine.model.lora import is_adapter_folder, read_spec
 from rlhfkit.errors import CheckpointError
+from rlhfkit.run_files import CHECKPOINTS_FILE, LOG_FILE, METRICS_FILE, PIPELINE_CONFIG_FILE, STAGE_CONFIG_FILE
 
 
 def resolve_model(model: str, base_model: str | None = None) -> tuple[str | None, str, str | None]:
@@ -17,16 +18,16 @@ def resolve_model(model: str, base_model: str | None = None) -> tuple[str | None
 
     path = Path(model).expanduser()
     renderer = None
-    if path.is_dir() and not (path / "checkpoints.jsonl").exists() and not is_adapter_folder(path):
+    if path.is_dir() and not (path / CHECKPOINTS_FILE).exists() and not is_adapter_folder(path):
         describe_folder_without_checkpoint(path)
-    if path.is_dir() and (path / "checkpoints.jsonl").exists():  # a stage's log directory
+    if path.is_dir() and (path / CHECKPOINTS_FILE).exists():  # a stage's log directory
         record = checkpoint_utils.get_last_checkpoint(str(path), required_key="sampler_path")
         if record is None:
             raise CheckpointError(
                 f"{path}: checkpoints.jsonl lists no intact sampler checkpoint (none saved yet, "
                 f"or all damaged: see the warnings above)"
             )
-        config_file = path / "config.json"
+        config_file = path / STAGE_CONFIG_FILE
         if config_file.exists():
             renderer = json.loads(config_file.read_text()).get("renderer_name")
         path = Path(record.sampler_path)
@@ -38,13 +39,13 @@ def resolve_model(model: str, base_model: str | None = None) -> tuple[str | None
 def describe_folder_without_checkpoint(path: Path) -> None:
     """A run folder or a stage log folder that has no checkpoint yet: a CheckpointError saying which (any other
     folder is left to the model checks)."""
-    if (path / "pipeline_config.json").exists():
-        stages = [p.name for p in sorted(path.iterdir()) if (p / "checkpoints.jsonl").exists()]
+    if (path / PIPELINE_CONFIG_FILE).exists():
+        stages = [p.name for p in sorted(path.iterdir()) if (p / CHECKPOINTS_FILE).exists()]
         raise CheckpointError(
             f"{path}: a run folder, not a stage; name one of its stages"
             + (f" ({', '.join(str(path / s) for s in stages)})" if stages else " (it has no checkpoint yet)")
         )
-    if (path / "metrics.jsonl").exists() or (path / "logs.log").exists():
+    if (path / METRICS_FILE).exists() or (path / LOG_FILE).exists():
         raise CheckpointError(
             f"{path}: a stage log folder without a checkpoint yet (no checkpoints.jsonl: the stage saves its "
             f"first one after save_every steps, and its last when it ends); wait for one, or resume the stage"

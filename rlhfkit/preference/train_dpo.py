@@ -45,6 +45,7 @@ from rlhfkit.engine.types import AdamParams, Datum
 from rlhfkit.evaluators import EvaluatorBuilder
 from rlhfkit.model_info import warn_if_renderer_not_recommended
 from rlhfkit.rl.metrics import compute_reference_logprobs
+from rlhfkit.run_files import CHECKPOINTS_DIR, FINAL_CHECKPOINT, REFERENCE_SAMPLER_DIR
 from rlhfkit.supervised.common import compute_mean_nll
 from rlhfkit.supervised.loop import describe_datum, run_evaluators
 from rlhfkit.supervised.types import SupervisedDatasetBuilder
@@ -59,7 +60,7 @@ from rlhfkit.engine.clients import SamplingClient, TrainingClient
 logger = logging.getLogger(__name__)
 
 LossType = Literal["sigmoid", "ipo"]
-REFERENCE_DIR = "reference_sampler"  # the frozen reference: the run's initial weights
+REFERENCE_DIR = REFERENCE_SAMPLER_DIR  # the frozen reference: the run's initial weights
 PLOT_PANELS = [
     ["dpo_loss", "test/dpo_loss"],
     ["accuracy", "test/accuracy"],
@@ -346,12 +347,12 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
         progress.update(1)
     progress.close()
 
-    checkpoints.save(training_client, "final", {"epoch": config.num_epochs, "batch": 0}, elapsed_tokens)
+    checkpoints.save(training_client, FINAL_CHECKPOINT, {"epoch": config.num_epochs, "batch": 0}, elapsed_tokens)
     logger.info(
         "DPO done: %d steps, %d tokens; final checkpoint in %s",
         total_steps,
         elapsed_tokens,
-        log_path / "checkpoints" / "final",
+        log_path / CHECKPOINTS_DIR / FINAL_CHECKPOINT,
     )
 
 

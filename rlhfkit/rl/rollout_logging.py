@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rlhfkit.rl.types import EnvGroupBuilder, TrajectoryGroup
+from rlhfkit.run_files import iteration_dir_name
 from rlhfkit.utils.atomic import rewrite_jsonl_atomic, write_text_atomic
 
 STYLE = """
@@ -20,7 +21,7 @@ table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid 
 
 
 def iteration_dir(log_path: str | Path, iteration: int) -> Path:
-    return Path(log_path) / f"iteration_{iteration:06d}"
+    return Path(log_path) / iteration_dir_name(iteration)
 
 
 def _pre(text: str) -> str:

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from rlhfkit.run_files import TIMELINE_FILE, TIMELINE_PLOT
 from rlhfkit.utils.atomic import append_jsonl, read_jsonl, rewrite_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
-TIMELINE_FILE = "timeline.jsonl"
-TIMELINE_PLOT = "timeline.png"
 KINDS = ("sample", "judge", "reference", "train", "eval", "checkpoint", "sync_weights")
 DISCARDED = -1  # the step of a span whose work was thrown away
 

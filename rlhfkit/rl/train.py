@@ -66,6 +66,7 @@ from rlhfkit.rl.rollout_logging import iteration_dir, rollout_summary_records, w
 from rlhfkit.rl.rollouts import sample_group, score_group
 from rlhfkit.rl.timeline import DISCARDED, Timeline, write_timeline_plot
 from rlhfkit.rl.types import EnvGroupBuilder, RLDataset, RLDatasetBuilder, TrajectoryGroup
+from rlhfkit.run_files import FINAL_CHECKPOINT, INIT_SAMPLER_DIR, ROLLOUT_SUMMARIES_FILE, TRAIN_HTML_FILE
 from rlhfkit.utils import ml_log
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.timing import Timer
@@ -74,8 +75,6 @@ from rlhfkit.utils.run_lock import RunLock
 from rlhfkit.engine.clients import SamplingClient, TrainingClient
 
 logger = logging.getLogger(__name__)
-
-INIT_SAMPLER_DIR = "init_sampler"  # the starting weights, kept for the policy-vs-init KL
 
 PLOT_PANELS = [  # metrics.png: one panel per list
     ["env/all/reward/total", "env/all/win_minus_loss"],
@@ -396,10 +395,12 @@ class _Run:
         folder = iteration_dir(self.log_path, iteration)
         n = min(self.config.num_groups_to_log, len(groups))
         if n > 0:
-            write_train_html(folder / "train.html", iteration, groups[:n], builders[:n], advantages[:n], self.tokenizer)
+            write_train_html(
+                folder / TRAIN_HTML_FILE, iteration, groups[:n], builders[:n], advantages[:n], self.tokenizer
+            )
         if self.config.rollout_json_export:
             write_rollout_summaries(
-                folder / "train_rollout_summaries.jsonl",
+                folder / ROLLOUT_SUMMARIES_FILE,
                 rollout_summary_records(groups, builders, iteration, sampling_client_step=list(sampler_steps)),
             )
 
@@ -439,7 +440,7 @@ class _Run:
 
     def save(self, step: int, loop_state: dict[str, Any]) -> None:
         """Checkpoint of the state before iteration `step` ("final" when it is the end)."""
-        name = "final" if step >= self.end_batch else f"{step:06d}"
+        name = FINAL_CHECKPOINT if step >= self.end_batch else f"{step:06d}"
         self.checkpoints.save(self.training_client, name, {"batch": step, **loop_state})
 
 

@@ -29,6 +29,7 @@ from rlhfkit.engine.settings import EngineSettings, resolve
 from rlhfkit.engine.types import AdamParams
 from rlhfkit.evaluators import EvaluatorBuilder
 from rlhfkit.model_info import warn_if_renderer_not_recommended
+from rlhfkit.run_files import CHECKPOINTS_DIR, FINAL_CHECKPOINT
 from rlhfkit.supervised.common import compute_bpb, compute_mean_nll
 from rlhfkit.supervised.loop import describe_datum, run_evaluators
 from rlhfkit.supervised.nll_evaluator import NLLEvaluator
@@ -246,12 +247,12 @@ async def _train(config: Config, log_path: Path, ml_logger: ml_log.MetricsLogger
         progress.update(1)
     progress.close()
 
-    checkpoints.save(training_client, "final", {"epoch": config.num_epochs, "batch": 0}, elapsed_tokens)
+    checkpoints.save(training_client, FINAL_CHECKPOINT, {"epoch": config.num_epochs, "batch": 0}, elapsed_tokens)
     logger.info(
         "training done: %d steps, %d tokens; final checkpoint in %s",
         total_steps,
         elapsed_tokens,
-        log_path / "checkpoints" / "final",
+        log_path / CHECKPOINTS_DIR / FINAL_CHECKPOINT,
     )
 
 

@@ -23,6 +23,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rlhfkit.config import environment
+from rlhfkit.run_files import (
+    CODE_DIFF_FILE,
+    ENVIRONMENT_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    METRICS_PLOT,
+    STAGE_CONFIG_FILE,
+)
 from rlhfkit.utils.atomic import append_jsonl, read_jsonl, rewrite_jsonl_atomic, write_json_atomic, write_text_atomic
 from rlhfkit.utils.plots import plot_metrics
 
@@ -104,7 +112,7 @@ def _write_code_diff(log_dir: Path) -> None:
     except (OSError, subprocess.TimeoutExpired):
         return
     if head.returncode == 0:
-        write_text_atomic(log_dir / "code.diff", f"### repo: {root} @ {head.stdout.strip()}\n{diff.stdout}")
+        write_text_atomic(log_dir / CODE_DIFF_FILE, f"### repo: {root} @ {head.stdout.strip()}\n{diff.stdout}")
 
 
 class MetricsLogger:
@@ -112,8 +120,8 @@ class MetricsLogger:
         self, log_dir: Path, start_step: int | None, plot_panels: Sequence[Sequence[str]] | None, wandb_run: Any = None
     ):
         self.log_dir = log_dir
-        self.metrics_path = log_dir / "metrics.jsonl"
-        self.plot_path = log_dir / "metrics.png"
+        self.metrics_path = log_dir / METRICS_FILE
+        self.plot_path = log_dir / METRICS_PLOT
         self.plot_panels = plot_panels
         self._wandb = wandb_run
         self._tensorboard: Any = None
@@ -141,8 +149,8 @@ class MetricsLogger:
         return self._tensorboard
 
     def log_hparams(self, config: Any) -> None:
-        write_json_atomic(self.log_dir / "config.json", dump_run_config(config))
-        write_json_atomic(self.log_dir / "environment.json", environment())  # what else changes the engine
+        write_json_atomic(self.log_dir / STAGE_CONFIG_FILE, dump_run_config(config))
+        write_json_atomic(self.log_dir / ENVIRONMENT_FILE, environment())  # what else changes the engine
         if self._wandb is not None:
             self._wandb.config.update(dump_run_config(config), allow_val_change=True)
 
@@ -200,7 +208,7 @@ def _configure_logging_module(log_dir: Path) -> None:
             root.removeHandler(handler)
             handler.close()
     _installed_handlers.clear()
-    file_handler = logging.FileHandler(log_dir / "logs.log", encoding="utf-8")
+    file_handler = logging.FileHandler(log_dir / LOG_FILE, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     console = _TqdmConsoleHandler()
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.errors import RunLockedError
+from rlhfkit.run_files import LOCK_FILE
 from rlhfkit.utils.atomic import clean_partial_writes
 from rlhfkit.utils.disk_errors import reraise_disk_error
-
-LOCK_FILE = ".rlhfkit.lock"
 
 
 class RunLock:

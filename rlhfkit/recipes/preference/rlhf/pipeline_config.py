@@ -1,5 +1,6 @@
 """The pipeline's settings: `PipelineConfig` (every setting typed, with its help text, group and check), the
-presets, and parsing of `[preset=NAME] [config=FILE] [key=value ...]` (later ones override earlier ones).
+presets (presets/<name>.toml: config files that ship with rlhfkit, their values explained there), and parsing of
+`[preset=NAME] [config=FILE] [key=value ...]` (later ones override earlier ones).
 
 A setting is added in one place: a field of PipelineConfig made with `setting(default, help, group=..., check=...)`;
 the command line, `--help`, the config files and the validation pick it up from there.
@@ -411,149 +412,6 @@ def check_data_spec(key: str, spec: str, names: dict[str, Any]) -> None:
             raise ConfigError(key, spec, f"{e}; or one of {', '.join(names)}") from None
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # The tutorial's exact values (Qwen3.5-9B-Base, NoRobots; needs a GPU and a network).
-    "tutorial": dict(
-        base_model="Qwen/Qwen3.5-9B-Base",
-        log_root="/tmp/tinker-tutorials/rlhf",
-        sft_data="no_robots",
-        rl_eval_every=10,
-        rl_max_steps=40,
-    ),
-    # The embedded SmolLM2-135M-Instruct and the offline data, sized for a 2-core CPU without bf16 (fp32):
-    # short HH-RLHF conversations (hh_max_chars) keep judging affordable. Only harmless-base: in 41 steps a
-    # preference model learns which reply is the less harmful (63.6% held-out accuracy in a trial run) but not
-    # which is the more helpful (56.3% on the three helpful splits, with 86% of verdicts "B"), and RL needs a
-    # judge whose verdicts follow the content. Rewards are the reference's greedy verdicts: in trial runs on the
-    # same judge, 13 RL iterations raised the win rate by 24 points with verdicts, by 10 with probabilities.
-    # A KL penalty to the SFT policy keeps replies fluent: without it the policy learned to say almost nothing.
-    "demo": dict(
-        base_model="smollm2-135m-instruct",
-        log_root="runs/demo",
-        lora_rank=16,
-        max_length=256,
-        sft_batch_size=4,
-        sft_max_steps=13,
-        sft_learning_rate=3e-4,
-        sft_test_size=16,
-        sft_eval_every=6,
-        rm_batch_size=8,
-        rm_max_steps=41,
-        rm_learning_rate=1e-3,
-        rm_both_orders=True,
-        pm_test_size=200,
-        rm_eval_every=20,
-        rl_batch_size=4,
-        rl_max_steps=17,
-        rl_learning_rate=2e-4,
-        rl_max_tokens=48,
-        rl_eval_every=4,
-        rl_kl_penalty_coef=0.2,
-        win_rate_prompts=32,
-        hh_max_chars=400,
-        hh_data="harmless-base",
-        save_every=5,
-        dpo_batch_size=8,
-        dpo_max_steps=41,
-        dpo_learning_rate=1e-4,
-        dpo_eval_every=20,
-    ),
-    # The most the embedded 135M judge can learn, and RL can draw from it, in at most 2 hours on a 2-core CPU.
-    # * Why harmless-base: a first version of this preset trained on all four offline splits (1,775 comparisons up
-    #   to 500 characters, one epoch in both orders, 110 steps of 16) and RL on order-symmetric rewards; measured
-    #   (AMD EPYC with bf16, 2026-12-01, 36.9 min): the judge reached 57.0% on 164 held-out comparisons (CI
-    #   51.1-62.9, 57% "A"), and RL moved the order-symmetric win rate from 51.0% to 51.5% in 24 iterations: a
-    #   judge that is barely above chance on the helpful splits gives RL nothing to climb. On harmless-base alone
-    #   the demo's judge reaches 61-67% and its RL gains 25 points (README), so this preset gives that judge all
-    #   of harmless-base that the offline data holds up to 800 characters (1,052 training comparisons, 1.8x the
-    #   demo's; 99 held out, 95% CI about +-10 points) and measures how far it carries to the helpful splits (ood/).
-    # * Preference model: one epoch in both A/B orders, 132 steps of 8 comparisons (16 sequences), the demo's
-    #   learning rate and rank; held-out NLL every 44 steps; the data-scaling curve over 5 checkpoints.
-    # * SFT: twice the demo's steps (26 of 4 rows); it shapes the policy, not the judge.
-    # * RL: the reference's greedy verdicts (as the demo), 32 iterations with the demo's learning rate and KL
-    #   penalty, the win rate on 64 held-out prompts every 8 iterations (95% CI about +-12 points).
-    # * Measured (AMD EPYC with bf16, 2026-12-01): 30.6 min (SFT 2.1, PM 15.1 + evaluation, RL 7.8); judge 63.1% in
-    #   distribution (order-symmetric 68.2%), 45.7% on the helpful splits; RL win rate 20.5% -> 53.6%. In fp32 (a
-    #   CPU without bf16) about 2.2x as long, ~70 min (estimate: the demo's RL took 2.2x as long in fp32).
-    "quality": dict(
-        base_model="smollm2-135m-instruct",
-        log_root="runs/quality",
-        lora_rank=16,
-        max_length=512,
-        hh_data="harmless-base",
-        hh_max_chars=800,
-        save_every=11,
-        sft_batch_size=4,
-        sft_max_steps=26,
-        sft_learning_rate=3e-4,
-        sft_test_size=16,
-        sft_eval_every=13,
-        rm_batch_size=8,
-        rm_max_steps=132,
-        rm_learning_rate=1e-3,
-        rm_both_orders=True,
-        pm_test_size=99,
-        rm_eval_every=44,
-        pm_eval_size=400,
-        pm_scaling_points=5,
-        rl_batch_size=4,
-        rl_max_steps=32,
-        rl_learning_rate=2e-4,
-        rl_max_tokens=48,
-        rl_eval_every=8,
-        rl_kl_penalty_coef=0.2,
-        win_rate_prompts=64,
-        dpo_batch_size=8,
-        dpo_max_steps=132,
-        dpo_learning_rate=1e-4,
-        dpo_eval_every=44,
-    ),
-    # The reference's `shorter` recipe (`rlhfkit rl preset=shorter`): RL from the base model on one prompt ("Who are
-    # you?"), judged by a rule that prefers the shorter reply; env/all/ac_tokens_per_turn falls. The reference's
-    # learning rate and max_tokens (3e-5, 64); smaller batches and groups (4 x 8 instead of 32 x 16) for a CPU.
-    "shorter": dict(
-        base_model="smollm2-135m-instruct",
-        log_root="runs/shorter",
-        rl_judge="shorter",
-        run_sft=False,
-        run_rm=False,
-        lora_rank=16,
-        rl_batch_size=4,
-        rl_group_size=8,
-        rl_max_tokens=64,
-        rl_learning_rate=3e-5,
-        rl_max_steps=20,
-        rl_eval_every=0,
-        save_every=5,
-    ),
-    # A tiny random model: every stage runs in about a minute (for tests and quick checks).
-    # Its random judge never answers "A" or "B" greedily, so verdict rewards would all be ties and RL would do
-    # nothing; with reward_mode="probability" the replies' rewards differ and every RL step changes the weights.
-    # Its head size (16) is one vLLM's CPU build cannot run (64 or 128), so backend=ray serves it with torch engines.
-    "smoke": dict(
-        base_model="tiny",
-        log_root="runs/smoke",
-        lora_rank=4,
-        max_length=128,
-        batch_size=4,
-        max_steps=3,
-        rm_max_steps=12,
-        rl_max_tokens=12,
-        save_every=2,
-        eval_every=2,
-        sft_test_size=4,
-        pm_test_size=8,
-        pm_eval_size=8,
-        win_rate_prompts=4,
-        report_prompts=1,
-        rl_learning_rate=1e-3,
-        hh_max_chars=300,
-        reward_mode="probability",
-        inference_engine="torch",
-    ),
-}
-
-
 def load_config_file(path_text: str) -> dict[str, Any]:
     """The settings of a .json (e.g. a run's pipeline_config.json) or .toml file, typed."""
     path = Path(path_text).expanduser()
@@ -567,6 +425,18 @@ def load_config_file(path_text: str) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError("config", path_text, "expected a table/object of settings")
     return parse_values(PipelineConfig, loaded, source=str(path))
+
+
+PRESETS_DIR = Path(__file__).with_name("presets")  # <name>.toml: the settings of preset=<name>, commented
+
+
+def load_presets(folder: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
+    """name -> settings of every `folder/<name>.toml`, read (and typed) as a `config=FILE` is: a preset is a config
+    file that ships with rlhfkit, and a copy of one is a valid `config=` file."""
+    return {path.stem: load_config_file(str(path)) for path in sorted(folder.glob("*.toml"))}
+
+
+PRESETS: dict[str, dict[str, Any]] = load_presets()  # read once, on import
 
 
 def parse_args(argv: list[str]) -> PipelineConfig:
@@ -601,6 +471,7 @@ def help_text(command: str, argv: list[str]) -> str:
         f"usage: rlhfkit {command} [preset={'|'.join(PRESETS)}] [config=FILE.json|.toml] [key=value ...]\n\n"
         f"Settings apply in order: the preset (default demo), config files, then key=value. A stage's own "
         f"value\n(sft_/rm_/rl_...) overrides the shared one when set. Shown: name (type) = default "
-        f"[preset {preset}: value].\n\n"
+        f"[preset {preset}: value].\nThe presets are commented settings files (to start your own, copy one and "
+        f"give preset=NAME config=COPY):\n  {PRESETS_DIR}/NAME.toml\n\n"
         + format_help(PipelineConfig, GROUPS, preset_values, override_label=f"preset {preset}")
     )

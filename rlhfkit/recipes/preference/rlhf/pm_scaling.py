@@ -22,9 +22,8 @@ from rlhfkit.recipes.preference.rlhf.pipeline_data import (
     held_out_ood_comparisons,
     out_of_distribution_splits,
 )
+from rlhfkit.run_files import FINAL_CHECKPOINT, METRICS_FILE, PM_SCALING_FILE, RM_DIR
 from rlhfkit.utils.atomic import read_jsonl, write_json_atomic
-
-SCALING_FILE = "pm_scaling.json"
 
 
 def held_out_sets(cfg: PipelineConfig) -> dict[str, tuple[str, list[LabeledComparison]]]:
@@ -71,7 +70,7 @@ async def evaluate_checkpoint(
 def training_steps(record: CheckpointRecord, metrics: list[dict]) -> int:
     """Training steps done when the checkpoint was saved: its name for a step checkpoint ("000020" is saved before
     step 20 runs), every logged step for the final one."""
-    if record.name == "final":
+    if record.name == FINAL_CHECKPOINT:
         return 1 + max((r["step"] for r in metrics if "train_mean_nll" in r), default=-1)
     return int(record.name)
 
@@ -102,16 +101,16 @@ async def evaluate_pm_scaling(
     evaluated on the held-out sets of rm/pm_eval.json (the final one's figures are `final_metrics`, pm_eval.json's).
     Written to rm/pm_scaling.json after every point; a point already there is not evaluated again (a killed run
     resumes). Each point: checkpoint name, steps, comparisons, and the pm/... and ood/... metrics."""
-    rm_dir = Path(cfg.log_root) / "rm"
-    out = rm_dir / SCALING_FILE
+    rm_dir = Path(cfg.log_root) / RM_DIR
+    out = rm_dir / PM_SCALING_FILE
     done = {p["checkpoint"]: p for p in (json.loads(out.read_text())["points"] if out.exists() else [])}
-    metrics = read_jsonl(rm_dir / "metrics.jsonl")
+    metrics = read_jsonl(rm_dir / METRICS_FILE)
     chosen = scaling_checkpoints(checkpoint_utils.load_checkpoints_file(rm_dir), cfg.pm_scaling_points)
     sets = None
     points = []
     for record in chosen:
         if record.name not in done:
-            if record.name == "final":
+            if record.name == FINAL_CHECKPOINT:
                 figures = {k: v for k, v in final_metrics.items() if isinstance(v, (int, float))}
             else:
                 sets = sets if sets is not None else held_out_sets(cfg)

@@ -13,9 +13,9 @@ from typing import Any
 from rlhfkit import checkpoint_utils
 from rlhfkit.recipes.preference.rlhf.pipeline_config import PipelineConfig
 from rlhfkit.recipes.preference.rlhf.pipeline_data import held_out_comparisons
+from rlhfkit.run_files import REPORT_REPLIES_FILE, RL_DIR, SFT_DIR
 from rlhfkit.utils.atomic import write_json_atomic
 
-REPLIES_FILE = "report_replies.json"
 TUTORIAL_PROMPT = "What is the most important thing to consider when learning a new programming language?"
 EMPTY_REPLY = "(empty reply: the model stopped at once)"
 TEMPERATURE = 0.7
@@ -36,11 +36,11 @@ async def sample_report_replies(cfg: PipelineConfig, base_model: str, renderer_n
     from rlhfkit.engine import ServiceClient, types
     from rlhfkit.renderers import get_renderer, get_text_content
 
-    out_path = Path(cfg.log_root) / REPLIES_FILE
+    out_path = Path(cfg.log_root) / REPORT_REPLIES_FILE
     prompts = report_prompts(cfg)
     last = {
         name: checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/{stage}", required_key="sampler_path")
-        for name, stage in (("sft", "sft"), ("rlhf", "rl"))
+        for name, stage in (("sft", SFT_DIR), ("rlhf", RL_DIR))
     }
     checkpoints = {name: os.path.relpath(record.sampler_path, cfg.log_root) for name, record in last.items()}
     header = {

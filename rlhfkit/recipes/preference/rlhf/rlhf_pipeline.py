@@ -35,6 +35,18 @@ from rlhfkit.recipes.preference.rlhf.pipeline_data import (
 from rlhfkit.recipes.preference.rlhf.pm_scaling import evaluate_checkpoint, evaluate_pm_scaling, held_out_sets
 from rlhfkit.recipes.preference.rlhf.seeds import format_seeds, rl_runs, summarize_seeds
 from rlhfkit.recipes.preference.rlhf.run_record import CONFIG_FILE, check_recorded_settings, write_record
+from rlhfkit.run_files import (
+    COMPARISON_FILE,
+    DPO_DIR,
+    ENVIRONMENT_FILE,
+    FINAL_CHECKPOINT,
+    PM_EVAL_FILE,
+    RL_DIR,
+    RM_DIR,
+    SFT_DIR,
+    STAGE_TIMES_FILE,
+    TINY_MODEL_DIR,
+)
 from rlhfkit.utils.async_utils import run_or_await
 from rlhfkit.utils.atomic import write_json_atomic
 from rlhfkit.utils.timing import StageClock
@@ -43,13 +55,11 @@ from rlhfkit.utils.run_lock import RunLock
 
 __all__ = ["CONFIG_FILE", "PRESETS", "PipelineConfig", "main", "main_async", "parse_args"]
 
-ENVIRONMENT_FILE = "environment.json"  # the environment variables that change the engine's behaviour
-
 
 def stage_finished(log_path: str) -> bool:
     """The stage's last intact checkpoint is its final one (a damaged final checkpoint is redone)."""
     last = checkpoint_utils.get_last_checkpoint(log_path)
-    return last is not None and last.name == "final"
+    return last is not None and last.name == FINAL_CHECKPOINT
 
 
 def resolve_base_model(cfg: PipelineConfig) -> str:
@@ -57,7 +67,7 @@ def resolve_base_model(cfg: PipelineConfig) -> str:
         return cfg.base_model
     from rlhfkit.engine.testing import build_tiny_model  # the smoke preset's random model
 
-    return str(build_tiny_model(Path(cfg.log_root) / "tiny_model"))
+    return str(build_tiny_model(Path(cfg.log_root) / TINY_MODEL_DIR))
 
 
 def starting_point(given: str | None, stage_log: str, key: str) -> str | None:
@@ -86,7 +96,7 @@ def check_sampler(cfg: PipelineConfig, base_model: str) -> None:
     """With sampler=vllm: the vLLM engine can serve the base model and put a LoRA adapter on every module the RL
     policy trains, checked before any stage trains (else an error naming the setting to change)."""
     engine = cfg.engine_settings()
-    if engine.sampler != "vllm" or not cfg.run_rl or stage_finished(f"{cfg.log_root}/rl"):
+    if engine.sampler != "vllm" or not cfg.run_rl or stage_finished(f"{cfg.log_root}/{RL_DIR}"):
         return
     from rlhfkit.engine.model.lora import LoraSpec
     from rlhfkit.engine.model.base import pick_precision
@@ -101,10 +111,10 @@ def check_data(cfg: PipelineConfig) -> None:
     comparisons of every role."""
     from rlhfkit.recipes.chat_sl.chat_datasets import NAMED_CHAT_DATA, chat_builder
 
-    if cfg.run_sft and cfg.sft_data not in NAMED_CHAT_DATA and not stage_finished(f"{cfg.log_root}/sft"):
+    if cfg.run_sft and cfg.sft_data not in NAMED_CHAT_DATA and not stage_finished(f"{cfg.log_root}/{SFT_DIR}"):
         chat_builder(None, cfg.sft_data, cfg.sft_columns, cfg.sft_test_size).load_conversations()  # empty: named
     reads_comparisons = cfg.run_rm or cfg.run_dpo or (cfg.run_rl and cfg.rl_judge != "shorter")
-    if reads_comparisons and not stage_finished(f"{cfg.log_root}/rl"):
+    if reads_comparisons and not stage_finished(f"{cfg.log_root}/{RL_DIR}"):
         comparison_builder(cfg, "rl").role_examples()
 
 
@@ -112,7 +122,13 @@ def check_data(cfg: PipelineConfig) -> None:
 # The steps
 
 
-async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
+# Each stage's loop settings are made by a pure function (sft_config, rm_config, rl_config, shorter_rl_config,
+# dpo_config): construction only (it validates every field), no model, data or file is read; the run_* step runs
+# the loop on them.
+
+
+def sft_config(cfg: PipelineConfig, base_model: str, renderer_name: str) -> Any:
+    """Stage 1's settings: the supervised loop's Config on the SFT conversations."""
     from rlhfkit.renderers import TrainOnWhat
     from rlhfkit.supervised import train as supervised_train
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
@@ -124,28 +140,33 @@ async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
         batch_size=cfg.stage_value("sft", "batch_size"),
         train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES,
     )
-    await supervised_train.main(
-        supervised_train.Config(
-            log_path=f"{cfg.log_root}/sft",
-            model_name=base_model,
-            recipe_name="recipe_preference_rlhf_sft",
-            renderer_name=renderer_name,
-            dataset_builder=sft_dataset_builder(cfg, common),
-            learning_rate=cfg.sft_learning_rate,
-            lr_schedule="linear",
-            num_epochs=1,
-            lora_rank=cfg.lora_rank,
-            save_every=cfg.save_every,
-            eval_every=cfg.stage_value("sft", "eval_every"),
-            wandb_project=cfg.wandb_project,
-            wandb_name=f"{cfg.wandb_name}-sft",
-            max_steps=cfg.stage_value("sft", "max_steps"),
-            engine=cfg.engine_settings(),
-        )
+    return supervised_train.Config(
+        log_path=f"{cfg.log_root}/{SFT_DIR}",
+        model_name=base_model,
+        recipe_name="recipe_preference_rlhf_sft",
+        renderer_name=renderer_name,
+        dataset_builder=sft_dataset_builder(cfg, common),
+        learning_rate=cfg.sft_learning_rate,
+        lr_schedule="linear",
+        num_epochs=1,
+        lora_rank=cfg.lora_rank,
+        save_every=cfg.save_every,
+        eval_every=cfg.stage_value("sft", "eval_every"),
+        wandb_project=cfg.wandb_project,
+        wandb_name=f"{cfg.wandb_name}-sft",
+        max_steps=cfg.stage_value("sft", "max_steps"),
+        engine=cfg.engine_settings(),
     )
 
 
-async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
+async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
+    from rlhfkit.supervised import train as supervised_train
+
+    await supervised_train.main(sft_config(cfg, base_model, renderer_name))
+
+
+def rm_config(cfg: PipelineConfig, base_model: str, renderer_name: str) -> Any:
+    """Stage 2's settings: the supervised loop's Config on the preference model's comparisons."""
     from rlhfkit.preference.preference_datasets import ChatDatasetBuilderFromComparisons
     from rlhfkit.supervised import train as supervised_train
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
@@ -156,29 +177,33 @@ async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> No
         max_length=cfg.max_length,
         batch_size=cfg.stage_value("rm", "batch_size"),
     )
-    await supervised_train.main(
-        supervised_train.Config(
-            log_path=f"{cfg.log_root}/rm",
-            model_name=base_model,
-            recipe_name="recipe_preference_rlhf_rm",
-            renderer_name=renderer_name,
-            dataset_builder=ChatDatasetBuilderFromComparisons(
-                common_config=common,
-                comparison_builder=comparison_builder(cfg, "preference_model", cfg.pm_test_size),
-                swap=cfg.rm_both_orders,
-            ),
-            learning_rate=cfg.rm_learning_rate,
-            lr_schedule="linear",
-            num_epochs=1,
-            lora_rank=cfg.lora_rank,
-            save_every=cfg.save_every,
-            eval_every=cfg.stage_value("rm", "eval_every"),
-            wandb_project=cfg.wandb_project,
-            wandb_name=f"{cfg.wandb_name}-rm",
-            max_steps=cfg.stage_value("rm", "max_steps"),
-            engine=cfg.engine_settings(),
-        )
+    return supervised_train.Config(
+        log_path=f"{cfg.log_root}/{RM_DIR}",
+        model_name=base_model,
+        recipe_name="recipe_preference_rlhf_rm",
+        renderer_name=renderer_name,
+        dataset_builder=ChatDatasetBuilderFromComparisons(
+            common_config=common,
+            comparison_builder=comparison_builder(cfg, "preference_model", cfg.pm_test_size),
+            swap=cfg.rm_both_orders,
+        ),
+        learning_rate=cfg.rm_learning_rate,
+        lr_schedule="linear",
+        num_epochs=1,
+        lora_rank=cfg.lora_rank,
+        save_every=cfg.save_every,
+        eval_every=cfg.stage_value("rm", "eval_every"),
+        wandb_project=cfg.wandb_project,
+        wandb_name=f"{cfg.wandb_name}-rm",
+        max_steps=cfg.stage_value("rm", "max_steps"),
+        engine=cfg.engine_settings(),
     )
+
+
+async def run_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
+    from rlhfkit.supervised import train as supervised_train
+
+    await supervised_train.main(rm_config(cfg, base_model, renderer_name))
 
 
 async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) -> dict:
@@ -187,10 +212,10 @@ async def evaluate_rm(cfg: PipelineConfig, base_model: str, renderer_name: str) 
     PM-test comparisons of the run's own data (in distribution); `ood/...`: up to pm_eval_size PM-test comparisons
     of the offline HH-RLHF splits the run's data leaves out (out of distribution, named in `ood/splits`; only
     when the data names some of the offline splits). Saved to rm/pm_eval.json (computed once) and printed."""
-    out = Path(cfg.log_root) / "rm" / "pm_eval.json"
+    out = Path(cfg.log_root) / RM_DIR / PM_EVAL_FILE
     if out.exists():
         return json.loads(out.read_text())
-    record = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/rm", required_key="sampler_path")
+    record = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/{RM_DIR}", required_key="sampler_path")
     sets = held_out_sets(cfg)
     metrics: dict[str, Any] = await evaluate_checkpoint(
         record.sampler_path, renderer_name, base_model, sets, engine=cfg.engine_settings()
@@ -207,21 +232,37 @@ async def run_rl(
 ) -> None:
     """RL in log_root/`folder` with RL seed `seed` (None: cfg.seed); the win-rate evaluation always uses cfg.seed
     (the same prompts and samples in every seed's run)."""
+    from rlhfkit.rl import train as rl_train
+
+    if cfg.rl_judge == "shorter":
+        return await run_shorter_rl(cfg, base_model, renderer_name, folder, seed)
+    sft_path = starting_point(cfg.sft_checkpoint, f"{cfg.log_root}/{SFT_DIR}", "state_path")
+    rm_path = starting_point(cfg.rm_checkpoint, f"{cfg.log_root}/{RM_DIR}", "sampler_path")
+    if sft_path is None or rm_path is None:
+        raise ValueError(
+            f"RL needs the SFT and preference-model checkpoints in {cfg.log_root}/{SFT_DIR} and "
+            f"{cfg.log_root}/{RM_DIR}; run those stages first (run_sft=true run_rm=true) or name them "
+            f"(sft_checkpoint=PATH rm_checkpoint=PATH)"
+        )
+    await rl_train.main(rl_config(cfg, base_model, renderer_name, sft_path, rm_path, folder, seed))
+
+
+def rl_config(
+    cfg: PipelineConfig,
+    base_model: str,
+    renderer_name: str,
+    sft_path: str,
+    rm_path: str,
+    folder: str = "rl",
+    seed: int | None = None,
+) -> Any:
+    """Stage 3's settings (judged by the preference model at `rm_path`, starting from the SFT state at `sft_path`):
+    the RL loop's Config, its prompt dataset, judge and win-rate evaluator builders."""
     from rlhfkit.preference.comparison_policy_evaluator import ComparisonEvaluatorBuilder
     from rlhfkit.preference.types import PreferenceModelBuilderFromChatRenderer
     from rlhfkit.rl import preference_envs
     from rlhfkit.rl import train as rl_train
 
-    if cfg.rl_judge == "shorter":
-        return await run_shorter_rl(cfg, base_model, renderer_name, folder, seed)
-    sft_path = starting_point(cfg.sft_checkpoint, f"{cfg.log_root}/sft", "state_path")
-    rm_path = starting_point(cfg.rm_checkpoint, f"{cfg.log_root}/rm", "sampler_path")
-    if sft_path is None or rm_path is None:
-        raise ValueError(
-            f"RL needs the SFT and preference-model checkpoints in {cfg.log_root}/sft and "
-            f"{cfg.log_root}/rm; run those stages first (run_sft=true run_rm=true) or name them "
-            f"(sft_checkpoint=PATH rm_checkpoint=PATH)"
-        )
     pm_builder = PreferenceModelBuilderFromChatRenderer(
         renderer_name=renderer_name,
         model_name=base_model,
@@ -249,31 +290,29 @@ async def run_rl(
     kl_reference = (
         rl_train.KLReferenceConfig(base_model, load_checkpoint_path=sft_path) if cfg.rl_kl_penalty_coef > 0 else None
     )
-    await rl_train.main(
-        rl_train.Config(
-            model_name=base_model,
-            recipe_name="recipe_preference_rlhf_rl",
-            renderer_name=renderer_name,
-            dataset_builder=dataset_builder,
-            load_checkpoint_path=sft_path,
-            learning_rate=cfg.rl_learning_rate,
-            max_tokens=cfg.rl_max_tokens,
-            log_path=f"{cfg.log_root}/{folder}",
-            evaluator_builders=[win_rate],
-            wandb_project=cfg.wandb_project,
-            wandb_name=f"{cfg.wandb_name}-{folder}",
-            lora_rank=cfg.lora_rank,
-            save_every=cfg.save_every,
-            eval_every=cfg.stage_value("rl", "eval_every"),
-            num_groups_to_log=cfg.num_groups_to_log,
-            max_steps=cfg.stage_value("rl", "max_steps"),
-            loss_fn=cfg.rl_loss_fn,
-            seed=cfg.seed if seed is None else seed,
-            engine=cfg.engine_settings(),
-            kl_penalty_coef=cfg.rl_kl_penalty_coef,
-            kl_reference_config=kl_reference,
-            **rl_execution_mode(cfg),
-        )
+    return rl_train.Config(
+        model_name=base_model,
+        recipe_name="recipe_preference_rlhf_rl",
+        renderer_name=renderer_name,
+        dataset_builder=dataset_builder,
+        load_checkpoint_path=sft_path,
+        learning_rate=cfg.rl_learning_rate,
+        max_tokens=cfg.rl_max_tokens,
+        log_path=f"{cfg.log_root}/{folder}",
+        evaluator_builders=[win_rate],
+        wandb_project=cfg.wandb_project,
+        wandb_name=f"{cfg.wandb_name}-{folder}",
+        lora_rank=cfg.lora_rank,
+        save_every=cfg.save_every,
+        eval_every=cfg.stage_value("rl", "eval_every"),
+        num_groups_to_log=cfg.num_groups_to_log,
+        max_steps=cfg.stage_value("rl", "max_steps"),
+        loss_fn=cfg.rl_loss_fn,
+        seed=cfg.seed if seed is None else seed,
+        engine=cfg.engine_settings(),
+        kl_penalty_coef=cfg.rl_kl_penalty_coef,
+        kl_reference_config=kl_reference,
+        **rl_execution_mode(cfg),
     )
 
 
@@ -295,83 +334,100 @@ async def run_shorter_rl(
 ) -> None:
     """The reference's `shorter` recipe (recipes/preference/shorter.py): RL from the base model (or
     sft_checkpoint) on one prompt, judged by the rule that the shorter reply wins; no win-rate evaluation."""
+    from rlhfkit.rl import train as rl_train
+
+    sft_path = None if cfg.sft_checkpoint is None else starting_point(cfg.sft_checkpoint, "", "state_path")
+    await rl_train.main(shorter_rl_config(cfg, base_model, renderer_name, sft_path, folder, seed))
+
+
+def shorter_rl_config(
+    cfg: PipelineConfig,
+    base_model: str,
+    renderer_name: str,
+    sft_path: str | None = None,
+    folder: str = "rl",
+    seed: int | None = None,
+) -> Any:
+    """The `shorter` recipe's RL settings (rl_judge="shorter"), from `sft_path` (None: the base model)."""
     from rlhfkit.recipes.preference.shorter import ShorterComparisonBuilder, ShorterPreferenceModelBuilder
     from rlhfkit.rl import preference_envs
     from rlhfkit.rl import train as rl_train
 
-    sft_path = None if cfg.sft_checkpoint is None else starting_point(cfg.sft_checkpoint, "", "state_path")
-    await rl_train.main(
-        rl_train.Config(
-            model_name=base_model,
-            recipe_name="recipe_preference_shorter",
-            renderer_name=renderer_name,
-            dataset_builder=preference_envs.PairwisePreferenceRLDatasetBuilder(
-                comparison_builder=ShorterComparisonBuilder(),
-                batch_size=cfg.stage_value("rl", "batch_size"),
-                policy_renderer_name=renderer_name,
-                policy_model_name=base_model,
-                preference_model_builder=ShorterPreferenceModelBuilder(),
-                group_size=cfg.rl_group_size,
-            ),
-            load_checkpoint_path=sft_path,
-            learning_rate=cfg.rl_learning_rate,
-            max_tokens=cfg.rl_max_tokens,
-            log_path=f"{cfg.log_root}/{folder}",
-            wandb_project=cfg.wandb_project,
-            wandb_name=f"{cfg.wandb_name}-{folder}",
-            lora_rank=cfg.lora_rank,
-            save_every=cfg.save_every,
-            eval_every=0,
-            num_groups_to_log=cfg.num_groups_to_log,
-            max_steps=cfg.stage_value("rl", "max_steps"),
-            loss_fn=cfg.rl_loss_fn,
-            seed=cfg.seed if seed is None else seed,
-            engine=cfg.engine_settings(),
-            **rl_execution_mode(cfg),
-        )
+    return rl_train.Config(
+        model_name=base_model,
+        recipe_name="recipe_preference_shorter",
+        renderer_name=renderer_name,
+        dataset_builder=preference_envs.PairwisePreferenceRLDatasetBuilder(
+            comparison_builder=ShorterComparisonBuilder(),
+            batch_size=cfg.stage_value("rl", "batch_size"),
+            policy_renderer_name=renderer_name,
+            policy_model_name=base_model,
+            preference_model_builder=ShorterPreferenceModelBuilder(),
+            group_size=cfg.rl_group_size,
+        ),
+        load_checkpoint_path=sft_path,
+        learning_rate=cfg.rl_learning_rate,
+        max_tokens=cfg.rl_max_tokens,
+        log_path=f"{cfg.log_root}/{folder}",
+        wandb_project=cfg.wandb_project,
+        wandb_name=f"{cfg.wandb_name}-{folder}",
+        lora_rank=cfg.lora_rank,
+        save_every=cfg.save_every,
+        eval_every=0,
+        num_groups_to_log=cfg.num_groups_to_log,
+        max_steps=cfg.stage_value("rl", "max_steps"),
+        loss_fn=cfg.rl_loss_fn,
+        seed=cfg.seed if seed is None else seed,
+        engine=cfg.engine_settings(),
+        **rl_execution_mode(cfg),
     )
 
 
 async def run_dpo(cfg: PipelineConfig, base_model: str, renderer_name: str) -> None:
     """DPO from the SFT policy on the comparisons the preference model trains on (its test split held out)."""
     from rlhfkit.preference import train_dpo
+
+    sft_path = starting_point(cfg.sft_checkpoint, f"{cfg.log_root}/{SFT_DIR}", "state_path")
+    if sft_path is None:
+        raise ValueError(
+            f"DPO starts from the SFT policy in {cfg.log_root}/{SFT_DIR}; run that stage first (run_sft=true) "
+            f"or name it (sft_checkpoint=PATH)"
+        )
+    await train_dpo.main(dpo_config(cfg, base_model, renderer_name, sft_path))
+
+
+def dpo_config(cfg: PipelineConfig, base_model: str, renderer_name: str, sft_path: str) -> Any:
+    """The DPO stage's settings: the DPO loop's Config from the SFT state at `sft_path`."""
+    from rlhfkit.preference import train_dpo
     from rlhfkit.preference.dpo_datasets import DPODatasetBuilderFromComparisons
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
-    sft_path = starting_point(cfg.sft_checkpoint, f"{cfg.log_root}/sft", "state_path")
-    if sft_path is None:
-        raise ValueError(
-            f"DPO starts from the SFT policy in {cfg.log_root}/sft; run that stage first (run_sft=true) "
-            f"or name it (sft_checkpoint=PATH)"
-        )
     common = ChatDatasetBuilderCommonConfig(
         model_name_for_tokenizer=base_model,
         renderer_name=renderer_name,
         max_length=cfg.max_length,
         batch_size=cfg.stage_value("dpo", "batch_size"),
     )
-    await train_dpo.main(
-        train_dpo.Config(
-            log_path=f"{cfg.log_root}/dpo",
-            model_name=base_model,
-            recipe_name="recipe_preference_dpo",
-            renderer_name=renderer_name,
-            load_checkpoint_path=sft_path,
-            dataset_builder=DPODatasetBuilderFromComparisons(
-                common, comparison_builder(cfg, "preference_model", cfg.pm_test_size)
-            ),
-            learning_rate=cfg.dpo_learning_rate,
-            dpo_beta=cfg.dpo_beta,
-            label_smoothing=cfg.dpo_label_smoothing,
-            loss_type=cfg.dpo_loss_type,
-            lora_rank=cfg.lora_rank,
-            save_every=cfg.save_every,
-            eval_every=cfg.stage_value("dpo", "eval_every"),
-            wandb_project=cfg.wandb_project,
-            wandb_name=f"{cfg.wandb_name}-dpo",
-            max_steps=cfg.stage_value("dpo", "max_steps"),
-            engine=cfg.engine_settings(),
-        )
+    return train_dpo.Config(
+        log_path=f"{cfg.log_root}/{DPO_DIR}",
+        model_name=base_model,
+        recipe_name="recipe_preference_dpo",
+        renderer_name=renderer_name,
+        load_checkpoint_path=sft_path,
+        dataset_builder=DPODatasetBuilderFromComparisons(
+            common, comparison_builder(cfg, "preference_model", cfg.pm_test_size)
+        ),
+        learning_rate=cfg.dpo_learning_rate,
+        dpo_beta=cfg.dpo_beta,
+        label_smoothing=cfg.dpo_label_smoothing,
+        loss_type=cfg.dpo_loss_type,
+        lora_rank=cfg.lora_rank,
+        save_every=cfg.save_every,
+        eval_every=cfg.stage_value("dpo", "eval_every"),
+        wandb_project=cfg.wandb_project,
+        wandb_name=f"{cfg.wandb_name}-dpo",
+        max_steps=cfg.stage_value("dpo", "max_steps"),
+        engine=cfg.engine_settings(),
     )
 
 
@@ -384,7 +440,7 @@ async def compare_sft_dpo_rlhf(cfg: PipelineConfig, base_model: str, renderer_na
     from rlhfkit.renderers import get_renderer
     from rlhfkit.tokenizer_utils import get_tokenizer
 
-    out = Path(cfg.log_root) / "comparison.json"
+    out = Path(cfg.log_root) / COMPARISON_FILE
     if out.exists():
         return json.loads(out.read_text())
     # the local sampler: the comparison also needs compute_logprobs (KL from SFT)
@@ -392,9 +448,9 @@ async def compare_sft_dpo_rlhf(cfg: PipelineConfig, base_model: str, renderer_na
     service = ServiceClient(settings=engine)
     paths = {
         name: checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/{stage}", required_key="sampler_path").sampler_path
-        for name, stage in (("sft", "sft"), ("dpo", "dpo"), ("rlhf", "rl"))
+        for name, stage in (("sft", SFT_DIR), ("dpo", DPO_DIR), ("rlhf", RL_DIR))
     }
-    rm = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/rm", required_key="sampler_path")
+    rm = checkpoint_utils.get_last_checkpoint(f"{cfg.log_root}/{RM_DIR}", required_key="sampler_path")
     preference_model = PreferenceModelBuilderFromChatRenderer(
         renderer_name, base_model, rm.sampler_path, reward_mode=cfg.reward_mode, engine=engine
     )()
@@ -448,14 +504,14 @@ async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
     check_data(cfg)
     check_sampler(cfg, base_model)
     renderer_name = cfg.renderer_name or model_info.get_recommended_renderer_name(base_model)
-    timings_path = root / "stage_times.json"
+    timings_path = root / STAGE_TIMES_FILE
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     rl_seeds = rl_runs(cfg.seed, cfg.seeds)
     stages = [
-        ("sft", "sft", cfg.run_sft, run_sft),
-        ("rm", "rm", cfg.run_rm, run_rm),
+        (SFT_DIR, "sft", cfg.run_sft, run_sft),
+        (RM_DIR, "rm", cfg.run_rm, run_rm),
         *[(folder, "rl", cfg.run_rl, functools.partial(run_rl, folder=folder, seed=seed)) for folder, seed in rl_seeds],
-        ("dpo", "dpo", cfg.run_dpo, run_dpo),
+        (DPO_DIR, "dpo", cfg.run_dpo, run_dpo),
     ]
     for name, stage, enabled, run in stages:
         if not enabled or stage not in METHODS[cfg.method]:
@@ -477,7 +533,7 @@ async def _run_stages(cfg: PipelineConfig) -> dict[str, float]:
     if cfg.method == "both" and all(stage_finished(f"{cfg.log_root}/{s}") for s in METHODS["both"]):
         await compare_sft_dpo_rlhf(cfg, base_model, renderer_name)
     set_phase("report")
-    if cfg.report and all(stage_finished(f"{cfg.log_root}/{s}") for s in ("sft", "rm", "rl")):
+    if cfg.report and all(stage_finished(f"{cfg.log_root}/{s}") for s in (SFT_DIR, RM_DIR, RL_DIR)):
         from rlhfkit.recipes.preference.rlhf.report_replies import sample_report_replies
         from rlhfkit.report import write_report
 

@@ -16,9 +16,10 @@ from typing import Any
 
 from rlhfkit.errors import UserError
 from rlhfkit.recipes.preference.rlhf.pipeline_config import FREE_TO_CHANGE, GROUP_STAGES, PipelineConfig
+from rlhfkit.run_files import PIPELINE_CONFIG_FILE, kept_pipeline_config_file
 from rlhfkit.utils.atomic import write_json_atomic
 
-CONFIG_FILE = "pipeline_config.json"  # the run's settings: `config=log_root/pipeline_config.json` re-creates them
+CONFIG_FILE = PIPELINE_CONFIG_FILE  # the run's settings: `config=log_root/pipeline_config.json` re-creates them
 NOT_RECORDED = ("allow_changed_settings",)  # a choice of one start, not a property of the run
 
 
@@ -98,9 +99,9 @@ def write_record(cfg: PipelineConfig) -> Path | None:
     kept = None
     if recorded is not None and recorded != new:
         n = 1
-        while (root / f"pipeline_config.{n}.json").exists():
+        while (root / kept_pipeline_config_file(n)).exists():
             n += 1
-        kept = root / f"pipeline_config.{n}.json"
+        kept = root / kept_pipeline_config_file(n)
         write_json_atomic(kept, recorded)
     write_json_atomic(root / CONFIG_FILE, new)
     return kept

@@ -10,17 +10,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from rlhfkit.run_files import METRICS_FILE, SEEDS_FILE, rl_seed_dir
 from rlhfkit.utils.atomic import read_jsonl, write_json_atomic
 from rlhfkit.utils.stats import t_interval
 
-SEEDS_FILE = "seeds.json"
 WIN_RATE = "test/win_rate"
 
 
 def rl_runs(seed: int, seeds: int) -> list[tuple[str, int]]:
     """(stage folder, RL seed) of each run: ("rl", seed), then ("rl_seed1", seed + 1), ... ("rl" stays the
     pipeline's RL stage, so resume, the report and the comparisons keep reading it)."""
-    return [("rl" if k == 0 else f"rl_seed{k}", seed + k) for k in range(seeds)]
+    return [(rl_seed_dir(k), seed + k) for k in range(seeds)]
 
 
 def win_rate_gain(metrics_path: Path) -> dict[str, float]:
@@ -42,7 +42,7 @@ def win_rate_gain(metrics_path: Path) -> dict[str, float]:
 def summarize_seeds(log_root: str | Path, runs: list[tuple[str, int]], confidence: float = 0.95) -> dict:
     """Each run's win-rate gain and their mean with a t-interval over runs; written to log_root/seeds.json."""
     root = Path(log_root)
-    rows = [{"folder": folder, "seed": seed, **win_rate_gain(root / folder / "metrics.jsonl")} for folder, seed in runs]
+    rows = [{"folder": folder, "seed": seed, **win_rate_gain(root / folder / METRICS_FILE)} for folder, seed in runs]
     mean, low, high = t_interval([row["gain"] for row in rows], confidence)
     summary = {
         "metric": WIN_RATE,
