@@ -1,6 +1,6 @@
 """The `rlhfkit` command.
 
-  rlhfkit pipeline [preset=demo|smoke|tutorial] [config=FILE] [key=value ...]   the whole pipeline
+  rlhfkit pipeline [preset=demo|quality|shorter|smoke|tutorial] [config=FILE] [key=value ...]   the whole pipeline
   rlhfkit sft|rm|rl|dpo [key=value ...]                 one stage alone (dpo: from the SFT policy in log_root/sft)
   rlhfkit sample --model PATH_OR_NAME "prompt" | --prompts-file FILE               replies of a model
   rlhfkit export CHECKPOINT OUT [--merge]                                          a PEFT adapter / merged model
