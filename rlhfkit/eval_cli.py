@@ -33,11 +33,11 @@ table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid 
 def load_model(model: str, renderer_name: str | None) -> tuple[Any, str, str]:
     """(sampling client, base model, renderer name) for a checkpoint, log directory, PEFT folder or base model."""
     from rlhfkit import model_info
-    from rlhfkit.engine import ServiceClient
+    from rlhfkit.engine import EngineSettings, ServiceClient
     from rlhfkit.sampling_cli import resolve_model
 
     checkpoint, base, recorded = resolve_model(model)
-    service = ServiceClient()
+    service = ServiceClient(settings=EngineSettings.from_env())  # the command line's engine: RLHFKIT_*
     sampler = (
         service.create_sampling_client(model_path=checkpoint, base_model=base)
         if checkpoint

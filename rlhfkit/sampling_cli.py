@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhfkit.engine import ServiceClient, types
+from rlhfkit.engine import EngineSettings, ServiceClient, types
 from rlhfkit.engine.model.lora import is_adapter_folder, read_spec
 from rlhfkit.errors import CheckpointError
 from rlhfkit.run_files import CHECKPOINTS_FILE, LOG_FILE, METRICS_FILE, PIPELINE_CONFIG_FILE, STAGE_CONFIG_FILE
@@ -123,7 +123,7 @@ def sample_replies(
     from rlhfkit import model_info, renderers
 
     checkpoint, base, recorded_renderer = resolve_model(model, base_model)
-    service = ServiceClient()
+    service = ServiceClient(settings=EngineSettings.from_env())  # the command line's engine: RLHFKIT_*
     sampler = (
         service.create_sampling_client(model_path=checkpoint, base_model=base)
         if checkpoint

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from rlhfkit.engine import types as et
+from rlhfkit.engine.clients import SamplingClient, TrainingClient
 from rlhfkit.serve import wire
 from rlhfkit.serve.errors import NotFound, UserError
 from rlhfkit.serve.futures import FutureStore, Result
@@ -56,7 +57,7 @@ class Model:
 
     model_id: str
     session_id: str
-    client: Any  # rlhfkit.engine TrainingClient (local or Ray)
+    client: TrainingClient  # local or Ray
     base_model: str
     lora: dict[str, Any]
     tokenizer_id: str | None = None
@@ -71,7 +72,7 @@ class Model:
 class Sampler:
     sampler_id: str
     session_id: str
-    client: Any  # rlhfkit.engine SamplingClient
+    client: SamplingClient
     base_model: str
     model_path: str | None
     seen: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
