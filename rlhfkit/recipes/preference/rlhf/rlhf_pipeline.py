@@ -130,7 +130,6 @@ def check_data(cfg: PipelineConfig) -> None:
 def sft_config(cfg: PipelineConfig, base_model: str, renderer_name: str) -> Any:
     """Stage 1's settings: the supervised loop's Config on the SFT conversations."""
     from rlhfkit.renderers import TrainOnWhat
-    from rlhfkit.supervised import train as supervised_train
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
     common = ChatDatasetBuilderCommonConfig(
@@ -140,22 +139,8 @@ def sft_config(cfg: PipelineConfig, base_model: str, renderer_name: str) -> Any:
         batch_size=cfg.stage_value("sft", "batch_size"),
         train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES,
     )
-    return supervised_train.Config(
-        log_path=f"{cfg.log_root}/{SFT_DIR}",
-        model_name=base_model,
-        recipe_name="recipe_preference_rlhf_sft",
-        renderer_name=renderer_name,
-        dataset_builder=sft_dataset_builder(cfg, common),
-        learning_rate=cfg.sft_learning_rate,
-        lr_schedule="linear",
-        num_epochs=1,
-        lora_rank=cfg.lora_rank,
-        save_every=cfg.save_every,
-        eval_every=cfg.stage_value("sft", "eval_every"),
-        wandb_project=cfg.wandb_project,
-        wandb_name=f"{cfg.wandb_name}-sft",
-        max_steps=cfg.stage_value("sft", "max_steps"),
-        engine=cfg.engine_settings(),
+    return supervised_stage_config(
+        cfg, "sft", SFT_DIR, base_model, renderer_name, sft_dataset_builder(cfg, common), cfg.sft_learning_rate
     )
 
 
@@ -168,7 +153,6 @@ async def run_sft(cfg: PipelineConfig, base_model: str, renderer_name: str) -> N
 def rm_config(cfg: PipelineConfig, base_model: str, renderer_name: str) -> Any:
     """Stage 2's settings: the supervised loop's Config on the preference model's comparisons."""
     from rlhfkit.preference.preference_datasets import ChatDatasetBuilderFromComparisons
-    from rlhfkit.supervised import train as supervised_train
     from rlhfkit.supervised.types import ChatDatasetBuilderCommonConfig
 
     common = ChatDatasetBuilderCommonConfig(
@@ -177,25 +161,42 @@ def rm_config(cfg: PipelineConfig, base_model: str, renderer_name: str) -> Any:
         max_length=cfg.max_length,
         batch_size=cfg.stage_value("rm", "batch_size"),
     )
+    comparisons = ChatDatasetBuilderFromComparisons(
+        common_config=common,
+        comparison_builder=comparison_builder(cfg, "preference_model", cfg.pm_test_size),
+        swap=cfg.rm_both_orders,
+    )
+    return supervised_stage_config(cfg, "rm", RM_DIR, base_model, renderer_name, comparisons, cfg.rm_learning_rate)
+
+
+def supervised_stage_config(
+    cfg: PipelineConfig,
+    stage: str,
+    folder: str,
+    base_model: str,
+    renderer_name: str,
+    dataset_builder: Any,
+    learning_rate: float,
+) -> Any:
+    """The supervised loop's Config of stage `stage` ("sft" or "rm"): one epoch, linear decay, the run's LoRA
+    rank, checkpoint cadence and engine."""
+    from rlhfkit.supervised import train as supervised_train
+
     return supervised_train.Config(
-        log_path=f"{cfg.log_root}/{RM_DIR}",
+        log_path=f"{cfg.log_root}/{folder}",
         model_name=base_model,
-        recipe_name="recipe_preference_rlhf_rm",
+        recipe_name=f"recipe_preference_rlhf_{stage}",
         renderer_name=renderer_name,
-        dataset_builder=ChatDatasetBuilderFromComparisons(
-            common_config=common,
-            comparison_builder=comparison_builder(cfg, "preference_model", cfg.pm_test_size),
-            swap=cfg.rm_both_orders,
-        ),
-        learning_rate=cfg.rm_learning_rate,
+        dataset_builder=dataset_builder,
+        learning_rate=learning_rate,
         lr_schedule="linear",
         num_epochs=1,
         lora_rank=cfg.lora_rank,
         save_every=cfg.save_every,
-        eval_every=cfg.stage_value("rm", "eval_every"),
+        eval_every=cfg.stage_value(stage, "eval_every"),
         wandb_project=cfg.wandb_project,
-        wandb_name=f"{cfg.wandb_name}-rm",
-        max_steps=cfg.stage_value("rm", "max_steps"),
+        wandb_name=f"{cfg.wandb_name}-{stage}",
+        max_steps=cfg.stage_value(stage, "max_steps"),
         engine=cfg.engine_settings(),
     )
 
