@@ -96,7 +96,8 @@ def child_clients(base_model: str, rank: int, counts: list[int]) -> dict:
     and the floor. Then all dropped: what comes back."""
     import torch
 
-    from rlhfkit.engine import AdamParams, Datum, ModelInput, ServiceClient, load_tokenizer, models
+    from rlhfkit.engine import AdamParams, Datum, ModelInput, ServiceClient, load_tokenizer
+    from rlhfkit.engine.model import base as models
 
     service = ServiceClient()
     tokens = load_tokenizer(base_model).encode("Memory is spent on adapters, not on copies of the model.")
@@ -167,7 +168,8 @@ def child_mixing(base_model: str, reps: int) -> dict:
 
     import torch
 
-    from rlhfkit.engine import ServiceClient, models
+    from rlhfkit.engine import ServiceClient
+    from rlhfkit.engine.model import base as models
 
     precision = ServiceClient().precision
     model = models.load_base_model(base_model, precision)
@@ -252,7 +254,8 @@ def run_child(args: list[str], threads: int) -> dict:
 def stage_floor(base_model: str, rank: int, stage: str) -> tuple[int, str]:
     """(bytes, what) the stage must hold: the base weights, its adapters (fp32), Adam's two moments and the
     gradients of the trained one."""
-    from rlhfkit.engine import ServiceClient, models
+    from rlhfkit.engine import ServiceClient
+    from rlhfkit.engine.model import base as models
     from rlhfkit.engine.model.lora import LoraSpec, add_lora
 
     precision = ServiceClient().precision

@@ -3,6 +3,8 @@ makes (the trainer's service, the judge, the evaluators)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rlhfkit.engine.settings import EngineSettings, resolve, with_engine
@@ -99,11 +101,19 @@ def _recording_judge_class():
 
 
 @pytest.mark.ray
-def test_an_rl_loop_on_ray_from_python_runs_its_judge_and_evaluator_there(tiny_model_dir, tmp_path):
+def test_rl_and_dpo_loops_on_ray_from_python_run_judge_reference_and_evaluator_there(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     """rl_train.Config(backend="ray") made in Python, with a judge and a win-rate evaluator whose builders name no
-    engine: both make their sampling clients on the Ray backend (before, they read the environment and ran
-    locally)."""
+    engine and a KL penalty: the judge, the evaluator and the KL reference make their sampling clients on the Ray
+    backend (before, the builders read the environment and ran locally); train_dpo.Config(backend="ray"): its
+    frozen reference is a Ray sampling client too."""
     pytest.importorskip("ray", reason="Ray is not installed")
+    import runpy
+
+    from test_dpo import RUN_SCRIPT, write_comparisons
+
+    from rlhfkit.preference import train_dpo
     from rlhfkit.engine import ServiceClient
     from rlhfkit.preference.comparison_policy_evaluator import ComparisonEvaluatorBuilder
     from rlhfkit.recipes.preference.rlhf.pipeline_config import parse_args
@@ -119,6 +129,7 @@ def test_an_rl_loop_on_ray_from_python_runs_its_judge_and_evaluator_there(tiny_m
         .path
     )
     cfg = parse_args(["preset=smoke", "hh_max_chars=200"])
+    engine = EngineSettings(inference_engine="torch", num_train_workers=1, num_samplers=1, dtype="float32")
     judge = _recording_judge_class()("role_colon", tiny_model_dir, pm_weights, reward_mode="probability")
     config = train.Config(
         model_name=tiny_model_dir,
@@ -136,14 +147,39 @@ def test_an_rl_loop_on_ray_from_python_runs_its_judge_and_evaluator_there(tiny_m
         lora_rank=2,
         max_steps=1,
         eval_every=1,
+        kl_penalty_coef=0.01,
+        kl_reference_config=train.KLReferenceConfig(base_model=tiny_model_dir),
         backend="ray",
-        engine=EngineSettings(inference_engine="torch", num_train_workers=1, num_samplers=1, dtype="float32"),
+        engine=engine,
+    )
+    made: dict[str, str] = {}
+
+    def recording(name, make):
+        def wrapped(*args, **kwargs):
+            client = make(*args, **kwargs)
+            made[name] = type(client).__name__
+            return client
+
+        return wrapped
+
+    monkeypatch.setattr(train, "_kl_reference_client", recording("kl", train._kl_reference_client))
+    monkeypatch.setattr(train_dpo, "reference_sampler", recording("dpo", train_dpo.reference_sampler))
+    write_comparisons(tmp_path / "train.jsonl", 4, 0)
+    write_comparisons(tmp_path / "test.jsonl", 4, 0)
+    (tmp_path / "run_dpo.py").write_text(RUN_SCRIPT)
+    dpo_config = runpy.run_path(str(tmp_path / "run_dpo.py"))["make_config"](
+        str(tmp_path / "dpo"), tiny_model_dir, str(tmp_path), max_steps=1, engine=engine.merged(backend="ray")
     )
     _JUDGES.clear()
     try:
         train.main(config)
+        train_dpo.main(dpo_config)
     finally:
         import ray
 
         ray.shutdown()
     assert _JUDGES and set(_JUDGES) == {"RaySamplingClient"}, _JUDGES
+    assert made == {"kl": "RaySamplingClient", "dpo": "RaySamplingClient"}
+    recorded = json.loads((tmp_path / "rl" / "config.json").read_text())
+    assert recorded["engine"]["backend"] == "ray"  # config.json says where the loop and its builders ran
+    assert recorded["dataset_builder"]["preference_model_builder"]["engine"]["backend"] == "ray"

@@ -342,7 +342,8 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
     import errno
 
     from rlhfkit import checkpoint_utils
-    from rlhfkit.engine import ServiceClient, lora
+    from rlhfkit.engine import ServiceClient
+    from rlhfkit.engine.model import lora
     from rlhfkit.errors import DiskFullError
 
     client = ServiceClient().create_lora_training_client(tiny_model_dir, rank=2)

@@ -108,8 +108,8 @@ class Config:
     )
     engine: EngineSettings | None = setting(
         None,
-        "where the engine runs (rlhfkit.engine.EngineSettings; None: the RLHFKIT_* environment); "
-        "the backend/ray_address/num_* fields below override it",
+        "where the engine runs, the policy and its frozen reference alike (rlhfkit.engine.EngineSettings; "
+        "None: the RLHFKIT_* environment)",
     )
     base_url: str | None = setting(None, "the service address; only None (the local engine) is supported")
     max_nonfinite_in_a_row: int = setting(
