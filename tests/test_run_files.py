@@ -80,6 +80,7 @@ def full_run(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # a fourth full smoke run (about a minute): the default run has the three of test_pipeline.py
 def test_a_run_writes_the_files_run_files_names(full_run):
     root = full_run
     stages = (rf.SFT_DIR, rf.RM_DIR, rf.RL_DIR, rf.rl_seed_dir(1), rf.DPO_DIR)
