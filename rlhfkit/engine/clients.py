@@ -1,9 +1,10 @@
 """The engine's two client interfaces, under the names the reference uses: `TrainingClient` and `SamplingClient`.
 
-Every backend implements them: the local backend (`training.LocalTrainingClient`, `sampling.SamplingClient`
-on torch, `local_backend.vllm_client.VLLMSamplingClient`), the Ray backend (`ray_backend.training.RayTrainingClient`,
-`ray_backend.sampling.RaySamplingClient`). Recipes type their clients with these two names only. The execution contract
-(futures, ordering, errors) is stated once, in futures.py. No torch here.
+Every backend implements them: the local backend (`local_backend.training.LocalTrainingClient`, the torch
+engine's `torch_engine.sampler.SamplingClient`, `local_backend.vllm_client.VLLMSamplingClient`), the Ray backend
+(`ray_backend.training.RayTrainingClient`, `ray_backend.sampling.RaySamplingClient`). Recipes type their clients
+with these two names only. The execution contract (futures, ordering, errors) is stated once, in futures.py. No
+torch here.
 """
 
 from __future__ import annotations

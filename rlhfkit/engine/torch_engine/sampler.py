@@ -179,7 +179,7 @@ def _keep(index: int, logits: torch.Tensor) -> torch.Tensor:
 
 
 def adapter_model(spec: LoraSpec, tensors: dict[str, torch.Tensor], precision: Precision) -> torch.nn.Module:
-    """The shared base (models.load_base_model) with the LoRA adapter `tensors` in PEFT's LoRA layers, frozen:
+    """The shared base (model/base.py: load_base_model) with the LoRA adapter `tensors` in PEFT's LoRA layers, frozen:
     the transformers model inside the PEFT wrapper (its forward takes every argument the sampler passes)."""
     peft_model = add_lora(load_base_model(spec.base_model, precision), spec)
     load_adapter_state(peft_model, tensors)
@@ -190,7 +190,7 @@ def adapter_model(spec: LoraSpec, tensors: dict[str, torch.Tensor], precision: P
 class SamplingClient(SamplingAPI):
     """Samples from (and scores with) a frozen model in this process: the base model, or the base model with a
     LoRA adapter applied in each forward (adapter_model). Every sampling and training client of one (model,
-    device, dtype) shares the process's one copy of the base weights (models.load_base_model), so a client costs
+    device, dtype) shares the process's one copy of the base weights (model/base.py: load_base_model), so a client costs
     its adapter, not a model. The public methods are SamplingAPI's; this class computes its batch primitives
     with torch. `settings`: the engine's tuning fields (sampling_batch, share_prefixes, fast_paths,
     microbatch_tokens)."""
