@@ -19,12 +19,12 @@ from __future__ import annotations
 import contextlib
 import gzip
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping
 
+from rlhfkit import environment
 from rlhfkit.errors import DataError
 from rlhfkit.paths import cache_dir
 from rlhfkit.supervised.data import DataFormatError, read_json_file, read_jsonl_rows
@@ -217,13 +217,6 @@ def _datasets_file_table(path: Path, builder: str) -> SourceTable:
     return SourceTable(str(path), [(f"row {i}", row) for i, row in enumerate(dataset, start=1)])
 
 
-def hub_is_offline() -> bool:
-    return any(
-        os.environ.get(var, "").lower() in ("1", "true", "yes", "on")
-        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-
-
 def _hub_tables(source: DataSource) -> list[SourceTable]:
     hint = "download it where the Hub is reachable and pass the local file (.jsonl, .json, .parquet or .csv)"
     try:
@@ -232,7 +225,7 @@ def _hub_tables(source: DataSource) -> list[SourceTable]:
         raise DatasetUnavailableError(
             f"{source}: loading a Hub dataset needs the `datasets` package (pip install datasets); or {hint}"
         ) from None
-    if hub_is_offline():
+    if environment.hub_offline(datasets=True):
         raise DatasetUnavailableError(
             f"{source}: a Hugging Face Hub dataset, but the Hub is switched off here "
             f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); {hint}"

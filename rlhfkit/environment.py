@@ -66,6 +66,13 @@ def snapshot() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(PREFIX) or k in LIBRARY_VARIABLES}
 
 
+def hub_offline(datasets: bool = False) -> bool:
+    """Whether Hugging Face's offline switches are on: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE (models), and with
+    `datasets` HF_HUB_OFFLINE or HF_DATASETS_OFFLINE (datasets), as those libraries read them."""
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if datasets else ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in names)
+
+
 def forwarded() -> dict[str, str]:
     """The variables a Ray actor gets from this process."""
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}

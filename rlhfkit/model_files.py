@@ -24,6 +24,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from rlhfkit import environment
 from rlhfkit.errors import ModelNotFoundError
 
 OFFLINE_COPIES = {
@@ -61,12 +62,6 @@ RUN_DEPTH = 4  # a checkpoint is run/stage/checkpoints/<name>/<state|sampler>: i
 RELATIVE_KEY = "base_model_relative"
 
 
-def hub_offline() -> bool:
-    return any(
-        os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
 def looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
 
@@ -97,7 +92,7 @@ def check_base_model_name(name: str, setting: str = "base_model") -> None:
 def hub_id_problem(name: str) -> str | None:
     """Why the Hub id `name` cannot be loaded here without a network (None: it may load): offline, not in the
     Hub cache and without an embedded copy."""
-    if name.split(":", 1)[0] in OFFLINE_COPIES or not hub_offline():
+    if name.split(":", 1)[0] in OFFLINE_COPIES or not environment.hub_offline():
         return None
     from huggingface_hub import try_to_load_from_cache
 
@@ -112,7 +107,7 @@ def hub_id_problem(name: str) -> str | None:
 def describe_hub_failure(name: str, error: BaseException) -> str:
     """One line saying why a Hub id did not load: the Hub is off, unreachable, or does not know the id."""
     kind = type(error).__name__
-    if hub_offline():
+    if environment.hub_offline():
         why = (
             "the Hub cannot be reached here (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set) and it is not in the Hub cache"
         )

@@ -19,13 +19,13 @@ import functools
 import hashlib
 import importlib.util
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rlhfkit import environment
 from rlhfkit.errors import ModelNotFoundError
 from rlhfkit.model_files import (
     EMBEDDED_MODELS,
@@ -49,12 +49,6 @@ ACCEPTED = (
 
 # --------------------------------------------------------------------------------------------------
 # Resolving names to local folders
-
-
-def _hub_offline() -> bool:
-    return any(
-        os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
 
 
 def _gguf_cache_folder(gguf_path: Path) -> Path:
@@ -121,7 +115,7 @@ def resolve_base_model(base_model: str, weights: bool = True) -> str:
         folder = snapshot_download(
             name,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
-            local_files_only=_hub_offline(),
+            local_files_only=environment.hub_offline(),
         )
     except Exception as e:  # offline, unknown repo, no network
         if name in OFFLINE_COPIES:

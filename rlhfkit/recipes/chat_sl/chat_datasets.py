@@ -17,7 +17,6 @@ that cannot be parsed raises DataFormatError naming the file and line.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlhfkit import environment
 from rlhfkit.data_sources import DatasetUnavailableError, parse_columns, parse_sources, read_tables
 from rlhfkit.errors import DataError
 from rlhfkit.paths import shared_data_dir
@@ -150,7 +150,7 @@ class NoRobotsBuilder(_ChatBuilderBase):
                 "NoRobotsBuilder loads HuggingFaceH4/no_robots from the Hugging Face "
                 "Hub, which needs the `datasets` package (pip install datasets). " + hint
             ) from None
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        if environment.hub_offline(datasets=True):
             raise DatasetUnavailableError(
                 f"NoRobotsBuilder needs the Hugging Face Hub, but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set. {hint}"
             )
