@@ -176,3 +176,59 @@ def test_dropped_sampling_clients_are_freed(service, tiny_model_dir):
     del sampler
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs)
+
+
+ARENA_PROBE = """
+import ctypes, re, sys, tempfile, threading
+from rlhfkit.engine.model import allocator
+
+if sys.argv[1] == "shared":
+    allocator.share_one_arena()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+held = []
+
+
+def work():  # a client thread's passes: many blocks allocated, then freed
+    blocks = [libc.malloc(64 << 10) for _ in range(64)]
+    held.extend(blocks[:1])
+    for block in blocks[1:]:
+        libc.free(block)
+
+
+barrier = threading.Barrier(4)
+threads = [threading.Thread(target=lambda: (barrier.wait(), work())) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+path = tempfile.mktemp()
+stream = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+print(len(re.findall(r'<heap nr="', open(path).read())))
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's arenas")
+def test_client_threads_share_one_malloc_arena(tmp_path):
+    """share_one_arena (called by ServiceClient and every client) makes threads that start afterwards allocate from
+    glibc's main arena, so memory one client's thread frees is reused by the next client's passes; without it
+    each thread that allocates while others do gets an arena of its own (glibc's malloc_info counts them)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_ARENA_MAX": ""}
+    env.pop("MALLOC_ARENA_MAX")
+
+    def arenas(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", ARENA_PROBE, mode], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout.strip())
+
+    assert arenas("shared") == 1
+    assert arenas("default") > 1

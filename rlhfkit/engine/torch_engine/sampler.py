@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.engine.model.allocator import trim_soon
+from rlhfkit.engine.model.allocator import share_one_arena, trim_soon
 from rlhfkit.engine.torch_engine.batching import (
     microbatch_token_budget,
     pad_left,
@@ -198,6 +198,7 @@ class SamplingClient(SamplingAPI):
     def __init__(
         self, base_model: str, model: torch.nn.Module, precision: Precision, settings: EngineSettings | None = None
     ):
+        share_one_arena()  # one arena for all client threads (allocator.py); a no-op after the first call
         super().__init__("rlhfkit-sampling")
         self.base_model = base_model
         self.model = model.eval()
