@@ -39,6 +39,7 @@ from rlhfkit.engine.types import ModelInput, NextTokenScores, SampledSequence, S
 
 
 MIN_SHARED_PREFIX = 32  # tokens; shorter shared prefixes are not worth a separate pass
+LOGITS_BYTES = 128 << 20  # most logits one compute_logprobs pass holds (_scoring_budget)
 INITIAL_ROOM = 256  # new tokens the decode cache has room for at first (it grows when rows go on longer)
 
 
@@ -436,7 +437,7 @@ class SamplingClient(SamplingAPI):
         large vocabulary). Each microbatch's logits are reduced before the next is computed, so the logits held
         are one microbatch's (the token budget bounds them, not the number of sequences)."""
         results: list[Any] = [None] * len(sequences)
-        for batch in plan_microbatches([len(s) for s in sequences], self._budget):
+        for batch in plan_microbatches([len(s) for s in sequences], self._scoring_budget(keep_last_only)):
             ids, mask, positions = pad_left([sequences[i] for i in batch], self._pad_id, self.precision.device)
             with torch.inference_mode(), self.precision.autocast:
                 logits = self.model(
@@ -460,7 +461,7 @@ class SamplingClient(SamplingAPI):
         none of their logits in any causal model and needs no padding mask (plain causal attention); with
         keep_last_only the head sees each row's last position only (last_positions_only)."""
         results: list[Any] = [None] * len(sequences)
-        for batch in plan_microbatches([len(s) for s in sequences], self._budget):
+        for batch in plan_microbatches([len(s) for s in sequences], self._scoring_budget(keep_last_only)):
             ids, _ = pad_right([sequences[i] for i in batch], self._pad_id, self.precision.device)
             last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=ids.device)
             with (
@@ -473,6 +474,18 @@ class SamplingClient(SamplingAPI):
                 results[i] = reduce(i, logits[row, -1] if keep_last_only else logits[row, : len(sequences[i])])
             del logits
         return results
+
+    def _scoring_budget(self, keep_last_only: bool) -> int:
+        """Padded tokens per scoring pass: the token budget, and with every position's logits (compute_logprobs)
+        at most as many as keep LOGITS_BYTES of logits in the compute dtype. A 4,096-token pass held 384 MiB of
+        bf16 logits for SmolLM2's 49k vocabulary (the RL loop's KL reference: the largest allocation of its
+        scoring); passes of 1,365 tokens hold 128 MiB and cost one more fixed per-pass share each."""
+        if keep_last_only:
+            return self._budget
+        head = self.model.get_output_embeddings()
+        vocabulary = getattr(head, "out_features", None) or self.model.config.vocab_size
+        itemsize = torch.finfo(self.precision.compute_dtype).bits // 8
+        return max(1, min(self._budget, LOGITS_BYTES // (vocabulary * itemsize)))
 
     def _forward(self, sequences: Sequence[list[int]], keep_last_only: bool, reduce: Reducer = _keep) -> list[Any]:
         if self._fast_paths:
