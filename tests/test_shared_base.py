@@ -232,3 +232,44 @@ def test_client_threads_share_one_malloc_arena(tmp_path):
 
     assert arenas("shared") == 1
     assert arenas("default") > 1
+
+
+FRAGMENT_PROBE = """
+import ctypes
+from rlhfkit.engine.model import allocator
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+allocator.trim_if_grown()  # the baseline
+start = allocator.resident_bytes()
+blocks = [libc.malloc(64 << 10) for _ in range(4096)]  # 256 MiB in blocks below the mmap threshold, touched
+for block in blocks:
+    libc.memset(block, 1, 64 << 10)
+for i, block in enumerate(blocks):  # every 16th kept: the free holes between them cannot shrink the heap's top
+    if i % 16:
+        libc.free(block)
+fragmented = allocator.resident_bytes()
+allocator.TRIM_GROWTH_BYTES = 1 << 40
+allocator.trim_if_grown()  # grown by less than the threshold: nothing happens
+untrimmed = allocator.resident_bytes()
+allocator.TRIM_GROWTH_BYTES = 64 << 20
+allocator.trim_if_grown()
+print(start, fragmented, untrimmed, allocator.resident_bytes())
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_a_fragmented_heap_goes_back_to_the_os_once_it_has_grown_by_the_threshold():
+    """trim_if_grown (after each trainer and sampler request) returns the free pages between live blocks once
+    resident memory has grown by TRIM_GROWTH_BYTES since the last trim, and does nothing below that."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", FRAGMENT_PROBE], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    start, fragmented, untrimmed, trimmed = map(int, run.stdout.split())
+    assert fragmented - start > 200 << 20  # 240 MiB of free but resident holes
+    assert untrimmed >= fragmented - (4 << 20)
+    assert trimmed - start < 40 << 20  # the 16 MiB still held, and the pages they share

@@ -17,6 +17,14 @@ the RL stage as its clients' threads started). `share_one_arena` (mallopt M_AREN
 starts its client threads) makes every thread allocate from glibc's main arena: what one client frees is reused
 by the next one's pass, so the process holds about the largest pass's peak instead. The clients of one process
 compute one request at a time in the recipes, so the shared arena's lock is rarely contended.
+
+Within one client the heap still fragments: passes over rows of other lengths allocate tensors of other sizes, and
+the free chunks between long-lived blocks stay resident (measured: 8-row training steps of random lengths
+60-256, bf16 SmolLM2: resident memory after a step climbing from 1.23 to 2.30 GiB in 12 steps, 1.35 GiB after a
+malloc_trim; in the full demo's preference-model stage, 41 such steps, the process reached 3.25 GiB). So the
+trainer and the torch sampler call `trim_if_grown` after each request: a malloc_trim runs when resident memory
+has grown by TRIM_GROWTH_BYTES since the last trim, which bounds what fragmentation keeps to about that much
+(a trim, ~0.1-0.35 s, runs every few steps instead of after every pass).
 """
 
 from __future__ import annotations
@@ -26,13 +34,20 @@ import ctypes.util
 import sys
 import threading
 import time
+from os import sysconf
 
 _lock = threading.Lock()
 _trim = None  # glibc's malloc_trim, False where there is none
 _wanted = threading.Event()
 _trimmer: threading.Thread | None = None
 _shared_arena = False
+_trimmed_at = 0  # resident bytes after the last trim_if_grown trim
+TRIM_GROWTH_BYTES = 128 << 20
 M_ARENA_MAX = -8  # glibc's malloc.h
+try:
+    _PAGE = sysconf("SC_PAGE_SIZE")
+except (ValueError, OSError, AttributeError):
+    _PAGE = 4096
 TRIM_DELAY_S = (
     1.0  # after a client's finalizer: by then its tensors, and what its exiting worker thread held, are freed
 )
@@ -69,6 +84,25 @@ def trim_free_memory() -> None:
             _trim = _glibc("malloc_trim") or False
         if _trim:
             _trim(0)  # ctypes releases the GIL while it runs
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def trim_if_grown() -> None:
+    """trim_free_memory, here and now, when resident memory has grown by TRIM_GROWTH_BYTES since the last such
+    trim (the growth fragmentation leaves after a request). Cheap otherwise (one read of /proc/self/statm)."""
+    global _trimmed_at
+    now = resident_bytes()
+    if now and now > _trimmed_at + TRIM_GROWTH_BYTES:
+        trim_free_memory()
+        _trimmed_at = resident_bytes()
 
 
 def trim_soon() -> None:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.engine.model.allocator import share_one_arena, trim_soon
+from rlhfkit.engine.model.allocator import share_one_arena, trim_if_grown, trim_soon
 from rlhfkit.engine.torch_engine.batching import (
     microbatch_token_budget,
     pad_left,
@@ -188,6 +188,20 @@ def adapter_model(spec: LoraSpec, tensors: dict[str, torch.Tensor], precision: P
     return peft_model.get_base_model()
 
 
+def _trimming(method):
+    """The sampler's batch primitive, then trim_if_grown (allocator.py): passes over other shapes fragment the
+    heap."""
+
+    @functools.wraps(method)
+    def run(self, *args):
+        try:
+            return method(self, *args)
+        finally:
+            trim_if_grown()
+
+    return run
+
+
 class SamplingClient(SamplingAPI):
     """Samples from (and scores with) a frozen model in this process: the base model, or the base model with a
     LoRA adapter applied in each forward (adapter_model). Every sampling and training client of one (model,
@@ -242,6 +256,7 @@ class SamplingClient(SamplingAPI):
     # ---------------------------------------------------------------------------------------------
     # Generation
 
+    @_trimming
     def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
         """Serve (prompt, num_samples, params) requests together: rows sorted by prompt length, in batches of at
         most settings.sampling_batch rows (the general path: one batch per prompt length)."""
@@ -492,6 +507,7 @@ class SamplingClient(SamplingAPI):
             return self._forward_left_padded(sequences, keep_last_only, reduce)
         return self._forward_right_padded(sequences, keep_last_only, reduce)
 
+    @_trimming
     def _logprobs_many(self, prompts: list[ModelInput]) -> list[list[float | None]]:
         sequences = [p.to_ints() for p in prompts]
 
@@ -593,6 +609,7 @@ class SamplingClient(SamplingAPI):
                     results[i] = reduce(i, logits[row, -1])
         return results
 
+    @_trimming
     def _score_many(self, prompts: list[ModelInput], candidates: Sequence[int]) -> list[NextTokenScores]:
         """Each prompt's last-position logits reduced to its greedy token and its candidates' logprobs as soon as
         its microbatch is computed (the full-vocabulary logits of all prompts are never held together)."""
