@@ -285,3 +285,40 @@ def test_the_trainers_causal_attention_equals_sdpas(heads, kv_heads, monkeypatch
     out, _ = causal_attention(module, *bf16, None, scaling=0.3)
     torch.testing.assert_close(out.float(), grouped_causal_attention(*bf16, 0.3).float())
     torch.testing.assert_close(out.float(), reference.detach(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_trainers_causal_attention_recomputes_its_probabilities_to_the_same_bits(dtype):
+    """grouped_causal_attention keeps q, k and v for backward and computes the attention probabilities again there:
+    its output and gradients equal, bit for bit, those of autograd over the same operations with the
+    probabilities saved; and the probabilities are not among the tensors saved for backward."""
+    from rlhfkit.engine.model.attention import _grouped_causal_mask, grouped_causal_attention
+
+    def saved_probabilities(query, key, value, scale):
+        batch, heads, length, dim = query.shape
+        groups = heads // key.shape[1]
+        q = query.reshape(-1, groups * length, dim)
+        k, v = key.reshape(-1, length, dim), value.reshape(-1, length, dim)
+        mask = _grouped_causal_mask(length, groups, q.device, q.dtype).expand(q.shape[0], -1, -1)
+        probs = torch.softmax(torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale), -1, dtype=torch.float32)
+        out = torch.matmul(probs.to(v.dtype), v).view(batch, key.shape[1], groups, length, dim)
+        return out.permute(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
+
+    torch.manual_seed(0)
+    shapes = [(2, 9, 37, 16), (2, 3, 37, 16), (2, 3, 37, 16)]  # SmolLM2's 9 query heads per 3 key/value heads
+    # non-contiguous, as the projections' outputs are after transformers' transpose
+    tensors = [torch.randn(s[0], s[2], s[1], s[3]).to(dtype).transpose(1, 2) for s in shapes]
+    grad = torch.randn(2, 37, 9, 16).to(dtype)
+    results, saved = [], []
+    for fn in (saved_probabilities, grouped_causal_attention):
+        inputs = [t.clone().requires_grad_() for t in tensors]
+        sizes: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: sizes.append(x.numel()) or x, lambda x: x):
+            out = fn(*inputs, 0.125)
+        out.backward(grad)
+        results.append((out, *(t.grad for t in inputs)))
+        saved.append(max(sizes))
+    for ours, reference in zip(results[1], results[0]):
+        assert ours.dtype == reference.dtype and torch.equal(ours, reference)
+    assert saved[0] == 2 * 3 * (3 * 37) * 37  # autograd's largest saved tensor: probabilities
+    assert saved[1] == 2 * 9 * 37 * 16  # ours: q, k, v only

@@ -115,3 +115,33 @@ def test_microbatch_plan_has_the_least_padding_within_the_budget():
         assert cost(plan, lengths) == best
     # a short sequence gets a pass of its own rather than padding to a long one
     assert plan_microbatches([500, 500, 20], 4096) == [[0, 1], [2]]
+
+
+def test_compute_logprobs_passes_are_bounded_by_their_logits(trainer, tiny_model_dir, monkeypatch):
+    """A compute_logprobs pass holds at most LOGITS_BYTES of logits (its token budget shrinks to fit); cut into
+    more passes, the logprobs are those of one pass over all sequences (fp32 rounding), on both scoring paths."""
+    sampler = trainer.save_weights_and_get_sampling_client()
+    engine = sampler  # the local torch sampler
+    vocabulary = engine.model.config.vocab_size
+    itemsize = torch.finfo(engine.precision.compute_dtype).bits // 8
+    assert engine._scoring_budget(keep_last_only=True) == engine._budget
+    torch.manual_seed(0)
+    sequences = [torch.randint(3, vocabulary, (n,)).tolist() for n in (23, 17, 30, 9, 30)]
+    passes: list[int] = []
+    planner = sampling.plan_microbatches
+    monkeypatch.setattr(sampling, "plan_microbatches", lambda *a: passes.append(len(planner(*a))) or planner(*a))
+    for fast in (True, False):
+        monkeypatch.setattr(engine, "_fast_paths", fast)
+        monkeypatch.setattr(sampling, "LOGITS_BYTES", 1 << 40)
+        passes.clear()
+        whole = [sampler.compute_logprobs(ModelInput.from_ints(s)).result() for s in sequences]
+        together = engine._logprobs_many([ModelInput.from_ints(s) for s in sequences])
+        assert passes[-1] == 1
+        monkeypatch.setattr(sampling, "LOGITS_BYTES", 31 * vocabulary * itemsize)
+        assert engine._scoring_budget(keep_last_only=False) == 31
+        apart = engine._logprobs_many([ModelInput.from_ints(s) for s in sequences])
+        assert passes[-1] == 5  # no two of these sequences fit in 31 tokens
+        for a, b, c in zip(together, apart, whole):
+            assert a[0] is b[0] is None
+            torch.testing.assert_close(torch.tensor(a[1:]), torch.tensor(b[1:]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.tensor(a[1:]), torch.tensor(c[1:]), atol=1e-5, rtol=1e-5)

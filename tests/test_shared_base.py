@@ -176,3 +176,100 @@ def test_dropped_sampling_clients_are_freed(service, tiny_model_dir):
     del sampler
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs)
+
+
+ARENA_PROBE = """
+import ctypes, re, sys, tempfile, threading
+from rlhfkit.engine.model import allocator
+
+if sys.argv[1] == "shared":
+    allocator.share_one_arena()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+held = []
+
+
+def work():  # a client thread's passes: many blocks allocated, then freed
+    blocks = [libc.malloc(64 << 10) for _ in range(64)]
+    held.extend(blocks[:1])
+    for block in blocks[1:]:
+        libc.free(block)
+
+
+barrier = threading.Barrier(4)
+threads = [threading.Thread(target=lambda: (barrier.wait(), work())) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+path = tempfile.mktemp()
+stream = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+print(len(re.findall(r'<heap nr="', open(path).read())))
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's arenas")
+def test_client_threads_share_one_malloc_arena(tmp_path):
+    """share_one_arena (called by ServiceClient and every client) makes threads that start afterwards allocate from
+    glibc's main arena, so memory one client's thread frees is reused by the next client's passes; without it
+    each thread that allocates while others do gets an arena of its own (glibc's malloc_info counts them)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_ARENA_MAX": ""}
+    env.pop("MALLOC_ARENA_MAX")
+
+    def arenas(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", ARENA_PROBE, mode], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout.strip())
+
+    assert arenas("shared") == 1
+    assert arenas("default") > 1
+
+
+FRAGMENT_PROBE = """
+import ctypes
+from rlhfkit.engine.model import allocator
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+allocator.trim_if_grown()  # the baseline
+start = allocator.resident_bytes()
+blocks = [libc.malloc(64 << 10) for _ in range(4096)]  # 256 MiB in blocks below the mmap threshold, touched
+for block in blocks:
+    libc.memset(block, 1, 64 << 10)
+for i, block in enumerate(blocks):  # every 16th kept: the free holes between them cannot shrink the heap's top
+    if i % 16:
+        libc.free(block)
+fragmented = allocator.resident_bytes()
+allocator.TRIM_GROWTH_BYTES = 1 << 40
+allocator.trim_if_grown()  # grown by less than the threshold: nothing happens
+untrimmed = allocator.resident_bytes()
+allocator.TRIM_GROWTH_BYTES = 64 << 20
+allocator.trim_if_grown()
+print(start, fragmented, untrimmed, allocator.resident_bytes())
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_a_fragmented_heap_goes_back_to_the_os_once_it_has_grown_by_the_threshold():
+    """trim_if_grown (after each trainer and sampler request) returns the free pages between live blocks once
+    resident memory has grown by TRIM_GROWTH_BYTES since the last trim, and does nothing below that."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", FRAGMENT_PROBE], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    start, fragmented, untrimmed, trimmed = map(int, run.stdout.split())
+    assert fragmented - start > 200 << 20  # 240 MiB of free but resident holes
+    assert untrimmed >= fragmented - (4 << 20)
+    assert trimmed - start < 40 << 20  # the 16 MiB still held, and the pages they share

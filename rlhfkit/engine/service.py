@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+from rlhfkit.engine.model.allocator import share_one_arena
 from rlhfkit.engine.model.lora import LoraSpec, load_adapter_tensors, read_spec
 from rlhfkit.engine.model.base import pick_precision
 from rlhfkit.engine.torch_engine.sampler import SamplingClient
@@ -63,6 +64,7 @@ class ServiceClient:
             inference_engine=inference_engine,
         )
         self.settings = settings
+        share_one_arena()  # before any client thread starts: its freed memory is reused by the next (allocator.py)
         self.precision = pick_precision(settings.device, settings.dtype)
         self.storage_dir = Path(storage_dir) if storage_dir else cache_dir() / "runs"
         self.sampler = settings.sampler or "local"

@@ -68,7 +68,7 @@ class EngineSettings:
     share_prefixes: scoring computes a prompt prefix shared by several sequences once.
     fast_paths: the torch sampler's preallocated KV cache and row selection on models whose cache allows them;
         False forces the general path (for measuring it).
-    microbatch_tokens: padded tokens per forward pass (None: 1024 when training on a CPU, else 4096).
+    microbatch_tokens: padded tokens per forward pass (None: 512 when training on a CPU, else 4096).
 
     The vLLM engine (sampler=vllm or inference_engine=vllm):
     vllm_python: the Python of an environment with vLLM (None: .venv-vllm/bin/python, else this one if it has vLLM).

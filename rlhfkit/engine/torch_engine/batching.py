@@ -10,14 +10,16 @@ import torch
 def microbatch_token_budget(
     device: torch.device | str | None = None, training: bool = False, configured: int | None = None
 ) -> int:
-    """Padded tokens per forward pass: 1024 when training on a CPU, else 4096; `configured`
-    (EngineSettings.microbatch_tokens) overrides. On the CPU smaller passes train faster per token (benchmarks/README.md: 1024 against 2048 and
-    4096, in one process, alternating), most likely because their activations are reused from the allocator's
-    heap instead of being mapped and zeroed afresh at every pass."""
+    """Padded tokens per forward pass: 512 when training on a CPU, else 4096; `configured`
+    (EngineSettings.microbatch_tokens) overrides. On the CPU smaller passes train faster per token (benchmarks/README.md:
+    1024 against 2048 and 4096, in one process, alternating), most likely because their activations are reused from
+    the allocator's heap instead of being mapped and zeroed afresh at every pass; 512 against 1024 (bf16 SmolLM2,
+    4 rows of 200-256 tokens, alternating): as fast (medians 3.18 vs 3.29 s a step), and a step's resident memory
+    0.37 GiB lower (1.57 vs 1.94 GiB at the first step's peak; benchmarks/results/memory-demo.md)."""
     if configured:
         return int(configured)
     on_cpu = device is None or torch.device(device).type == "cpu"
-    return 1024 if training and on_cpu else 4096
+    return 512 if training and on_cpu else 4096
 
 
 MICROBATCH_OVERHEAD_TOKENS = 128  # what one more forward pass costs, in padded tokens (fixed per-pass work)

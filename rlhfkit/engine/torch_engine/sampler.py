@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.engine.model.allocator import trim_soon
+from rlhfkit.engine.model.allocator import share_one_arena, trim_if_grown, trim_soon
 from rlhfkit.engine.torch_engine.batching import (
     microbatch_token_budget,
     pad_left,
@@ -39,6 +39,7 @@ from rlhfkit.engine.types import ModelInput, NextTokenScores, SampledSequence, S
 
 
 MIN_SHARED_PREFIX = 32  # tokens; shorter shared prefixes are not worth a separate pass
+LOGITS_BYTES = 128 << 20  # most logits one compute_logprobs pass holds (_scoring_budget)
 INITIAL_ROOM = 256  # new tokens the decode cache has room for at first (it grows when rows go on longer)
 
 
@@ -187,6 +188,20 @@ def adapter_model(spec: LoraSpec, tensors: dict[str, torch.Tensor], precision: P
     return peft_model.get_base_model()
 
 
+def _trimming(method):
+    """The sampler's batch primitive, then trim_if_grown (allocator.py): passes over other shapes fragment the
+    heap."""
+
+    @functools.wraps(method)
+    def run(self, *args):
+        try:
+            return method(self, *args)
+        finally:
+            trim_if_grown()
+
+    return run
+
+
 class SamplingClient(SamplingAPI):
     """Samples from (and scores with) a frozen model in this process: the base model, or the base model with a
     LoRA adapter applied in each forward (adapter_model). Every sampling and training client of one (model,
@@ -198,6 +213,7 @@ class SamplingClient(SamplingAPI):
     def __init__(
         self, base_model: str, model: torch.nn.Module, precision: Precision, settings: EngineSettings | None = None
     ):
+        share_one_arena()  # one arena for all client threads (allocator.py); a no-op after the first call
         super().__init__("rlhfkit-sampling")
         self.base_model = base_model
         self.model = model.eval()
@@ -240,6 +256,7 @@ class SamplingClient(SamplingAPI):
     # ---------------------------------------------------------------------------------------------
     # Generation
 
+    @_trimming
     def _sample_many(self, requests: list[tuple[ModelInput, int, SamplingParams]]) -> list[SampleResponse]:
         """Serve (prompt, num_samples, params) requests together: rows sorted by prompt length, in batches of at
         most settings.sampling_batch rows (the general path: one batch per prompt length)."""
@@ -435,7 +452,7 @@ class SamplingClient(SamplingAPI):
         large vocabulary). Each microbatch's logits are reduced before the next is computed, so the logits held
         are one microbatch's (the token budget bounds them, not the number of sequences)."""
         results: list[Any] = [None] * len(sequences)
-        for batch in plan_microbatches([len(s) for s in sequences], self._budget):
+        for batch in plan_microbatches([len(s) for s in sequences], self._scoring_budget(keep_last_only)):
             ids, mask, positions = pad_left([sequences[i] for i in batch], self._pad_id, self.precision.device)
             with torch.inference_mode(), self.precision.autocast:
                 logits = self.model(
@@ -459,7 +476,7 @@ class SamplingClient(SamplingAPI):
         none of their logits in any causal model and needs no padding mask (plain causal attention); with
         keep_last_only the head sees each row's last position only (last_positions_only)."""
         results: list[Any] = [None] * len(sequences)
-        for batch in plan_microbatches([len(s) for s in sequences], self._budget):
+        for batch in plan_microbatches([len(s) for s in sequences], self._scoring_budget(keep_last_only)):
             ids, _ = pad_right([sequences[i] for i in batch], self._pad_id, self.precision.device)
             last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=ids.device)
             with (
@@ -473,11 +490,24 @@ class SamplingClient(SamplingAPI):
             del logits
         return results
 
+    def _scoring_budget(self, keep_last_only: bool) -> int:
+        """Padded tokens per scoring pass: the token budget, and with every position's logits (compute_logprobs)
+        at most as many as keep LOGITS_BYTES of logits in the compute dtype. A 4,096-token pass held 384 MiB of
+        bf16 logits for SmolLM2's 49k vocabulary (the RL loop's KL reference: the largest allocation of its
+        scoring); passes of 1,365 tokens hold 128 MiB and cost one more fixed per-pass share each."""
+        if keep_last_only:
+            return self._budget
+        head = self.model.get_output_embeddings()
+        vocabulary = getattr(head, "out_features", None) or self.model.config.vocab_size
+        itemsize = torch.finfo(self.precision.compute_dtype).bits // 8
+        return max(1, min(self._budget, LOGITS_BYTES // (vocabulary * itemsize)))
+
     def _forward(self, sequences: Sequence[list[int]], keep_last_only: bool, reduce: Reducer = _keep) -> list[Any]:
         if self._fast_paths:
             return self._forward_left_padded(sequences, keep_last_only, reduce)
         return self._forward_right_padded(sequences, keep_last_only, reduce)
 
+    @_trimming
     def _logprobs_many(self, prompts: list[ModelInput]) -> list[list[float | None]]:
         sequences = [p.to_ints() for p in prompts]
 
@@ -579,6 +609,7 @@ class SamplingClient(SamplingAPI):
                     results[i] = reduce(i, logits[row, -1])
         return results
 
+    @_trimming
     def _score_many(self, prompts: list[ModelInput], candidates: Sequence[int]) -> list[NextTokenScores]:
         """Each prompt's last-position logits reduced to its greedy token and its candidates' logprobs as soon as
         its microbatch is computed (the full-vocabulary logits of all prompts are never held together)."""

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from rlhfkit.engine.torch_engine import losses
-from rlhfkit.engine.model.allocator import trim_soon
+from rlhfkit.engine.model.allocator import share_one_arena, trim_if_grown, trim_soon
 from rlhfkit.engine.model.attention import use_causal_attention
 from rlhfkit.engine.torch_engine.batching import microbatch_token_budget, pad_right, plan_microbatches, token_logprobs
 from rlhfkit.engine.model.integrity import write_manifest
@@ -42,6 +42,7 @@ class LoraTrainer:
     """A frozen base with trainable LoRA adapters, its Adam optimizer and its step count."""
 
     def __init__(self, spec: LoraSpec, precision: Precision, microbatch_tokens: int | None = None):
+        share_one_arena()  # one arena for all client threads (allocator.py); a no-op after the first call
         self.spec = spec
         self.precision = precision
         self.microbatch_budget = microbatch_token_budget(precision.device, training=True, configured=microbatch_tokens)
@@ -150,6 +151,7 @@ class LoraTrainer:
             total += float(value.detach())
 
         logprobs = self._run_batches(data, per_microbatch, grad=backward)
+        trim_if_grown()  # the heap's fragments of passes over other lengths go back to the OS (allocator.py)
         self._nonfinite_loss |= backward and not math.isfinite(total)
         return ForwardBackwardOutput(
             loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp)} for lp in logprobs],
@@ -172,6 +174,7 @@ class LoraTrainer:
         logprobs = [collected[i] for i in range(len(data))]
         loss, metrics = fn(list(data), logprobs)
         loss.backward()
+        trim_if_grown()
         self._nonfinite_loss |= not math.isfinite(float(loss.detach()))
         metrics = {"loss:sum": float(loss.detach()), **{k: float(v) for k, v in (metrics or {}).items()}}
         return ForwardBackwardOutput(
