@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 import threading
 import time
-from os import sysconf
 
 _lock = threading.Lock()
 _trim = None  # glibc's malloc_trim, False where there is none
@@ -45,7 +45,7 @@ _trimmed_at = 0  # resident bytes after the last trim_if_grown trim
 TRIM_GROWTH_BYTES = 128 << 20
 M_ARENA_MAX = -8  # glibc's malloc.h
 try:
-    _PAGE = sysconf("SC_PAGE_SIZE")
+    _PAGE = os.sysconf("SC_PAGE_SIZE")
 except (ValueError, OSError, AttributeError):
     _PAGE = 4096
 TRIM_DELAY_S = (
@@ -66,13 +66,14 @@ def _glibc(name: str):
 def share_one_arena() -> None:
     """mallopt(M_ARENA_MAX, 1), once per process: threads started from now on allocate from glibc's main arena
     (those that already have an arena keep it). Called when the engine makes a service or a client, before its
-    client threads start. Never raises."""
+    client threads start. A MALLOC_ARENA_MAX set in the environment (glibc's own switch) is left to stand. Never
+    raises."""
     global _shared_arena
     with _lock:
         if not _shared_arena:
             _shared_arena = True
             mallopt = _glibc("mallopt")
-            if mallopt is not None:
+            if mallopt is not None and not os.environ.get("MALLOC_ARENA_MAX"):
                 mallopt(M_ARENA_MAX, 1)
 
 
