@@ -164,7 +164,9 @@ def test_a_vllm_engine_killed_mid_request_is_replaced_and_the_request_completes(
             assert seq.logprobs == pytest.approx(expected[prompt.length :], abs=TOLERANCE)
 
 
-# about 2 minutes here (a vLLM engine start, the three smoke stages)
+# about 1.5 minutes here (a vLLM engine start, the three smoke stages): in the slow set; the default run has the
+# smoke pipeline on a Ray cluster (test_ray_backend.py) and the vLLM engine on Ray (the tests above)
+@pytest.mark.slow
 def test_the_smoke_pipeline_runs_on_ray_with_a_vllm_engine(tmp_path):
     import json
     import subprocess

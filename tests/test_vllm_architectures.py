@@ -48,7 +48,12 @@ def trained_adapter(service, model_dir, name, train_unembed):
     return trainer.save_weights_for_sampler(f"{name}-trained").result().path
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
+# served with LoRA on every target (30-50 s each): llama in the default run, the other three in the slow set; the
+# refusals (seconds each) in the default run
+SLOW = {"qwen2", "qwen3", "gemma2"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in ARCHITECTURES])
 def test_vllm_serves_the_architecture_or_says_why_not(name, local, tmp_path_factory):
     from rlhfkit.engine.vllm_engine.core import UnsupportedAdapterError
     from rlhfkit.engine.local_backend.vllm_client import VLLMUnavailableError, check_lora_targets, close_engines
