@@ -52,9 +52,35 @@ def plan_microbatches(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return batches[::-1]
 
 
-def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), right-padded."""
-    width = max(len(s) for s in sequences)
+SHAPE_MULTIPLE = 16  # tokens: padded widths on a CPU in bf16/fp16 are multiples of this (shape_multiple)
+
+
+def shape_multiple(device: torch.device, compute_dtype: torch.dtype) -> int:
+    """What padded widths are rounded up to: SHAPE_MULTIPLE on a CPU computing in bf16 or fp16, else 1.
+
+    There each matrix product of a new shape makes oneDNN build (JIT-compile) and cache kernels of its own, and
+    what they hold stays resident: measured (torch 2.13.0+cpu, Intel Xeon with avx512_bf16, two bf16 linear
+    layers 576 -> 1536 -> 576, forward + backward over 600 row counts 100-699) 1.43 GB resident at the end
+    (894 MB after malloc_trim) against 299 MB in fp32; rounding the row count up to a multiple of 16: 375 MB, and
+    the loop took 20.6 s instead of 27.0 s (building the kernels cost more than the padding). The engine's row
+    lengths vary from pass to pass (every microbatch is as wide as its longest row), so without rounding the
+    RL stage's resident memory climbed by ~90 MiB an iteration (SmolLM2, bf16: 1.17 -> 1.95 GiB between passes
+    over 9 iterations while the tensors alive stayed ~0.5 GiB). In fp32 and on GPUs there is no such cost, and
+    widths stay as they are (outputs there are unchanged bit for bit)."""
+    on_cpu = torch.device(device).type == "cpu"
+    return SHAPE_MULTIPLE if on_cpu and compute_dtype in (torch.bfloat16, torch.float16) else 1
+
+
+def padded_width(lengths: Sequence[int], multiple: int = 1) -> int:
+    """The longest length, rounded up to a multiple of `multiple`."""
+    return -(-max(lengths) // multiple) * multiple
+
+
+def pad_right(
+    sequences: Sequence[Sequence[int]], pad_id: int, device, multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), right-padded to padded_width(..., multiple)."""
+    width = padded_width([len(s) for s in sequences], multiple)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -64,10 +90,11 @@ def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
 
 
 def pad_left(
-    sequences: Sequence[Sequence[int]], pad_id: int, device
+    sequences: Sequence[Sequence[int]], pad_id: int, device, multiple: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, position_ids), left-padded so every sequence ends at the last column."""
-    width = max(len(s) for s in sequences)
+    """(input_ids, attention_mask, position_ids), left-padded so every sequence ends at the last column, to
+    padded_width(..., multiple)."""
+    width = padded_width([len(s) for s in sequences], multiple)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):

@@ -26,7 +26,9 @@ from rlhfkit.engine.torch_engine.batching import (
     microbatch_token_budget,
     pad_left,
     pad_right,
+    padded_width,
     plan_microbatches,
+    shape_multiple,
     token_logprobs,
 )
 from rlhfkit.engine.torch_engine.capabilities import cache_capabilities
@@ -228,6 +230,7 @@ class SamplingClient(SamplingAPI):
         self.settings = settings = settings or EngineSettings()
         self._fast_paths = self._cache.attention_only and settings.fast_paths
         self._budget = microbatch_token_budget(precision.device, configured=settings.microbatch_tokens)
+        self._multiple = shape_multiple(precision.device, precision.compute_dtype)  # padded widths (batching.py)
         self.model.get_output_embeddings().register_forward_pre_hook(contiguous_input)
         weakref.finalize(self, trim_soon).atexit = False  # its activations' pages go back to the OS
 
@@ -340,7 +343,7 @@ class SamplingClient(SamplingAPI):
         distinct: dict[tuple[int, ...], int] = {}
         prompt_of_row = [distinct.setdefault(tuple(r.prompt), len(distinct)) for r in rows]
         prompts = [list(p) for p in distinct]
-        width = max(len(p) for p in prompts)
+        width = padded_width([len(p) for p in prompts], self._multiple)
         rows_of_prompt: list[list[int]] = [[] for _ in prompts]
         for row, k in enumerate(prompt_of_row):
             rows_of_prompt[k].append(row)
@@ -349,7 +352,9 @@ class SamplingClient(SamplingAPI):
         layers: list[Any] = []
         logits = None
         for batch in plan_microbatches([len(p) for p in prompts], self._budget):
-            ids, mask, positions = pad_left([prompts[k] for k in batch], self._pad_id, self.precision.device)
+            ids, mask, positions = pad_left(
+                [prompts[k] for k in batch], self._pad_id, self.precision.device, self._multiple
+            )
             with self.precision.autocast:
                 out = self.model(
                     input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
@@ -453,7 +458,9 @@ class SamplingClient(SamplingAPI):
         are one microbatch's (the token budget bounds them, not the number of sequences)."""
         results: list[Any] = [None] * len(sequences)
         for batch in plan_microbatches([len(s) for s in sequences], self._scoring_budget(keep_last_only)):
-            ids, mask, positions = pad_left([sequences[i] for i in batch], self._pad_id, self.precision.device)
+            ids, mask, positions = pad_left(
+                [sequences[i] for i in batch], self._pad_id, self.precision.device, self._multiple
+            )
             with torch.inference_mode(), self.precision.autocast:
                 logits = self.model(
                     input_ids=ids,
@@ -477,7 +484,7 @@ class SamplingClient(SamplingAPI):
         keep_last_only the head sees each row's last position only (last_positions_only)."""
         results: list[Any] = [None] * len(sequences)
         for batch in plan_microbatches([len(s) for s in sequences], self._scoring_budget(keep_last_only)):
-            ids, _ = pad_right([sequences[i] for i in batch], self._pad_id, self.precision.device)
+            ids, _ = pad_right([sequences[i] for i in batch], self._pad_id, self.precision.device, self._multiple)
             last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=ids.device)
             with (
                 torch.inference_mode(),
@@ -536,7 +543,7 @@ class SamplingClient(SamplingAPI):
         device = self.precision.device
         for batch in plan_microbatches([g[0] for g in shared], self._budget):
             prefixes = [sequences[shared[k][1][0]][: shared[k][0]] for k in batch]
-            ids, mask, positions = pad_left(prefixes, self._pad_id, device)
+            ids, mask, positions = pad_left(prefixes, self._pad_id, device, self._multiple)
             with self.precision.autocast:
                 prefix_cache = self.model(
                     input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
@@ -550,7 +557,7 @@ class SamplingClient(SamplingAPI):
                 cache.layers = [copy.copy(layer) for layer in prefix_cache.layers]
                 cache.batch_select_indices(torch.tensor([j for j, _ in rows], device=device))
                 suffixes = [sequences[i][shared[batch[j]][0] :] for j, i in rows]
-                suffix_ids, suffix_mask, suffix_positions = pad_left(suffixes, self._pad_id, device)
+                suffix_ids, suffix_mask, suffix_positions = pad_left(suffixes, self._pad_id, device, self._multiple)
                 starts = torch.tensor([shared[batch[j]][0] for j, _ in rows], device=device)
                 with self.precision.autocast:
                     logits = self.model(

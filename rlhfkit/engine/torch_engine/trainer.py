@@ -15,7 +15,13 @@ import torch
 from rlhfkit.engine.torch_engine import losses
 from rlhfkit.engine.model.allocator import share_one_arena, trim_if_grown, trim_soon
 from rlhfkit.engine.model.attention import use_causal_attention
-from rlhfkit.engine.torch_engine.batching import microbatch_token_budget, pad_right, plan_microbatches, token_logprobs
+from rlhfkit.engine.torch_engine.batching import (
+    microbatch_token_budget,
+    pad_right,
+    plan_microbatches,
+    shape_multiple,
+    token_logprobs,
+)
 from rlhfkit.engine.model.integrity import write_manifest
 from rlhfkit.engine.model.lora import (
     LoraSpec,
@@ -46,6 +52,7 @@ class LoraTrainer:
         self.spec = spec
         self.precision = precision
         self.microbatch_budget = microbatch_token_budget(precision.device, training=True, configured=microbatch_tokens)
+        self._multiple = shape_multiple(precision.device, precision.compute_dtype)  # widths and unembedded rows
         base = load_base_model(spec.base_model, precision)
         use_causal_attention(base)  # the batches below need no padding mask: plain causal attention
         self.model = add_lora(base, spec)
@@ -110,12 +117,16 @@ class LoraTrainer:
             # no padding mask is needed, and without one attention runs as plain causal attention (attention.py in
             # bf16, else sdpa's causal kernel on the key/value heads as they are) instead of a masked kernel over
             # every position pair with the key/value heads repeated per query head.
-            ids, _ = pad_right([sequences[i] for i in batch], self._pad_id, device)
+            ids, _ = pad_right([sequences[i] for i in batch], self._pad_id, device, self._multiple)
             with torch.set_grad_enabled(grad):
                 with self.precision.autocast:
                     hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
                     active = torch.cat([hidden[row, starts[i] : len(sequences[i])] for row, i in enumerate(batch)])
-                    logits = unembedding(active)
+                    count = active.shape[0]
+                    extra = -count % self._multiple  # the unembedding's row count rounded too (shape_multiple)
+                    if extra:
+                        active = torch.cat([active, active.new_zeros((extra, active.shape[1]))])
+                    logits = unembedding(active)[:count]
                 if softcap:
                     logits = torch.tanh(logits.float() / softcap) * softcap
                 active_targets = torch.tensor([t for i in batch for t in targets[i][starts[i] :]], device=device)
