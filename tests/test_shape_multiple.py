@@ -78,3 +78,18 @@ def test_bf16_scoring_widths_are_rounded_and_give_the_unrounded_logprobs(bf16_se
     for a, b in zip(rounded, plain):
         assert a[0] is None and b[0] is None and len(a) == len(b)
         torch.testing.assert_close(torch.tensor(a[1:]), torch.tensor(b[1:]), atol=0.05, rtol=0.02)
+
+
+def test_the_microbatch_plan_bounds_the_rounded_pass():
+    """The plan counts each pass as wide as it will be padded: rows x rounded width within the budget."""
+    from rlhfkit.engine.torch_engine.batching import padded_width, plan_microbatches
+
+    lengths = [17, 17, 17, 17, 40, 3, 3, 90]
+    assert [len(b) for b in plan_microbatches([17] * 3, 51)] == [3]  # 3 x 17 = 51 unrounded
+    assert [len(b) for b in plan_microbatches([17] * 3, 51, 16)] == [1, 1, 1]  # 2 x 32 = 64 rounded: over 51
+    for multiple in (1, 16):
+        plan = plan_microbatches(lengths, 96, multiple)
+        assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+        for batch in plan:
+            rows, width = len(batch), padded_width([lengths[i] for i in batch], multiple)
+            assert rows == 1 or rows * width <= 96, (multiple, batch)

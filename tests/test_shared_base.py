@@ -273,3 +273,25 @@ def test_a_fragmented_heap_goes_back_to_the_os_once_it_has_grown_by_the_threshol
     assert fragmented - start > 200 << 20  # 240 MiB of free but resident holes
     assert untrimmed >= fragmented - (4 << 20)
     assert trimmed - start < 40 << 20  # the 16 MiB still held, and the pages they share
+
+
+def test_a_bf16_samplers_adapter_is_kept_in_bf16_with_the_same_outputs(tiny_model_dir):
+    """Computing in bf16, a sampler keeps its adapter in bf16 (autocast would cast the fp32 adapter in every
+    forward): the logprobs and samples equal those with the adapter left in fp32, bit for bit."""
+    from rlhfkit.engine.torch_engine.sampler import SamplingClient
+
+    service = ServiceClient(dtype="bfloat16")
+    trainer = service.create_lora_training_client(tiny_model_dir, rank=4, seed=0).trainer
+    tensors = {k: torch.randn_like(v) * 0.05 for k, v in trainer.adapter_tensors().items()}
+    kept, cast = (SamplingClient.from_adapter(trainer.spec, tensors, trainer.precision) for _ in range(2))
+    lora = [p for n, p in kept.model.named_parameters() if ".lora_" in n]
+    assert lora and all(p.dtype == torch.bfloat16 for p in lora)
+    for name, param in cast.model.named_parameters():
+        if ".lora_" in name:
+            param.data = param.data.float()  # as autocast sees it without the cast at load
+    prompt = ModelInput.from_ints([(11 * i) % 400 + 10 for i in range(23)])
+    assert kept.compute_logprobs(prompt).result() == cast.compute_logprobs(prompt).result()
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=3)
+    a, b = (c.sample(prompt, 3, params).result() for c in (kept, cast))
+    assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+    assert [s.logprobs for s in a.sequences] == [s.logprobs for s in b.sequences]

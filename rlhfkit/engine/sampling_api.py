@@ -37,8 +37,8 @@ class SamplingAPI(ABC):
 
     tokenizer: Any
 
-    def __init__(self, thread_name: str):
-        self._queue = RequestQueue(thread_name)
+    def __init__(self, thread_name: str, shared: bool = False):
+        self._queue = RequestQueue(thread_name, shared)  # shared: on the process's compute thread (futures.py)
         self._sample_batcher = RequestBatcher(self._sample_many, self._queue)
         self._logprob_batcher = RequestBatcher(self._logprobs_many, self._queue)
         self._score_batcher = RequestBatcher(self._score_requests, self._queue)

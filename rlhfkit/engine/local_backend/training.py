@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rlhfkit.engine.clients import TrainingClient
-from rlhfkit.engine.futures import APIFuture, RequestQueue
+from rlhfkit.engine.futures import APIFuture, RequestQueue, on_compute_thread, uses_compute_thread
 from rlhfkit.engine.model.lora import LoraSpec, read_meta, read_spec
 from rlhfkit.engine.model.base import Precision, load_tokenizer
 from rlhfkit.engine.torch_engine.trainer import LoraTrainer
@@ -21,17 +21,20 @@ def resolve_checkpoint_path(storage: Path, name: str, kind: str) -> Path:
 
 
 class LocalTrainingClient(TrainingClient):
-    """A LoRA model being trained, in this process. Every method submits its request to the client's own
-    worker thread and returns an APIFuture at once; requests run in submission order (futures.py states the
-    contract). Each method has an `_async` twin that returns the future after submission."""
+    """A LoRA model being trained, in this process. Every method submits its request (to the process's compute
+    thread on a CPU, else to the client's own worker thread) and returns an APIFuture at once; requests run in
+    submission order (futures.py states the contract). Each method has an `_async` twin that returns the future
+    after submission."""
 
     def __init__(self, service: Any, spec: LoraSpec, precision: Precision, storage: Path):
         self.service = service
         self.spec = spec
         self.precision = precision
         self.storage = storage
-        self.trainer = LoraTrainer(spec, precision, service.settings.microbatch_tokens)
-        self._queue = RequestQueue("rlhfkit-training")
+        self.trainer = on_compute_thread(
+            precision.device, LoraTrainer, spec, precision, service.settings.microbatch_tokens
+        )
+        self._queue = RequestQueue("rlhfkit-training", shared=uses_compute_thread(precision.device))
 
     @property
     def model(self):

@@ -25,14 +25,16 @@ def microbatch_token_budget(
 MICROBATCH_OVERHEAD_TOKENS = 128  # what one more forward pass costs, in padded tokens (fixed per-pass work)
 
 
-def plan_microbatches(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Group indices into microbatches of similar length whose padded size (rows × longest) stays within the
-    token budget, with as little padding as possible: the sequences are sorted longest first and cut into
+def plan_microbatches(lengths: Sequence[int], budget: int, multiple: int = 1) -> list[list[int]]:
+    """Group indices into microbatches of similar length whose padded size (rows × padded width) stays within
+    the token budget, with as little padding as possible: the sequences are sorted longest first and cut into
     consecutive runs so that the padded tokens plus MICROBATCH_OVERHEAD_TOKENS per microbatch are least (an
     exact dynamic programme over the cut points). Padded positions cost as much as real ones in every
-    matrix product, so a short sequence is not padded to a long one when a pass of its own is cheaper."""
+    matrix product, so a short sequence is not padded to a long one when a pass of its own is cheaper. The
+    padded width is the longest length rounded up to `multiple` (padded_width), as the pass will pad it: the
+    budget bounds the rounded pass (a single sequence longer than the budget still gets a pass of its own)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    sizes = [max(int(lengths[i]), 1) for i in order]
+    sizes = [padded_width([max(int(lengths[i]), 1)], multiple) for i in order]
     n = len(sizes)
     best = [0.0] + [float("inf")] * n  # best[i]: least cost of the first i sequences
     cut = [0] * (n + 1)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from rlhfkit.engine.futures import on_compute_thread, uses_compute_thread
 from rlhfkit.engine.model.allocator import share_one_arena, trim_if_grown, trim_soon
 from rlhfkit.engine.torch_engine.batching import (
     microbatch_token_budget,
@@ -183,10 +184,17 @@ def _keep(index: int, logits: torch.Tensor) -> torch.Tensor:
 
 def adapter_model(spec: LoraSpec, tensors: dict[str, torch.Tensor], precision: Precision) -> torch.nn.Module:
     """The shared base (model/base.py: load_base_model) with the LoRA adapter `tensors` in PEFT's LoRA layers, frozen:
-    the transformers model inside the PEFT wrapper (its forward takes every argument the sampler passes)."""
+    the transformers model inside the PEFT wrapper (its forward takes every argument the sampler passes).
+
+    Computing in bf16/fp16, the adapter is kept in that dtype: autocast would cast the fp32 adapter to it in every
+    forward, two casts per adapted layer and decoded token (the same rounding once here: the same outputs)."""
     peft_model = add_lora(load_base_model(spec.base_model, precision), spec)
     load_adapter_state(peft_model, tensors)
     peft_model.requires_grad_(False)
+    if precision.compute_dtype != torch.float32:
+        for name, param in peft_model.named_parameters():
+            if ".lora_" in name:
+                param.data = param.data.to(precision.compute_dtype)
     return peft_model.get_base_model()
 
 
@@ -216,7 +224,7 @@ class SamplingClient(SamplingAPI):
         self, base_model: str, model: torch.nn.Module, precision: Precision, settings: EngineSettings | None = None
     ):
         share_one_arena()  # one arena for all client threads (allocator.py); a no-op after the first call
-        super().__init__("rlhfkit-sampling")
+        super().__init__("rlhfkit-sampling", shared=uses_compute_thread(precision.device))
         self.base_model = base_model
         self.model = model.eval()
         self.precision = precision
@@ -226,7 +234,7 @@ class SamplingClient(SamplingAPI):
             self.tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         )
         self._context = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
-        self._cache = cache_capabilities(base_model, self.model)
+        self._cache = on_compute_thread(precision.device, cache_capabilities, base_model, self.model)
         self.settings = settings = settings or EngineSettings()
         self._fast_paths = self._cache.attention_only and settings.fast_paths
         self._budget = microbatch_token_budget(precision.device, configured=settings.microbatch_tokens)
@@ -236,7 +244,9 @@ class SamplingClient(SamplingAPI):
 
     @classmethod
     def from_base(cls, base_model: str, precision: Precision, settings: EngineSettings | None = None) -> SamplingClient:
-        return cls(base_model, load_base_model(base_model, precision), precision, settings)
+        return cls(
+            base_model, on_compute_thread(precision.device, load_base_model, base_model, precision), precision, settings
+        )
 
     @classmethod
     def from_adapter(
@@ -249,7 +259,8 @@ class SamplingClient(SamplingAPI):
         """A sampler on the shared base with the adapter applied in every forward (lora.py's fused LoRA
         forward, as in training), never merged: the client holds the adapter's tensors, not a copy of the base.
         Freed with the client (nothing else refers to its model)."""
-        return cls(spec.base_model, adapter_model(spec, tensors, precision), precision, settings)
+        model = on_compute_thread(precision.device, adapter_model, spec, tensors, precision)
+        return cls(spec.base_model, model, precision, settings)
 
     def with_settings(self, **changes) -> SamplingClient:
         """A client on the same model (and adapter) with other tuning settings, e.g. fast_paths=False to
@@ -351,7 +362,7 @@ class SamplingClient(SamplingAPI):
         layer_class = _preallocated_layer_class()
         layers: list[Any] = []
         logits = None
-        for batch in plan_microbatches([len(p) for p in prompts], self._budget):
+        for batch in plan_microbatches([len(p) for p in prompts], self._budget, self._multiple):
             ids, mask, positions = pad_left(
                 [prompts[k] for k in batch], self._pad_id, self.precision.device, self._multiple
             )
@@ -457,7 +468,9 @@ class SamplingClient(SamplingAPI):
         large vocabulary). Each microbatch's logits are reduced before the next is computed, so the logits held
         are one microbatch's (the token budget bounds them, not the number of sequences)."""
         results: list[Any] = [None] * len(sequences)
-        for batch in plan_microbatches([len(s) for s in sequences], self._scoring_budget(keep_last_only)):
+        for batch in plan_microbatches(
+            [len(s) for s in sequences], self._scoring_budget(keep_last_only), self._multiple
+        ):
             ids, mask, positions = pad_left(
                 [sequences[i] for i in batch], self._pad_id, self.precision.device, self._multiple
             )
@@ -483,7 +496,9 @@ class SamplingClient(SamplingAPI):
         none of their logits in any causal model and needs no padding mask (plain causal attention); with
         keep_last_only the head sees each row's last position only (last_positions_only)."""
         results: list[Any] = [None] * len(sequences)
-        for batch in plan_microbatches([len(s) for s in sequences], self._scoring_budget(keep_last_only)):
+        for batch in plan_microbatches(
+            [len(s) for s in sequences], self._scoring_budget(keep_last_only), self._multiple
+        ):
             ids, _ = pad_right([sequences[i] for i in batch], self._pad_id, self.precision.device, self._multiple)
             last = torch.tensor([len(sequences[i]) - 1 for i in batch], device=ids.device)
             with (
@@ -541,7 +556,7 @@ class SamplingClient(SamplingAPI):
             results[i] = value
         shared = [g for g in groups if g[0] > 0]
         device = self.precision.device
-        for batch in plan_microbatches([g[0] for g in shared], self._budget):
+        for batch in plan_microbatches([g[0] for g in shared], self._budget, self._multiple):
             prefixes = [sequences[shared[k][1][0]][: shared[k][0]] for k in batch]
             ids, mask, positions = pad_left(prefixes, self._pad_id, device, self._multiple)
             with self.precision.autocast:
@@ -551,7 +566,7 @@ class SamplingClient(SamplingAPI):
             members = [(j, i) for j, k in enumerate(batch) for i in shared[k][1]]
             # rows x (prefix width + suffix width) within the token budget bounds the copied cache too
             lengths = [ids.shape[1] + len(sequences[i]) - shared[batch[j]][0] for j, i in members]
-            for chunk in plan_microbatches(lengths, self._budget):
+            for chunk in plan_microbatches(lengths, self._budget, self._multiple):
                 rows = [members[c] for c in chunk]
                 cache = copy.copy(prefix_cache)
                 cache.layers = [copy.copy(layer) for layer in prefix_cache.layers]

@@ -112,7 +112,7 @@ class LoraTrainer:
         softcap = getattr(base.config, "final_logit_softcapping", None)
         device = self.precision.device
         self.model.train(grad)
-        for batch in plan_microbatches([len(s) for s in sequences], self.microbatch_budget):
+        for batch in plan_microbatches([len(s) for s in sequences], self.microbatch_budget, self._multiple):
             # Right padding comes after each row's tokens, so in a causal model it changes none of their outputs:
             # no padding mask is needed, and without one attention runs as plain causal attention (attention.py in
             # bf16, else sdpa's causal kernel on the key/value heads as they are) instead of a masked kernel over
