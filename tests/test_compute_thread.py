@@ -4,6 +4,7 @@ to wake). Requests keep their order, and a call made from that thread runs at on
 
 import threading
 
+import pytest
 import torch
 
 from rlhfkit.engine import Datum, ModelInput, ServiceClient
@@ -46,6 +47,10 @@ def test_shared_queues_keep_submission_order_and_a_call_from_the_thread_runs_at_
     assert order == list(range(20))
     nested = first.submit(lambda: on_compute_thread("cpu", lambda: threading.current_thread().name))
     assert nested.result(timeout=30) == COMPUTE_THREAD_NAME  # inline: waiting on itself would never end
+    # a request that waits for a later one on the same thread is refused instead of hanging
+    waits = first.submit(lambda: second.submit(lambda: 1).result())
+    with pytest.raises(RuntimeError, match="would never run"):
+        waits.result(timeout=30)
 
 
 def test_only_cpu_clients_share_the_thread():

@@ -54,6 +54,12 @@ class APIFuture(Generic[T]):
         return self._future.done()
 
     def result(self, timeout: float | None = None) -> T:
+        if getattr(self._future, "on_compute_thread", False) and not self._future.done() and _is_compute_thread():
+            raise RuntimeError(
+                "a request waited for on the compute thread (from inside another request, e.g. a "
+                "forward_backward_custom loss function) would never run: compute it before the request, or "
+                "wait for it from another thread"
+            )
         return self._future.result(timeout)
 
     async def result_async(self, timeout: float | None = None) -> T:
@@ -93,7 +99,9 @@ class RequestQueue:
 
     def submit_raw(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         if self._shared:
-            return _compute_executor().submit(fn, *args, **kwargs)
+            future = _compute_executor().submit(fn, *args, **kwargs)
+            future.on_compute_thread = True  # type: ignore[attr-defined]  # APIFuture.result refuses to deadlock
+            return future
         with self._lock:
             if self._executor is None:
                 self._executor = _DaemonExecutor(self._name)
@@ -118,6 +126,10 @@ def _compute_executor() -> _DaemonExecutor:
         return _compute
 
 
+def _is_compute_thread() -> bool:
+    return _compute is not None and threading.current_thread() is _compute.thread
+
+
 def uses_compute_thread(device: Any) -> bool:
     """Whether a client on `device` computes on the process's one compute thread: on a CPU (see the module's
     docstring); a CUDA client keeps a thread of its own (its kernels run on the device, not on OpenMP)."""
@@ -128,7 +140,7 @@ def on_compute_thread(device: Any, fn: Callable[..., T], *args: Any, **kwargs: A
     """fn(*args, **kwargs), run on the compute thread and waited for when `device` uses it (at once when the
     caller is that thread already), else in the caller's thread: loading a base model and building a client
     compute too, and a thread that has computed once keeps its OpenMP team."""
-    if not uses_compute_thread(device) or threading.current_thread() is _compute_executor().thread:
+    if not uses_compute_thread(device) or _is_compute_thread():
         return fn(*args, **kwargs)
     return _compute_executor().submit(fn, *args, **kwargs).result()
 
