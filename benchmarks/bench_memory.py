@@ -110,6 +110,8 @@ def child_clients(base_model: str, rank: int, counts: list[int]) -> dict:
     precision = service.precision
     base = models.tensor_bytes(models.shared_tensors(base_model, precision))
     adapter = sum(t.numel() * t.element_size() for t in trainer.trainer._params)
+    # a sampler keeps its adapter in the compute dtype (bf16: half the trainer's fp32 copy)
+    sampler_adapter = sum(t.numel() for t in trainer.trainer._params) * (torch.finfo(precision.compute_dtype).bits // 8)
     optimizer = sum(
         v.numel() * v.element_size()
         for state in trainer.trainer.optimizer.state.values()
@@ -129,7 +131,7 @@ def child_clients(base_model: str, rank: int, counts: list[int]) -> dict:
             samplers.append(sampler)
         gc.collect()
         held = _held(models, trainer, samplers)
-        floor = base + adapter * (1 + count) + optimizer
+        floor = base + adapter + sampler_adapter * count + optimizer
         rows.append({"clients": count, "rss": rss_bytes(), "tensors": held, "floor": floor})
     samplers.clear()
     sampler = None
@@ -139,6 +141,7 @@ def child_clients(base_model: str, rank: int, counts: list[int]) -> dict:
     return {
         "base_bytes": base,
         "adapter_bytes": adapter,
+        "sampler_adapter_bytes": sampler_adapter,
         "optimizer_bytes": optimizer,
         "dtype": str(precision.compute_dtype),
         "rows": rows,
@@ -252,8 +255,10 @@ def run_child(args: list[str], threads: int) -> dict:
 
 
 def stage_floor(base_model: str, rank: int, stage: str) -> tuple[int, str]:
-    """(bytes, what) the stage must hold: the base weights, its adapters (fp32), Adam's two moments and the
-    gradients of the trained one."""
+    """(bytes, what) the stage must hold: the base weights, its adapters (the trained one in fp32, samplers' in
+    the compute dtype), Adam's two moments and the gradients of the trained one."""
+    import torch
+
     from rlhfkit.engine import ServiceClient
     from rlhfkit.engine.model import base as models
     from rlhfkit.engine.model.lora import LoraSpec, add_lora
@@ -261,12 +266,15 @@ def stage_floor(base_model: str, rank: int, stage: str) -> tuple[int, str]:
     precision = ServiceClient().precision
     base = models.tensor_bytes(models.shared_tensors(base_model, precision))
     model = add_lora(models.load_base_model(base_model, precision), LoraSpec(base_model, rank=rank))
-    adapter = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapter, sampled = params * 4, params * (torch.finfo(precision.compute_dtype).bits // 8)
     # SFT and the preference model: one trained adapter (+ its gradient and 2 Adam moments); RL: the trained
-    # policy + the current policy's sampler + the initial (KL reference) policy + the preference model
-    adapters = {"sft": 1, "rm": 1, "rl": 4}[stage]
-    what = f"base {base / GIB:.3f} GiB + {adapters} adapter(s) x {adapter / GIB:.3f} GiB + grad and Adam 3 x adapter"
-    return base + adapters * adapter + 3 * adapter, what
+    # policy, and as samplers the current policy, the initial (KL reference) policy and the preference model
+    samplers = {"sft": 0, "rm": 0, "rl": 3}[stage]
+    what = f"base {base / GIB:.3f} GiB + trained adapter {adapter / GIB:.3f} GiB + grad and Adam 3 x it"
+    if samplers:
+        what += f" + {samplers} sampler adapters x {sampled / GIB:.3f} GiB"
+    return base + 4 * adapter + samplers * sampled, what
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -349,7 +357,8 @@ def main() -> None:
         results["clients"] = result
         lines += [
             f"Sampling clients from one training client (rank {args.rank}, {result['dtype']}): base "
-            f"{result['base_bytes'] / GIB:.3f} GiB, adapter {result['adapter_bytes'] / (1 << 20):.1f} MiB, Adam "
+            f"{result['base_bytes'] / GIB:.3f} GiB, adapter {result['adapter_bytes'] / (1 << 20):.1f} MiB (a sampler's: "
+            f"{result.get('sampler_adapter_bytes', result['adapter_bytes']) / (1 << 20):.1f} MiB), Adam "
             f"state {result['optimizer_bytes'] / (1 << 20):.1f} MiB",
             "",
             "| sampling clients held | RSS (GiB) | tensors held (GiB) | floor (GiB) |",
