@@ -31,7 +31,7 @@ from rlhfkit.paths import cache_dir
 from rlhfkit.utils.atomic import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
-PIPELINE = [sys.executable, "-m", "rlhfkit.recipes.preference.rlhf.rlhf_pipeline"]
+PIPELINE = [sys.executable, "-m", "rlhfkit", "pipeline"]  # the module alone has no __main__: it ran nothing
 MODES = {
     "synchronous": [],
     "asynchronous": ["rl_max_steps_off_policy=1"],
