@@ -58,3 +58,18 @@ def test_only_cpu_clients_share_the_thread():
     assert not uses_compute_thread(torch.device("cuda")) and not uses_compute_thread("cuda")
     own = RequestQueue("rlhfkit-own")
     assert own.submit(lambda: threading.current_thread().name).result(timeout=30) == "rlhfkit-own"
+
+
+def test_a_forked_child_starts_its_own_compute_thread():
+    import os
+
+    assert RequestQueue("parent", shared=True).submit(lambda: 1).result(timeout=30) == 1  # the parent's exists
+    pid = os.fork()
+    if pid == 0:  # the child: a submission must run (the parent's thread is not there)
+        try:
+            ok = RequestQueue("child", shared=True).submit(lambda: 2).result(timeout=30) == 2
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

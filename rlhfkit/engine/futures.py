@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from typing import Any, Callable, Generic, TypeVar
 
@@ -124,6 +125,15 @@ def _compute_executor() -> _DaemonExecutor:
         if _compute is None:
             _compute = _DaemonExecutor(COMPUTE_THREAD_NAME)
         return _compute
+
+
+def _forget_compute_thread() -> None:
+    """In a forked child: the parent's compute thread does not exist there; the child starts its own."""
+    global _compute, _compute_lock
+    _compute, _compute_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_compute_thread)
 
 
 def _is_compute_thread() -> bool:
