@@ -111,7 +111,7 @@ def child_clients(base_model: str, rank: int, counts: list[int]) -> dict:
     base = models.tensor_bytes(models.shared_tensors(base_model, precision))
     adapter = sum(t.numel() * t.element_size() for t in trainer.trainer._params)
     # a sampler keeps its adapter in the compute dtype (bf16: half the trainer's fp32 copy)
-    sampler_adapter = sum(t.numel() for t in trainer.trainer._params) * (torch.finfo(precision.compute_dtype).bits // 8)
+    sampler_adapter = sum(t.numel() for t in trainer.trainer._params) * precision.compute_dtype.itemsize
     optimizer = sum(
         v.numel() * v.element_size()
         for state in trainer.trainer.optimizer.state.values()
@@ -257,8 +257,6 @@ def run_child(args: list[str], threads: int) -> dict:
 def stage_floor(base_model: str, rank: int, stage: str) -> tuple[int, str]:
     """(bytes, what) the stage must hold: the base weights, its adapters (the trained one in fp32, samplers' in
     the compute dtype), Adam's two moments and the gradients of the trained one."""
-    import torch
-
     from rlhfkit.engine import ServiceClient
     from rlhfkit.engine.model import base as models
     from rlhfkit.engine.model.lora import LoraSpec, add_lora
@@ -267,7 +265,7 @@ def stage_floor(base_model: str, rank: int, stage: str) -> tuple[int, str]:
     base = models.tensor_bytes(models.shared_tensors(base_model, precision))
     model = add_lora(models.load_base_model(base_model, precision), LoraSpec(base_model, rank=rank))
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    adapter, sampled = params * 4, params * (torch.finfo(precision.compute_dtype).bits // 8)
+    adapter, sampled = params * 4, params * precision.compute_dtype.itemsize
     # SFT and the preference model: one trained adapter (+ its gradient and 2 Adam moments); RL: the trained
     # policy, and as samplers the current policy, the initial (KL reference) policy and the preference model
     samplers = {"sft": 0, "rm": 0, "rl": 3}[stage]
@@ -358,7 +356,7 @@ def main() -> None:
         lines += [
             f"Sampling clients from one training client (rank {args.rank}, {result['dtype']}): base "
             f"{result['base_bytes'] / GIB:.3f} GiB, adapter {result['adapter_bytes'] / (1 << 20):.1f} MiB (a sampler's: "
-            f"{result.get('sampler_adapter_bytes', result['adapter_bytes']) / (1 << 20):.1f} MiB), Adam "
+            f"{result['sampler_adapter_bytes'] / (1 << 20):.1f} MiB), Adam "
             f"state {result['optimizer_bytes'] / (1 << 20):.1f} MiB",
             "",
             "| sampling clients held | RSS (GiB) | tensors held (GiB) | floor (GiB) |",
